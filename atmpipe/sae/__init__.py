@@ -1,0 +1,18 @@
+"""SAE methods behind one interface (see base.py); add a method with one file and one registry line."""
+
+from atmpipe.errors import UserError
+from atmpipe.sae.base import SAE, SAEConfig, TrainOutput
+from atmpipe.sae.relu import ReLUSAE
+
+SAE_METHODS: dict[str, type[SAE]] = {
+    "relu": ReLUSAE,
+}
+
+
+def make_sae(cfg: SAEConfig) -> SAE:
+    if cfg.method not in SAE_METHODS:
+        raise UserError(f"unknown method {cfg.method!r}; known methods: {', '.join(sorted(SAE_METHODS))}")
+    return SAE_METHODS[cfg.method](cfg)
+
+
+__all__ = ["SAE", "SAE_METHODS", "SAEConfig", "TrainOutput", "make_sae"]

@@ -1,0 +1,409 @@
+"""The SAE body every method shares: parameters, encode/decode, unit-norm decoder, save/load.
+
+Training sees normalised activations x_n = s·x (s = `cfg.norm_scale`). A saved SAE applies to raw
+activations: latents scale with 1/s (decoder rows stay unit norm), so b_enc, b_dec and any activation
+threshold are divided by s when saving, W_enc and W_dec are kept. Then pre_raw = pre_n/s, every
+activation here is positively homogeneous (ReLU, TopK order, JumpReLU with θ/s) so f_raw = f_n/s,
+and decode(f_raw) = x̂_n/s exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from atmpipe.errors import UserError
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+META_FILE = "atmpipe.json"
+FORMAT_VERSION = 1
+# The SAELens config layout we write (v6: top-level d_in/d_sae/dtype/architecture, the rest under metadata).
+SAELENS_LAYOUT_VERSION = "6.0.0"
+# Parameters that carry the latent scale and so are divided by s when folding the normalisation.
+FOLD_BY_SCALE = ("b_enc", "b_dec", "threshold")
+
+
+@dataclass
+class SAEConfig:
+    method: str  # "relu" | "topk" | "jumprelu" | "atm"
+    d_in: int
+    d_sae: int
+    hparams: dict = field(default_factory=dict)  # the method's own dataclass, as a dict
+    model_name: str = ""
+    layer: int = -1
+    hook_name: str = ""
+    norm_scale: float = 1.0  # x is multiplied by this before the SAE while training; folded on save
+    store: dict = field(default_factory=dict)  # store provenance
+
+
+@dataclass
+class CommonParams:
+    """Hyper-parameters every method has; each method's dataclass extends this."""
+
+    dead_tokens: int = 10_000_000  # a latent that has not fired for this many tokens counts as dead
+
+
+@dataclass
+class TrainOutput:
+    x_hat: Tensor  # reconstruction (what the loss sees; masked for ATM)
+    f: Tensor  # inference latents (never masked)
+    losses: dict[str, Tensor]  # loss = sum(losses.values())
+    stats: dict[str, float | Tensor]  # logged; tensors are 0-d and stay on device (no sync)
+
+
+def parse_hparams(params_cls: type, hparams: dict, method: str) -> Any:
+    known = {f.name for f in dataclasses.fields(params_cls)}
+    unknown = sorted(set(hparams) - known)
+    if unknown:
+        raise UserError(
+            f"unknown hyper-parameter(s) {', '.join(unknown)} for method {method}; known: {', '.join(sorted(known))}"
+        )
+    return params_cls(**hparams)
+
+
+class SAE(nn.Module):
+    method: ClassVar[str]
+    architecture: ClassVar[str]  # SAELens architecture: standard | topk | jumprelu
+    Params: ClassVar[type] = CommonParams
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        if cfg.d_in <= 0 or cfg.d_sae <= 0:
+            raise UserError(
+                f"d_in and d_sae must be positive (got {cfg.d_in}, {cfg.d_sae}); fix the SAE shape"
+            )
+        if not cfg.norm_scale > 0:
+            raise UserError(f"norm_scale must be positive (got {cfg.norm_scale}); check the store statistics")
+        self.hp = parse_hparams(self.Params, dict(cfg.hparams), self.method)
+        self.cfg = dataclasses.replace(cfg, method=self.method, hparams=asdict(self.hp))
+        self.validate_hparams()
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        W_dec = torch.randn(d_sae, d_in)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        # Tokens since each latent last fired: dead-latent count, and TopK's AuxK mask.
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+
+    # ----- what a method may override -----
+    def validate_hparams(self) -> None:
+        """Raise UserError for impossible hyper-parameters (called at construction)."""
+
+    def inference_tensors(self) -> dict[str, Tensor]:
+        """Tensors beyond the four weights that the saved (SAELens) layout holds, unfolded."""
+        return {}
+
+    def load_inference_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of inference_tensors, for already-folded tensors."""
+
+    def saelens_cfg_extra(self) -> dict[str, Any]:
+        return {}
+
+    def extra_files(self) -> dict[str, dict[str, Tensor]]:
+        """Additional safetensors files saved beside the SAE (e.g. ATM statistics)."""
+        return {}
+
+    def load_extra_files(self, path: Path) -> None:
+        pass
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimiser parameter groups (a method may give some parameters their own lr)."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
+    # ----- the shared body -----
+    def pre_acts(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+
+    def encode(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, f: Tensor) -> Tensor:
+        return torch.addmm(self.b_dec, f, self.W_dec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def training_forward(self, x: Tensor, step: int, total_steps: int) -> TrainOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def init_b_dec(self, x_sample: Tensor) -> None:
+        """Set b_dec to the mean of a sample of (normalised) activations."""
+        self.b_dec.copy_(x_sample.to(self.b_dec).mean(0))
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Drop the gradient component along each decoder row, so the row norm is untouched to first order."""
+        g, w = self.W_dec.grad, self.W_dec
+        if g is None:
+            return
+        g -= (g * w).sum(1, keepdim=True) * w / (w * w).sum(1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # ----- helpers for training_forward -----
+    def common_stats(self, x: Tensor, x_hat: Tensor, f: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Reconstruction loss (squared error summed over d_in, mean over tokens), and shared stats.
+
+        Also advances the dead-latent clock from the inference latents f.
+        """
+        err = (x_hat - x).pow(2).sum(-1)
+        mse = err.mean()
+        with torch.no_grad():
+            total = (x - x.mean(0)).pow(2).sum()
+            fired = (f > 0).any(0)
+            self.tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+            stats = {
+                "fvu": err.detach().sum() / total.clamp_min(1e-12),
+                "l0": (f > 0).sum(-1).float().mean(),
+                "dead": (self.tokens_since_fired >= self.hp.dead_tokens).sum(),
+            }
+        return mse, stats
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.hp.dead_tokens
+
+    # ----- save / load -----
+    def folded_tensors(self) -> dict[str, Tensor]:
+        """The inference tensors with the normalisation folded in (apply to raw activations)."""
+        s = self.cfg.norm_scale
+        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        tensors.update(self.inference_tensors())
+        out = {}
+        for name, t in tensors.items():
+            t = t.detach().float().cpu()
+            out[name] = (t / s if name in FOLD_BY_SCALE else t).contiguous()
+        return out
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> Path:
+        """Write cfg.json + sae_weights.safetensors (SAELens v6 layout, normalisation folded) + atmpipe.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = self.folded_tensors()
+        dtype = str(self.W_enc.dtype).removeprefix("torch.")
+        save_file({k: v.to(self.W_enc.dtype) for k, v in tensors.items()}, str(path / WEIGHTS_FILE))
+        sl_cfg = {
+            "architecture": self.architecture,
+            "d_in": self.cfg.d_in,
+            "d_sae": self.cfg.d_sae,
+            "dtype": dtype,
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",  # the scale is folded into the weights
+            "reshape_activations": "none",
+            **self.saelens_cfg_extra(),
+            "metadata": {
+                "sae_lens_version": SAELENS_LAYOUT_VERSION,
+                "sae_lens_training_version": SAELENS_LAYOUT_VERSION,
+                "model_name": self.cfg.model_name,
+                "hook_name": self.cfg.hook_name,
+                "hook_head_index": None,
+                "prepend_bos": True,
+                "trained_with": "atmpipe",
+            },
+        }
+        (path / CFG_FILE).write_text(json.dumps(sl_cfg, indent=2) + "\n")
+        for name, extra in self.extra_files().items():
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in extra.items()}, str(path / name))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "architecture": self.architecture,
+            "d_in": self.cfg.d_in,
+            "d_sae": self.cfg.d_sae,
+            "hparams": self.cfg.hparams,
+            "model_name": self.cfg.model_name,
+            "layer": self.cfg.layer,
+            "hook_name": self.cfg.hook_name,
+            "norm_scale_folded": self.cfg.norm_scale,
+            "store": self.cfg.store,
+            "provenance": _provenance(),
+            "metadata": metadata or {},
+        }
+        (path / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
+        """Load an atmpipe SAE directory or a plain SAELens-format one (cfg.json + sae_weights.safetensors)."""
+        from atmpipe.sae import SAE_METHODS, make_sae
+
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(
+                f"{path} is not a directory; pass an SAE directory holding {CFG_FILE} and {WEIGHTS_FILE}"
+            )
+        sl_cfg = _read_json(path / CFG_FILE)
+        meta = _read_json(path / META_FILE) if (path / META_FILE).exists() else None
+        arch = _get(sl_cfg, "architecture", path / CFG_FILE, str, default="standard")
+        d_in = _get(sl_cfg, "d_in", path / CFG_FILE, int)
+        d_sae = _get(sl_cfg, "d_sae", path / CFG_FILE, int)
+        sl_meta = sl_cfg.get("metadata") if isinstance(sl_cfg.get("metadata"), dict) else {}
+        hook_name = sl_meta.get("hook_name") or sl_cfg.get("hook_name") or ""
+        model_name = sl_meta.get("model_name") or sl_cfg.get("model_name") or ""
+        norm = sl_cfg.get("normalize_activations", "none")
+        if norm not in ("none", None):
+            raise UserError(
+                f"{path / CFG_FILE}: normalize_activations={norm!r} is not supported; "
+                "fold the activation scaling into the weights and set it to 'none'"
+            )
+        tensors = _read_weights(path / WEIGHTS_FILE)
+        if meta is not None:
+            method = _get(meta, "method", path / META_FILE, str)
+            hparams = _get(meta, "hparams", path / META_FILE, dict)
+            layer = int(meta.get("layer", -1))
+            store = meta.get("store") or {}
+        else:
+            method, hparams = _method_from_saelens(arch, sl_cfg, path / CFG_FILE), {}
+            layer, store = _layer_from_hook(hook_name), {}
+        if method not in SAE_METHODS:
+            raise UserError(
+                f"{path / (META_FILE if meta else CFG_FILE)}: unknown method {method!r}; "
+                f"known: {', '.join(sorted(SAE_METHODS))}"
+            )
+        if "k" in sl_cfg and method == "topk":
+            hparams = {**hparams, "k": int(sl_cfg["k"])}
+        cfg = SAEConfig(
+            method, d_in, d_sae, hparams, model_name=model_name, layer=layer, hook_name=hook_name, store=store
+        )
+        sae = make_sae(cfg)
+        expected = {
+            "W_enc": (d_in, d_sae),
+            "b_enc": (d_sae,),
+            "W_dec": (d_sae, d_in),
+            "b_dec": (d_in,),
+            **{k: tuple(v.shape) for k, v in sae.inference_tensors().items()},
+        }
+        for key, shape in expected.items():
+            if key not in tensors:
+                raise UserError(
+                    f"{path / WEIGHTS_FILE}: missing tensor {key!r} (a {arch} SAE needs {', '.join(expected)}); "
+                    "re-save the SAE"
+                )
+            if tuple(tensors[key].shape) != shape:
+                raise UserError(
+                    f"{path / WEIGHTS_FILE}: tensor {key!r} has shape {list(tensors[key].shape)}, "
+                    f"expected {list(shape)} from {CFG_FILE} (d_in={d_in}, d_sae={d_sae}); re-save the SAE"
+                )
+        with torch.no_grad():
+            b_enc = tensors["b_enc"].float()
+            if sl_cfg.get("apply_b_dec_to_input", True) is False:
+                # x @ W_enc + b_enc == (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
+                b_enc = b_enc + tensors["b_dec"].float() @ tensors["W_enc"].float()
+            sae.W_enc.copy_(tensors["W_enc"])
+            sae.b_enc.copy_(b_enc)
+            sae.W_dec.copy_(tensors["W_dec"])
+            sae.b_dec.copy_(tensors["b_dec"])
+            sae.load_inference_tensors(
+                {k: tensors[k].float() for k in expected if k not in ("W_enc", "b_enc", "W_dec", "b_dec")}
+            )
+        if meta is not None:
+            sae.load_extra_files(path)
+        return sae.to(device)
+
+
+def _method_from_saelens(arch: str, sl_cfg: dict, file: Path) -> str:
+    methods = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+    if arch not in methods:
+        raise UserError(f"{file}: architecture {arch!r} is not supported; supported: {', '.join(methods)}")
+    if arch == "topk" and "k" not in sl_cfg:
+        raise UserError(f"{file}: key 'k' is missing (a topk SAE needs it); add it to {CFG_FILE}")
+    return methods[arch]
+
+
+def _layer_from_hook(hook_name: str) -> int:
+    parts = hook_name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else -1
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{file} does not exist; pass a directory written by `atmpipe train` or SAELens"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file} is not valid JSON ({e}); re-save the SAE") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file} must hold a JSON object, found {type(data).__name__}; re-save the SAE")
+    return data
+
+
+def _get(d: dict, key: str, file: Path, typ: type, default: Any = None) -> Any:
+    if key not in d:
+        if default is not None:
+            return default
+        raise UserError(f"{file}: key {key!r} is missing; re-save the SAE")
+    value = d[key]
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok or (typ is int and value <= 0):
+        raise UserError(
+            f"{file}: key {key!r} has invalid value {value!r} (expected a positive {typ.__name__}); fix it"
+        )
+    return value
+
+
+def _read_weights(file: Path) -> dict[str, Tensor]:
+    if not file.exists():
+        raise UserError(f"{file} does not exist; the SAE directory is incomplete, re-save it")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{file} is not a readable safetensors file ({e}); re-save the SAE") from None
+
+
+def read_tensor_file(
+    file: Path, keys: list[str], shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, Tensor]:
+    """Read named tensors from a safetensors file, with a UserError naming the file and the key."""
+    tensors = _read_weights(file)
+    for key in keys:
+        if key not in tensors:
+            raise UserError(f"{file}: missing tensor {key!r}; re-save the SAE")
+        if shapes and key in shapes and tuple(tensors[key].shape) != shapes[key]:
+            raise UserError(
+                f"{file}: tensor {key!r} has shape {list(tensors[key].shape)}, expected {list(shapes[key])}; re-save"
+            )
+    return tensors
+
+
+def _provenance() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        atmpipe_version = version("atmpipe")
+    except PackageNotFoundError:
+        atmpipe_version = "unknown"
+    return {
+        "atmpipe_version": atmpipe_version,
+        "torch_version": torch.__version__,
+        "saved_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
