@@ -1,0 +1,289 @@
+"""Shuffled shard stream: the training split of a store as an endless, seeded, resumable run of batches.
+
+The sequence of rows is a pure function of (seed, extent, chunk size, buffer size):
+  * epoch e visits the store's chunks in a seeded permutation (whole contiguous Zarr chunks are read);
+  * consecutive groups of `buffer_chunks` chunks of that permutation form a round: a shuffle buffer that
+    mixes chunks from many shards, whose non-BOS rows are permuted together;
+  * the rows of round after round, epoch after epoch, are cut into batches.
+So the position is one number, the rows consumed, and a resumed stream recomputes exactly where it was from
+the per-chunk row counts. A background thread decodes the next round and cuts batches into a bounded queue
+while the trainer works on the current one.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from atmpipe.errors import UserError
+from atmpipe.store import Store, decode_acts
+
+SPLIT = "train"  # training never sees the held-out documents
+
+
+class _Failure:
+    """An exception raised in the producer thread, carried to the consumer."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class ShardStream:
+    """Iterate shuffled [batch_size, d_model] float32 batches of one layer's training activations.
+
+    `position` is a `state_dict()` of an earlier stream of the same store: the new stream continues with
+    exactly the batches the old one would have produced next.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        layer: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        buffer_chunks: int = 32,
+        allow_partial: bool = False,
+        skip_damaged: bool = False,
+        device: str | torch.device = "cpu",
+        prefetch: int = 4,
+        workers: int = 2,
+        position: dict | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        if batch_size <= 0:
+            raise UserError(f"batch size must be positive, got {batch_size}; pass e.g. --batch-size 4096")
+        if not store.complete and not allow_partial:
+            raise UserError(
+                f"store {store.path} is incomplete (its harvest has not finished); resume the harvest, "
+                "or pass --allow-partial to train on its committed shards only"
+            )
+        self.store, self.layer, self.batch_size = store, layer, batch_size
+        self.split = store.split(SPLIT)
+        self.acts = self.split.acts(layer)  # refuses a layer the store does not hold
+        self.seed, self.buffer_chunks, self.skip_damaged = seed, max(1, buffer_chunks), skip_damaged
+        self.device = torch.device(device)
+        self.log = log
+        self.chunk_tokens = self.split.chunk_tokens
+        # Only committed shards are ever read: a harvest may still be appending to the rest.
+        self.n_tokens = self.split.n_tokens if store.complete else self.split.n_committed_tokens
+        self.rows_consumed = 0
+        self.skipped: set[int] = set()
+        self._skip_lock = threading.Lock()
+        if position is not None:
+            self._check_position(position)
+            self.n_tokens, self.rows_consumed = position["n_tokens"], position["rows_consumed"]
+            self.skipped = set(position["skipped"])
+        self.n_chunks = -(-self.n_tokens // self.chunk_tokens)
+        self.chunk_rows = self._count_rows()
+        if self.rows_per_epoch == 0:
+            raise UserError(
+                f"store {store.path} has no non-BOS training tokens committed ({self.n_tokens} tokens); "
+                "harvest more text before training"
+            )
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="atmpipe-stream-decode")
+        self._queue: queue.Queue = queue.Queue(max(1, prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="atmpipe-stream", daemon=True)
+        self._thread.start()
+
+    # --- the deterministic recipe ----------------------------------------------------------------
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return int(self.chunk_rows.sum())
+
+    @property
+    def epoch(self) -> int:
+        return self.rows_consumed // self.rows_per_epoch
+
+    def _chunk_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_chunks)
+
+    def _row_order(self, epoch: int, round_index: int, n_rows: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, round_index, 1]).permutation(n_rows)
+
+    def _rounds(self, epoch: int) -> list[np.ndarray]:
+        order = self._chunk_order(epoch)
+        return [order[i : i + self.buffer_chunks] for i in range(0, self.n_chunks, self.buffer_chunks)]
+
+    def _chunk_span(self, chunk: int) -> tuple[int, int]:
+        return chunk * self.chunk_tokens, min((chunk + 1) * self.chunk_tokens, self.n_tokens)
+
+    def _locate(self, rows: int) -> tuple[int, int, int]:
+        """Rows consumed → (epoch, round, offset of the next row within that round's permutation)."""
+        epoch, rest = divmod(rows, self.rows_per_epoch)
+        for round_index, chunks in enumerate(self._rounds(epoch)):
+            size = int(self.chunk_rows[chunks].sum())
+            if rest < size:
+                return epoch, round_index, rest
+            rest -= size
+        raise AssertionError("unreachable: rest < rows_per_epoch")
+
+    def _count_rows(self) -> np.ndarray:
+        """Non-BOS rows per chunk (0 for chunks skipped as damaged); reads `bos` many chunks at a time."""
+        counts = np.zeros(self.n_chunks, np.int64)
+        group = 256
+        for first in range(0, self.n_chunks, group):
+            last = min(first + group, self.n_chunks)
+            try:
+                bos = self.split.bos[first * self.chunk_tokens : self._chunk_span(last - 1)[1]]
+            except Exception:  # a damaged chunk in there: find, name or skip it chunk by chunk
+                for chunk in range(first, last):
+                    bos = self._read(self.split.bos, chunk)
+                    counts[chunk] = 0 if bos is None else int((~bos).sum())
+                continue
+            counts[first:last] = np.add.reduceat(~bos, np.arange(0, len(bos), self.chunk_tokens))
+        counts[sorted(self.skipped)] = 0
+        return counts
+
+    def _check_position(self, position: dict) -> None:
+        mine = {"seed": self.seed, "chunk_tokens": self.chunk_tokens, "buffer_chunks": self.buffer_chunks}
+        theirs = {k: position.get(k) for k in mine}
+        if mine != theirs:
+            raise UserError(
+                f"the saved stream position was made with {theirs}, this stream has {mine}; "
+                "resume with the same seed and store"
+            )
+        committed = self.split.n_tokens if self.store.complete else self.split.n_committed_tokens
+        if position["n_tokens"] > committed:
+            raise UserError(
+                f"the saved stream read {position['n_tokens']} tokens of {self.store.path}, which now has only "
+                f"{committed} committed; resume against the store the run was started with"
+            )
+
+    def state_dict(self) -> dict:
+        """JSON-able position: enough to continue the exact same sequence of batches."""
+        with self._skip_lock:
+            skipped = sorted(self.skipped)
+        return {
+            "seed": self.seed,
+            "chunk_tokens": self.chunk_tokens,
+            "buffer_chunks": self.buffer_chunks,
+            "n_tokens": self.n_tokens,
+            "rows_consumed": self.rows_consumed,
+            "skipped": skipped,
+        }
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def _read(self, array, chunk: int) -> np.ndarray | None:
+        """One whole chunk; a failed checksum is an error naming the chunk, or a counted skip."""
+        start, stop = self._chunk_span(chunk)
+        try:
+            return array[start:stop]
+        except Exception as e:  # zarr raises ValueError for a checksum mismatch, codecs their own errors
+            if not self.skip_damaged:
+                raise UserError(
+                    f"chunk {chunk} (tokens {start}-{stop - 1}) of {self.store.path}/{SPLIT}/{array.basename} "
+                    f"is damaged ({e}); re-harvest the store, or pass --skip-damaged to train without it"
+                ) from None
+            with self._skip_lock:
+                self.skipped.add(chunk)
+            return None
+
+    def _load_chunk(self, chunk: int) -> np.ndarray | None:
+        bos, acts = self._read(self.split.bos, chunk), self._read(self.acts, chunk)
+        if bos is None or acts is None:
+            return None
+        return decode_acts(acts if not bos.any() else acts[~bos])
+
+    def _load_round(self, chunks: np.ndarray) -> Callable[[], np.ndarray]:
+        """Start decoding a round's chunks on the pool; the returned function assembles the buffer."""
+        futures = [self._pool.submit(self._load_chunk, int(c)) for c in chunks]
+
+        def assemble() -> np.ndarray:
+            parts = [f.result() for f in futures]
+            for chunk, part in zip(chunks, parts, strict=True):
+                if part is None:
+                    self.chunk_rows[chunk] = 0  # skipped: later positions are counted without it
+            parts = [p for p in parts if p is not None]
+            if not parts:
+                return np.empty((0, self.store.d_model), np.float32)
+            return np.concatenate(parts)
+
+        return assemble
+
+    def _shuffled_rounds(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(round buffer, permutation of its rows still to deliver), forever; the next round loads ahead."""
+        epoch, round_index, offset = self._locate(self.rows_consumed)
+        rounds = self._rounds(epoch)
+        pending = self._load_round(rounds[round_index])
+        while True:
+            # Queue the following round's decoding before this one is cut into batches.
+            next_epoch, next_round = (
+                (epoch, round_index + 1) if round_index + 1 < len(rounds) else (epoch + 1, 0)
+            )
+            next_rounds = rounds if next_epoch == epoch else self._rounds(next_epoch)
+            following = self._load_round(next_rounds[next_round])
+            acts = pending()
+            yield acts, self._row_order(epoch, round_index, len(acts))[offset:]
+            epoch, round_index, rounds, pending, offset = next_epoch, next_round, next_rounds, following, 0
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        pin = self.device.type == "cuda"
+        batch, filled = None, 0
+        for acts, order in self._shuffled_rounds():
+            done = 0
+            while done < len(order):
+                if batch is None:
+                    batch = torch.empty((self.batch_size, acts.shape[1]), dtype=torch.float32, pin_memory=pin)
+                take = min(self.batch_size - filled, len(order) - done)
+                np.take(acts, order[done : done + take], axis=0, out=batch.numpy()[filled : filled + take])
+                filled, done = filled + take, done + take
+                if filled == self.batch_size:
+                    yield batch
+                    batch, filled = None, 0
+
+    def _produce(self) -> None:
+        try:
+            for batch in self._batches():
+                if not self._put(batch):
+                    return
+        except BaseException as e:  # handed to the trainer, which raises it
+            self._put(_Failure(e))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # --- consuming -------------------------------------------------------------------------------
+
+    def __iter__(self) -> ShardStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        item = self._queue.get()
+        if isinstance(item, _Failure):
+            raise item.error
+        before, self.rows_consumed = self.rows_consumed, self.rows_consumed + self.batch_size
+        epoch_of_last = (self.rows_consumed - 1) // self.rows_per_epoch
+        if epoch_of_last > (max(before, 1) - 1) // self.rows_per_epoch:
+            self.log(
+                f"stream: epoch {epoch_of_last} begins after {epoch_of_last * self.rows_per_epoch:,} tokens "
+                f"(new shuffle of {self.n_chunks} chunks)"
+            )
+        if self.device.type == "cpu":
+            return item
+        return item.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ShardStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

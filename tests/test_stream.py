@@ -1,0 +1,178 @@
+"""The shuffled shard stream: coverage, determinism, resumable position, partial and damaged stores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from atmpipe.errors import UserError
+from atmpipe.store import StoreWriter, acts_name, hook_name, open_store, plan_split, write_arrays_store
+from atmpipe.stream import ShardStream
+
+LAYER, D = 3, 8
+CHUNK, SHARD = 256, 1024
+
+
+def labelled(n: int, sign: float = 1.0, bos_every: int = 16, seed: int = 0) -> dict:
+    """Rows whose first column is their index (negative for eval), so every delivered row names its source."""
+    acts = np.random.default_rng(seed).normal(size=(n, D)).astype(np.float32)
+    acts[:, 0] = sign * np.arange(n)
+    positions = np.arange(n) % bos_every
+    return {"acts": acts, "positions": positions, "bos": positions == 0}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("stream") / "s.zarr"
+    # 5000 tokens: 20 chunks, the last one partial, in 5 shards.
+    splits = {"train": labelled(5000), "eval": labelled(700, sign=-1.0, seed=1)}
+    return write_arrays_store(path, splits, layer=LAYER, chunk_tokens=CHUNK, shard_tokens=SHARD)
+
+
+def non_bos_rows(store) -> np.ndarray:
+    return np.flatnonzero(~store.split("train").bos[:])
+
+
+def take(stream: ShardStream, n_batches: int) -> np.ndarray:
+    return np.array([next(stream).numpy()[:, 0] for _ in range(n_batches)]).reshape(
+        n_batches, stream.batch_size
+    )
+
+
+def test_every_non_bos_train_token_exactly_once_per_epoch(store):
+    expected = non_bos_rows(store)
+    logs: list[str] = []
+    with ShardStream(store, LAYER, batch_size=109, buffer_chunks=3, log=logs.append) as s:
+        assert s.rows_per_epoch == expected.size == 43 * 109  # 5000 tokens minus 313 BOS
+        epoch0, epoch1 = take(s, 43).ravel(), take(s, 43).ravel()
+    assert (epoch0 >= 0).all()  # nothing from the eval split
+    np.testing.assert_array_equal(np.sort(epoch0), expected)
+    np.testing.assert_array_equal(np.sort(epoch1), expected)
+    assert not np.array_equal(epoch0, epoch1)  # a new epoch is a new shuffle
+    assert logs == ["stream: epoch 1 begins after 4,687 tokens (new shuffle of 20 chunks)"]
+
+
+def test_batches_mix_chunks_from_different_shards(store):
+    with ShardStream(store, LAYER, batch_size=512, buffer_chunks=8) as s:
+        first = take(s, 1)[0]
+    assert len(np.unique(first // SHARD)) >= 3
+
+
+def test_deterministic_for_a_seed(store):
+    with ShardStream(store, LAYER, 300, seed=7) as a, ShardStream(store, LAYER, 300, seed=7) as b:
+        np.testing.assert_array_equal(take(a, 20), take(b, 20))
+    with ShardStream(store, LAYER, 300, seed=7) as a, ShardStream(store, LAYER, 300, seed=8) as b:
+        assert not np.array_equal(take(a, 5), take(b, 5))
+
+
+@pytest.mark.parametrize("consumed", [0, 1, 6, 15, 16, 17, 40])  # inside rounds, at and past epoch ends
+def test_resumed_stream_continues_the_same_sequence(store, consumed):
+    with ShardStream(store, LAYER, 293, seed=3, buffer_chunks=3) as a:
+        take(a, consumed)
+        position = a.state_dict()
+        expected = take(a, 12)
+    assert position["rows_consumed"] == consumed * 293
+    with ShardStream(store, LAYER, 293, seed=3, buffer_chunks=3, position=position) as b:
+        assert b.epoch == consumed * 293 // b.rows_per_epoch
+        np.testing.assert_array_equal(take(b, 12), expected)
+
+
+def test_position_of_another_seed_is_refused(store):
+    with ShardStream(store, LAYER, 100, seed=1) as a:
+        position = a.state_dict()
+    with pytest.raises(UserError, match="resume with the same seed and store"):
+        ShardStream(store, LAYER, 100, seed=2, position=position)
+
+
+def partial_store(path, committed_shards: int):
+    """A harvest interrupted after `committed_shards` of 4 shards, with garbage in the next, uncommitted one."""
+    data = labelled(4 * SHARD)
+    attrs = {
+        "model": {"name": "synthetic", "source": "synthetic", "config_hash": "x", "n_layers": LAYER + 1},
+        "layers": [LAYER],
+        "hook_names": {str(LAYER): hook_name(LAYER)},
+        "d_model": D,
+        "dtype": "float32",
+        "context_size": 16,
+        "seed": 0,
+        "tokenizer": {"name_or_path": "synthetic", "bos_token_id": 0, "vocab_size": 0},
+        "dataset": {"spec": "synthetic", "text_column": None, "n_documents": 0, "eval_documents": []},
+        "splits": {"train": plan_split(4 * SHARD, CHUNK, SHARD), "eval": plan_split(SHARD, CHUNK, SHARD)},
+    }
+    writer = StoreWriter(path, attrs)
+    for i in range(committed_shards):
+        rows = slice(i * SHARD, (i + 1) * SHARD)
+        arrays = {acts_name(LAYER): data["acts"][rows], "bos": data["bos"][rows]}
+        writer.put_shard(
+            "train", i, {**arrays, "tokens": np.zeros(SHARD, np.int32), "positions": data["positions"][rows]}
+        )
+    writer.close()
+    # A shard being written right now: on disk, but not committed in the attributes.
+    half = zarr.open_group(path, mode="r+")["train"]
+    rows = slice(committed_shards * SHARD, (committed_shards + 1) * SHARD)
+    half[acts_name(LAYER)][rows] = np.full((SHARD, D), 1e6, np.float32)
+    half["bos"][rows] = np.zeros(SHARD, bool)
+    return open_store(path)
+
+
+def test_incomplete_store_is_refused_unless_allow_partial(tmp_path):
+    store = partial_store(tmp_path / "p.zarr", committed_shards=2)
+    with pytest.raises(UserError) as e:
+        ShardStream(store, LAYER, 64)
+    assert str(e.value) == (
+        f"store {store.path} is incomplete (its harvest has not finished); resume the harvest, "
+        "or pass --allow-partial to train on its committed shards only"
+    )
+    with ShardStream(store, LAYER, 64, allow_partial=True) as s:
+        n = s.rows_per_epoch
+        rows = take(s, n // 64).ravel()
+    committed = 2 * SHARD
+    assert n == committed - committed // 16
+    assert rows.max() < committed and len(np.unique(rows)) == rows.size  # never the half-written shard
+
+
+def test_store_without_training_tokens_is_refused(tmp_path):
+    data = labelled(512, bos_every=1)  # every token is BOS
+    store = write_arrays_store(
+        tmp_path / "e.zarr", {"train": data, "eval": data}, layer=LAYER, chunk_tokens=CHUNK
+    )
+    with pytest.raises(UserError, match="has no non-BOS training tokens committed"):
+        ShardStream(store, LAYER, 64)
+
+
+def test_layer_not_in_store_is_refused(store):
+    with pytest.raises(UserError, match=r"layer 5 is not in this store \(it has \[3\]\); pick one of those"):
+        ShardStream(store, 5, 64)
+
+
+def damage_chunk(store, chunk: int) -> None:
+    """Flip a checksum byte of one inner chunk of the acts array, found through the shard index."""
+    per_shard = SHARD // CHUNK
+    shard_file = store.path / "train" / acts_name(LAYER) / "c" / str(chunk // per_shard) / "0"
+    raw = bytearray(shard_file.read_bytes())
+    index = np.frombuffer(bytes(raw[-(16 * per_shard + 4) : -4]), "<u8").reshape(per_shard, 2)
+    offset, nbytes = index[chunk % per_shard]
+    raw[offset + nbytes - 1] ^= 0xFF
+    shard_file.write_bytes(bytes(raw))
+
+
+def test_damaged_chunk_is_named_or_skipped(tmp_path):
+    splits = {"train": labelled(5000), "eval": labelled(300, sign=-1.0)}
+    store = write_arrays_store(
+        tmp_path / "d.zarr", splits, layer=LAYER, chunk_tokens=CHUNK, shard_tokens=SHARD
+    )
+    damage_chunk(store, 6)
+    with pytest.raises(UserError) as e:
+        with ShardStream(store, LAYER, 4000) as s:
+            next(s)
+    assert str(e.value).startswith(f"chunk 6 (tokens 1536-1791) of {store.path}/train/acts_l3 is damaged (")
+    assert str(e.value).endswith("); re-harvest the store, or pass --skip-damaged to train without it")
+
+    with ShardStream(store, LAYER, 1000, skip_damaged=True, buffer_chunks=4) as s:
+        delivered = take(s, 8).ravel()  # more than one epoch
+        assert s.state_dict()["skipped"] == [6]
+        per_epoch = s.rows_per_epoch
+    expected = np.setdiff1d(non_bos_rows(store), np.arange(6 * CHUNK, 7 * CHUNK))
+    assert per_epoch == expected.size
+    np.testing.assert_array_equal(np.sort(delivered[: expected.size]), expected)
