@@ -1,0 +1,419 @@
+"""Training-step benchmark: atmpipe vs SAELens and sparsify, the GEMM floor, ATM's overhead, peak RSS.
+
+Every configuration (implementation × method × shape) runs in its own worker process (peers.py's
+protocol), so its peak RSS is its own. The workers of one method are started together and driven in
+interleaved rounds (atmpipe, peer, peer, GEMM, then rotated), one step each, after warm-up steps that
+are not timed; medians and min/max are reported. Peers run in .venv-peers, atmpipe in .venv.
+
+    .venv/bin/python benchmarks/run_all.py            # the whole benchmark (make bench)
+    .venv/bin/python benchmarks/bench_train.py --quick
+    .venv/bin/python benchmarks/bench_train.py --profile topk --d-in 640 --d-sae 5120
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / ".work"
+ATMPIPE_PY = ROOT / ".venv" / "bin" / "python"
+PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
+BATCH = 4096
+THREADS = 2
+SHAPES = {"small": (640, 5120), "large": (2304, 18432)}
+K = 32  # TopK's k for every implementation (peers.K is the same)
+STEP_OFFSET = 500_000  # atmpipe's step index: past every warm-up (λ ramps, ATM's warm-up and r ramp)
+TOTAL_STEPS = 1_000_000
+
+
+# ----------------------------------------------------------------------------- synthetic activations
+
+
+def make_acts(d_in: int, n_tokens: int, seed: int = 0) -> np.ndarray:
+    """Residual-stream-like activations: sparse non-negative codes over planted unit atoms, plus a mean and noise."""
+    rng = np.random.default_rng(seed)
+    n_atoms, active = 8 * d_in, 32
+    atoms = rng.standard_normal((n_atoms, d_in), dtype=np.float32)
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    idx = rng.integers(0, n_atoms, size=(n_tokens, active))
+    coef = rng.exponential(1.0, size=(n_tokens, active)).astype(np.float32)
+    x = np.zeros((n_tokens, d_in), np.float32)
+    for j in range(active):  # one atom per token at a time: memory stays flat
+        x += coef[:, j, None] * atoms[idx[:, j]]
+    x += (
+        rng.standard_normal(d_in, dtype=np.float32) * 0.5
+    )  # a shared mean direction, as residual streams have
+    x += 0.05 * rng.standard_normal((n_tokens, d_in), dtype=np.float32)
+    return x.astype(np.float32)
+
+
+def acts_file(d_in: int, n_batches: int) -> Path:
+    """The activations every worker (atmpipe and peers) reads: written once, seeded, git-ignored."""
+    path = WORK / f"acts_d{d_in}_n{n_batches * BATCH}.npy"
+    if not path.exists():
+        WORK.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, make_acts(d_in, n_batches * BATCH))
+        tmp.rename(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- atmpipe's worker side
+
+
+def atmpipe_step(method: str, d_in: int, d_sae: int) -> Callable:
+    """One atmpipe training step: the body of atmpipe.train.train's loop, with the trainer's defaults."""
+    import torch
+
+    from atmpipe.sae import SAEConfig, make_sae
+    from atmpipe.train import TrainConfig, lr_factor
+
+    cfg = TrainConfig(method=method, k=K if method == "topk" else None)
+    sae = make_sae(SAEConfig(method, d_in, d_sae, {"k": K} if method == "topk" else {}))
+    betas = (cfg.adam_beta1, sae.adam_betas[1]) if cfg.adam_beta1 is not None else sae.adam_betas
+    opt = torch.optim.Adam(sae.param_groups(cfg.lr), betas=betas)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    forward = torch.compile(sae.training_forward) if cfg.compile else sae.training_forward
+    counter = iter(range(STEP_OFFSET, TOTAL_STEPS))
+
+    def step(x):
+        i = next(counter)
+        output = forward(x, i, TOTAL_STEPS)
+        loss = sum(output.losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {i}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grads()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        for group, base in zip(opt.param_groups, base_lrs, strict=True):
+            group["lr"] = base * lr_factor(i, TOTAL_STEPS, cfg.warmup_steps, cfg.decay_frac)
+        opt.step()
+        sae.after_optimizer_step()
+
+    return step
+
+
+def gemm_step(d_in: int, d_sae: int) -> Callable:
+    """The floor's unit: one (batch × d_in) @ (d_in × d_sae) fp32 matmul."""
+    import torch
+
+    w = torch.randn(d_in, d_sae)
+    return lambda x: x @ w
+
+
+def atm_kernel_step(fused: bool, d_in: int, d_sae: int) -> Callable:
+    """ATM's statistics-and-mask function alone (fused/compiled or the eager reference) on one batch of latents."""
+    import torch
+
+    from atmpipe.sae import SAEConfig, make_sae
+
+    sae = make_sae(SAEConfig("atm", d_in, d_sae, {}))
+    sae.train()
+    cache: dict = {}
+
+    def step(x):
+        if "f" not in cache:  # the latents of this batch: what the statistics see each step
+            with torch.no_grad():
+                cache["f"] = sae.encode(x)
+        sae.atm_update(cache["f"], STEP_OFFSET, TOTAL_STEPS, fused=fused)
+
+    return step
+
+
+def worker_main(a: argparse.Namespace) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peers import claim_stdout, serve
+
+    proto = claim_stdout()
+    import atmpipe.sae  # noqa: F401  (imports before the baseline RSS, as the peers do)
+
+    if a.method == "gemm":
+        make = lambda: gemm_step(a.d_in, a.d_sae)  # noqa: E731
+    elif a.method in ("atm-fused", "atm-eager"):
+        make = lambda: atm_kernel_step(a.method == "atm-fused", a.d_in, a.d_sae)  # noqa: E731
+    else:
+        make = lambda: atmpipe_step(a.method, a.d_in, a.d_sae)  # noqa: E731
+    serve(make, a.data, BATCH, proto)
+
+
+# ----------------------------------------------------------------------------- the parent side
+
+
+@dataclass
+class Worker:
+    """A running configuration; `times` collects its timed steps."""
+
+    impl: str
+    method: str
+    d_in: int
+    d_sae: int
+    data: Path
+    times: list[float] = field(default_factory=list)
+    rss: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.impl}:{self.method}:{self.d_in}x{self.d_sae}"
+
+    def start(self) -> None:
+        if self.impl == "atmpipe":
+            cmd = [str(ATMPIPE_PY), str(Path(__file__).resolve()), "--worker"]
+        else:
+            cmd = [str(PEERS_PY), str(ROOT / "benchmarks" / "peers.py"), "--impl", self.impl]
+        cmd += ["--method", self.method, "--d-in", str(self.d_in), "--d-sae", str(self.d_sae)]
+        cmd += ["--data", str(self.data)]
+        env = {**os.environ, "BENCH_THREADS": str(THREADS), "OMP_NUM_THREADS": str(THREADS)}
+        env["MKL_NUM_THREADS"] = str(THREADS)
+        self.log = WORK / f"{self.name.replace(':', '_')}.log"
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log.open("w"),
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            tail = "".join(self.log.read_text().splitlines(keepends=True)[-15:])
+            raise RuntimeError(f"benchmark worker {self.name} died; last lines of {self.log}:\n{tail}")
+        return json.loads(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write('{"cmd": "quit"}\n')
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def summary(times: list[float]) -> dict:
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
+
+
+def run_group(workers: list[Worker], warmup: int, rounds: int, log: Callable[[str], None]) -> None:
+    """Warm every worker up, then time one step per worker per round, rotating the order each round."""
+    for w in workers:
+        w.start()
+    try:
+        for w in workers:
+            w.ask(cmd="steps", n=warmup)
+        for r in range(rounds):
+            order = workers[r % len(workers) :] + workers[: r % len(workers)]
+            for w in order:
+                w.times += w.ask(cmd="steps", n=1)["times"]
+            log(
+                f"  round {r + 1}/{rounds}: "
+                + "  ".join(f"{w.impl}:{w.method} {w.times[-1]:.2f}s" for w in workers)
+            )
+        for w in workers:
+            w.rss = w.ask(cmd="rss")
+    finally:
+        for w in workers:
+            w.stop()
+
+
+@dataclass
+class Figure:
+    """One printed line: a measured ratio against its target (ok is None where PERF.md sets no target)."""
+
+    name: str
+    detail: str
+    ratio: float
+    target: str
+    ok: bool | None
+    unit: str = "×"
+
+    def line(self) -> str:
+        verdict = {True: "MET", False: "MISSED", None: "info"}[self.ok]
+        return f"{self.name:<44} {self.detail:<64} target {self.target:<14} {verdict:<6} {self.ratio:.2f}{self.unit}"
+
+
+def fmt(s: dict) -> str:
+    return f"{s['median']:.3f}s [{s['min']:.3f}–{s['max']:.3f}]"
+
+
+def run(quick: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run the step benchmark; returns {"figures": [Figure...], "raw": {...}}."""
+    if not PEERS_PY.exists():
+        raise SystemExit(f"{PEERS_PY} is missing; run `make peers` (or benchmarks/run.sh) first")
+    shapes = ["small"] if quick else ["small", "large"]
+    plan = {  # per shape: warm-up steps, timed rounds (the large shape costs ~15× more per step)
+        "small": (1, 3) if quick else (2, 7),
+        "large": (1, 3),
+    }
+    groups = {
+        "topk": [("atmpipe", "topk"), ("saelens", "topk"), ("sparsify", "topk"), ("atmpipe", "gemm")],
+        "jumprelu": [("atmpipe", "jumprelu"), ("saelens", "jumprelu"), ("atmpipe", "gemm")],
+        "relu": [("atmpipe", "relu"), ("atmpipe", "atm"), ("saelens", "relu"), ("atmpipe", "gemm")],
+    }
+    figures: list[Figure] = []
+    raw: dict = {"batch": BATCH, "threads": THREADS, "k": K, "configs": {}}
+    for shape in shapes:
+        d_in, d_sae = SHAPES[shape]
+        warmup, rounds = plan[shape]
+        data = acts_file(d_in, 4 if shape == "small" else 2)
+        tag = f"{d_in}/{d_sae}"
+        res: dict[tuple[str, str], dict] = {}
+        for method, members in groups.items():
+            log(
+                f"[train] {method} at d_in {d_in}, d_sae {d_sae}, batch {BATCH}: {warmup} warm-up + {rounds} rounds"
+            )
+            workers = [Worker(impl, m, d_in, d_sae, data) for impl, m in members]
+            run_group(workers, warmup, rounds, log)
+            for w in workers:
+                key = (w.impl, w.method if w.method != "gemm" else f"gemm@{method}")
+                res[key] = {**summary(w.times), "times": w.times, **w.rss}
+                raw["configs"][w.name if w.method != "gemm" else f"{w.name}@{method}"] = res[key]
+        figures += shape_figures(res, tag, d_in, d_sae)
+    # ATM's statistics-and-mask function, fused vs eager, at the largest d_sae measured.
+    d_in, d_sae = SHAPES[shapes[-1]]
+    log(f"[train] ATM statistics+mask, fused vs eager, at d_sae {d_sae}")
+    workers = [
+        Worker("atmpipe", m, d_in, d_sae, acts_file(d_in, 4 if shapes[-1] == "small" else 2))
+        for m in ("atm-fused", "atm-eager")
+    ]
+    run_group(workers, warmup=2, rounds=3 if quick else 7, log=log)
+    fused, eager = summary(workers[0].times), summary(workers[1].times)
+    raw["configs"].update({w.name: {**summary(w.times), "times": w.times} for w in workers})
+    figures.append(
+        Figure(
+            f"fused ATM / eager ATM (d_sae {d_sae})",
+            f"fused {fmt(fused)} eager {fmt(eager)}",
+            eager["median"] / fused["median"],
+            "≥ 2.00× @16k+",
+            eager["median"] / fused["median"] >= 2.0 if d_sae >= 16384 else None,
+        )
+    )
+    return {"figures": figures, "raw": raw}
+
+
+def shape_figures(res: dict, tag: str, d_in: int, d_sae: int) -> list[Figure]:
+    figs = []
+    peers = {"topk": ("saelens", "sparsify"), "jumprelu": ("saelens",), "relu": ("saelens",)}
+    for method, names in peers.items():
+        ours = res[("atmpipe", method)]
+        best = min(names, key=lambda p: res[(p, method)]["median"])
+        theirs = res[(best, method)]
+        speedup = theirs["median"] / ours["median"]
+        others = ", ".join(f"{p} {res[(p, method)]['median']:.3f}s" for p in names)
+        has_target = method in ("topk", "jumprelu")
+        figs.append(
+            Figure(
+                f"step {method} {tag} vs faster peer ({best})",
+                f"atmpipe {fmt(ours)} vs {others}",
+                speedup,
+                "≥ 1.20× faster" if has_target else "none (ReLU)",
+                speedup >= 1.2 if has_target else None,
+            )
+        )
+    atm, relu = res[("atmpipe", "atm")], res[("atmpipe", "relu")]
+    figs.append(
+        Figure(
+            f"ATM step / ReLU step {tag}",
+            f"atm {fmt(atm)} relu {fmt(relu)}",
+            atm["median"] / relu["median"],
+            "≤ 1.15×",
+            atm["median"] / relu["median"] <= 1.15,
+        )
+    )
+    for method, group in (("relu", "relu"), ("jumprelu", "jumprelu"), ("atm", "relu")):
+        gemm = res[("atmpipe", f"gemm@{group}")]
+        ratio = res[("atmpipe", method)]["median"] / (6 * gemm["median"])
+        figs.append(
+            Figure(
+                f"{method} step / 6-GEMM floor {tag}",
+                f"step {res[('atmpipe', method)]['median']:.3f}s, GEMM {fmt(gemm)}",
+                ratio,
+                "≤ 1.50×",
+                ratio <= 1.5,
+            )
+        )
+    gemm = res[("atmpipe", "gemm@topk")]
+    ratio = res[("atmpipe", "topk")]["median"] / gemm["median"]
+    figs.append(
+        Figure(
+            f"topk step / 1-GEMM floor {tag}",
+            f"step {res[('atmpipe', 'topk')]['median']:.3f}s, GEMM {fmt(gemm)}",
+            ratio,
+            "none (≈1 GEMM)",
+            None,
+        )
+    )
+    for method, names in peers.items():
+        ours = res[("atmpipe", method)]
+        mem = lambda r: r["peak_rss_mb"] - r["baseline_rss_mb"]  # noqa: E731
+        best = min(names, key=lambda p: mem(res[(p, method)]))
+        ratio = mem(ours) / mem(res[(best, method)])
+        others = ", ".join(f"{p} {mem(res[(p, method)]):.0f}" for p in names)
+        figs.append(
+            Figure(
+                f"peak RSS {method} {tag} vs leanest peer ({best})",
+                f"training MB atmpipe {mem(ours):.0f} vs {others} (total {ours['peak_rss_mb']:.0f})",
+                ratio,
+                "≤ 1.00×",
+                ratio <= 1.0,
+            )
+        )
+    return figs
+
+
+# ----------------------------------------------------------------------------- profiling
+
+
+def profile(method: str, d_in: int, d_sae: int, steps: int = 3) -> None:
+    """torch.profiler table of atmpipe's step (run in .venv): where the time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(THREADS)
+    x = torch.from_numpy(np.load(acts_file(d_in, 4 if d_in < 1000 else 2))[:BATCH])
+    torch.manual_seed(0)
+    step = atmpipe_step(method, d_in, d_sae)
+    for _ in range(2):
+        step(x)
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step(x)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="atmpipe training-step benchmark")
+    p.add_argument("--quick", action="store_true", help="small shape only, few rounds (a smoke run)")
+    p.add_argument(
+        "--profile", metavar="METHOD", help="print a torch.profiler table of atmpipe's METHOD step"
+    )
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method")
+    p.add_argument("--d-in", type=int, default=640)
+    p.add_argument("--d-sae", type=int, default=5120)
+    p.add_argument("--data")
+    a = p.parse_args()
+    if a.worker:
+        worker_main(a)
+    elif a.profile:
+        profile(a.profile, a.d_in, a.d_sae)
+    else:
+        for fig in run(quick=a.quick)["figures"]:
+            print(fig.line())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Run every benchmark, print one line per figure (its target, then the ratio last), write a JSON result.
+
+    .venv/bin/python benchmarks/run_all.py            # what `make bench` runs (via benchmarks/run.sh)
+    .venv/bin/python benchmarks/run_all.py --quick    # a smoke run: small shapes, few rounds
+
+Results go to benchmarks/results/<date>-<host>.json (`-quick` appended for a smoke run). Every figure
+is a ratio measured side by side in this run (targets: ../shared/specs/PERF.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import THREADS, Figure  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def figure_from_dict(d: dict) -> Figure:
+    """A figure reported by another benchmark module as a plain dict (same fields as Figure)."""
+    return Figure(
+        d["name"], d.get("detail", ""), float(d["ratio"]), d["target"], d.get("ok"), d.get("unit", "×")
+    )
+
+
+def run_module(name: str, quick: bool, **kwargs) -> dict | None:
+    """Call benchmarks/<name>.py's run(); None (with a printed line) if that benchmark does not exist yet."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        print(f"[{name}] not available ({e})", flush=True)
+        return None
+    return module.run(quick=quick, **kwargs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: small shapes and few repeats")
+    p.add_argument(
+        "--only", choices=["train", "stream", "harvest"], action="append", help="run only these parts"
+    )
+    a = p.parse_args()
+    parts = a.only or ["train", "stream", "harvest"]
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    import torch
+
+    torch.set_num_threads(THREADS)
+    started = time.time()
+    stamp = datetime.datetime.now()
+    print(
+        f"atmpipe benchmarks {stamp:%Y-%m-%d %H:%M} on {socket.gethostname()} ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}), torch {torch.__version__}, {THREADS} threads"
+        + (", QUICK" if a.quick else ""),
+        flush=True,
+    )
+    figures: list[Figure] = []
+    raw: dict = {}
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    if "train" in parts:
+        out = run_module("bench_train", a.quick, log=log)
+        figures += out["figures"]
+        raw["train"] = out["raw"]
+        for fig in out["figures"]:
+            print(fig.line(), flush=True)
+    # The stream must outpace the fastest trainer: pass atmpipe's best measured step rate (tokens/s).
+    consumption = None
+    if "train" in raw:
+        steps = [
+            v["median"]
+            for k, v in raw["train"]["configs"].items()
+            if k.startswith("atmpipe:")
+            and ":640x5120" in k
+            and k.split(":")[1] in ("topk", "jumprelu", "relu", "atm")
+        ]
+        consumption = raw["train"]["batch"] / min(steps) if steps else None
+    for name, kwargs in (("stream", {"trainer_tokens_per_s": consumption}), ("harvest", {})):
+        if name not in parts:
+            continue
+        out = run_module(f"bench_{name}", a.quick, **kwargs)
+        if out is None:
+            continue
+        figs = [figure_from_dict(d) for d in out.get("figures", [])]
+        figures += figs
+        raw[name] = out
+        for fig in figs:
+            print(fig.line(), flush=True)
+
+    print("\nsummary" + " (quick: not for quoting)" * a.quick)
+    for fig in figures:
+        print(fig.line())
+    missed = [f.name for f in figures if f.ok is False]
+    print(
+        f"{sum(f.ok is True for f in figures)} met, {len(missed)} missed, {sum(f.ok is None for f in figures)} informational"
+        f" — {time.time() - started:.0f} s"
+    )
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{stamp:%Y-%m-%d}-{socket.gethostname()}{'-quick' if a.quick else ''}.json"
+    record = {
+        "date": stamp.isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": THREADS,
+        "torch": torch.__version__,
+        "quick": a.quick,
+        "seconds": round(time.time() - started, 1),
+        "figures": [vars(f) for f in figures],
+        "raw": raw,
+    }
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+
+
+if __name__ == "__main__":
+    main()
