@@ -26,6 +26,16 @@ from atmpipe.store import Store, decode_acts
 SPLIT = "train"  # training never sees the held-out documents
 
 
+def check_store(store: Store, layer: int, allow_partial: bool = False) -> None:
+    """Refuse an incomplete store (unless allow_partial) and a layer it does not hold."""
+    if not store.complete and not allow_partial:
+        raise UserError(
+            f"store {store.path} is incomplete (its harvest has not finished); resume the harvest, "
+            "or pass --allow-partial to train on its committed shards only"
+        )
+    store.split(SPLIT).acts(layer)  # raises for a layer the store does not hold
+
+
 class _Failure:
     """An exception raised in the producer thread, carried to the consumer."""
 
@@ -58,14 +68,10 @@ class ShardStream:
     ):
         if batch_size <= 0:
             raise UserError(f"batch size must be positive, got {batch_size}; pass e.g. --batch-size 4096")
-        if not store.complete and not allow_partial:
-            raise UserError(
-                f"store {store.path} is incomplete (its harvest has not finished); resume the harvest, "
-                "or pass --allow-partial to train on its committed shards only"
-            )
+        check_store(store, layer, allow_partial)
         self.store, self.layer, self.batch_size = store, layer, batch_size
         self.split = store.split(SPLIT)
-        self.acts = self.split.acts(layer)  # refuses a layer the store does not hold
+        self.acts = self.split.acts(layer)
         self.seed, self.buffer_chunks, self.skip_damaged = seed, max(1, buffer_chunks), skip_damaged
         self.device = torch.device(device)
         self.log = log

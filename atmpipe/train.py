@@ -1,0 +1,538 @@
+"""Stage two: stream a store's training activations into an SAE.
+
+One loop (`train`): normalise, forward, loss, backward, project out the parallel decoder gradient, clip,
+schedule the lr, step, renormalise. Around it: checkpoints (atomic, resumable to the bit on CPU),
+metrics.jsonl, a live display, signal handling, and the final save in the SAELens layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from atmpipe.config import load_config, to_dict
+from atmpipe.errors import UserError
+from atmpipe.sae import SAE, SAE_METHODS, SAEConfig, make_sae
+from atmpipe.store import RunningStats, Store, hook_name, open_store
+from atmpipe.stream import ShardStream, check_store
+
+RUN_CONFIG = "train_config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+DEAD_WINDOW_TOKENS = 10_000_000  # METHODS.md: dead = not fired in the last 10M tokens, or the whole run
+
+
+@dataclass
+class TrainConfig:
+    store: str = ""
+    method: str = "atm"
+    layer: int | None = None  # default: the store's first layer
+    d_sae: int | None = None  # default: expansion × d_model
+    expansion: int = 8
+    # Shortcuts for the method hyper-parameters of the same name (see atmpipe/sae/<method>.py):
+    k: int | None = None
+    l1: float | None = None
+    target_l0: float | None = None
+    hparams: dict = field(default_factory=dict)  # any other method hyper-parameter
+    lr: float = 3e-4
+    batch_size: int = 4096
+    tokens: int = 20_000_000
+    seed: int = 0
+    warmup_steps: int = 1000  # linear lr warm-up, capped at warmup_frac of the run
+    warmup_frac: float = 0.1
+    decay_frac: float = 0.2  # linear lr decay to 0 over this last fraction of the steps
+    grad_clip: float = 1.0
+    adam_beta1: float | None = None  # default: the method's (0 for JumpReLU)
+    buffer_chunks: int = 32  # chunks mixed in the stream's shuffle buffer
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    out: str | None = None  # default runs/<store>-<method>
+    resume: bool = False
+    overwrite: bool = False
+    allow_partial: bool = False
+    skip_damaged: bool = False
+    compile: bool = False
+    device: str = "auto"
+
+
+class TrainingInterrupted(UserError):
+    """SIGINT/SIGTERM: a checkpoint was saved; the message says how to resume."""
+
+    exit_code = 130
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def default_out(store: str, method: str) -> Path:
+    return Path("runs") / f"{Path(store).name.removesuffix('.zarr')}-{method}"
+
+
+def load_train_config(
+    config: str | Path | None = None, hparams: dict | None = None, **flags: Any
+) -> TrainConfig:
+    """Recipe (TOML), then flags; with --resume the saved run's settings stand in for the recipe."""
+    cfg = load_config(TrainConfig, config, **flags)
+    saved = _saved_run(cfg)
+    if cfg.resume and saved is not None:
+        values = {k: v for k, v in saved["config"].items() if k not in ("resume", "overwrite")}
+        cfg = load_config(
+            TrainConfig, None, **{**values, **{k: v for k, v in flags.items() if v is not None}}
+        )
+    cfg.hparams = {**cfg.hparams, **(hparams or {})}
+    return cfg
+
+
+def _saved_run(cfg: TrainConfig) -> dict | None:
+    file = Path(cfg.out or default_out(cfg.store, cfg.method)) / RUN_CONFIG
+    try:
+        return json.loads(file.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file} is not valid JSON ({e}); pass --overwrite to start the run again") from None
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.method not in SAE_METHODS:
+        raise UserError(f"unknown method {cfg.method!r}; known methods: {', '.join(sorted(SAE_METHODS))}")
+    for name in ("lr", "batch_size", "tokens", "expansion", "checkpoint_every", "log_every", "grad_clip"):
+        value = getattr(cfg, name)
+        if not value > 0:
+            raise UserError(f"{name} must be positive, got {value}; pass --{name.replace('_', '-')} > 0")
+    if cfg.d_sae is not None and cfg.d_sae <= 0:
+        raise UserError(f"d_sae must be positive, got {cfg.d_sae}; pass e.g. --d-sae 5120 or --expansion 8")
+    if cfg.l1 is not None and not cfg.l1 > 0:
+        raise UserError(f"l1 must be positive, got {cfg.l1}; pass e.g. --l1 5")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one of them")
+
+
+def method_hparams(cfg: TrainConfig, d_sae: int, total_tokens: int) -> dict:
+    """The method's hyper-parameters: `hparams`, plus the --k/--l1/--target-l0 shortcuts."""
+    params = {f.name for f in dataclasses.fields(SAE_METHODS[cfg.method].Params)}
+    hparams = dict(cfg.hparams)
+    for name in ("k", "l1", "target_l0"):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if name not in params:
+            raise UserError(
+                f"--{name.replace('_', '-')} does not apply to method {cfg.method}; "
+                f"its hyper-parameters are: {', '.join(sorted(params))}"
+            )
+        hparams[name] = value
+    if "k" in params:
+        k = hparams.get(
+            "k", next(f.default for f in dataclasses.fields(SAE_METHODS[cfg.method].Params) if f.name == "k")
+        )
+        if not 0 < k < d_sae:
+            raise UserError(f"k must be between 1 and d_sae - 1 = {d_sae - 1}, got {k}; pass e.g. --k 64")
+    if "dead_tokens" in params:
+        hparams.setdefault("dead_tokens", min(DEAD_WINDOW_TOKENS, total_tokens))
+    return hparams
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; pass cpu, cuda, cuda:1 or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name} asked for, but torch sees no CUDA GPU; pass --device cpu")
+    return device
+
+
+# --- schedule -----------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
+    """Linear warm-up over `warmup` steps, constant, then linear decay to 0 over the last decay_frac."""
+    decay_start = total - int(decay_frac * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= decay_start:
+        return (total - step) / (total - decay_start)
+    return 1.0
+
+
+# --- store --------------------------------------------------------------------------------------
+
+
+def store_stats(store: Store, layer: int) -> dict:
+    """mean_norm and mean of the training activations (of the committed shards, for a partial store)."""
+    if store.complete:
+        return store.stats(layer)
+    state = (store.attrs.get("stats_state") or {}).get(str(layer))
+    if not state or not state["n"]:
+        raise UserError(f"store {store.path} has no committed training tokens yet; wait for its first shard")
+    return RunningStats(store.d_model, state).summary()
+
+
+def store_provenance(store: Store, layer: int, n_tokens: int) -> dict:
+    a = store.attrs
+    return {
+        "path": str(store.path),
+        "model": a["model"],
+        "layer": layer,
+        "hook_name": hook_name(layer),
+        "dtype": a["dtype"],
+        "context_size": a["context_size"],
+        "dataset": a["dataset"].get("spec"),
+        "complete": store.complete,
+        "train_tokens_used": n_tokens,
+    }
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def _generators(sae: SAE) -> dict[str, torch.Generator]:
+    """Every torch.Generator an SAE module holds (e.g. ATM's mask sampler), by a stable name."""
+    found = {}
+    for prefix, module in sae.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Generator):
+                found[f"{prefix}.{attr}" if prefix else attr] = value
+    return found
+
+
+def save_checkpoint(run: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, state: dict) -> Path:
+    """Write checkpoints/step_XXXXXXXX atomically (temp dir, then rename); keep the last two."""
+    root = run / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    if final.exists():  # already saved at this step (interrupted right after a checkpoint)
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:08d}-", dir=root))
+    opt_state = opt.state_dict()
+    tensors = {
+        "model.safetensors": {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()},
+        "optimizer.safetensors": {
+            f"{index}.{key}": value.detach().cpu().contiguous()
+            for index, per_param in opt_state["state"].items()
+            for key, value in per_param.items()
+        },
+        "rng.safetensors": {
+            "torch_cpu": torch.get_rng_state(),
+            **({"torch_cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
+            **{f"generator.{name}": g.get_state() for name, g in _generators(sae).items()},
+        },
+    }
+    for name, content in tensors.items():
+        save_file(content, str(tmp / name))
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
+    (tmp / "state.json").write_text(json.dumps({**state, "optimizer_groups": groups}, indent=1) + "\n")
+    for file in tmp.iterdir():
+        _fsync(file)
+    os.rename(tmp, final)
+    _fsync(root)
+    for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint (temp dirs of a write that was cut short are never renamed)."""
+    found = sorted((run / CHECKPOINTS).glob("step_*"))
+    return found[-1] if found else None
+
+
+def read_checkpoint_state(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / "state.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"checkpoint {checkpoint} is unreadable ({e}); delete it to resume from the one before"
+        ) from None
+
+
+def load_checkpoint(checkpoint: Path, sae: SAE, opt: torch.optim.Optimizer) -> None:
+    try:
+        model = load_file(str(checkpoint / "model.safetensors"))
+        moments = load_file(str(checkpoint / "optimizer.safetensors"))
+        rng = load_file(str(checkpoint / "rng.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise UserError(
+            f"checkpoint {checkpoint} is unreadable ({e}); delete it to resume from the one before"
+        ) from None
+    state = read_checkpoint_state(checkpoint)
+    sae.load_state_dict(model)
+    opt_state = opt.state_dict()
+    per_param: dict[int, dict] = {}
+    for name, value in moments.items():
+        index, key = name.split(".", 1)
+        per_param.setdefault(int(index), {})[key] = value
+    for group, saved in zip(opt_state["param_groups"], state["optimizer_groups"], strict=True):
+        group.update(saved)
+    opt.load_state_dict({"state": per_param, "param_groups": opt_state["param_groups"]})
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
+    for name, g in _generators(sae).items():
+        g.set_state(rng[f"generator.{name}"])
+
+
+# --- the run directory --------------------------------------------------------------------------
+
+
+def run_identity(cfg: TrainConfig, d_in: int, d_sae: int, layer: int) -> dict:
+    return {"method": cfg.method, "d_in": d_in, "d_sae": d_sae, "layer": layer}
+
+
+def _describe(identity: dict) -> str:
+    return f"a {identity['method']} SAE (layer {identity['layer']}, d_in {identity['d_in']}, d_sae {identity['d_sae']})"
+
+
+def inspect_run_dir(out: Path, cfg: TrainConfig, identity: dict) -> tuple[Path | None, bool]:
+    """Decide, without writing anything: (checkpoint to resume from, whether the dir must be cleared)."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None, False
+    if not (out / RUN_CONFIG).is_file():
+        raise UserError(f"{out} exists and is not an atmpipe run directory; pass another --out")
+    if cfg.overwrite:
+        return None, True
+    if not cfg.resume:
+        raise UserError(
+            f"{out} already holds a training run; pass --resume to continue it, --overwrite to replace it, "
+            "or --out for a new run"
+        )
+    saved = json.loads((out / RUN_CONFIG).read_text())["identity"]
+    if saved != identity:
+        raise UserError(
+            f"cannot resume {out}: it holds {_describe(saved)}, this run asks for {_describe(identity)}; "
+            "resume with the same method and shape, or pass --out for a new run"
+        )
+    return latest_checkpoint(out), False
+
+
+# --- signals and display ------------------------------------------------------------------------
+
+
+@contextmanager
+def stop_requests():
+    """SIGINT/SIGTERM set a flag the loop checks between steps (so a checkpoint is never cut in half)."""
+    requested: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, _frame):
+        requested.append(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def progress_display(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]train[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        console=console,
+    )
+
+
+def format_metrics(m: dict) -> str:
+    skip = {"step", "tokens", "lr", "tokens_per_s", "elapsed_s"}
+    return " · ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items() if k not in skip
+    )
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, console: Console | None = None) -> Path:
+    """Train an SAE as `cfg` says; returns the run directory holding the saved SAE."""
+    console = console or Console(stderr=True)
+    validate(cfg)
+    store = open_store(cfg.store)
+    layer = store.layers[0] if cfg.layer is None else cfg.layer
+    check_store(store, layer, cfg.allow_partial)
+    d_in, d_sae = store.d_model, cfg.d_sae or cfg.expansion * store.d_model
+    total = max(1, cfg.tokens // cfg.batch_size)
+    hparams = method_hparams(cfg, d_sae, total * cfg.batch_size)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out or default_out(cfg.store, cfg.method))
+    identity = run_identity(cfg, d_in, d_sae, layer)
+    checkpoint, clear = inspect_run_dir(out, cfg, identity)
+    if (out / "cfg.json").exists() and cfg.resume and checkpoint is not None:
+        if read_checkpoint_state(checkpoint)["step"] >= total:
+            console.print(f"{out} already holds the finished run; nothing to resume")
+            return out
+
+    resumed = read_checkpoint_state(checkpoint) if checkpoint else None
+    stats = store_stats(store, layer)
+    scale = resumed["norm_scale"] if resumed else math.sqrt(d_in) / stats["mean_norm"]
+    torch.manual_seed(cfg.seed)
+    sae_cfg = SAEConfig(
+        cfg.method, d_in, d_sae, hparams, model_name=store.attrs["model"]["name"], layer=layer,
+        hook_name=hook_name(layer), norm_scale=scale,
+        store=store_provenance(store, layer, 0),
+    )  # fmt: skip
+    sae = make_sae(sae_cfg).to(device)
+    sae.init_b_dec(torch.tensor(stats["mean"], dtype=torch.float32).unsqueeze(0) * scale)
+    betas = (cfg.adam_beta1, sae.adam_betas[1]) if cfg.adam_beta1 is not None else sae.adam_betas
+    opt = torch.optim.Adam(sae.param_groups(cfg.lr), betas=betas)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    step = 0
+    if resumed:
+        load_checkpoint(checkpoint, sae, opt)
+        step = resumed["step"]
+    stream = ShardStream(
+        store, layer, cfg.batch_size, seed=cfg.seed, buffer_chunks=cfg.buffer_chunks,
+        allow_partial=cfg.allow_partial, skip_damaged=cfg.skip_damaged, device=device,
+        position=resumed["stream"] if resumed else None, log=console.print,
+    )  # fmt: skip
+    sae.cfg.store["train_tokens_used"] = stream.n_tokens
+
+    # Everything is validated: only now touch the run directory.
+    if clear:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_CONFIG).write_text(json.dumps({"identity": identity, "config": to_dict(cfg)}, indent=1) + "\n")
+    last = _truncate_metrics(out / METRICS, step)
+    for stale in (out / CHECKPOINTS).glob(".tmp-*"):  # writes cut short by a crash
+        shutil.rmtree(stale)
+    if resumed:
+        console.print(f"resuming {out} from {checkpoint.name} ({step * cfg.batch_size:,} tokens seen)")
+
+    warmup = max(1, min(cfg.warmup_steps, int(cfg.warmup_frac * total)))
+    forward = torch.compile(sae.training_forward) if cfg.compile else sae.training_forward
+
+    def checkpoint_now() -> Path:
+        state = {"step": step, "norm_scale": scale, "stream": stream.state_dict(), "identity": identity}
+        return save_checkpoint(out, step, sae, opt, state)
+
+    with (
+        stream,
+        stop_requests() as stop,
+        progress_display(console) as progress,
+        open(out / METRICS, "a") as log,
+    ):
+        task = progress.add_task("train", total=total, completed=step, rate="", metrics="")
+        clock, clock_step, started = time.perf_counter(), step, time.perf_counter()
+        while step < total:
+            x = next(stream) * scale
+            output = forward(x, step, total)
+            loss = sum(output.losses.values())
+            if not torch.isfinite(loss):
+                raise _nan_error(step, loss, x, out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.remove_parallel_grads()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            for group, base in zip(opt.param_groups, base_lrs, strict=True):
+                group["lr"] = base * lr_factor(step, total, warmup, cfg.decay_frac)
+            opt.step()
+            sae.after_optimizer_step()
+            step += 1
+            progress.update(task, completed=step)
+            if step % cfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                rate = (step - clock_step) * cfg.batch_size / max(now - clock, 1e-9)
+                last = _metrics(step, cfg.batch_size, opt, loss, output, rate, now - started)
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                progress.update(task, rate=f"{rate:,.0f} tok/s", metrics=format_metrics(last))
+                clock, clock_step = now, step
+            if stop:
+                saved = checkpoint_now()
+                raise TrainingInterrupted(
+                    f"stopped by {stop[0]} at step {step}/{total}; checkpoint saved in {saved}; resume with: "
+                    f"atmpipe train --store {cfg.store} --method {cfg.method} --out {out} --resume"
+                )
+            if step % cfg.checkpoint_every == 0 and step < total:
+                checkpoint_now()
+        checkpoint_now()
+
+    metadata = {
+        "tokens_seen": step * cfg.batch_size,
+        "steps": step,
+        "epochs": stream.rows_consumed / stream.rows_per_epoch,
+        "skipped_damaged_chunks": stream.state_dict()["skipped"],
+        "final_metrics": last,
+        "target_l0_controller": hparams.get("target_l0") is not None,
+        "train_config": to_dict(cfg),
+        "hparams": sae.cfg.hparams,
+        "norm_scale": scale,
+        "adam_betas": list(betas),
+    }
+    sae.save(out, metadata)
+    console.print(f"saved the {cfg.method} SAE to {out}")
+    return out
+
+
+def _metrics(step, batch_size, opt, loss, output, rate, elapsed) -> dict:
+    values = {"step": step, "tokens": step * batch_size, "lr": opt.param_groups[0]["lr"], "loss": loss.item()}
+    for name, value in {**output.losses, **output.stats}.items():
+        values[name] = value.item() if isinstance(value, torch.Tensor) else value
+    return {**values, "tokens_per_s": rate, "elapsed_s": elapsed}
+
+
+def _truncate_metrics(file: Path, step: int) -> dict:
+    """On resume, drop the lines logged after the checkpoint (they will be logged again); return the last."""
+    if not file.exists():
+        return {}
+    kept = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    kept = [m for m in kept if m["step"] <= step]
+    file.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    return kept[-1] if kept else {}
+
+
+def _nan_error(step: int, loss: torch.Tensor, x: torch.Tensor, out: Path) -> UserError:
+    checkpoint = latest_checkpoint(out)
+    where = (
+        f"the last checkpoint ({checkpoint.name}) is intact"
+        if checkpoint
+        else "no checkpoint was written yet"
+    )
+    if not torch.isfinite(x).all():
+        cause = "the batch holds non-finite activations; check the store with `atmpipe verify`"
+    else:
+        cause = "the training diverged; lower --lr (or the sparsity coefficient)"
+    return UserError(f"loss is {loss.item()} at step {step}: {cause}; {where}, continue with --resume")

@@ -1,0 +1,419 @@
+"""The training stage: every method end to end, bit-identical resume (in process and after SIGKILL),
+atomic checkpoints, signals, NaN batches, and every bad input of `atmpipe train` (exact message, exit 2)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import atmpipe.train as train_module
+from atmpipe.cli import app
+from atmpipe.errors import UserError
+from atmpipe.sae import SAE
+from atmpipe.store import acts_name, write_arrays_store
+from atmpipe.train import TrainConfig, latest_checkpoint, lr_factor, train
+
+LAYER, D, D_SAE, N_ATOMS = 2, 16, 64, 32
+METHOD_HPARAMS = {
+    "relu": {"l1": 0.3},
+    "atm": {"l1": 0.3},
+    "topk": {"k": 4},
+    "jumprelu": {},
+}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def planted_acts(n: int, seed: int = 0) -> np.ndarray:
+    """Sparse non-negative codes over planted unit-norm atoms, plus an offset (b_dec has work to do)."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(N_ATOMS, D))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    codes = (rng.random((n, N_ATOMS)) < 3 / N_ATOMS) * rng.exponential(2.0, (n, N_ATOMS))
+    return (codes @ atoms + 0.5).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "syn.zarr"
+    acts = planted_acts(6144)
+    positions = np.arange(len(acts)) % 64
+    splits = {
+        "train": {"acts": acts, "positions": positions, "bos": positions == 0},
+        "eval": {"acts": acts[:512]},
+    }
+    return write_arrays_store(path, splits, layer=LAYER, chunk_tokens=256, shard_tokens=1024)
+
+
+def config(store, out, method="relu", steps=60, **kw) -> TrainConfig:
+    base = dict(
+        store=str(store.path), method=method, d_sae=D_SAE, batch_size=128, tokens=128 * steps, lr=3e-3,
+        hparams=dict(METHOD_HPARAMS[method]), out=str(out), checkpoint_every=20, log_every=5,
+        buffer_chunks=4, device="cpu",
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "sae_weights.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["relu", "topk", "jumprelu", "atm"])
+def test_each_method_trains_end_to_end(store, tmp_path, method):
+    run = train(config(store, tmp_path / method, method, steps=150))
+    log = metrics(run)
+    assert [m["step"] for m in log] == list(range(5, 151, 5))
+    assert log[-1]["fvu"] < 0.5 * log[0]["fvu"]
+    assert all(np.isfinite(m["loss"]) for m in log)
+    # The saved SAE applies to raw activations: its FVU there matches what training reported.
+    sae = SAE.load(run)
+    x = torch.from_numpy(store.read_acts("train", LAYER))[~torch.from_numpy(store.split("train").bos[:])]
+    with torch.no_grad():
+        fvu = ((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert sae.method == method and fvu < 0.5
+    meta = json.loads((run / "atmpipe.json").read_text())
+    assert meta["store"]["path"] == str(store.path)
+    assert meta["metadata"]["tokens_seen"] == 150 * 128
+    assert meta["metadata"]["target_l0_controller"] is False
+    assert meta["metadata"]["final_metrics"]["step"] == 150
+    assert {p.suffix for p in run.rglob("*") if p.is_file()} <= {
+        ".json",
+        ".jsonl",
+        ".safetensors",
+    }  # no pickle
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000140", "step_00000150"]
+
+
+def test_target_l0_controller_is_recorded(store, tmp_path):
+    run = train(config(store, tmp_path / "r", "relu", steps=20, target_l0=3.0))
+    assert json.loads((run / "atmpipe.json").read_text())["metadata"]["target_l0_controller"] is True
+
+
+def test_lr_schedule_warms_up_holds_and_decays_to_zero():
+    factors = [lr_factor(s, 100, 10, 0.2) for s in range(100)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10:80] == [1.0] * 70
+    assert factors[80:] == pytest.approx([(100 - s) / 20 for s in range(80, 100)])
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["relu", "topk", "jumprelu", "atm"])
+def test_resume_from_a_mid_run_checkpoint_is_bit_identical(store, tmp_path, method):
+    reference = train(config(store, tmp_path / "ref", method))
+    run = train(config(store, tmp_path / "cut", method))
+    # Roll the run back to its step-40 checkpoint, as if it had died there.
+    for name in ("cfg.json", "sae_weights.safetensors", "atmpipe.json"):
+        (run / name).unlink(missing_ok=True)
+    for stale in ("step_00000060",):
+        train_module.shutil.rmtree(run / "checkpoints" / stale)
+    assert latest_checkpoint(run).name == "step_00000040"
+    train(config(store, run, method, resume=True))
+    assert_same_weights(reference, run)
+    assert [m["step"] for m in metrics(run)] == [m["step"] for m in metrics(reference)]
+
+
+def test_checkpoint_write_cut_short_leaves_the_previous_one_usable(store, tmp_path, monkeypatch):
+    reference = train(config(store, tmp_path / "ref"))
+    real_save = train_module.save_file
+    calls = []
+
+    def crash_in_second_checkpoint(tensors, filename):
+        calls.append(filename)
+        if len(calls) == 5:  # the second file of the second checkpoint
+            raise OSError("simulated crash mid-write")
+        real_save(tensors, filename)
+
+    monkeypatch.setattr(train_module, "save_file", crash_in_second_checkpoint)
+    with pytest.raises(OSError, match="simulated crash"):
+        train(config(store, tmp_path / "run"))
+    monkeypatch.setattr(train_module, "save_file", real_save)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000020"
+    assert [p.name for p in checkpoints.glob(".tmp-step_00000040-*")]  # the torn write, never renamed
+    train(config(store, tmp_path / "run", resume=True))
+    assert_same_weights(reference, tmp_path / "run")
+    assert not list(checkpoints.glob(".tmp-*"))
+
+
+def train_command(store, out, *extra) -> list[str]:
+    return [
+        sys.executable, "-m", "atmpipe", "train", "--store", str(store.path), "--method", "atm",
+        "--d-sae", str(D_SAE), "--batch-size", "64", "--tokens", str(64 * 400), "--lr", "0.003",
+        "--checkpoint-every", "1", "--out", str(out), "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def run_until_checkpoints(cmd: list[str], run: Path, n: int, sig: int) -> subprocess.CompletedProcess:
+    """Start a training process and send `sig` once it has written `n` new checkpoints."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    seen: set[str] = set()
+    while proc.poll() is None and len(seen) < n:
+        seen.update(p.name for p in (run / "checkpoints").glob("step_*"))
+        time.sleep(0.005)
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(store, tmp_path):
+    reference = tmp_path / "ref"
+    done = subprocess.run(train_command(store, reference), capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    stopped = run_until_checkpoints(train_command(store, run), run, 30, signal.SIGTERM)
+    assert stopped.returncode == 130, stopped.stderr
+    assert "stopped by SIGTERM at step" in stopped.stderr
+    assert f"--out {run} --resume" in stopped.stderr.replace("\n", "")
+    # Every step writes a checkpoint here, so most SIGKILLs land in the middle of one.
+    for _ in range(3):
+        killed = run_until_checkpoints(train_command(store, run, "--resume"), run, 40, signal.SIGKILL)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert len(list((run / "checkpoints").glob("step_*"))) >= 1
+    finished = subprocess.run(train_command(store, run, "--resume"), capture_output=True, text=True, cwd=REPO)
+    assert finished.returncode == 0, finished.stderr
+    assert_same_weights(reference, run)
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+# --- bad data -------------------------------------------------------------------------------------
+
+
+def test_nan_in_a_batch_stops_with_the_step_and_what_to_do(tmp_path):
+    acts = planted_acts(2048)
+    store = write_arrays_store(
+        tmp_path / "nan.zarr",
+        {"train": {"acts": acts}, "eval": {"acts": acts[:256]}},
+        layer=LAYER,
+        chunk_tokens=256,
+    )
+    zarr.open_group(store.path, mode="r+")["train"][acts_name(LAYER)][700:701] = (
+        np.nan
+    )  # after the statistics
+    with pytest.raises(UserError) as e:
+        train(config(store, tmp_path / "run", steps=40, batch_size=256, tokens=256 * 40, checkpoint_every=2))
+    message = str(e.value)
+    step = int(message.removeprefix("loss is nan at step ").split(":")[0])
+    assert step < 8  # 2048 tokens = 8 batches: the bad row comes up in the first epoch
+    where = (
+        f"the last checkpoint (step_{step // 2 * 2:08d}) is intact"
+        if step >= 2
+        else "no checkpoint was written yet"
+    )
+    assert message == (
+        f"loss is nan at step {step}: the batch holds non-finite activations; check the store with "
+        f"`atmpipe verify`; {where}, continue with --resume"
+    )
+
+
+# --- bad input through the CLI --------------------------------------------------------------------
+
+
+def cli(*args: str):
+    # Typer runs a lone command without its name; with the other stages registered it needs "train".
+    prefix = ["train"] if len(app.registered_commands) > 1 else []
+    return CliRunner().invoke(app, [*prefix, *args])
+
+
+def error_of(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    return lines[0]
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def done_run(store, tmp_path_factory):
+    return train(config(store, tmp_path_factory.mktemp("done") / "run", "relu", steps=20))
+
+
+def common(store, *extra):
+    return [
+        "--store",
+        str(store.path),
+        "--d-sae",
+        str(D_SAE),
+        "--batch-size",
+        "64",
+        "--tokens",
+        "640",
+        *extra,
+    ]
+
+
+def test_missing_store(tmp_path):
+    missing = tmp_path / "nope.zarr"
+    assert error_of(cli("--store", str(missing))) == (
+        f"error: no activation store at {missing}; run `atmpipe harvest --out {missing}` first"
+    )
+
+
+def test_zarr_group_that_is_not_a_store(tmp_path):
+    zarr.open_group(tmp_path / "g.zarr", mode="w")
+    assert error_of(cli("--store", str(tmp_path / "g.zarr"))) == (
+        f"error: {tmp_path / 'g.zarr'} is a Zarr group but not an atmpipe store (no 'atmpipe' attributes)"
+    )
+
+
+def test_incomplete_store(store, tmp_path):
+    path = tmp_path / "partial.zarr"
+    train_module.shutil.copytree(store.path, path)
+    group = zarr.open_group(path, mode="r+")
+    attrs = dict(group.attrs["atmpipe"])
+    attrs["complete"] = False
+    group.attrs["atmpipe"] = attrs
+    assert error_of(cli("--store", str(path), "--out", str(tmp_path / "r"))) == (
+        f"error: store {path} is incomplete (its harvest has not finished); resume the harvest, "
+        "or pass --allow-partial to train on its committed shards only"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("k", ["0", "-3", str(D_SAE), str(D_SAE + 1)])
+def test_k_out_of_range(store, tmp_path, k):
+    result = cli(*common(store, "--method", "topk", "--k", k, "--out", str(tmp_path / "r")))
+    assert (
+        error_of(result)
+        == f"error: k must be between 1 and d_sae - 1 = {D_SAE - 1}, got {k}; pass e.g. --k 64"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--lr", "0", "lr must be positive, got 0.0; pass --lr > 0"),
+        ("--lr", "-1e-3", "lr must be positive, got -0.001; pass --lr > 0"),
+        ("--batch-size", "0", "batch_size must be positive, got 0; pass --batch-size > 0"),
+        ("--tokens", "-5", "tokens must be positive, got -5; pass --tokens > 0"),
+    ],
+)
+def test_non_positive_numbers(store, tmp_path, flag, value, expected):
+    assert error_of(cli(*common(store, flag, value, "--out", str(tmp_path / "r")))) == f"error: {expected}"
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5"])
+def test_non_positive_l1(store, tmp_path, value):
+    result = cli(*common(store, "--method", "relu", "--l1", value, "--out", str(tmp_path / "r")))
+    assert error_of(result) == f"error: l1 must be positive, got {float(value)}; pass e.g. --l1 5"
+
+
+def test_unknown_method(store, tmp_path):
+    from atmpipe.sae import SAE_METHODS
+
+    result = cli(*common(store, "--method", "sparsemax", "--out", str(tmp_path / "r")))
+    assert (
+        error_of(result)
+        == f"error: unknown method 'sparsemax'; known methods: {', '.join(sorted(SAE_METHODS))}"
+    )
+
+
+def test_flag_that_does_not_apply_to_the_method(store, tmp_path):
+    result = cli(*common(store, "--method", "relu", "--k", "4", "--out", str(tmp_path / "r")))
+    assert error_of(result).startswith("error: --k does not apply to method relu; its hyper-parameters are: ")
+
+
+def test_out_dir_holding_another_run_is_refused_and_untouched(store, done_run):
+    before = tree_digest(done_run)
+    result = cli(*common(store, "--method", "relu", "--out", str(done_run)))
+    assert error_of(result) == (
+        f"error: {done_run} already holds a training run; pass --resume to continue it, --overwrite to "
+        "replace it, or --out for a new run"
+    )
+    assert tree_digest(done_run) == before
+
+
+def test_out_dir_that_is_not_a_run_is_refused(store, tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    result = cli(*common(store, "--method", "relu", "--out", str(tmp_path), "--overwrite"))
+    assert (
+        error_of(result)
+        == f"error: {tmp_path} exists and is not an atmpipe run directory; pass another --out"
+    )
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("extra", "asks_for"),
+    [
+        (("--method", "atm"), "a atm SAE (layer 2, d_in 16, d_sae 64)"),
+        (("--method", "relu", "--d-sae", "32"), "a relu SAE (layer 2, d_in 16, d_sae 32)"),
+    ],
+)
+def test_resume_from_a_run_of_another_method_or_shape(store, done_run, extra, asks_for):
+    before = tree_digest(done_run)
+    result = cli(*common(store, "--out", str(done_run), "--resume", *extra))
+    assert error_of(result) == (
+        f"error: cannot resume {done_run}: it holds a relu SAE (layer 2, d_in 16, d_sae 64), this run asks for "
+        f"{asks_for}; resume with the same method and shape, or pass --out for a new run"
+    )
+    assert tree_digest(done_run) == before
+
+
+def test_resume_against_a_store_of_another_d_model(done_run, tmp_path):
+    wide = planted_acts(1024)
+    other = write_arrays_store(
+        tmp_path / "wide.zarr",
+        {"train": {"acts": np.hstack([wide, wide])}, "eval": {"acts": np.hstack([wide, wide])[:256]}},
+        layer=LAYER,
+    )
+    result = cli("--store", str(other.path), "--method", "relu", "--out", str(done_run), "--resume")
+    assert error_of(result) == (
+        f"error: cannot resume {done_run}: it holds a relu SAE (layer 2, d_in 16, d_sae 64), this run asks for "
+        "a relu SAE (layer 2, d_in 32, d_sae 64); resume with the same method and shape, or pass --out for a new run"
+    )
+
+
+def test_overwrite_replaces_a_run(store, tmp_path):
+    run = train(config(store, tmp_path / "run", "relu", steps=10))
+    first = weights(run)
+    result = cli(*common(store, "--method", "relu", "--out", str(run), "--overwrite", "--seed", "5"))
+    assert result.exit_code == 0, result.output
+    assert not torch.equal(weights(run)["W_enc"], first["W_enc"])
+    assert json.loads((run / "train_config.json").read_text())["config"]["seed"] == 5
+
+
+def test_recipes_load_and_name_every_method():
+    from atmpipe.train import load_train_config
+
+    for method in ("atm", "topk", "jumprelu", "relu"):
+        cfg = load_train_config(REPO / "stages" / f"train-{method}.toml")
+        assert cfg.method == method and cfg.expansion * 640 == 5120
+        assert os.path.basename(cfg.store).endswith(".zarr")
