@@ -1,0 +1,1 @@
+"""Stage three: evaluate SAEs (core, absorption, probing, bias) and write a side-by-side report."""

@@ -1,0 +1,154 @@
+"""Spurious correlation removal (SAEBench SCR; the paper's 'bias detection' number).
+
+Construction here (Bias in Bios is not available offline): Wikidata people from the sae-probes data, each
+with one occupation and a gender, joined on the same text (`data.occupation_gender_table`). Target: occupation
+A vs B; spurious attribute: gender. The training split is biased — only A-people of the gender A is more
+often and B-people of the other — so a probe trained on it partly learns gender. Test: equal numbers of
+all four (occupation, gender) cells.
+
+SCR (SAEBench's dir-1 score): rank latents by |Δmean(latent) between genders × ⟨decoder row, gender probe⟩|,
+zero-ablate the top N keeping the SAE's error term, and re-measure the biased probe on the balanced test:
+(A_ablated − A_base) / (A_oracle − A_base), A_oracle = a probe trained on balanced data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from atmpipe.eval.probing import mean_pool
+
+
+@dataclass
+class BiasConfig:
+    occupation_a: str = "politician"
+    occupation_b: str = "singer"
+    n_values: tuple[int, ...] = (2, 5, 10, 20, 50)
+    headline_n: int = 20
+    context: int = 128
+    min_gap: float = 0.02  # A_oracle − A_base below this: nothing to remove, SCR is not defined
+    seed: int = 0
+
+
+def scr_dataset(table: pd.DataFrame, cfg: BiasConfig) -> dict:
+    """Texts with target (1 = occupation A) and spurious (1 = male) labels and the three splits' indices."""
+    table = table[table.occupation.isin([cfg.occupation_a, cfg.occupation_b])]
+    male_share = table.assign(m=table.gender == "male").groupby("occupation").m.mean()
+    a_gender = (
+        "male" if male_share.get(cfg.occupation_a, 0) >= male_share.get(cfg.occupation_b, 0) else "female"
+    )
+    b_gender = "female" if a_gender == "male" else "male"
+    rng = np.random.default_rng(cfg.seed)
+    cells = {}
+    for occ in (cfg.occupation_a, cfg.occupation_b):
+        for g in ("male", "female"):
+            rows = table[(table.occupation == occ) & (table.gender == g)]
+            cells[(occ, g)] = rows.iloc[rng.permutation(len(rows))]
+    aligned = [(cfg.occupation_a, a_gender), (cfg.occupation_b, b_gender)]
+    off = [(cfg.occupation_a, b_gender), (cfg.occupation_b, a_gender)]
+    n_test = min(len(c) for c in cells.values()) // 2
+    n_balanced = max(0, min(len(cells[k]) for k in off) - n_test)
+    n_biased = max(0, min(len(cells[k]) for k in aligned) - n_test - n_balanced)
+    texts, target, spurious = [], [], []
+    splits = {"biased_train": [], "balanced_train": [], "test": []}
+    for key, rows in cells.items():
+        parts = [("test", n_test), ("balanced_train", n_balanced)] + (
+            [("biased_train", n_biased)] if key in aligned else []
+        )
+        start = 0
+        for split, n in parts:
+            for text in rows.prompt.iloc[start : start + n]:
+                splits[split].append(len(texts))
+                texts.append(str(text))
+                target.append(int(key[0] == cfg.occupation_a))
+                spurious.append(int(key[1] == "male"))
+            start += n
+    return {
+        "texts": texts,
+        "target": np.array(target),
+        "spurious": np.array(spurious),
+        **{k: np.array(v, dtype=np.int64) for k, v in splits.items()},
+        "construction": {
+            "target": f"{cfg.occupation_a} (1) vs {cfg.occupation_b} (0)",
+            "spurious": "gender (1 = male)",
+            "biased_train_cells": [f"{o}/{g}" for o, g in aligned],
+            "cell_sizes": {f"{o}/{g}": len(r) for (o, g), r in cells.items()},
+            "n_biased_train": 2 * n_biased,
+            "n_balanced_train": 4 * n_balanced,
+            "n_test": 4 * n_test,
+        },
+    }
+
+
+class ResidualProbe:
+    """Logistic regression on pooled residuals whose weight stays in residual coordinates (one global scale)."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, seed: int = 0):
+        self.scale = float(np.linalg.norm(X, axis=1).mean()) or 1.0
+        self.clf = LogisticRegression(max_iter=2000, random_state=seed).fit(X / self.scale, y)
+
+    def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
+        return float((self.clf.predict(X / self.scale) == y).mean())
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.clf.coef_[0] / self.scale
+
+
+@torch.no_grad()
+def scr_metrics(sae, data: dict, cfg: BiasConfig) -> dict:
+    """SCR for each N in cfg.n_values; `data` = scr_dataset(...) plus per-token `acts` and `offsets`."""
+    sizes = {k: len(data[k]) for k in ("biased_train", "balanced_train", "test")}
+    if min(sizes.values()) < 8:
+        return {
+            "status": "insufficient",
+            "reason": f"too few people for the SCR splits {sizes}",
+            "construction": data.get("construction", {}),
+        }
+    R = mean_pool(data["acts"], data["offsets"])  # clean pooled residual of every text
+    F = mean_pool(
+        data["acts"], data["offsets"], sae.encode
+    )  # pooled latents (pooling is linear: ablation below)
+    y, s = data["target"], data["spurious"]
+    bt, bal, test = data["biased_train"], data["balanced_train"], data["test"]
+    biased = ResidualProbe(R[bt], y[bt], cfg.seed)
+    oracle = ResidualProbe(R[bal], y[bal], cfg.seed)
+    gender = ResidualProbe(R[bal], s[bal], cfg.seed)
+    a_base, a_oracle = biased.accuracy(R[test], y[test]), oracle.accuracy(R[test], y[test])
+    W_dec = sae.W_dec.detach().float().cpu().numpy()
+    diff = F[bal][s[bal] == 1].mean(0) - F[bal][s[bal] == 0].mean(0)
+    effects = np.abs(diff * (W_dec @ gender.weight))
+    ranked = np.argsort(-effects, kind="stable")
+    out = {
+        "a_base": a_base,
+        "a_oracle": a_oracle,
+        "spurious_probe_accuracy": gender.accuracy(R[test], s[test]),
+        "top_latents": [int(i) for i in ranked[: max(cfg.n_values)]],
+        "construction": data.get("construction", {}),
+    }
+    gap = a_oracle - a_base
+    scores, accs = {}, {}
+    for n in cfg.n_values:
+        chosen = ranked[: min(n, int((effects > 0).sum()))]
+        # Zero-ablating latents while keeping the error term removes exactly their decoded contribution.
+        R_abl = R[test] - F[test][:, chosen] @ W_dec[chosen]
+        accs[n] = biased.accuracy(R_abl, y[test])
+        scores[n] = (accs[n] - a_base) / gap if gap >= cfg.min_gap else math.nan
+    out["ablated_accuracy"] = {str(n): a for n, a in accs.items()}
+    if gap < cfg.min_gap:
+        return out | {
+            "status": "undefined",
+            "reason": f"the biased probe is already within {gap:.3f} of the oracle (A_base {a_base:.3f}, "
+            f"A_oracle {a_oracle:.3f}): there is no spurious signal to remove",
+        }
+    return out | {
+        "status": "ok",
+        "scr": {str(n): v for n, v in scores.items()},
+        "scr_headline": scores.get(cfg.headline_n, next(iter(scores.values()))),
+        "headline_n": cfg.headline_n,
+    }

@@ -1,0 +1,52 @@
+"""Per model and layer cache of the LM activations the metrics need (prompts, probing texts, baselines).
+
+`$ATMPIPE_HOME/eval-cache/<model-hash>-l{L}/<kind>-<config-hash>.safetensors` holds the tensors and the
+`.json` beside it the config that produced them plus any non-tensor data (words, labels). A second SAE,
+or a second `atmpipe eval`, reuses them: only the SAE's own share is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from atmpipe.home import atmpipe_home
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ActivationCache:
+    def __init__(self, model_hash: str, layer: int, root: Path | None = None):
+        self.dir = (root or atmpipe_home() / "eval-cache") / f"{model_hash[:16]}-l{layer}"
+
+    def paths(self, kind: str, config: dict) -> tuple[Path, Path]:
+        stem = self.dir / f"{kind}-{config_hash(config)}"
+        return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+    def get_or_compute(
+        self, kind: str, config: dict, compute: Callable[[], tuple[dict[str, torch.Tensor], dict]]
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and JSON-able extras for (kind, config); computed once, then read back."""
+        tensors_path, meta_path = self.paths(kind, config)
+        if tensors_path.exists() and meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("config") == json.loads(json.dumps(config, default=str)):
+                return load_file(tensors_path), meta["extra"]
+        tensors, extra = compute()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # Written to temp names and renamed, tensors first: a crash never leaves a half cache entry.
+        tmp = tensors_path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, tensors_path)
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"kind": kind, "config": config, "extra": extra}, default=str))
+        os.replace(tmp, meta_path)
+        return tensors, extra
