@@ -116,6 +116,51 @@ def train_command(
 # (section owned by the eval stage)
 
 
+@app.command("eval")
+def eval_command(
+    sae: list[str] = typer.Option(..., help="SAE directory (atmpipe or SAELens format); repeat for several."),
+    store: str | None = typer.Option(None, help="Activation store (default: the one the SAEs were trained on)."),
+    model: str | None = typer.Option(None, help="Model (default: the SAEs' model)."),
+    layer: int | None = typer.Option(None, help="Layer (default: the SAEs' layer)."),
+    metrics: str | None = typer.Option(None, help="Comma list of core, absorption, probing, bias (default all)."),
+    out: str | None = typer.Option(None, help="Report directory (default reports/eval)."),
+    config: Path | None = typer.Option(None, help="TOML recipe of eval settings; flags override it."),
+    device: str | None = typer.Option(None, help="cpu | cuda (default auto)."),
+    dtype: str | None = typer.Option(None, help="LM dtype: float32 | bfloat16 | float16."),
+    seed: int | None = typer.Option(None, help="Seed of every sample and probe."),
+    batch_size: int | None = typer.Option(None, help="LM batch size (prompts)."),
+    core_tokens: int | None = typer.Option(None, help="Held-out store tokens for the core metrics."),
+    splice_windows: int | None = typer.Option(None, help="Eval windows for the downstream loss."),
+    absorption_words_per_letter: int | None = typer.Option(None, help="Words sampled per first letter."),
+    absorption_icl: int | None = typer.Option(None, help="In-context examples per absorption prompt."),
+    absorption_f1_gate: float | None = typer.Option(None, help="Letters need probe F1 above this."),
+    absorption_min_letters: int | None = typer.Option(None, help="Letters needed to report absorption."),
+    probing_tasks: str | None = typer.Option(None, help="Comma list of probing tasks (default all)."),
+    probing_train: int | None = typer.Option(None, help="Training texts per probing task."),
+    probing_test: int | None = typer.Option(None, help="Test texts per probing task."),
+    probing_context: int | None = typer.Option(None, help="Tokens per probing/bias text."),
+    probing_data: str | None = typer.Option(None, help="Directory of the sae-probes *.csv.zst files."),
+    bias_occupations: str | None = typer.Option(None, help="Target occupations A,B for SCR."),
+) -> None:
+    """Stage three: measure SAEs side by side (core, absorption, probing, bias) and write a report."""
+
+    def go():
+        from atmpipe.config import load_config
+        from atmpipe.eval.run import EvalConfig, run_eval
+
+        flags = dict(
+            sae=sae, store=store, model=model, layer=layer, metrics=metrics, out=out, device=device, dtype=dtype,
+            seed=seed, batch_size=batch_size, core_tokens=core_tokens, splice_windows=splice_windows,
+            absorption_words_per_letter=absorption_words_per_letter, absorption_icl=absorption_icl,
+            absorption_f1_gate=absorption_f1_gate, absorption_min_letters=absorption_min_letters,
+            probing_tasks=probing_tasks, probing_train=probing_train, probing_test=probing_test,
+            probing_context=probing_context, probing_data=probing_data, bias_occupations=bias_occupations,
+        )  # fmt: skip
+        run_eval(load_config(EvalConfig, config, **flags))
+
+    run_stage(go)
+
+
 def main() -> None:  # pragma: no cover - `python -m atmpipe`
     app()
 
