@@ -1,11 +1,17 @@
 """SAE methods behind one interface (see base.py); add a method with one file and one registry line."""
 
 from atmpipe.errors import UserError
+from atmpipe.sae.atm import ATMSAE
 from atmpipe.sae.base import SAE, SAEConfig, TrainOutput
+from atmpipe.sae.jumprelu import JumpReLUSAE
 from atmpipe.sae.relu import ReLUSAE
+from atmpipe.sae.topk import TopKSAE
 
 SAE_METHODS: dict[str, type[SAE]] = {
     "relu": ReLUSAE,
+    "topk": TopKSAE,
+    "jumprelu": JumpReLUSAE,
+    "atm": ATMSAE,
 }
 
 

@@ -44,14 +44,14 @@ class ReLUSAE(SAE):
     def encode(self, x: Tensor) -> Tensor:
         return F.relu(self.pre_acts(x))
 
-    def mask_latents(self, f: Tensor, step: int, total_steps: int) -> tuple[Tensor, dict]:
+    def mask_latents(self, x: Tensor, f: Tensor, step: int, total_steps: int) -> tuple[Tensor, dict]:
         """The latents the training loss sees (ATM masks them; plain ReLU uses them as they are)."""
         return f, {}
 
     def training_forward(self, x: Tensor, step: int, total_steps: int) -> TrainOutput:
         x = x.to(self.W_enc.dtype)
         f = self.encode(x)
-        f_used, stats = self.mask_latents(f, step, total_steps)
+        f_used, stats = self.mask_latents(x, f, step, total_steps)
         x_hat = self.decode(f_used)
         mse, common = self.common_stats(x, x_hat, f)
         warmup_steps = self.hp.l1_warmup_frac * total_steps

@@ -1,0 +1,134 @@
+"""ATM, Adaptive Temporal Masking (arXiv 2510.08855): the ReLU + L1 SAE whose latents are randomly masked
+during training, more often the less important a latent has been.
+
+Per-latent EMAs of magnitude (M), frequency (F) and reconstruction share (R) give an importance I; latents
+below θ = mean(I) + c·std(I) are dropped with probability p = 1 − exp(−r(θ − I)/θ) ≤ p_max. No masking for
+the first `warmup_steps` steps (statistics still accumulate), then r ramps from 0 over as many steps.
+Inference never masks: the saved SAE is a plain ReLU SAE plus its final statistics (atm_stats.safetensors).
+
+R's denominator, mean_t ‖x̂_t − b_dec‖, comes by default from the previous step's reconstruction (the masks
+must exist before this step's x̂; "exact" pays one more dense GEMM for the unmasked reconstruction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from atmpipe.errors import UserError
+from atmpipe.sae import kernels
+from atmpipe.sae.base import SAEConfig, TrainOutput, read_tensor_file
+from atmpipe.sae.relu import ReLUParams, ReLUSAE
+
+STATS_FILE = "atm_stats.safetensors"
+STAT_NAMES = ("M", "F", "R", "I", "p")
+
+
+@dataclass
+class ATMParams(ReLUParams):
+    beta: float = 0.99  # EMA decay of M, F, R
+    c: float = 1.0  # threshold θ = mean(I) + c·std(I)
+    r: float = 1.0  # masking rate in p = 1 − exp(−r(θ − I)/θ)
+    p_max: float = 0.99
+    combine: str = "product"  # "product" | "mean" of the normalised M, F, R
+    granularity: str = "token"  # "token": a mask per token and latent | "step": one per latent per step
+    warmup_steps: int = 1000  # no masking for W steps, then r ramps linearly over the next W
+    recon_norm: str = "previous"  # R's denominator: "previous" step's x̂ | "exact" (one more GEMM)
+    seed: int = 0  # of the counter-based mask stream
+    compile: bool = True  # fused torch.compile kernel; False runs the eager reference
+
+
+class ATMSAE(ReLUSAE):
+    method = "atm"
+    architecture = "standard"
+    Params = ATMParams
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        for name in STAT_NAMES:
+            self.register_buffer(f"atm_{name}", torch.zeros(cfg.d_sae))
+        self.register_buffer("atm_theta", torch.tensor(0.0))
+        self.register_buffer("atm_recon_norm", torch.tensor(float("nan")))  # NaN until the first step
+
+    def validate_hparams(self) -> None:
+        super().validate_hparams()
+        hp = self.hp
+        checks = [
+            (0 <= hp.beta < 1, f"beta must be in [0, 1) (got {hp.beta})"),
+            (hp.r >= 0, f"r must be non-negative (got {hp.r})"),
+            (0 <= hp.p_max <= 1, f"p_max must be in [0, 1] (got {hp.p_max})"),
+            (hp.combine in ("product", "mean"), f"combine must be 'product' or 'mean' (got {hp.combine!r})"),
+            (
+                hp.granularity in ("token", "step"),
+                f"granularity must be 'token' or 'step' (got {hp.granularity!r})",
+            ),
+            (hp.warmup_steps >= 0, f"warmup_steps must be non-negative (got {hp.warmup_steps})"),
+            (
+                hp.recon_norm in ("previous", "exact"),
+                f"recon_norm must be 'previous' or 'exact' (got {hp.recon_norm!r})",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"atm {msg}; fix the ATM options")
+
+    def rate_at(self, step: int) -> float:
+        """The effective r: 0 during warm-up, then a linear ramp to r over the next warmup_steps."""
+        w = self.hp.warmup_steps
+        if w == 0:
+            return self.hp.r
+        return self.hp.r * min(max((step - w) / w, 0.0), 1.0)
+
+    def update_fn(self):
+        return kernels.atm_update_fused() if self.hp.compile else kernels.atm_update
+
+    def mask_latents(self, x: Tensor, f: Tensor, step: int, total_steps: int) -> tuple[Tensor, dict]:
+        if not self.training:  # evaluation never masks and never moves the statistics
+            return f, {}
+        hp = self.hp
+        dec_norm = self.W_dec.detach().norm(dim=1)
+        with torch.no_grad():
+            if hp.recon_norm == "exact":
+                recon_norm = (f.detach() @ self.W_dec.detach()).norm(dim=-1).mean()
+            else:  # first step: the input's norm stands in for its reconstruction's
+                fallback = (x - self.b_dec.detach()).norm(dim=-1).mean()
+                recon_norm = torch.where(torch.isnan(self.atm_recon_norm), fallback, self.atm_recon_norm)
+            r = torch.full((), self.rate_at(step), device=f.device)
+            key = torch.full((), kernels.step_key(hp.seed, step), dtype=torch.int64, device=f.device)
+            M, F_, R, imp, theta, p, keep = self.update_fn()(
+                f, dec_norm, self.atm_M, self.atm_F, self.atm_R, recon_norm, r, key,
+                hp.beta, hp.c, hp.p_max, hp.combine, hp.granularity == "token",
+            )  # fmt: skip
+            for name, value in zip(STAT_NAMES, (M, F_, R, imp, p), strict=True):
+                getattr(self, f"atm_{name}").copy_(value)
+            self.atm_theta.copy_(theta)
+        masking = step >= hp.warmup_steps and hp.r > 0
+        f_used = f * keep.to(f.dtype) if masking else f
+        return f_used, {"masked_frac": p.mean(), "threshold": theta}
+
+    def training_forward(self, x: Tensor, step: int, total_steps: int) -> TrainOutput:
+        out = super().training_forward(x, step, total_steps)
+        if self.training:
+            with torch.no_grad():
+                self.atm_recon_norm.copy_((out.x_hat.detach() - self.b_dec.detach()).norm(dim=-1).mean())
+        return out
+
+    def extra_files(self) -> dict[str, dict[str, Tensor]]:
+        stats = {name: getattr(self, f"atm_{name}") for name in STAT_NAMES}
+        stats["theta"] = self.atm_theta.reshape(1)
+        return {STATS_FILE: stats}
+
+    def load_extra_files(self, path: Path) -> None:
+        file = path / STATS_FILE
+        if not file.exists():
+            return  # an ATM SAE saved without statistics still works for inference
+        d = self.cfg.d_sae
+        shapes = {**{name: (d,) for name in STAT_NAMES}, "theta": (1,)}
+        tensors = read_tensor_file(file, list(shapes), shapes)
+        with torch.no_grad():
+            for name in STAT_NAMES:
+                getattr(self, f"atm_{name}").copy_(tensors[name])
+            self.atm_theta.copy_(tensors["theta"][0])

@@ -1,0 +1,132 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024): learned thresholds trained with rectangle-kernel straight-through
+gradients; sparsity λ·L0 (λ warmed up) or coeff·(L0/target − 1)².
+
+Thresholds are learned as log θ. θ0 and the bandwidth ε default to 0.1 and 0.03 of the normalised scale
+(a typical active latent is ~1 there): with ε = θ0 = 0.001 the thresholds barely move in short runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from atmpipe.errors import UserError
+from atmpipe.sae.base import SAE, CommonParams, SAEConfig, TrainOutput
+
+
+def rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """pre · 1[pre > θ]; ∂/∂pre = 1[pre > θ], ∂/∂θ = −(θ/ε)·rect((pre − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_pre = g * (pre > theta)
+        grad_theta = (-(theta / eps) * rectangle((pre - theta) / eps) * g).sum(0)
+        return grad_pre, grad_theta, None
+
+
+class StepFn(torch.autograd.Function):
+    """1[pre > θ] (for L0); ∂/∂pre = 0, ∂/∂θ = −(1/ε)·rect((pre − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_theta = (-(1.0 / eps) * rectangle((pre - theta) / eps) * g).sum(0)
+        return None, grad_theta, None
+
+
+@dataclass
+class JumpReLUParams(CommonParams):
+    sparsity: str = "l0"  # "l0": l0_coeff·L0 (warmed up) | "target": l0_coeff·(L0/target_l0 − 1)²
+    l0_coeff: float = 0.5
+    target_l0: float | None = None  # required for sparsity = "target"
+    sparsity_warmup_steps: int = 10_000  # λ ramps linearly from 0 (sparsity = "l0")
+    threshold_init: float = 0.1  # θ0, normalised units
+    bandwidth: float = 0.03  # ε, normalised units
+    threshold_lr_scale: float = 1.0  # log θ learns at lr × this
+    adam_beta1: float = 0.0
+
+
+class JumpReLUSAE(SAE):
+    method = "jumprelu"
+    architecture = "jumprelu"
+    Params = JumpReLUParams
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.log_threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), math.log(self.hp.threshold_init)))
+
+    @property
+    def adam_betas(self) -> tuple[float, float]:  # type: ignore[override]
+        return (self.hp.adam_beta1, 0.999)
+
+    def validate_hparams(self) -> None:
+        hp = self.hp
+        if hp.sparsity not in ("l0", "target"):
+            raise UserError(f"jumprelu sparsity must be 'l0' or 'target' (got {hp.sparsity!r})")
+        if hp.sparsity == "target" and not (hp.target_l0 and hp.target_l0 > 0):
+            raise UserError("jumprelu sparsity 'target' needs a positive target_l0; pass --target-l0 64")
+        for name in ("l0_coeff", "threshold_init", "bandwidth", "threshold_lr_scale"):
+            if not getattr(hp, name) > 0:
+                raise UserError(f"jumprelu {name} must be positive (got {getattr(hp, name)})")
+
+    def param_groups(self, lr: float) -> list[dict]:
+        rest = [p for name, p in self.named_parameters() if name != "log_threshold"]
+        return [
+            {"params": rest, "lr": lr},
+            {"params": [self.log_threshold], "lr": lr * self.hp.threshold_lr_scale},
+        ]
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_acts(x)
+        return pre.relu() * (pre > self.threshold)
+
+    def training_forward(self, x: Tensor, step: int, total_steps: int) -> TrainOutput:
+        x = x.to(self.W_enc.dtype)
+        pre = self.pre_acts(x)
+        theta = self.threshold
+        f = JumpReLUFn.apply(pre, theta, self.hp.bandwidth)
+        x_hat = self.decode(f)
+        mse, stats = self.common_stats(x, x_hat, f)
+        l0 = StepFn.apply(pre, theta, self.hp.bandwidth).sum(-1).mean()
+        if self.hp.sparsity == "l0":
+            ramp = (
+                min(1.0, step / self.hp.sparsity_warmup_steps) if self.hp.sparsity_warmup_steps > 0 else 1.0
+            )
+            sparsity = self.hp.l0_coeff * ramp * l0
+        else:
+            sparsity = self.hp.l0_coeff * (l0 / self.hp.target_l0 - 1).pow(2)
+        stats["threshold_mean"] = theta.detach().mean()
+        return TrainOutput(x_hat, f, {"mse": mse, "l0": sparsity}, stats)
+
+    def inference_tensors(self) -> dict[str, Tensor]:
+        return {"threshold": self.threshold}
+
+    def load_inference_tensors(self, tensors: dict[str, Tensor]) -> None:
+        # SAELens computes relu(pre)·1[pre > θ]: a θ ≤ 0 acts as θ = 0.
+        self.log_threshold.data.copy_(tensors["threshold"].clamp_min(0).log())

@@ -1,0 +1,179 @@
+"""Fast ops with their plain twins: ATM's fused statistics + masking, and TopK's sparse encoder/decoder.
+
+Each fast op has a reference beside it that the tests compare it with (same inputs, same random stream).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------------
+# ATM: one fused function for the statistics update, importance, threshold, probabilities and masks.
+# ---------------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+
+
+def hash32(x):
+    """A 32-bit integer mixer (works on Python ints and int64 tensors holding values < 2**32).
+
+    Multipliers stay below 2**31 so int64 products never overflow: compiled code (C++/Triton) and
+    eager torch then compute bit-identical values, which makes the Bernoulli masks reproducible.
+    """
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def step_key(seed: int, step: int) -> int:
+    """The random-stream key of one training step (counter-based: resuming at a step gives the same masks)."""
+    return hash32((hash32(seed & _MASK32) ^ (step & _MASK32)) & _MASK32)
+
+
+def uniform_noise(shape: tuple[int, ...], key: Tensor, device: torch.device) -> Tensor:
+    """U[0,1) noise from the counter hash of each element's flat index and the step key (24-bit exact)."""
+    n = 1
+    for s in shape:
+        n *= s
+    idx = torch.arange(n, device=device, dtype=torch.int64).view(shape)
+    return (hash32((idx ^ key) & _MASK32) >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def atm_update(
+    f: Tensor,
+    dec_norm: Tensor,
+    M: Tensor,
+    F_: Tensor,
+    R: Tensor,
+    recon_norm: Tensor,
+    r: Tensor,
+    key: Tensor,
+    beta: float,
+    c: float,
+    p_max: float,
+    combine: str,
+    per_token: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """ATM's per-step statistics and masks, written plainly (this is also the eager reference).
+
+    f: unmasked latents [batch, d_sae]; dec_norm: ‖W_dec,i‖; M, F_, R: EMA buffers; recon_norm: the
+    batch mean of ‖x̂_t − b_dec‖ (0-d); r: the effective rate this step (0-d); key: step key (0-d int64).
+    Returns new (M, F, R), importance I, threshold θ (0-d), probabilities p and the keep mask
+    (f's dtype; [batch, d_sae] per token, [d_sae] per step).
+    """
+    f = f.detach().float()
+    mean_f = f.mean(0)
+    M = beta * M + (1 - beta) * mean_f
+    F_ = beta * F_ + (1 - beta) * (f > 0).float().mean(0)
+    R = beta * R + (1 - beta) * mean_f * dec_norm / recon_norm
+    tiny = 1e-30  # all-zero statistics give I = 0 and so p = 0, never NaN
+    m, fr, rr = M / M.mean().clamp_min(tiny), F_ / F_.mean().clamp_min(tiny), R / R.mean().clamp_min(tiny)
+    imp = m * fr * rr if combine == "product" else (m + fr + rr) / 3
+    theta = imp.mean() + c * imp.std(correction=0)
+    p = torch.where(imp < theta, 1 - torch.exp(-r * (theta - imp) / theta), 0.0).clamp(0.0, p_max)
+    u = uniform_noise(tuple(f.shape) if per_token else (f.shape[1],), key, f.device)
+    keep = u >= p
+    return M, F_, R, imp, theta, p, keep
+
+
+@functools.cache
+def atm_update_fused():
+    """atm_update compiled into one fused kernel set (C++ on CPU, Triton on CUDA); compiled on first use."""
+    return torch.compile(atm_update, fullgraph=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# TopK: encoder whose backward touches only the selected latents, and a gather-sum decoder.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _topk_select(pre: Tensor, k: int, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
+    if allowed is not None:
+        pre = pre.masked_fill(~allowed, float("-inf"))
+    vals, idx = pre.topk(k, dim=-1, sorted=False)
+    return vals.relu(), idx
+
+
+class TopKEncode(torch.autograd.Function):
+    """(relu(top-k of pre), indices) and, if `aux_mask` is given, the top-k_aux among the masked latents.
+
+    pre = (x − b_dec) @ W_enc + b_enc is computed densely; the backward is sparse: the gradient of the
+    pre-activations is nonzero only at selected latents, so W_enc's gradient is a sparse-dense product.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, aux_mask, k_aux):
+        x_c = x - b_dec
+        pre = torch.addmm(b_enc, x_c, W_enc)
+        vals, idx = _topk_select(pre, k, None)
+        if aux_mask is not None:
+            aux_vals, aux_idx = _topk_select(pre, k_aux, aux_mask)
+        else:
+            aux_vals, aux_idx = x.new_zeros(x.shape[0], 0), idx.new_zeros(x.shape[0], 0)
+        ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
+        x_c, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        # Through the ReLU, then merge the main and auxiliary selections into one sparse gradient.
+        g = torch.cat([g_vals * (vals > 0), g_aux * (aux_vals > 0)], dim=1)
+        lat = torch.cat([idx, aux_idx], dim=1)
+        grad_x, grad_W, grad_b_enc, grad_b_dec = sparse_encoder_grads(
+            x_c, W_enc, lat, g, ctx.needs_input_grad[0]
+        )
+        return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None
+
+
+def sparse_encoder_grads(
+    x_c: Tensor, W_enc: Tensor, lat: Tensor, g: Tensor, need_x: bool
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+    """Gradients of pre = x_c @ W_enc + b_enc (x_c = x − b_dec) given dL/dpre nonzero only at (t, lat[t, j])."""
+    n, d_in = x_c.shape
+    d_sae = W_enc.shape[1]
+    tok = torch.arange(n, device=x_c.device).unsqueeze(1).expand_as(lat)
+    G_t = torch.sparse_coo_tensor(
+        torch.stack([lat.reshape(-1), tok.reshape(-1)]), g.reshape(-1), (d_sae, n), check_invariants=False
+    )
+    grad_W = torch.sparse.mm(G_t, x_c).T  # [d_in, d_sae] = x_cᵀ G
+    grad_b_enc = torch.zeros(d_sae, device=g.device, dtype=g.dtype).index_add_(
+        0, lat.reshape(-1), g.reshape(-1)
+    )
+    grad_b_dec = -(W_enc @ grad_b_enc)  # b_dec enters as x − b_dec: −Σ_t G_t W_encᵀ
+    grad_x = None
+    if need_x:
+        grad_x = F.embedding_bag(lat, W_enc.T.contiguous(), per_sample_weights=g, mode="sum")
+    return grad_x, grad_W, grad_b_enc, grad_b_dec
+
+
+def topk_encode(x, W_enc, b_enc, b_dec, k, aux_mask=None, k_aux=0):
+    """Fast path: TopK encoder with a sparse backward. Returns (vals, idx, aux_vals, aux_idx)."""
+    return TopKEncode.apply(x, W_enc, b_enc, b_dec, k, aux_mask, k_aux)
+
+
+def topk_encode_dense(x, W_enc, b_enc, b_dec, k, aux_mask=None, k_aux=0):
+    """Reference twin of topk_encode: plain autograd through dense pre-activations."""
+    pre = torch.addmm(b_enc, x - b_dec, W_enc)
+    vals, idx = _topk_select(pre, k, None)
+    if aux_mask is None:
+        return vals, idx, pre.new_zeros(pre.shape[0], 0), idx.new_zeros(pre.shape[0], 0)
+    aux_vals, aux_idx = _topk_select(pre, k_aux, aux_mask)
+    return vals, idx, aux_vals, aux_idx
+
+
+def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """Σ_j vals[t, j] · W_dec[idx[t, j]] (+ b_dec) as a gather-sum (embedding_bag), never a dense GEMM."""
+    out = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+    return out if b_dec is None else out + b_dec
+
+
+def dense_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """Reference twin of sparse_decode: scatter into dense latents, then one GEMM."""
+    f = torch.zeros(vals.shape[0], W_dec.shape[0], dtype=vals.dtype, device=vals.device).scatter(1, idx, vals)
+    out = f @ W_dec
+    return out if b_dec is None else out + b_dec

@@ -1,0 +1,121 @@
+"""TopK SAE (Gao et al. 2024) with AuxK for dead latents; optional BatchTopK with an inference threshold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from atmpipe.errors import UserError
+from atmpipe.sae import kernels
+from atmpipe.sae.base import SAE, CommonParams, SAEConfig, TrainOutput
+
+
+@dataclass
+class TopKParams(CommonParams):
+    k: int = 32
+    aux_k: int | None = None  # None: d_in // 2 (capped at d_sae)
+    aux_coeff: float = 1 / 32  # scaled by min(n_dead / aux_k, 1)
+    batch_topk: bool = False  # keep the k·batch largest over the whole batch while training
+    threshold_beta: float = 0.99  # BatchTopK: EMA of the smallest kept activation, used at inference
+    sparse_kernels: bool = True  # sparse encoder backward + gather-sum decoder (TopK only)
+
+
+class TopKSAE(SAE):
+    method = "topk"
+    architecture = "topk"
+    Params = TopKParams
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        # BatchTopK's inference threshold (normalised units) and how many batches it has seen.
+        self.register_buffer("running_threshold", torch.tensor(0.0))
+        self.register_buffer("threshold_batches", torch.tensor(0, dtype=torch.long))
+
+    @property
+    def aux_k(self) -> int:
+        return min(self.hp.aux_k or self.cfg.d_in // 2, self.cfg.d_sae)
+
+    def validate_hparams(self) -> None:
+        k, d_sae = self.hp.k, self.cfg.d_sae
+        if not (isinstance(k, int) and 0 < k < d_sae):
+            raise UserError(f"k must be an integer with 0 < k < d_sae = {d_sae} (got {k}); pass e.g. --k 32")
+        if self.hp.aux_k is not None and self.hp.aux_k <= 0:
+            raise UserError(f"aux_k must be positive (got {self.hp.aux_k})")
+        if self.hp.aux_coeff < 0:
+            raise UserError(f"aux_coeff must be non-negative (got {self.hp.aux_coeff})")
+
+    # ----- inference -----
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_acts(x)
+        if self.hp.batch_topk:
+            return pre * (pre > self.running_threshold)
+        vals, idx = pre.topk(self.hp.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+
+    # ----- training -----
+    def training_forward(self, x: Tensor, step: int, total_steps: int) -> TrainOutput:
+        x = x.to(self.W_enc.dtype)
+        dead = self.dead_mask()
+        # On CPU the check is free; on an accelerator always run AuxK (it is zero without dead latents) to avoid a sync.
+        use_aux = self.hp.aux_coeff > 0 and (x.device.type != "cpu" or bool(dead.any()))
+        if self.hp.batch_topk:
+            f, x_hat, aux_vals, aux_idx = self._batch_topk(x, dead if use_aux else None)
+        else:
+            encode = kernels.topk_encode if self.hp.sparse_kernels else kernels.topk_encode_dense
+            decode = kernels.sparse_decode if self.hp.sparse_kernels else kernels.dense_decode
+            vals, idx, aux_vals, aux_idx = encode(
+                x, self.W_enc, self.b_enc, self.b_dec, self.hp.k, dead if use_aux else None, self.aux_k
+            )
+            x_hat = decode(vals, idx, self.W_dec, self.b_dec)
+            f = torch.zeros(x.shape[0], self.cfg.d_sae, dtype=x.dtype, device=x.device)
+            f = f.scatter_(1, idx, vals.detach())
+        mse, stats = self.common_stats(x, x_hat, f)
+        losses = {"mse": mse}
+        if use_aux:
+            # Reconstruct the residual the live latents left, with the best dead latents.
+            residual = (x - x_hat).detach()
+            e_hat = kernels.sparse_decode(aux_vals, aux_idx, self.W_dec)
+            scale = (dead.sum() / self.aux_k).clamp(max=1.0)
+            losses["aux"] = self.hp.aux_coeff * scale * (e_hat - residual).pow(2).sum(-1).mean()
+        if self.hp.batch_topk:
+            stats["threshold"] = self.running_threshold.detach().clone()
+        return TrainOutput(x_hat, f, losses, stats)
+
+    def _batch_topk(self, x: Tensor, dead: Tensor | None):
+        pre = self.pre_acts(x)
+        acts = pre.relu()
+        n = x.shape[0]
+        vals, flat = acts.flatten().topk(self.hp.k * n, sorted=False)
+        f = torch.zeros_like(acts).flatten().scatter(0, flat, vals).view_as(acts)
+        with torch.no_grad():
+            kept_min = torch.where(vals > 0, vals, torch.inf).min()
+            kept_min = torch.where(torch.isfinite(kept_min), kept_min, self.running_threshold)
+            b = self.hp.threshold_beta
+            new = torch.where(
+                self.threshold_batches == 0, kept_min, b * self.running_threshold + (1 - b) * kept_min
+            )
+            self.running_threshold.copy_(new)
+            self.threshold_batches.add_(1)
+        aux_vals = aux_idx = None
+        if dead is not None:
+            aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(self.aux_k, dim=-1, sorted=False)
+            aux_vals = aux_vals.relu()
+        return f, self.decode(f), aux_vals, aux_idx
+
+    # ----- save / load -----
+    def inference_tensors(self) -> dict[str, Tensor]:
+        if self.hp.batch_topk:  # BatchTopK at inference is a JumpReLU with one shared threshold
+            return {"threshold": self.running_threshold.expand(self.cfg.d_sae)}
+        return {}
+
+    def load_inference_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if self.hp.batch_topk:
+            self.running_threshold.copy_(tensors["threshold"][0])
+            self.threshold_batches.fill_(1)
+
+    def saelens_cfg_extra(self) -> dict:
+        if self.hp.batch_topk:
+            return {"architecture": "jumprelu"}
+        return {"k": self.hp.k, "rescale_acts_by_decoder_norm": False}
