@@ -26,8 +26,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / ".work"
-ATMPIPE_PY = ROOT / ".venv" / "bin" / "python"
-PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
+# The interpreters of atmpipe's and the peers' workers (gpu.py points both at the GPU machine's python).
+PYTHON = {"atmpipe": ROOT / ".venv" / "bin" / "python", "peers": ROOT / ".venv-peers" / "bin" / "python"}
+DEVICE = "cpu"  # the workers' device (BENCH_DEVICE); gpu.py sets "cuda"
 BATCH = 4096
 THREADS = 2
 SHAPES = {"small": (640, 5120), "large": (2304, 18432)}
@@ -71,24 +72,32 @@ def acts_file(d_in: int, n_batches: int) -> Path:
 # ----------------------------------------------------------------------------- atmpipe's worker side
 
 
-def atmpipe_step(method: str, d_in: int, d_sae: int) -> Callable:
-    """One atmpipe training step: the body of atmpipe.train.train's loop, with the trainer's defaults."""
+def atmpipe_step(method: str, d_in: int, d_sae: int, device) -> Callable:
+    """One atmpipe training step: the body of atmpipe.train.train's loop, with the trainer's defaults.
+
+    On a GPU the forward runs under bf16 autocast (what the peers' GPU paths use too).
+    """
+    import contextlib
+
     import torch
 
     from atmpipe.sae import SAEConfig, make_sae
     from atmpipe.train import TrainConfig, lr_factor
 
     cfg = TrainConfig(method=method, k=K if method == "topk" else None)
-    sae = make_sae(SAEConfig(method, d_in, d_sae, {"k": K} if method == "topk" else {}))
+    sae = make_sae(SAEConfig(method, d_in, d_sae, {"k": K} if method == "topk" else {})).to(device)
     betas = (cfg.adam_beta1, sae.adam_betas[1]) if cfg.adam_beta1 is not None else sae.adam_betas
     opt = torch.optim.Adam(sae.param_groups(cfg.lr), betas=betas)
     base_lrs = [g["lr"] for g in opt.param_groups]
     forward = torch.compile(sae.training_forward) if cfg.compile else sae.training_forward
     counter = iter(range(STEP_OFFSET, TOTAL_STEPS))
+    cuda = device.type == "cuda"
+    autocast = lambda: torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()  # noqa: E731
 
     def step(x):
         i = next(counter)
-        output = forward(x, i, TOTAL_STEPS)
+        with autocast():
+            output = forward(x, i, TOTAL_STEPS)
         loss = sum(output.losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {i}")
@@ -104,29 +113,31 @@ def atmpipe_step(method: str, d_in: int, d_sae: int) -> Callable:
     return step
 
 
-def gemm_step(d_in: int, d_sae: int) -> Callable:
-    """The floor's unit: one (batch × d_in) @ (d_in × d_sae) fp32 matmul."""
+def gemm_step(d_in: int, d_sae: int, device) -> Callable:
+    """The floor's unit: one (batch × d_in) @ (d_in × d_sae) matmul (fp32 on CPU, bf16 on a GPU)."""
     import torch
 
-    w = torch.randn(d_in, d_sae)
-    return lambda x: x @ w
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    w = torch.randn(d_in, d_sae, device=device, dtype=dtype)
+    return lambda x: x.to(dtype) @ w
 
 
-def atm_kernel_step(fused: bool, d_in: int, d_sae: int) -> Callable:
-    """ATM's statistics-and-mask function alone (fused/compiled or the eager reference) on one batch of latents."""
+def atm_kernel_step(fused: bool, d_in: int, d_sae: int, device) -> Callable:
+    """ATM's per-step work alone (statistics, importance, threshold, probabilities, masks, masking):
+    ATMSAE.mask_latents with the fused compiled kernel or the eager reference, on one batch's latents."""
     import torch
 
     from atmpipe.sae import SAEConfig, make_sae
 
-    sae = make_sae(SAEConfig("atm", d_in, d_sae, {}))
-    sae.train()
-    cache: dict = {}
+    sae = make_sae(SAEConfig("atm", d_in, d_sae, {"compile": fused})).to(device).train()
+    counter = iter(range(STEP_OFFSET, TOTAL_STEPS))
+    latents: dict = {}
 
+    @torch.no_grad()
     def step(x):
-        if "f" not in cache:  # the latents of this batch: what the statistics see each step
-            with torch.no_grad():
-                cache["f"] = sae.encode(x)
-        sae.atm_update(cache["f"], STEP_OFFSET, TOTAL_STEPS, fused=fused)
+        if x.data_ptr() not in latents:  # the unmasked latents of this batch, computed once
+            latents[x.data_ptr()] = sae.encode(x)
+        sae.mask_latents(x, latents[x.data_ptr()], next(counter), TOTAL_STEPS)
 
     return step
 
@@ -139,11 +150,11 @@ def worker_main(a: argparse.Namespace) -> None:
     import atmpipe.sae  # noqa: F401  (imports before the baseline RSS, as the peers do)
 
     if a.method == "gemm":
-        make = lambda: gemm_step(a.d_in, a.d_sae)  # noqa: E731
+        make = lambda device: gemm_step(a.d_in, a.d_sae, device)  # noqa: E731
     elif a.method in ("atm-fused", "atm-eager"):
-        make = lambda: atm_kernel_step(a.method == "atm-fused", a.d_in, a.d_sae)  # noqa: E731
+        make = lambda device: atm_kernel_step(a.method == "atm-fused", a.d_in, a.d_sae, device)  # noqa: E731
     else:
-        make = lambda: atmpipe_step(a.method, a.d_in, a.d_sae)  # noqa: E731
+        make = lambda device: atmpipe_step(a.method, a.d_in, a.d_sae, device)  # noqa: E731
     serve(make, a.data, BATCH, proto)
 
 
@@ -168,12 +179,17 @@ class Worker:
 
     def start(self) -> None:
         if self.impl == "atmpipe":
-            cmd = [str(ATMPIPE_PY), str(Path(__file__).resolve()), "--worker"]
+            cmd = [str(PYTHON["atmpipe"]), str(Path(__file__).resolve()), "--worker"]
         else:
-            cmd = [str(PEERS_PY), str(ROOT / "benchmarks" / "peers.py"), "--impl", self.impl]
+            cmd = [str(PYTHON["peers"]), str(ROOT / "benchmarks" / "peers.py"), "--impl", self.impl]
         cmd += ["--method", self.method, "--d-in", str(self.d_in), "--d-sae", str(self.d_sae)]
         cmd += ["--data", str(self.data)]
-        env = {**os.environ, "BENCH_THREADS": str(THREADS), "OMP_NUM_THREADS": str(THREADS)}
+        env = {
+            **os.environ,
+            "BENCH_THREADS": str(THREADS),
+            "OMP_NUM_THREADS": str(THREADS),
+            "BENCH_DEVICE": DEVICE,
+        }
         env["MKL_NUM_THREADS"] = str(THREADS)
         self.log = WORK / f"{self.name.replace(':', '_')}.log"
         self.proc = subprocess.Popen(
@@ -241,71 +257,81 @@ class Figure:
 
     def line(self) -> str:
         verdict = {True: "MET", False: "MISSED", None: "info"}[self.ok]
-        return f"{self.name:<44} {self.detail:<64} target {self.target:<14} {verdict:<6} {self.ratio:.2f}{self.unit}"
+        return f"{self.name:<52} {self.detail:<84} target {self.target:<15} {verdict:<6} {self.ratio:.2f}{self.unit}"
 
 
 def fmt(s: dict) -> str:
     return f"{s['median']:.3f}s [{s['min']:.3f}–{s['max']:.3f}]"
 
 
-def run(quick: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Run the step benchmark; returns {"figures": [Figure...], "raw": {...}}."""
-    if not PEERS_PY.exists():
-        raise SystemExit(f"{PEERS_PY} is missing; run `make peers` (or benchmarks/run.sh) first")
-    shapes = ["small"] if quick else ["small", "large"]
-    plan = {  # per shape: warm-up steps, timed rounds (the large shape costs ~15× more per step)
-        "small": (1, 3) if quick else (2, 7),
-        "large": (1, 3),
-    }
-    groups = {
-        "topk": [("atmpipe", "topk"), ("saelens", "topk"), ("sparsify", "topk"), ("atmpipe", "gemm")],
-        "jumprelu": [("atmpipe", "jumprelu"), ("saelens", "jumprelu"), ("atmpipe", "gemm")],
-        "relu": [("atmpipe", "relu"), ("atmpipe", "atm"), ("saelens", "relu"), ("atmpipe", "gemm")],
-    }
+GROUPS = {  # the workers driven together, interleaved: each method with its peers and a GEMM timer
+    "topk": [("atmpipe", "topk"), ("saelens", "topk"), ("sparsify", "topk"), ("atmpipe", "gemm")],
+    "jumprelu": [("atmpipe", "jumprelu"), ("saelens", "jumprelu"), ("atmpipe", "gemm")],
+    "relu": [("atmpipe", "relu"), ("atmpipe", "atm"), ("saelens", "relu"), ("atmpipe", "gemm")],
+}
+
+
+def run(
+    quick: bool = False,
+    log: Callable[[str], None] = print,
+    shapes: list[tuple[int, int]] | None = None,
+    plan: list[tuple[int, int]] | None = None,
+    with_peers: bool = True,
+) -> dict:
+    """Run the step benchmark; returns {"figures": [Figure, ...], "raw": {...}}.
+
+    shapes: (d_in, d_sae) pairs; plan: (warm-up steps, timed rounds) per shape.
+    """
+    if with_peers and not Path(PYTHON["peers"]).exists():
+        raise SystemExit(f"{PYTHON['peers']} is missing; run `make peers` (or benchmarks/run.sh) first")
+    if shapes is None:
+        shapes = [SHAPES["small"]] if quick else [SHAPES["small"], SHAPES["large"]]
+        # The large shape costs ~15× more per step: fewer rounds there.
+        plan = [(1, 3)] if quick else [(2, 7), (1, 3)]
+    plan = plan or [(1, 3)] * len(shapes)
     figures: list[Figure] = []
-    raw: dict = {"batch": BATCH, "threads": THREADS, "k": K, "configs": {}}
-    for shape in shapes:
-        d_in, d_sae = SHAPES[shape]
-        warmup, rounds = plan[shape]
-        data = acts_file(d_in, 4 if shape == "small" else 2)
-        tag = f"{d_in}/{d_sae}"
+    raw: dict = {"batch": BATCH, "threads": THREADS, "k": K, "device": DEVICE, "configs": {}}
+    for (d_in, d_sae), (warmup, rounds) in zip(shapes, plan, strict=True):
+        data = acts_file(d_in, 4 if d_in * d_sae < 2**24 else 2)
         res: dict[tuple[str, str], dict] = {}
-        for method, members in groups.items():
+        for method, members in GROUPS.items():
+            members = [(i, m) for i, m in members if with_peers or i == "atmpipe"]
             log(
                 f"[train] {method} at d_in {d_in}, d_sae {d_sae}, batch {BATCH}: {warmup} warm-up + {rounds} rounds"
             )
             workers = [Worker(impl, m, d_in, d_sae, data) for impl, m in members]
             run_group(workers, warmup, rounds, log)
             for w in workers:
-                key = (w.impl, w.method if w.method != "gemm" else f"gemm@{method}")
-                res[key] = {**summary(w.times), "times": w.times, **w.rss}
-                raw["configs"][w.name if w.method != "gemm" else f"{w.name}@{method}"] = res[key]
-        figures += shape_figures(res, tag, d_in, d_sae)
+                method_key = w.method if w.method != "gemm" else f"gemm@{method}"
+                res[(w.impl, method_key)] = {**summary(w.times), "times": w.times, **w.rss}
+                raw["configs"][f"{w.impl}:{method_key}:{d_in}x{d_sae}"] = res[(w.impl, method_key)]
+        figures += shape_figures(res, f"{d_in}/{d_sae}")
     # ATM's statistics-and-mask function, fused vs eager, at the largest d_sae measured.
-    d_in, d_sae = SHAPES[shapes[-1]]
+    d_in, d_sae = max(shapes, key=lambda s: s[1])
     log(f"[train] ATM statistics+mask, fused vs eager, at d_sae {d_sae}")
-    workers = [
-        Worker("atmpipe", m, d_in, d_sae, acts_file(d_in, 4 if shapes[-1] == "small" else 2))
-        for m in ("atm-fused", "atm-eager")
-    ]
+    data = acts_file(d_in, 4 if d_in * d_sae < 2**24 else 2)
+    workers = [Worker("atmpipe", m, d_in, d_sae, data) for m in ("atm-fused", "atm-eager")]
     run_group(workers, warmup=2, rounds=3 if quick else 7, log=log)
     fused, eager = summary(workers[0].times), summary(workers[1].times)
-    raw["configs"].update({w.name: {**summary(w.times), "times": w.times} for w in workers})
+    raw["configs"].update({f"{w.name}": {**summary(w.times), "times": w.times} for w in workers})
+    speedup = eager["median"] / fused["median"]
     figures.append(
         Figure(
-            f"fused ATM / eager ATM (d_sae {d_sae})",
+            f"fused ATM / eager ATM (stats+mask, d_sae {d_sae})",
             f"fused {fmt(fused)} eager {fmt(eager)}",
-            eager["median"] / fused["median"],
+            speedup,
             "≥ 2.00× @16k+",
-            eager["median"] / fused["median"] >= 2.0 if d_sae >= 16384 else None,
+            speedup >= 2.0 if d_sae >= 16384 else None,
         )
     )
     return {"figures": figures, "raw": raw}
 
 
-def shape_figures(res: dict, tag: str, d_in: int, d_sae: int) -> list[Figure]:
+def shape_figures(res: dict, tag: str) -> list[Figure]:
     figs = []
     peers = {"topk": ("saelens", "sparsify"), "jumprelu": ("saelens",), "relu": ("saelens",)}
+    peers = {m: tuple(p for p in names if (p, m) in res) for m, names in peers.items()}
+    peers = {m: names for m, names in peers.items() if names}
     for method, names in peers.items():
         ours = res[("atmpipe", method)]
         best = min(names, key=lambda p: res[(p, method)]["median"])
@@ -355,16 +381,18 @@ def shape_figures(res: dict, tag: str, d_in: int, d_sae: int) -> list[Figure]:
             None,
         )
     )
+    # Training memory: peak RSS above the post-import baseline on CPU; peak allocated memory on a GPU.
+    kind = "device" if DEVICE != "cpu" else "training"
     for method, names in peers.items():
         ours = res[("atmpipe", method)]
-        mem = lambda r: r["peak_rss_mb"] - r["baseline_rss_mb"]  # noqa: E731
+        mem = lambda r: r.get("peak_device_mb", r["peak_rss_mb"] - r["baseline_rss_mb"])  # noqa: E731
         best = min(names, key=lambda p: mem(res[(p, method)]))
         ratio = mem(ours) / mem(res[(best, method)])
         others = ", ".join(f"{p} {mem(res[(p, method)]):.0f}" for p in names)
         figs.append(
             Figure(
-                f"peak RSS {method} {tag} vs leanest peer ({best})",
-                f"training MB atmpipe {mem(ours):.0f} vs {others} (total {ours['peak_rss_mb']:.0f})",
+                f"peak {'RSS' if kind == 'training' else 'GPU memory'} {method} {tag} vs leanest peer ({best})",
+                f"{kind} MB atmpipe {mem(ours):.0f} vs {others} (total {ours['peak_rss_mb']:.0f})",
                 ratio,
                 "≤ 1.00×",
                 ratio <= 1.0,
@@ -385,7 +413,7 @@ def profile(method: str, d_in: int, d_sae: int, steps: int = 3) -> None:
     torch.set_num_threads(THREADS)
     x = torch.from_numpy(np.load(acts_file(d_in, 4 if d_in < 1000 else 2))[:BATCH])
     torch.manual_seed(0)
-    step = atmpipe_step(method, d_in, d_sae)
+    step = atmpipe_step(method, d_in, d_sae, torch.device("cpu"))
     for _ in range(2):
         step(x)
     with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:

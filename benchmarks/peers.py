@@ -48,13 +48,17 @@ def claim_stdout():
     return proto
 
 
-def serve(make_step: Callable[[], Callable[[torch.Tensor], None]], data: str, batch: int, proto) -> None:
+def serve(
+    make_step: Callable[[torch.device], Callable[[torch.Tensor], None]], data: str, batch: int, proto
+) -> None:
     """Answer the parent's commands on `proto` (from claim_stdout)."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    batches = load_batches(data, batch)
+    device = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    batches = [b.to(device) for b in load_batches(data, batch)]
     baseline = rss_mb()
     torch.manual_seed(0)
-    step = make_step()
+    step = make_step(device)
     n_done = 0
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -62,13 +66,17 @@ def serve(make_step: Callable[[], Callable[[torch.Tensor], None]], data: str, ba
             times = []
             for _ in range(cmd["n"]):
                 x = batches[n_done % len(batches)]
+                sync()
                 t0 = time.perf_counter()
                 step(x)
+                sync()
                 times.append(time.perf_counter() - t0)
                 n_done += 1
             answer = {"times": times}
         elif cmd["cmd"] == "rss":
             answer = {"peak_rss_mb": rss_mb(), "baseline_rss_mb": baseline}
+            if device.type == "cuda":
+                answer["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
         else:
             break
         proto.write(json.dumps(answer) + "\n")
@@ -77,7 +85,7 @@ def serve(make_step: Callable[[], Callable[[torch.Tensor], None]], data: str, ba
 # --- SAELens: its SAETrainer.step (training_forward_pass, dead-latent stats, backward, clip, Adam, schedulers)
 
 
-def saelens_step(method: str, d_in: int, d_sae: int) -> Callable[[torch.Tensor], None]:
+def saelens_step(method: str, d_in: int, d_sae: int, device: torch.device) -> Callable[[torch.Tensor], None]:
     from sae_lens import (
         JumpReLUTrainingSAE,
         JumpReLUTrainingSAEConfig,
@@ -89,7 +97,7 @@ def saelens_step(method: str, d_in: int, d_sae: int) -> Callable[[torch.Tensor],
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    common = dict(d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu")
+    common = dict(d_in=d_in, d_sae=d_sae, dtype="float32", device=str(device))
     if method == "topk":
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=K, **common))
     elif method == "jumprelu":
@@ -119,18 +127,18 @@ def saelens_step(method: str, d_in: int, d_sae: int) -> Callable[[torch.Tensor],
 # Its Trainer needs a language model to hook, so the same calls are made here on the activation batch.
 
 
-def sparsify_step(method: str, d_in: int, d_sae: int) -> Callable[[torch.Tensor], None]:
+def sparsify_step(method: str, d_in: int, d_sae: int, device: torch.device) -> Callable[[torch.Tensor], None]:
     if method != "topk":
         raise ValueError(f"sparsify has no {method!r} SAE")
     from sparsify import SparseCoder, SparseCoderConfig
     from transformers import get_linear_schedule_with_warmup
 
-    sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=K), "cpu", dtype=torch.float32)
+    sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=K), device, dtype=torch.float32)
     # Adam, as atmpipe and SAELens use (sparsify's default is schedule-free signSGD).
     opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (d_sae / 2**14) ** 0.5)
     sched = get_linear_schedule_with_warmup(opt, 1000, 10**9)
-    tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
-    did_fire = torch.zeros(d_sae, dtype=torch.bool)
+    tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+    did_fire = torch.zeros(d_sae, dtype=torch.bool, device=device)
 
     def step(x: torch.Tensor) -> None:
         sae.set_decoder_norm_to_unit_norm()
@@ -169,7 +177,7 @@ def main() -> None:
     importlib.import_module(
         LIBRARIES[a.impl]
     )  # before the baseline RSS: library imports are not training memory
-    serve(lambda: PEERS[a.impl](a.method, a.d_in, a.d_sae), a.data, a.batch, proto)
+    serve(lambda device: PEERS[a.impl](a.method, a.d_in, a.d_sae, device), a.data, a.batch, proto)
 
 
 if __name__ == "__main__":
