@@ -1,0 +1,128 @@
+"""The GPU benchmark (prepared for one H200; run by benchmarks/gpu.sh, under 5 minutes).
+
+1. Harvest: tokens/s of atmpipe's harvest with a randomly initialised Gemma-2-2b-shaped model (same
+   architecture, random weights, no download) vs its bare forward stopped at the same layer.
+2. Training steps per method at d_in 2304 / d_sae 65536 / batch 4096 under bf16 autocast, against
+   SAELens and sparsify when they are importable there (carried as wheels), plus the bf16 GEMM floor
+   and ATM's fused vs eager statistics-and-mask function.
+
+Workers are the same as on CPU (bench_train.py / peers.py), with BENCH_DEVICE=cuda and the machine's
+python for both atmpipe and the peers. Results: benchmarks/results/<date>-<host>-gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import inspect
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_train  # noqa: E402
+from bench_train import Figure  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPE = (2304, 65536)
+
+# Gemma-2-2b's shape (google/gemma-2-2b config.json): the harvest model is this, randomly initialised.
+GEMMA2_2B = dict(
+    vocab_size=256000,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    max_position_embeddings=8192,
+    sliding_window=4096,
+    query_pre_attn_scalar=256,
+    final_logit_softcapping=30.0,
+    attn_logit_softcapping=50.0,
+)
+
+
+def peers_importable() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("sae_lens", "sparsify"))
+
+
+def run_train(quick: bool) -> dict:
+    bench_train.PYTHON = {"atmpipe": Path(sys.executable), "peers": Path(sys.executable)}
+    bench_train.DEVICE = "cuda"
+    with_peers = peers_importable()
+    if not with_peers:
+        print(
+            "[gpu] sae_lens / sparsify are not importable here: atmpipe only (carry their wheels for the peers)"
+        )
+    return bench_train.run(
+        log=lambda m: print(m, flush=True),
+        shapes=[SHAPE],
+        plan=[(3, 5 if quick else 15)],
+        with_peers=with_peers,
+        quick=quick,
+    )
+
+
+def run_harvest(quick: bool) -> dict | None:
+    """The harvest helper's benchmark, given the random Gemma-2-2b-shaped model on the GPU."""
+    try:
+        import bench_harvest
+    except ImportError as e:
+        print(f"[gpu] harvest benchmark not available ({e})")
+        return None
+    params = inspect.signature(bench_harvest.run).parameters
+    if "hf_config" not in params:
+        print("[gpu] bench_harvest.run takes no hf_config: harvest on the GPU not measured")
+        return None
+    return bench_harvest.run(quick=quick, hf_config={"model_type": "gemma2", **GEMMA2_2B}, device="cuda")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu.py: no CUDA device is visible; run it on the GPU machine (benchmarks/gpu.sh)")
+    started, stamp = time.time(), datetime.datetime.now()
+    name = torch.cuda.get_device_name()
+    print(
+        f"atmpipe GPU benchmarks {stamp:%Y-%m-%d %H:%M} on {socket.gethostname()}: {name}, torch {torch.__version__}"
+    )
+    figures: list[Figure] = []
+    raw: dict = {}
+    harvest = run_harvest(a.quick)
+    if harvest is not None:
+        raw["harvest"] = harvest
+        figures += [
+            Figure(**{"unit": "×", "detail": "", "ok": None, **d}) for d in harvest.get("figures", [])
+        ]
+    train = run_train(a.quick)
+    raw["train"] = train["raw"]
+    figures += train["figures"]
+    print()
+    for fig in figures:
+        print(fig.line())
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{stamp:%Y-%m-%d}-{socket.gethostname()}-gpu{'-quick' if a.quick else ''}.json"
+    record = {
+        "date": stamp.isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "device": name,
+        "torch": torch.__version__,
+        "quick": a.quick,
+        "seconds": round(time.time() - started, 1),
+        "figures": [vars(f) for f in figures],
+        "raw": raw,
+    }
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
