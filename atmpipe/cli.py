@@ -141,6 +141,7 @@ def eval_command(
     probing_context: int | None = typer.Option(None, help="Tokens per probing/bias text."),
     probing_data: str | None = typer.Option(None, help="Directory of the sae-probes *.csv.zst files."),
     bias_occupations: str | None = typer.Option(None, help="Target occupations A,B for SCR."),
+    bias_people_per_cell: int | None = typer.Option(None, help="Cap per (occupation, gender) cell; 0 = all."),
 ) -> None:
     """Stage three: measure SAEs side by side (core, absorption, probing, bias) and write a report."""
 
@@ -155,6 +156,7 @@ def eval_command(
             absorption_f1_gate=absorption_f1_gate, absorption_min_letters=absorption_min_letters,
             probing_tasks=probing_tasks, probing_train=probing_train, probing_test=probing_test,
             probing_context=probing_context, probing_data=probing_data, bias_occupations=bias_occupations,
+            bias_people_per_cell=bias_people_per_cell,
         )  # fmt: skip
         run_eval(load_config(EvalConfig, config, **flags))
 

@@ -31,6 +31,7 @@ class BiasConfig:
     n_values: tuple[int, ...] = (2, 5, 10, 20, 50)
     headline_n: int = 20
     context: int = 128
+    people_per_cell: int = 0  # cap on each (occupation, gender) cell before splitting; 0 = all
     min_gap: float = 0.02  # A_oracle − A_base below this: nothing to remove, SCR is not defined
     seed: int = 0
 
@@ -48,7 +49,7 @@ def scr_dataset(table: pd.DataFrame, cfg: BiasConfig) -> dict:
     for occ in (cfg.occupation_a, cfg.occupation_b):
         for g in ("male", "female"):
             rows = table[(table.occupation == occ) & (table.gender == g)]
-            cells[(occ, g)] = rows.iloc[rng.permutation(len(rows))]
+            cells[(occ, g)] = rows.iloc[rng.permutation(len(rows))[: cfg.people_per_cell or None]]
     aligned = [(cfg.occupation_a, a_gender), (cfg.occupation_b, b_gender)]
     off = [(cfg.occupation_a, b_gender), (cfg.occupation_b, a_gender)]
     n_test = min(len(c) for c in cells.values()) // 2

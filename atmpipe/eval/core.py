@@ -170,6 +170,12 @@ def baseline_losses(lm, layer: int, windows: Tensor, special_ids: list[int], pro
     return {"ce_clean": ce_clean / n, "ce_zero": ce_zero / n, "kl_zero": kl_zero / n, "n_predictions": n}
 
 
+def reconstruct(sae, resid: Tensor) -> Tensor:
+    """SAE reconstruction of a [batch, seq, d] residual (SAEs take [tokens, d])."""
+    flat = resid.reshape(-1, resid.shape[-1]).float()
+    return sae.decode(sae.encode(flat)).reshape(resid.shape)
+
+
 @torch.no_grad()
 def spliced_losses(lm, layer: int, windows: Tensor, special_ids: list[int], sae, progress=None) -> dict:
     """CE and KL (vs clean) with the SAE's reconstruction replacing the layer-`layer` residual."""
@@ -179,7 +185,7 @@ def spliced_losses(lm, layer: int, windows: Tensor, special_ids: list[int], sae,
     for i in range(windows.shape[0]):
         ids = windows[i : i + 1].to(lm.device)
         _, logp_clean = _next_token_ce_and_logprobs(lm.model(input_ids=ids).logits, ids)
-        recon = keep_special(lambda r: sae.decode(sae.encode(r.float())), ids, special_ids)
+        recon = keep_special(lambda r: reconstruct(sae, r), ids, special_ids)
         ce, logp = _next_token_ce_and_logprobs(forward_with_splice(lm, ids, layer, recon), ids)
         ce_sae += float(ce.sum())
         kl_sae += float(_kl(logp_clean, logp).sum())

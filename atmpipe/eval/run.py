@@ -58,6 +58,7 @@ class EvalConfig:
     probing_context: int = 128
     probing_data: str | None = None  # directory of the sae-probes *.csv.zst files
     bias_occupations: str = "politician,singer"
+    bias_people_per_cell: int = 0  # 0: every person the data has (~750 people)
 
 
 @dataclass
@@ -287,7 +288,8 @@ def text_inputs(
         )
         return {"acts": acts, "offsets": offsets}, {}
 
-    return cache.get_or_compute(kind, key | {"context": context, "n_texts": len(texts)}, compute)[0]
+    texts_sha = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    return cache.get_or_compute(kind, key | {"context": context, "texts_sha256": texts_sha}, compute)[0]
 
 
 def split_ragged(
@@ -339,7 +341,12 @@ def run_eval(cfg: EvalConfig) -> Path:
         if "probing" in metrics
         else {}
     )
-    bias_cfg = bias_mod.BiasConfig(occupation_a=occupations[0], occupation_b=occupations[-1], seed=cfg.seed)
+    bias_cfg = bias_mod.BiasConfig(
+        occupation_a=occupations[0],
+        occupation_b=occupations[-1],
+        seed=cfg.seed,
+        people_per_cell=cfg.bias_people_per_cell,
+    )
     bias_data = (
         bias_mod.scr_dataset(data.occupation_gender_table(data_dir), bias_cfg) if "bias" in metrics else None
     )
@@ -465,7 +472,7 @@ def run_eval(cfg: EvalConfig) -> Path:
                     phase()
                 results[s.name]["probing"] = summarise_probing(per_task)
         if "bias" in metrics:
-            key = {"occupations": occupations, "seed": cfg.seed}
+            key = {"occupations": occupations, "seed": cfg.seed, "per_cell": cfg.bias_people_per_cell}
             got = text_inputs(
                 lm, layer, "bias", bias_data["texts"], cfg.probing_context, cfg, cache, progress, key
             )
