@@ -165,6 +165,10 @@ def _local_documents(path: Path, text_column: str) -> list[Document]:
     import datasets
 
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    # Local files load in a moment, and failures become one UserError: keep datasets' own output quiet.
+    verbosity = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as e:  # datasets raises many types for unreadable files
@@ -175,6 +179,9 @@ def _local_documents(path: Path, text_column: str) -> list[Document]:
         raise UserError(
             f"cannot read the corpus at {path} ({type(e).__name__}: {e}); check the file format"
         ) from None
+    finally:
+        datasets.enable_progress_bars()
+        datasets.logging.set_verbosity(verbosity)
     return _dataset_documents(ds, text_column, str(path))
 
 

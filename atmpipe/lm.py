@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from atmpipe.errors import UserError
 from atmpipe.home import atmpipe_home
@@ -85,6 +86,7 @@ def load_lm(
         raise UserError(f"unknown --dtype {dtype!r}; use one of float32, bfloat16, float16")
     torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)
+    hf_logging.disable_progress_bar()  # a local load takes a second: its bar is noise
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)

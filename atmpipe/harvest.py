@@ -1,0 +1,232 @@
+"""Stage one: corpus → lm → store. Captures the residual stream of one or more layers into a Zarr store.
+
+Every forward batch lies inside one shard (shards hold a whole number of batches), so a resumed harvest
+recomputes exactly the batches an uninterrupted one would, and the finished store is bit-identical.
+The main thread runs the LM; a writer thread compresses, writes and commits shards (store.StoreWriter).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from atmpipe.corpus import EMBEDDED, build_corpus
+from atmpipe.errors import UserError
+from atmpipe.lm import EMBEDDED as EMBEDDED_MODEL
+from atmpipe.lm import LM, capture, check_layers, load_lm
+from atmpipe.store import (
+    STORAGE_DTYPES,
+    StoreWriter,
+    acts_name,
+    bytes_needed,
+    encode_acts,
+    hook_name,
+    plan_split,
+)
+
+console = Console(stderr=True)
+
+
+@dataclass
+class HarvestConfig:
+    model: str = EMBEDDED_MODEL
+    layers: list[int] = field(default_factory=list)  # empty: the model's middle layer
+    dataset: str = EMBEDDED
+    text_column: str | None = None
+    tokens: int = 100_000  # training tokens (rounded down to whole windows)
+    eval_tokens: int = 10_240  # held-out tokens, from documents training never sees
+    context_size: int = 128
+    batch_size: int = 32  # windows per forward pass
+    seed: int = 0
+    dtype: str | None = None  # compute dtype: float32 on CPU, bfloat16 on CUDA
+    device: str | None = None
+    storage_dtype: str = "float32"
+    out: str | None = None  # default cache/l{L}.zarr
+    overwrite: bool = False
+    chunk_tokens: int | None = None  # default: one batch
+    shard_tokens: int | None = None  # default: 8 chunks
+    trust_remote_code: bool = False
+
+
+def free_disk_bytes(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def default_out(layers: list[int]) -> Path:
+    return Path("cache") / f"l{'-'.join(map(str, layers))}.zarr"
+
+
+def _validate(cfg: HarvestConfig) -> None:
+    if cfg.context_size <= 1:
+        raise UserError(
+            f"context size must be at least 2 (BOS + one token), got {cfg.context_size}; pass --context-size"
+        )
+    if cfg.tokens < cfg.context_size:
+        raise UserError(
+            f"--tokens {cfg.tokens} is less than one window of {cfg.context_size} tokens; pass more"
+        )
+    if cfg.eval_tokens < 0 or cfg.batch_size < 1:
+        raise UserError("--eval-tokens must be ≥ 0 and --batch-size ≥ 1")
+    if cfg.storage_dtype not in STORAGE_DTYPES:
+        raise UserError(
+            f"unknown --storage-dtype {cfg.storage_dtype!r}; use one of {', '.join(STORAGE_DTYPES)}"
+        )
+
+
+def store_attrs(cfg: HarvestConfig, lm: LM, layers: list[int], corpus, plans: dict) -> dict:
+    tok = lm.tokenizer
+    return {
+        "model": {"name": lm.name, "source": lm.source, "config_hash": lm.config_hash, "n_layers": lm.n_layers},
+        "layers": layers,
+        "hook_names": {str(layer): hook_name(layer) for layer in layers},
+        "d_model": lm.d_model,
+        "dtype": cfg.storage_dtype,
+        "context_size": cfg.context_size,
+        "seed": cfg.seed,
+        "tokenizer": {"name_or_path": tok.name_or_path, "bos_token_id": lm.bos_token_id, "vocab_size": len(tok)},
+        "dataset": corpus.provenance(),
+        "splits": plans,
+        # How the activations were computed: part of the configuration, since it changes their bits.
+        "harvest": {"batch_size": cfg.batch_size, "compute_dtype": str(lm.dtype).removeprefix("torch."),
+                    "device": lm.device.type},
+    }  # fmt: skip
+
+
+def harvest(cfg: HarvestConfig) -> Path:
+    """Run stage one; returns the store path. Re-running the same command resumes an interrupted harvest."""
+    _validate(cfg)
+    lm = load_lm(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    layers = check_layers(lm, cfg.layers or [lm.n_layers // 2])
+    out = Path(cfg.out) if cfg.out else default_out(layers)
+    with console.status("tokenising the corpus"):
+        corpus = build_corpus(
+            lm.tokenizer,
+            lm.bos_token_id,
+            context_size=cfg.context_size,
+            train_tokens=cfg.tokens,
+            eval_tokens=cfg.eval_tokens,
+            seed=cfg.seed,
+            spec=cfg.dataset,
+            text_column=cfg.text_column,
+        )
+    for note in corpus.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    batch_tokens = cfg.batch_size * cfg.context_size
+    chunk = cfg.chunk_tokens or batch_tokens
+    shard = cfg.shard_tokens or 8 * chunk
+    windows = {"train": corpus.train, "eval": corpus.eval}
+    plans = {name: plan_split(w.size, chunk, shard, batch_tokens) for name, w in windows.items()}
+    attrs = store_attrs(cfg, lm, layers, corpus, plans)
+
+    resuming = out.exists() and not cfg.overwrite
+    needed = bytes_needed(
+        {n: p["n_tokens"] for n, p in plans.items()}, len(layers), lm.d_model, cfg.storage_dtype
+    )
+    free = free_disk_bytes(out.parent.resolve()) + (0 if not out.exists() else _du(out))
+    if needed > free:
+        raise UserError(
+            f"not enough free disk for {out}: the store needs about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB "
+            "are free; pass fewer --tokens, --storage-dtype bfloat16, or an --out on a bigger disk"
+        )
+    writer = StoreWriter(out, attrs, overwrite=cfg.overwrite)
+    if writer.complete:
+        console.print(f"{out} is already complete; nothing to do (pass --overwrite to harvest again)")
+        return out
+    if resuming and any(writer.shards_committed(s) for s in plans):
+        done = sum(
+            min(writer.shards_committed(s) * p["shard_tokens"], p["n_tokens"]) for s, p in plans.items()
+        )
+        console.print(f"resuming {out}: {done:,} tokens already committed")
+    try:
+        _run(lm, layers, windows, plans, writer, cfg, out)
+        writer.close()
+    except BaseException:
+        writer.abandon()
+        raise
+    return out
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} tok/s", style="progress.data.speed")
+
+
+def _run(lm: LM, layers, windows, plans, writer: StoreWriter, cfg: HarvestConfig, out: Path) -> None:
+    total = sum(p["n_tokens"] for p in plans.values())
+    done = sum(min(writer.shards_committed(s) * p["shard_tokens"], p["n_tokens"]) for s, p in plans.items())
+    bytes_per_token = len(layers) * lm.d_model * STORAGE_DTYPES[cfg.storage_dtype].itemsize
+    columns = (
+        TextColumn("[bold]harvest[/] {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"),
+        _RateColumn(),
+        TextColumn("{task.fields[gb]:.2f} GB written"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(str(out), total=total, completed=done, gb=0.0)
+        written = 0
+        for split, rows in windows.items():
+            plan = plans[split]
+            windows_per_shard = plan["shard_tokens"] // cfg.context_size
+            for index in range(writer.shards_committed(split), plan["n_shards"]):
+                first = index * windows_per_shard
+                shard_rows = rows[first : first + windows_per_shard]
+                arrays = _harvest_shard(lm, layers, shard_rows, first, split, cfg)
+                writer.put_shard(split, index, arrays)
+                written += shard_rows.size * bytes_per_token
+                progress.update(task, advance=shard_rows.size, gb=written / 1e9)
+
+
+def _harvest_shard(
+    lm: LM, layers, rows: np.ndarray, first_window: int, split: str, cfg: HarvestConfig
+) -> dict:
+    """Forward one shard's windows batch by batch; returns the shard's arrays in storage form."""
+    parts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    for start in range(0, len(rows), cfg.batch_size):
+        ids = torch.from_numpy(rows[start : start + cfg.batch_size].astype(np.int64))
+        acts = capture(lm, ids, layers)
+        for layer in layers:
+            x = acts[layer].reshape(-1, lm.d_model)
+            _check_finite(x, layer, split, first_window + start, cfg.context_size, ids)
+            parts[layer].append(encode_acts(x, cfg.storage_dtype, what=f"activations of layer {layer}"))
+    flat = rows.reshape(-1)
+    return {
+        **{acts_name(layer): np.concatenate(parts[layer]) for layer in layers},
+        "tokens": flat.astype(np.int32),
+        "positions": np.tile(np.arange(cfg.context_size, dtype=np.int32), len(rows)),
+        "bos": flat == lm.bos_token_id,
+    }
+
+
+def _check_finite(x: torch.Tensor, layer: int, split: str, first_window: int, context: int, ids) -> None:
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        row = int(bad.any(1).nonzero()[0])
+        window, position = first_window + row // context, row % context
+        raise UserError(
+            f"non-finite activation ({float(x[row][bad[row]][0])}) at layer {layer}, {split} window {window}, "
+            f"position {position} (token id {int(ids.reshape(-1)[row])}); try --dtype float32 or another model"
+        )
