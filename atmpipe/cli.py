@@ -34,8 +34,57 @@ def run_stage(fn, *args, **kwargs):
 # (section owned by the harvest stage)
 
 
+@app.command("harvest")
+def harvest_command(
+    model: str | None = typer.Option(
+        None, help="gemma-3-270m (embedded, default), gemma-2-2b, a Hugging Face id, a local checkpoint or .gguf."
+    ),
+    layer: list[int] | None = typer.Option(None, help="Layer to capture (repeatable; default the middle one)."),
+    dataset: str | None = typer.Option(None, help="'embedded' (default), local text/jsonl/parquet, or a hub name."),
+    text_column: str | None = typer.Option(None, help="Column holding the text (default 'text')."),
+    tokens: int | None = typer.Option(None, help="Training tokens to harvest (default 100,000)."),
+    eval_tokens: int | None = typer.Option(None, help="Held-out evaluation tokens (default 10,240)."),
+    context_size: int | None = typer.Option(None, help="Tokens per window, BOS included (default 128)."),
+    batch_size: int | None = typer.Option(None, help="Windows per forward pass (default 32)."),
+    seed: int | None = typer.Option(None, help="Seed of the document split and the window order."),
+    dtype: str | None = typer.Option(None, help="Compute dtype (default float32 on CPU, bfloat16 on CUDA)."),
+    device: str | None = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
+    storage_dtype: str | None = typer.Option(None, help="float32 (default) | float16 | bfloat16."),
+    out: str | None = typer.Option(None, help="Store path (default cache/l{L}.zarr)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with another configuration."),
+    config: Path | None = typer.Option(None, help="Recipe such as stages/harvest.toml; flags override it."),
+) -> None:
+    """Stage one: run the LM over a corpus and store residual-stream activations (resumable)."""
+
+    def go():
+        from atmpipe.config import load_config
+        from atmpipe.harvest import HarvestConfig, harvest
+
+        cfg = load_config(
+            HarvestConfig, config, model=model, layers=layer or None, dataset=dataset, text_column=text_column,
+            tokens=tokens, eval_tokens=eval_tokens, context_size=context_size, batch_size=batch_size, seed=seed,
+            dtype=dtype, device=device, storage_dtype=storage_dtype, out=out, overwrite=overwrite or None,
+        )  # fmt: skip
+        path = harvest(cfg)
+        err.print(f"store: {path}  (inspect with `atmpipe info {path}`)", highlight=False)
+
+    run_stage(go)
+
+
 # --- info ---------------------------------------------------------------------------------------
 # (section owned by the harvest stage)
+
+
+@app.command("info")
+def info_command(store: Path = typer.Argument(..., help="An activation store written by `atmpipe harvest`.")) -> None:
+    """Show a store's provenance, size, tokens, completion and statistics."""
+
+    def go():
+        from atmpipe.store import info_table, open_store
+
+        Console().print(info_table(open_store(store)))
+
+    run_stage(go)
 
 
 # --- train --------------------------------------------------------------------------------------
