@@ -37,10 +37,10 @@ def run_stage(fn, *args, **kwargs):
 @app.command("harvest")
 def harvest_command(
     model: str | None = typer.Option(
-        None, help="gemma-3-270m (embedded, default), gemma-2-2b, a Hugging Face id, a local checkpoint or .gguf."
+        None, help="gemma-3-270m (embedded, default), gemma-2-2b, a hub id, a local checkpoint or .gguf."
     ),
-    layer: list[int] | None = typer.Option(None, help="Layer to capture (repeatable; default the middle one)."),
-    dataset: str | None = typer.Option(None, help="'embedded' (default), local text/jsonl/parquet, or a hub name."),
+    layer: list[int] | None = typer.Option(None, help="Layer to capture (repeatable; default: middle)."),
+    dataset: str | None = typer.Option(None, help="'embedded' (default), local files or a hub name."),
     text_column: str | None = typer.Option(None, help="Column holding the text (default 'text')."),
     tokens: int | None = typer.Option(None, help="Training tokens to harvest (default 100,000)."),
     eval_tokens: int | None = typer.Option(None, help="Held-out evaluation tokens (default 10,240)."),
@@ -51,7 +51,7 @@ def harvest_command(
     device: str | None = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
     storage_dtype: str | None = typer.Option(None, help="float32 (default) | float16 | bfloat16."),
     out: str | None = typer.Option(None, help="Store path (default cache/l{L}.zarr)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with another configuration."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store of another configuration."),
     config: Path | None = typer.Option(None, help="Recipe such as stages/harvest.toml; flags override it."),
 ) -> None:
     """Stage one: run the LM over a corpus and store residual-stream activations (resumable)."""
@@ -76,7 +76,7 @@ def harvest_command(
 
 
 @app.command("info")
-def info_command(store: Path = typer.Argument(..., help="An activation store written by `atmpipe harvest`.")) -> None:
+def info_command(store: Path = typer.Argument(..., help="A store written by `atmpipe harvest`.")) -> None:
     """Show a store's provenance, size, tokens, completion and statistics."""
 
     def go():
