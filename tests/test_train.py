@@ -29,7 +29,7 @@ from atmpipe.train import TrainConfig, latest_checkpoint, lr_factor, train
 LAYER, D, D_SAE, N_ATOMS = 2, 16, 64, 32
 METHOD_HPARAMS = {
     "relu": {"l1": 0.3},
-    "atm": {"l1": 0.3},
+    "atm": {"l1": 0.3, "warmup_steps": 20},  # masking starts at step 20, full rate from step 40
     "topk": {"k": 4},
     "jumprelu": {},
 }
@@ -166,14 +166,23 @@ def test_checkpoint_write_cut_short_leaves_the_previous_one_usable(store, tmp_pa
 def train_command(store, out, *extra) -> list[str]:
     return [
         sys.executable, "-m", "atmpipe", "train", "--store", str(store.path), "--method", "atm",
-        "--d-sae", str(D_SAE), "--batch-size", "64", "--tokens", str(64 * 400), "--lr", "0.003",
-        "--checkpoint-every", "1", "--out", str(out), "--device", "cpu", *extra,
+        "--d-sae", str(D_SAE), "--batch-size", "64", "--tokens", str(64 * 200), "--lr", "0.003",
+        "--checkpoint-every", "1", "--out", str(out), "--device", "cpu", "--hparam", "warmup_steps=20",
+        "--hparam", "compile=false", *extra,  # the fused kernel has its own tests; this one is about the run
     ]  # fmt: skip
+
+
+# One intra-op thread: tiny matrices run faster, and every process of a comparison must use the same count.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV)
 
 
 def run_until_checkpoints(cmd: list[str], run: Path, n: int, sig: int) -> subprocess.CompletedProcess:
     """Start a training process and send `sig` once it has written `n` new checkpoints."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=ENV)
     seen: set[str] = set()
     while proc.poll() is None and len(seen) < n:
         seen.update(p.name for p in (run / "checkpoints").glob("step_*"))
@@ -187,22 +196,25 @@ def run_until_checkpoints(cmd: list[str], run: Path, n: int, sig: int) -> subpro
 @pytest.mark.slow
 def test_sigterm_then_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(store, tmp_path):
     reference = tmp_path / "ref"
-    done = subprocess.run(train_command(store, reference), capture_output=True, text=True, cwd=REPO)
+    done = run(train_command(store, reference))
     assert done.returncode == 0, done.stderr
-    run = tmp_path / "run"
-    stopped = run_until_checkpoints(train_command(store, run), run, 30, signal.SIGTERM)
+    out = tmp_path / "run"
+    stopped = run_until_checkpoints(train_command(store, out), out, 30, signal.SIGTERM)
     assert stopped.returncode == 130, stopped.stderr
-    assert "stopped by SIGTERM at step" in stopped.stderr
-    assert f"--out {run} --resume" in stopped.stderr.replace("\n", "")
-    # Every step writes a checkpoint here, so most SIGKILLs land in the middle of one.
-    for _ in range(3):
-        killed = run_until_checkpoints(train_command(store, run, "--resume"), run, 40, signal.SIGKILL)
+    message = stopped.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: stopped by SIGTERM at step ")
+    # The command it prints resumes the run by itself: the run's settings are saved with it.
+    resume = message.split("resume with: atmpipe train ")[1].split()
+    assert resume == ["--store", str(store.path), "--method", "atm", "--out", str(out), "--resume"]
+    for _ in range(2):  # every step writes a checkpoint here, so most SIGKILLs land in the middle of one
+        cmd = [sys.executable, "-m", "atmpipe", "train", *resume]
+        killed = run_until_checkpoints(cmd, out, 30, signal.SIGKILL)
         assert killed.returncode == -signal.SIGKILL, killed.stderr
-        assert len(list((run / "checkpoints").glob("step_*"))) >= 1
-    finished = subprocess.run(train_command(store, run, "--resume"), capture_output=True, text=True, cwd=REPO)
+    finished = run([sys.executable, "-m", "atmpipe", "train", *resume])
     assert finished.returncode == 0, finished.stderr
-    assert_same_weights(reference, run)
-    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert_same_weights(reference, out)
+    assert [m["step"] for m in metrics(out)] == [m["step"] for m in metrics(reference)]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
 # --- bad data -------------------------------------------------------------------------------------
@@ -417,3 +429,43 @@ def test_recipes_load_and_name_every_method():
         cfg = load_train_config(REPO / "stages" / f"train-{method}.toml")
         assert cfg.method == method and cfg.expansion * 640 == 5120
         assert os.path.basename(cfg.store).endswith(".zarr")
+
+
+# --- the real embedded model ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_store_harvested_from_the_embedded_model(tmp_path):
+    from atmpipe.harvest import HarvestConfig, harvest
+
+    store_path = harvest(
+        HarvestConfig(tokens=4096, eval_tokens=512, batch_size=8, out=str(tmp_path / "l9.zarr"), device="cpu")
+    )
+    run = train(
+        TrainConfig(
+            store=str(store_path),
+            method="topk",
+            k=32,
+            expansion=2,
+            batch_size=256,
+            tokens=256 * 40,
+            lr=1e-3,
+            out=str(tmp_path / "run"),
+            log_every=5,
+            device="cpu",
+        )  # fmt: skip
+    )
+    log = metrics(run)
+    assert log[-1]["fvu"] < 0.6 * log[0]["fvu"]  # 40 steps of 256 tokens: 0.74 → 0.39 when written
+    cfg = json.loads((run / "cfg.json").read_text())
+    assert (cfg["d_in"], cfg["d_sae"]) == (640, 1280)
+    assert cfg["metadata"]["hook_name"] == "blocks.9.hook_resid_post"
+    sae = SAE.load(run)
+    from atmpipe.store import open_store
+
+    store = open_store(store_path)
+    keep = ~torch.from_numpy(store.split("train").bos[:])
+    x = torch.from_numpy(store.read_acts("train", 9))[keep]
+    with torch.no_grad():
+        fvu = ((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert fvu == pytest.approx(log[-1]["fvu"], abs=0.15)  # raw activations, normalisation folded in
