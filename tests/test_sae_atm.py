@@ -1,0 +1,149 @@
+"""ATM: the fused statistics + masking kernel against its eager reference, the EMA equations, masking rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sae_helpers import make, planted, train
+
+from atmpipe.sae import kernels
+
+# One shape and one set of constants for every compiled call here, so torch.compile compiles once.
+B, D = 256, 96
+CONSTS = {"beta": 0.99, "c": 1.0, "p_max": 0.99, "combine": "product", "per_token": True}
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.relu(torch.randn(B, D, generator=g) - 1.0)
+    stats = [
+        torch.rand(D, generator=g) * torch.rand(D, generator=g) ** 4 for _ in range(3)
+    ]  # skewed importance
+    return f, torch.rand(D, generator=g) + 0.5, stats
+
+
+def test_fused_kernel_equals_eager_reference():
+    f, dec_norm, (M, F, R) = _inputs()
+    recon, r, key = torch.tensor(3.0), torch.tensor(1.0), torch.tensor(kernels.step_key(7, 1234))
+    fused = kernels.atm_update_fused()(f, dec_norm, M, F, R, recon, r, key, **CONSTS)
+    eager = kernels.atm_update(f, dec_norm, M, F, R, recon, r, key, **CONSTS)
+    for name, a, b in zip(("M", "F", "R", "I", "theta", "p"), fused[:6], eager[:6], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    # The masks come from the same counter-based noise: they may differ only where u is within round-off of p.
+    u = kernels.uniform_noise((B, D), key, f.device)
+    differ = fused[6] != eager[6]
+    gap = (u - eager[5].expand(B, D))[differ].abs()
+    assert gap.numel() == 0 or float(gap.max()) < 1e-5
+    assert 0 < (~eager[6]).float().mean() < 1  # the case actually masks something
+
+
+def test_compiled_training_path_equals_eager():
+    x, _ = planted(4096)
+    runs = [train(make("atm", l1=1.0, warmup_steps=2, compile=flag), x, 12) for flag in (True, False)]
+    for name in ("W_enc", "W_dec", "b_enc", "atm_M", "atm_F", "atm_R", "atm_p"):
+        torch.testing.assert_close(
+            getattr(runs[0], name), getattr(runs[1], name), rtol=1e-4, atol=1e-6, msg=name
+        )
+
+
+HAND_M, HAND_F, HAND_R = [1.5, 0.5, 1.0], [0.75, 0.25, 0.5], [0.6, 0.1, 0.35]
+
+
+def test_statistics_follow_the_ema_equations_by_hand():
+    f = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]])
+    dec_norm = torch.tensor([1.0, 2.0, 1.0])
+    M0, F0, R0 = torch.ones(3), torch.full((3,), 0.5), torch.full((3,), 0.2)
+    out = kernels.atm_update(
+        f, dec_norm, M0, F0, R0, torch.tensor(2.0), torch.tensor(2.0), torch.tensor(0),
+        beta=0.5, c=0.5, p_max=0.8, combine="product", per_token=True,
+    )  # fmt: skip
+    M, F, R, imp, theta, p, _ = out
+    # mean_t f = [2, 0, 1]; fired fraction = [1, 0, .5]; mean_t f·‖W_dec‖ / recon_norm 2 = [1, 0, .5]
+    torch.testing.assert_close(M, torch.tensor([1.5, 0.5, 1.0]))
+    torch.testing.assert_close(F, torch.tensor([0.75, 0.25, 0.5]))
+    torch.testing.assert_close(R, torch.tensor([0.6, 0.1, 0.35]))
+    want_imp = [
+        (m / 1.0) * (fr / 0.5) * (rr / (1.05 / 3)) for m, fr, rr in zip(HAND_M, HAND_F, HAND_R, strict=True)
+    ]
+    torch.testing.assert_close(imp, torch.tensor(want_imp))
+    mu = sum(want_imp) / 3
+    want_theta = mu + 0.5 * math.sqrt(sum((i - mu) ** 2 for i in want_imp) / 3)
+    assert float(theta) == pytest.approx(want_theta, rel=1e-6)
+    want_p = [
+        0.0 if i >= want_theta else min(1 - math.exp(-2 * (want_theta - i) / want_theta), 0.8)
+        for i in want_imp
+    ]
+    assert want_p[0] == 0.0 and want_p[1] == 0.8 and 0 < want_p[2] < 0.8  # all three branches covered
+    torch.testing.assert_close(p, torch.tensor(want_p))
+    mean = kernels.atm_update(
+        f, dec_norm, M0, F0, R0, torch.tensor(2.0), torch.tensor(2.0), torch.tensor(0),
+        beta=0.5, c=0.5, p_max=0.8, combine="mean", per_token=True,
+    )[3]  # fmt: skip
+    want_mean = [
+        (m / 1.0 + fr / 0.5 + rr / (1.05 / 3)) / 3 for m, fr, rr in zip(HAND_M, HAND_F, HAND_R, strict=True)
+    ]
+    torch.testing.assert_close(mean, torch.tensor(want_mean))
+
+
+def _masked(c: float, r: float, per_token: bool = True):
+    f, dec_norm, (M, F, R) = _inputs(1)
+    big = torch.zeros(4096, D)  # β = 1 freezes the statistics: the masks depend on c and r only
+    out = kernels.atm_update(
+        big, dec_norm, M, F, R, torch.tensor(1.0), torch.tensor(r), torch.tensor(kernels.step_key(0, 5)),
+        beta=1.0, c=c, p_max=0.99, combine="product", per_token=per_token,
+    )  # fmt: skip
+    imp, theta, p, keep = out[3], out[4], out[5], out[6]
+    return imp, theta, p, keep
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_masked_fraction_follows_the_formula_in_c_and_r(per_token):
+    fractions = {}
+    for c in (0.0, 0.5, 1.0, 2.0):
+        for r in (0.5, 1.0, 2.0, 5.0):
+            imp, theta, p, keep = _masked(c, r, per_token)
+            mu, sd = imp.mean(), imp.std(correction=0)
+            torch.testing.assert_close(theta, mu + c * sd)
+            expected_p = torch.where(imp < theta, 1 - torch.exp(-r * (theta - imp) / theta), 0.0).clamp(
+                max=0.99
+            )
+            torch.testing.assert_close(p, expected_p)
+            realised = (~keep).float().mean(0) if per_token else (~keep).float()
+            if per_token:  # per latent, the masked share of 4096 tokens estimates p_i
+                assert (realised - p).abs().max() < 0.04
+            fractions[c, r] = float(p.mean())
+    for c in (0.0, 0.5, 1.0, 2.0):  # more masking with larger r ...
+        assert all(fractions[c, a] < fractions[c, b] for a, b in [(0.5, 1.0), (1.0, 2.0), (2.0, 5.0)])
+    for r in (0.5, 1.0, 2.0, 5.0):  # ... and with a higher threshold
+        assert all(fractions[a, r] <= fractions[b, r] for a, b in [(0.0, 0.5), (0.5, 1.0), (1.0, 2.0)])
+
+
+def test_no_masking_during_warmup_then_a_linear_ramp():
+    sae = make("atm", warmup_steps=10, r=2.0, compile=False)
+    assert [sae.rate_at(s) for s in (0, 9, 10, 15, 20, 40)] == [0.0, 0.0, 0.0, 1.0, 2.0, 2.0]
+    x = torch.randn(64, 32) * 3
+    out = sae.training_forward(x, 5, 100)
+    torch.testing.assert_close(out.x_hat, sae.decode(torch.relu(sae.pre_acts(x))))
+    assert float(out.stats["masked_frac"]) == 0.0
+    out = sae.training_forward(x, 15, 100)  # r = 1 now: latents below θ get masked
+    assert float(out.stats["masked_frac"]) > 0
+    assert not torch.allclose(out.x_hat, sae.decode(out.f))
+
+
+def test_eval_mode_and_inference_never_mask():
+    sae = make("atm", warmup_steps=0, r=5.0, compile=False)
+    x = torch.randn(64, 32) * 3
+    for step in range(3):
+        sae.training_forward(x, step, 10)
+    assert float(sae.atm_p.mean()) > 0.3
+    assert torch.equal(sae.encode(x), torch.relu(sae.pre_acts(x)))  # encode ignores the masks
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    sae.eval()
+    out = sae.training_forward(x, 5, 10)
+    torch.testing.assert_close(out.x_hat, sae(x))
+    assert "masked_frac" not in out.stats
+    for k, v in sae.state_dict().items():  # statistics frozen outside training (the dead-latent clock aside)
+        if k.startswith("atm_"):
+            assert torch.equal(v, before[k]), k

@@ -1,0 +1,176 @@
+"""SAE methods on planted dictionaries, and the pieces each method is built from."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sae_helpers import fvu, make, planted, recovered, train
+
+from atmpipe.errors import UserError
+from atmpipe.sae import SAEConfig, kernels, make_sae
+from atmpipe.sae.jumprelu import rectangle
+
+# method, hyper-parameters, steps, FVU bound (on normalised activations), fraction of atoms recovered
+PLANTED = [
+    ("relu", {"l1": 0.3}, 1000, 0.10, 0.95),
+    ("topk", {"k": 4}, 1000, 0.15, 0.95),
+    ("topk", {"k": 4, "batch_topk": True}, 1000, 0.15, 0.95),
+    ("jumprelu", {"l0_coeff": 0.05, "sparsity_warmup_steps": 200}, 1000, 0.10, 0.9),
+    ("atm", {"l1": 2.0, "warmup_steps": 200, "compile": False}, 1000, 0.20, 0.8),
+]
+
+
+@pytest.mark.parametrize(("method", "hparams", "steps", "max_fvu", "min_recovered"), PLANTED)
+def test_planted_dictionary_is_learned(method, hparams, steps, max_fvu, min_recovered):
+    x, atoms = planted(20_000)
+    s = math.sqrt(x.shape[1]) / float(x.norm(dim=1).mean())
+    sae = train(make(method, norm_scale=s, **hparams), x, steps)
+    sae.eval()
+    assert fvu(sae, x * s) < max_fvu
+    assert recovered(sae, atoms) >= min_recovered
+
+
+@pytest.mark.parametrize("method", ["relu", "topk", "jumprelu", "atm"])
+def test_decoder_rows_stay_unit_norm(method):
+    x, _ = planted(4096)
+    sae = train(make(method, compile=False) if method == "atm" else make(method), x, 20, lr=1e-2)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.d_sae), atol=1e-5)
+
+
+def test_parallel_gradient_is_removed():
+    sae = make("relu")
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_grads()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+
+
+def test_topk_keeps_exactly_k():
+    sae = make("topk", k=5)
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)  # every pre-activation positive: exactly k survive, never fewer
+    x = torch.randn(64, 32)
+    assert ((sae.encode(x) != 0).sum(-1) == 5).all()
+    assert ((sae.training_forward(x, 0, 10).f != 0).sum(-1) == 5).all()
+
+
+def test_topk_sparse_kernels_equal_dense_twins():
+    g = torch.Generator().manual_seed(1)
+    B, d_in, d_sae, k = 64, 16, 96, 5
+    x = torch.randn(B, d_in, dtype=torch.float64, generator=g)
+    target = torch.randn(B, d_in, dtype=torch.float64, generator=g)
+    init = [
+        torch.randn(*shape, dtype=torch.float64, generator=g)
+        for shape in [(d_in, d_sae), (d_sae,), (d_in,), (d_sae, d_in)]
+    ]
+    dead = torch.rand(d_sae, generator=g) < 0.3
+    results = []
+    for encode, decode in [
+        (kernels.topk_encode, kernels.sparse_decode),
+        (kernels.topk_encode_dense, kernels.dense_decode),
+    ]:
+        W_enc, b_enc, b_dec, W_dec = (t.clone().requires_grad_() for t in init)
+        vals, idx, aux_vals, aux_idx = encode(x, W_enc, b_enc, b_dec, k, dead, 8)
+        x_hat = decode(vals, idx, W_dec, b_dec)
+        e_hat = decode(aux_vals, aux_idx, W_dec)
+        ((x_hat - x).pow(2).sum() + (e_hat - target).pow(2).sum()).backward()
+        results.append([x_hat, e_hat, W_enc.grad, b_enc.grad, b_dec.grad, W_dec.grad])
+    for fast, dense in zip(*results, strict=True):
+        torch.testing.assert_close(fast, dense, rtol=1e-10, atol=1e-10)
+
+
+def test_topk_training_matches_dense_path():
+    x, _ = planted(4096)
+    fast = train(make("topk", k=4), x, 30)
+    dense = train(make("topk", k=4, sparse_kernels=False), x, 30)
+    torch.testing.assert_close(fast.W_enc, dense.W_enc, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.W_dec, dense.W_dec, rtol=1e-4, atol=1e-5)
+
+
+def test_topk_auxk_trains_dead_latents_only():
+    sae = make("topk", k=4, dead_tokens=1)
+    x = torch.randn(8, 32)  # 8 tokens fire at most 32 of the 96 latents
+    sae.training_forward(x, 0, 10)  # latents that did not fire in this batch are now dead
+    dead = sae.dead_mask().clone()
+    assert dead.any()
+    out = sae.training_forward(x, 1, 10)
+    assert "aux" in out.losses
+    out.losses["aux"].backward()
+    grad_cols = sae.W_enc.grad.abs().sum(0) > 0
+    assert grad_cols.any() and not (grad_cols & ~dead).any()
+    n_dead, k_aux = int(dead.sum()), 16  # d_in // 2
+    residual = (x - out.x_hat).detach()
+    pre = sae.pre_acts(x).masked_fill(~dead, float("-inf"))
+    vals, idx = pre.topk(k_aux, dim=-1)
+    e_hat = torch.zeros(8, 96).scatter(1, idx, vals.relu()) @ sae.W_dec
+    expected = min(n_dead / k_aux, 1.0) / 32 * (e_hat - residual).pow(2).sum(-1).mean()
+    torch.testing.assert_close(out.losses["aux"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_jumprelu_threshold_gradient_is_the_rectangle_kernel():
+    sae = make("jumprelu", threshold_init=0.3, bandwidth=0.2)
+    x = torch.randn(128, 32)
+    w_f, w_step = torch.randn(128, 96), torch.randn(128, 96)
+    pre = sae.pre_acts(x).detach()
+    from atmpipe.sae.jumprelu import JumpReLUFn, StepFn
+
+    theta = sae.threshold
+    f = JumpReLUFn.apply(pre, theta, 0.2)
+    step = StepFn.apply(pre, theta, 0.2)
+    ((f * w_f).sum() + (step * w_step).sum()).backward()
+    th = theta.detach()
+    rect = rectangle((pre - th) / 0.2)
+    d_theta = (-(th / 0.2) * rect * w_f - (1 / 0.2) * rect * w_step).sum(0)
+    torch.testing.assert_close(sae.log_threshold.grad, d_theta * th)  # chain rule through θ = exp(log θ)
+    assert rect.sum() > 0  # the case exercises the kernel
+    torch.testing.assert_close(f, pre * (pre > th))
+
+
+def test_jumprelu_uses_beta1_zero_and_its_threshold_lr():
+    sae = make("jumprelu", threshold_lr_scale=10.0)
+    assert sae.adam_betas[0] == 0.0
+    groups = sae.param_groups(1e-3)
+    assert groups[1]["params"] == [sae.log_threshold] and groups[1]["lr"] == pytest.approx(1e-2)
+    assert sum(len(g["params"]) for g in groups) == len(list(sae.parameters()))
+
+
+def test_relu_l1_warms_up_and_controller_moves_lambda():
+    sae = make("relu", l1=2.0, l1_warmup_frac=0.1, target_l0=1.0, l0_controller_rate=0.5)
+    x = torch.randn(64, 32)
+    out = sae.training_forward(x, 5, 100)  # half-way through the 10-step warm-up
+    assert float(out.stats["l1_coeff"]) == pytest.approx(1.0)
+    sae.after_optimizer_step()
+    assert float(sae.l1_coeff) == pytest.approx(2.0)  # no control during warm-up
+    out = sae.training_forward(x, 50, 100)
+    l0 = float(out.stats["l0"])
+    sae.after_optimizer_step()
+    assert float(sae.l1_coeff) == pytest.approx(2.0 * (l0 / 1.0) ** 0.5, rel=1e-5)
+
+
+def test_relu_l1_term_weights_by_decoder_norm():
+    sae = make("relu", l1=3.0, l1_warmup_frac=0.0)
+    with torch.no_grad():
+        sae.W_dec.mul_(2.0)
+    x = torch.randn(16, 32)
+    out = sae.training_forward(x, 0, 10)
+    f = torch.relu(sae.pre_acts(x))
+    torch.testing.assert_close(out.losses["l1"], 3.0 * (f * 2.0).sum(-1).mean(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "hparams", "message"),
+    [
+        ("topk", {"k": 96}, "k must be an integer with 0 < k < d_sae = 96"),
+        ("topk", {"k": 0}, "k must be an integer with 0 < k < d_sae = 96"),
+        ("relu", {"l1": 0.0}, "l1 coefficient must be positive"),
+        ("relu", {"lambda": 1.0}, "unknown hyper-parameter(s) lambda for method relu"),
+        ("jumprelu", {"sparsity": "target"}, "needs a positive target_l0"),
+        ("atm", {"combine": "max"}, "combine must be 'product' or 'mean'"),
+        ("nope", {}, "unknown method 'nope'; known methods: atm, jumprelu, relu, topk"),
+    ],
+)
+def test_bad_hyper_parameters_are_user_errors(method, hparams, message):
+    with pytest.raises(UserError) as e:
+        make_sae(SAEConfig(method, 32, 96, hparams))
+    assert message in str(e.value)
