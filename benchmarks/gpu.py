@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import inspect
 import json
+import os
 import socket
 import sys
 import time
@@ -67,18 +67,39 @@ def run_train(quick: bool) -> dict:
     )
 
 
+def random_gemma2(tokenizer_dir: Path, out: Path) -> Path:
+    """A Gemma-2-2b-shaped model with random weights (bf16) saved with a real tokenizer, for the harvest."""
+    import torch
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = Gemma2Config(**{**GEMMA2_2B, "vocab_size": len(tok)}, **ids)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Gemma2ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
 def run_harvest(quick: bool) -> dict | None:
-    """The harvest helper's benchmark, given the random Gemma-2-2b-shaped model on the GPU."""
+    """bench_harvest's figures (harvest vs bare forward, store writes) with the random Gemma-2-2b-shaped model."""
+    tokenizer_dir = Path(os.environ.get("GPU_TOKENIZER", "/tmp/atmpipe-gpu-tokenizer"))  # set by gpu.sh
     try:
         import bench_harvest
     except ImportError as e:
         print(f"[gpu] harvest benchmark not available ({e})")
         return None
-    params = inspect.signature(bench_harvest.run).parameters
-    if "hf_config" not in params:
-        print("[gpu] bench_harvest.run takes no hf_config: harvest on the GPU not measured")
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        print(
+            f"[gpu] {tokenizer_dir} is missing (gpu.sh unpacks it; `gpu.sh --prepare` makes it): harvest not measured"
+        )
         return None
-    return bench_harvest.run(quick=quick, hf_config={"model_type": "gemma2", **GEMMA2_2B}, device="cuda")
+    model_dir = random_gemma2(tokenizer_dir, Path("/tmp/atmpipe-gemma2-2b-random"))
+    return bench_harvest.run(quick=quick, model=str(model_dir), log=lambda m: print(m, flush=True))
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -40,7 +41,8 @@ def run_module(name: str, quick: bool, **kwargs) -> dict | None:
     except ImportError as e:
         print(f"[{name}] not available ({e})", flush=True)
         return None
-    return module.run(quick=quick, **kwargs)
+    accepted = inspect.signature(module.run).parameters
+    return module.run(quick=quick, **{k: v for k, v in kwargs.items() if k in accepted})
 
 
 def main() -> None:
