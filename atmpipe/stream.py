@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from zarr.core.buffer.cpu import NDBuffer
 
 from atmpipe.errors import UserError
 from atmpipe.store import Store, decode_acts
@@ -92,6 +93,7 @@ class ShardStream:
                 f"store {store.path} has no non-BOS training tokens committed ({self.n_tokens} tokens); "
                 "harvest more text before training"
             )
+        self._scratch = threading.local()
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="atmpipe-stream-decode")
         self._queue: queue.Queue = queue.Queue(max(1, prefetch))
         self._stop = threading.Event()
@@ -178,11 +180,14 @@ class ShardStream:
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def _read(self, array, chunk: int) -> np.ndarray | None:
-        """One whole chunk; a failed checksum is an error naming the chunk, or a counted skip."""
+    def _read(self, array, chunk: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """One whole chunk (into `out` if given); a failed checksum is an error naming it, or a counted skip."""
         start, stop = self._chunk_span(chunk)
         try:
-            return array[start:stop]
+            if out is None:
+                return array[start:stop]
+            array.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
+            return out
         except Exception as e:  # zarr raises ValueError for a checksum mismatch, codecs their own errors
             if not self.skip_damaged:
                 raise UserError(
@@ -193,43 +198,71 @@ class ShardStream:
                 self.skipped.add(chunk)
             return None
 
-    def _load_chunk(self, chunk: int) -> np.ndarray | None:
-        bos, acts = self._read(self.split.bos, chunk), self._read(self.acts, chunk)
-        if bos is None or acts is None:
-            return None
-        return decode_acts(acts if not bos.any() else acts[~bos])
+    def _load_chunk(self, chunk: int, dest: np.ndarray) -> bool:
+        """Decode a chunk's non-BOS rows into `dest` (a slice of the round buffer); False if skipped."""
+        bos = self._read(self.split.bos, chunk)
+        if bos is None:
+            return False
+        if not bos.any() and self.acts.dtype == np.float32:  # the common case: straight into the buffer
+            return self._read(self.acts, chunk, out=dest) is not None
+        scratch = getattr(self._scratch, "acts", None)
+        if scratch is None:  # one decode buffer per worker thread, reused
+            scratch = self._scratch.acts = np.empty((self.chunk_tokens, self.store.d_model), self.acts.dtype)
+        acts = self._read(self.acts, chunk, out=scratch[: len(bos)])
+        if acts is None:
+            return False
+        if acts.dtype == np.float32:
+            np.compress(~bos, acts, axis=0, out=dest)
+        else:
+            dest[:] = decode_acts(np.compress(~bos, acts, axis=0))
+        return True
 
-    def _load_round(self, chunks: np.ndarray) -> Callable[[], np.ndarray]:
-        """Start decoding a round's chunks on the pool; the returned function assembles the buffer."""
-        futures = [self._pool.submit(self._load_chunk, int(c)) for c in chunks]
+    def _load_round(self, chunks: np.ndarray, buffer: np.ndarray) -> Callable[[], np.ndarray]:
+        """Start decoding a round's chunks into `buffer` on the pool; the returned function waits for them."""
+        ends = np.cumsum(self.chunk_rows[chunks])
+        starts = ends - self.chunk_rows[chunks]
+        futures = [
+            self._pool.submit(self._load_chunk, int(c), buffer[s:e])
+            for c, s, e in zip(chunks, starts, ends, strict=True)
+            if e > s
+        ]
 
         def assemble() -> np.ndarray:
-            parts = [f.result() for f in futures]
-            for chunk, part in zip(chunks, parts, strict=True):
-                if part is None:
-                    self.chunk_rows[chunk] = 0  # skipped: later positions are counted without it
-            parts = [p for p in parts if p is not None]
-            if not parts:
-                return np.empty((0, self.store.d_model), np.float32)
-            return np.concatenate(parts)
+            loaded = [f.result() for f in futures]
+            rows = buffer[: ends[-1] if len(ends) else 0]
+            if all(loaded):
+                return rows
+            damaged = [c for c, ok in zip(chunks[ends > starts], loaded, strict=True) if not ok]
+            keep = np.ones(len(rows), bool)
+            for c in damaged:
+                i = int(np.flatnonzero(chunks == c)[0])
+                keep[starts[i] : ends[i]] = False
+                self.chunk_rows[c] = 0  # skipped: later positions are counted without it
+            return rows[keep]
 
         return assemble
 
     def _shuffled_rounds(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(round buffer, permutation of its rows still to deliver), forever; the next round loads ahead."""
+        """(round buffer, permutation of its rows still to deliver), forever; the next round loads ahead.
+
+        Two buffers, allocated once: one is cut into batches while the next round decodes into the other.
+        """
+        rows = min(self.buffer_chunks, self.n_chunks) * self.chunk_tokens
+        buffers = [np.empty((rows, self.store.d_model), np.float32) for _ in range(2)]
         epoch, round_index, offset = self._locate(self.rows_consumed)
         rounds = self._rounds(epoch)
-        pending = self._load_round(rounds[round_index])
+        slot = 0
+        pending = self._load_round(rounds[round_index], buffers[slot])
         while True:
-            # Queue the following round's decoding before this one is cut into batches.
             next_epoch, next_round = (
                 (epoch, round_index + 1) if round_index + 1 < len(rounds) else (epoch + 1, 0)
             )
             next_rounds = rounds if next_epoch == epoch else self._rounds(next_epoch)
-            following = self._load_round(next_rounds[next_round])
+            following = self._load_round(next_rounds[next_round], buffers[1 - slot])
             acts = pending()
             yield acts, self._row_order(epoch, round_index, len(acts))[offset:]
             epoch, round_index, rounds, pending, offset = next_epoch, next_round, next_rounds, following, 0
+            slot = 1 - slot
 
     def _batches(self) -> Iterator[torch.Tensor]:
         pin = self.device.type == "cuda"
@@ -240,7 +273,9 @@ class ShardStream:
                 if batch is None:
                     batch = torch.empty((self.batch_size, acts.shape[1]), dtype=torch.float32, pin_memory=pin)
                 take = min(self.batch_size - filled, len(order) - done)
-                np.take(acts, order[done : done + take], axis=0, out=batch.numpy()[filled : filled + take])
+                # Rows of one batch in buffer order: the same set, gathered with far better locality.
+                rows = np.sort(order[done : done + take])
+                np.take(acts, rows, axis=0, out=batch.numpy()[filled : filled + take])
                 filled, done = filled + take, done + take
                 if filled == self.batch_size:
                     yield batch

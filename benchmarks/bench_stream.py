@@ -1,0 +1,175 @@
+"""Shuffled-stream throughput, side by side in one run (targets: ../shared/specs/PERF.md).
+
+    .venv/bin/python benchmarks/bench_stream.py [--quick]
+
+Figures (one line each, the ratio last):
+  * stream vs trainer: tokens/s the stream delivers (d_in 640, batch 4096) over tokens/s an atmpipe TopK
+    step consumes (d_sae 5120) — target ≥ 10×;
+  * stream vs raw memmap: the same over a plain numpy memmap of the same float32 bytes read as random
+    4096-row batches (page cache warm for both) — target ≥ 0.5×;
+  * fed by the stream vs in-memory: a training step consuming the stream over the same step on one fixed
+    batch (informational: 1.0× means the trainer never waits for data).
+A and B are measured alternately, several rounds, and medians compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from atmpipe.sae import SAEConfig, make_sae  # noqa: E402
+from atmpipe.store import write_arrays_store  # noqa: E402
+from atmpipe.stream import ShardStream  # noqa: E402
+
+D_IN, D_SAE, BATCH, CHUNK = 640, 5120, 4096, 4096
+
+
+def make_data(root: Path, n_chunks: int) -> tuple[Path, Path]:
+    """A store and a raw .npy of the same activations (Gaussian: like real ones, they barely compress)."""
+    acts = np.random.default_rng(0).standard_normal((n_chunks * CHUNK, D_IN), dtype=np.float32)
+    positions = np.arange(len(acts)) % 128
+    splits = {
+        "train": {"acts": acts, "positions": positions, "bos": positions == 0},
+        "eval": {"acts": acts[:CHUNK]},
+    }
+    store = write_arrays_store(
+        root / "bench.zarr", splits, layer=0, chunk_tokens=CHUNK, shard_tokens=8 * CHUNK
+    )
+    np.save(root / "raw.npy", acts)
+    return store.path, root / "raw.npy"
+
+
+def trainer_step(seed: int = 0) -> Callable[[torch.Tensor], None]:
+    """One atmpipe TopK training step (the fastest method: the most demanding consumer)."""
+    torch.manual_seed(seed)
+    sae = make_sae(SAEConfig("topk", D_IN, D_SAE, {"k": 64}))
+    opt = torch.optim.Adam(sae.param_groups(3e-4), betas=sae.adam_betas)
+    state = {"step": 0}
+
+    def step(x: torch.Tensor) -> None:
+        out = sae.training_forward(x, state["step"], 10_000)
+        opt.zero_grad(set_to_none=True)
+        sum(out.losses.values()).backward()
+        sae.remove_parallel_grads()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        sae.after_optimizer_step()
+        state["step"] += 1
+
+    return step
+
+
+def timed(fn: Callable[[], None], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def figure(name: str, detail: str, ratio: float, target: str, ok: bool | None) -> dict:
+    return {"name": name, "detail": detail, "ratio": ratio, "target": target, "ok": ok, "unit": "×"}
+
+
+def line(f: dict) -> str:
+    verdict = {True: "MET", False: "MISSED", None: "info"}[f["ok"]]
+    return (
+        f"{f['name']:<52} {f['detail']:<84} target {f['target']:<15} {verdict:<6} {f['ratio']:.2f}{f['unit']}"
+    )
+
+
+def run(
+    quick: bool = False, trainer_tokens_per_s: float | None = None, log: Callable[[str], None] = print
+) -> dict:
+    # The stream is timed from its creation to the last of n_chunks batches (a whole epoch, two shuffle
+    # buffers): nothing it prepared while other figures were measured can flatter it.
+    n_chunks, buffer_chunks, rounds, steps = (16, 8, 3, 2) if quick else (64, 32, 5, 4)
+    with tempfile.TemporaryDirectory(prefix="atmpipe-bench-stream-") as tmp:
+        store_path, raw_path = make_data(Path(tmp), n_chunks)
+        from atmpipe.store import open_store
+
+        store = open_store(store_path)
+        raw = np.load(raw_path, mmap_mode="r")
+        rng = np.random.default_rng(1)
+        raw[:].sum()  # warm the page cache for the baseline, as the store's writes warmed it for the stream
+
+        def memmap_batch() -> None:
+            rows = np.sort(rng.choice(len(raw), BATCH, replace=False))
+            torch.from_numpy(np.ascontiguousarray(raw[rows]))
+
+        def stream_epoch(seed: int) -> float:
+            start = time.perf_counter()
+            with ShardStream(store, 0, BATCH, seed=seed, buffer_chunks=buffer_chunks) as stream:
+                for _ in range(n_chunks - 1):  # BOS tokens removed: a little under n_chunks batches
+                    next(stream)
+            return (time.perf_counter() - start) / (n_chunks - 1)
+
+        stream_s, memmap_s, fed_s, fixed_s = [], [], [], []
+        for r in range(rounds):
+            stream_s.append(stream_epoch(r))
+            memmap_s.append(timed(memmap_batch, n_chunks - 1))
+        # Then the trainer, fed by the stream (whose thread decodes beside it) or by one fixed batch.
+        step = trainer_step()
+        fixed = torch.from_numpy(np.array(raw[:BATCH]))
+        step(fixed)  # allocator and kernels warmed
+        with ShardStream(store, 0, BATCH, seed=99, buffer_chunks=buffer_chunks) as feed:
+            for _ in range(rounds):
+                fed_s.append(timed(lambda: step(next(feed)), steps))
+                fixed_s.append(timed(lambda: step(fixed), steps))
+    stream_rate = BATCH / statistics.median(stream_s)
+    memmap_rate = BATCH / statistics.median(memmap_s)
+    measured_trainer = BATCH / statistics.median(fixed_s)
+    trainer = trainer_tokens_per_s or measured_trainer
+    raw_out = {
+        "stream_tokens_per_s": stream_rate,
+        "memmap_tokens_per_s": memmap_rate,
+        "trainer_tokens_per_s": trainer,
+        "trainer_source": "bench_train (fastest atmpipe method)"
+        if trainer_tokens_per_s
+        else "measured here (TopK)",
+        "fed_step_s": fed_s,
+        "fixed_step_s": fixed_s,
+        "stream_batch_s": stream_s,
+        "memmap_batch_s": memmap_s,
+        "store_tokens": n_chunks * CHUNK,
+    }
+    figures = [
+        figure(
+            "stream: shuffled batches vs trainer consumption",
+            f"stream {stream_rate:,.0f} tok/s vs trainer {trainer:,.0f} tok/s (d 640, d_sae 5120, batch 4096)",
+            stream_rate / trainer,
+            "≥ 10×",
+            stream_rate / trainer >= 10,
+        ),
+        figure(
+            "stream: shuffled batches vs raw memmap random read",
+            f"stream {stream_rate:,.0f} tok/s vs numpy memmap random rows {memmap_rate:,.0f} tok/s (same bytes)",
+            stream_rate / memmap_rate,
+            "≥ 0.5×",
+            stream_rate / memmap_rate >= 0.5,
+        ),
+        figure(
+            "stream: train step fed by the stream vs in-memory",
+            f"step {statistics.median(fed_s):.3f}s fed vs {statistics.median(fixed_s):.3f}s on a fixed batch",
+            statistics.median(fed_s) / statistics.median(fixed_s),
+            "≈ 1× (info)",
+            None,
+        ),
+    ]
+    for f in figures:
+        log(line(f))
+    return {"figures": figures, "raw": raw_out}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: a small store and few rounds")
+    run(quick=p.parse_args().quick)
