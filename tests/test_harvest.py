@@ -110,15 +110,15 @@ def _committed(out: Path) -> int:
     return attrs["splits"]["train"]["shards_committed"]
 
 
+@pytest.mark.slow  # two processes plus one in-process run: ~1 min on 2 loaded cores
 def test_sigkill_then_rerun_equals_uninterrupted_run(tiny_checkpoints, tmp_path):
     # 150 one-batch shards: long enough to kill part-way, tiny enough to stay fast.
-    recipe = _write_recipe(tmp_path / "h.toml", layers=[1, 3], tokens=16 * 300, eval_tokens=16 * 20,
-                           context_size=16, batch_size=2, chunk_tokens=32, shard_tokens=32)  # fmt: skip
+    values = dict(layers=[1, 3], tokens=16 * 300, eval_tokens=16 * 20, context_size=16, batch_size=2,
+                  chunk_tokens=32, shard_tokens=32)  # fmt: skip
+    recipe = _write_recipe(tmp_path / "h.toml", **values)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     full, part = tmp_path / "full.zarr", tmp_path / "part.zarr"
-    subprocess.run(
-        _harvest_cmd(tiny_checkpoints["gemma2"], full, recipe), check=True, env=env, capture_output=True
-    )
+    harvest(HarvestConfig(model=str(tiny_checkpoints["gemma2"]), out=str(full), **values))  # uninterrupted
 
     proc = subprocess.Popen(_harvest_cmd(tiny_checkpoints["gemma2"], part, recipe), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
