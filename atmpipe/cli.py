@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -168,10 +167,14 @@ def train_command(
 @app.command("eval")
 def eval_command(
     sae: list[str] = typer.Option(..., help="SAE directory (atmpipe or SAELens format); repeat for several."),
-    store: str | None = typer.Option(None, help="Activation store (default: the one the SAEs were trained on)."),
+    store: str | None = typer.Option(
+        None, help="Activation store (default: the one the SAEs were trained on)."
+    ),
     model: str | None = typer.Option(None, help="Model (default: the SAEs' model)."),
     layer: int | None = typer.Option(None, help="Layer (default: the SAEs' layer)."),
-    metrics: str | None = typer.Option(None, help="Comma list of core, absorption, probing, bias (default all)."),
+    metrics: str | None = typer.Option(
+        None, help="Comma list of core, absorption, probing, bias (default all)."
+    ),
     out: str | None = typer.Option(None, help="Report directory (default reports/eval)."),
     config: Path | None = typer.Option(None, help="TOML recipe of eval settings; flags override it."),
     device: str | None = typer.Option(None, help="cpu | cuda (default auto)."),

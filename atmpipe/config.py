@@ -20,7 +20,9 @@ def load_config(cls: type[C], toml_path: str | Path | None = None, **overrides: 
         try:
             values.update(tomllib.loads(path.read_text()))
         except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist; pass a recipe such as stages/train-atm.toml") from None
+            raise UserError(
+                f"config file {path} does not exist; pass a recipe such as stages/train-atm.toml"
+            ) from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {path} is not valid TOML ({e}); fix it or drop --config") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
