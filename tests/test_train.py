@@ -469,3 +469,19 @@ def test_end_to_end_on_a_store_harvested_from_the_embedded_model(tmp_path):
     with torch.no_grad():
         fvu = ((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
     assert fvu == pytest.approx(log[-1]["fvu"], abs=0.15)  # raw activations, normalisation folded in
+
+
+def test_allow_partial_trains_on_the_committed_shards_only(tmp_path):
+    from test_stream import LAYER as STREAM_LAYER
+    from test_stream import SHARD, partial_store
+    from test_stream import D as STREAM_D
+
+    store = partial_store(tmp_path / "p.zarr", committed_shards=2)
+    cfg = TrainConfig(
+        store=str(store.path), method="relu", layer=STREAM_LAYER, d_sae=4 * STREAM_D, batch_size=128,
+        tokens=128 * 20, out=str(tmp_path / "run"), device="cpu", allow_partial=True,
+    )  # fmt: skip
+    meta = json.loads((train(cfg) / "atmpipe.json").read_text())
+    assert meta["store"]["complete"] is False and meta["store"]["train_tokens_used"] == 2 * SHARD
+    # The garbage of the uncommitted shard (1e6) never reached the SAE: the loss stayed finite and small.
+    assert meta["metadata"]["final_metrics"]["fvu"] < 2
