@@ -98,8 +98,8 @@ def load_train_config(
 ) -> TrainConfig:
     """Recipe (TOML), then flags; with --resume the saved run's settings stand in for the recipe."""
     cfg = load_config(TrainConfig, config, **flags)
-    saved = _saved_run(cfg)
-    if cfg.resume and saved is not None:
+    saved = _saved_run(cfg) if cfg.resume else None
+    if saved is not None:
         values = {k: v for k, v in saved["config"].items() if k not in ("resume", "overwrite")}
         cfg = load_config(
             TrainConfig, None, **{**values, **{k: v for k, v in flags.items() if v is not None}}
