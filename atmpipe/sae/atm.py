@@ -106,7 +106,7 @@ class ATMSAE(ReLUSAE):
                 getattr(self, f"atm_{name}").copy_(value)
             self.atm_theta.copy_(theta)
         masking = step >= hp.warmup_steps and hp.r > 0
-        f_used = f * keep.to(f.dtype) if masking else f
+        f_used = f * keep if masking else f
         return f_used, {"masked_frac": p.mean(), "threshold": theta}
 
     def training_forward(self, x: Tensor, step: int, total_steps: int) -> TrainOutput:

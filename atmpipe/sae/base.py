@@ -395,7 +395,7 @@ def _provenance() -> dict:
     return {
         "atmpipe_version": atmpipe_version,
         "torch_version": torch.__version__,
-        "saved_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "saved_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 

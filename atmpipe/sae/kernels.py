@@ -63,8 +63,9 @@ def atm_update(
     f: unmasked latents [batch, d_sae]; dec_norm: ‖W_dec,i‖; M, F_, R: EMA buffers; recon_norm: the
     batch mean of ‖x̂_t − b_dec‖ (0-d); r: the effective rate this step (0-d); key: step key (0-d int64).
     Returns new (M, F, R), importance I, threshold θ (0-d), probabilities p and the keep mask
-    (f's dtype; [batch, d_sae] per token, [d_sae] per step).
+    (0/1 in f's dtype; [batch, d_sae] per token, [d_sae] per step).
     """
+    f_dtype = f.dtype
     f = f.detach().float()
     mean_f = f.mean(0)
     M = beta * M + (1 - beta) * mean_f
@@ -76,7 +77,7 @@ def atm_update(
     theta = imp.mean() + c * imp.std(correction=0)
     p = torch.where(imp < theta, 1 - torch.exp(-r * (theta - imp) / theta), 0.0).clamp(0.0, p_max)
     u = uniform_noise(tuple(f.shape) if per_token else (f.shape[1],), key, f.device)
-    keep = u >= p
+    keep = (u >= p).to(f_dtype)  # in f's dtype: the mask multiplies f with no conversion pass
     return M, F_, R, imp, theta, p, keep
 
 

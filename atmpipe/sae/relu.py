@@ -57,7 +57,7 @@ class ReLUSAE(SAE):
         warmup_steps = self.hp.l1_warmup_frac * total_steps
         ramp = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
         coeff = self.l1_coeff * ramp
-        l1 = (f_used * self.W_dec.norm(dim=1)).sum(-1).mean()
+        l1 = (f_used @ self.W_dec.norm(dim=1)).mean()  # Σ_i f_i‖W_dec,i‖, mean over tokens
         self.last_l0.copy_(common["l0"])
         self._controller_on = self.hp.target_l0 is not None and ramp >= 1.0
         stats.update(common)
