@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import math
 import queue
-import shutil
 import threading
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from atmpipe import remote
 from atmpipe.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -109,17 +109,30 @@ class RunningStats:
             self.mean, self.m2 = np.array(state["mean"], np.float64), np.array(state["m2"], np.float64)
 
     def update(self, acts: np.ndarray) -> None:
+        self.merge(self.part(acts))
+
+    @staticmethod
+    def part(acts: np.ndarray) -> dict:
+        """The statistics of one shard alone, as JSON (a multi-process harvest records them per shard)."""
         x = decode_acts(acts).astype(np.float64)
-        n_b = x.shape[0]
-        if n_b == 0:
-            return
+        if x.shape[0] == 0:
+            return {"n": 0}
         mean_b = x.mean(0)
         m2_b = ((x - mean_b) ** 2).sum(0)
+        sum_norm = float(np.sqrt((x**2).sum(1)).sum())
+        return {"n": x.shape[0], "sum_norm": sum_norm, "mean": mean_b.tolist(), "m2": m2_b.tolist()}
+
+    def merge(self, part: dict) -> None:
+        """Fold in a shard's `part`; merging shard by shard in order gives the same bits in any process."""
+        n_b = int(part["n"])
+        if n_b == 0:
+            return
+        mean_b, m2_b = np.array(part["mean"], np.float64), np.array(part["m2"], np.float64)
         n = self.n + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
         self.m2 = self.m2 + m2_b + delta**2 * (self.n * n_b / n)
-        self.sum_norm += float(np.sqrt((x**2).sum(1)).sum())
+        self.sum_norm += float(part["sum_norm"])
         self.n = n
 
     def state(self) -> dict:
@@ -176,7 +189,7 @@ class Store:
     """A harvested (or synthetic) activation store, opened for reading."""
 
     def __init__(self, path: str | Path, mode: str = "r"):
-        self.path = Path(path)
+        self.path = remote.location(path)  # a local Path, or an fsspec URL (s3://..., gs://...)
         self.group = zarr.open_group(self.path, mode=mode)
         self.attrs: dict = dict(self.group.attrs["atmpipe"])
         self.layers: list[int] = list(self.attrs["layers"])
@@ -210,12 +223,12 @@ class Store:
         return math.sqrt(self.d_model) / self.stats(layer)["mean_norm"]
 
     def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return remote.size_bytes(self.path)
 
 
 def open_store(path: str | Path) -> Store:
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
+    path = remote.location(path)
+    if not remote.has_file(path, "zarr.json"):
         raise UserError(f"no activation store at {path}; run `atmpipe harvest --out {path}` first")
     try:
         store = Store(path)
@@ -283,12 +296,12 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | Path, attrs: dict, *, overwrite: bool = False, max_pending: int = 2):
-        self.path = Path(path)
+        self.path = remote.location(path)
         attrs = _normalise({**attrs, "schema_version": SCHEMA_VERSION})
         self.layers: list[int] = attrs["layers"]
         self.d_model: int = attrs["d_model"]
         self.dtype: str = attrs["dtype"]
-        if self.path.exists() and not overwrite:
+        if remote.exists(self.path) and not overwrite:
             self._reopen(attrs)
         else:
             self._create(attrs)
@@ -300,12 +313,12 @@ class StoreWriter:
 
     # creation / resumption
     def _create(self, attrs: dict) -> None:
-        if self.path.exists():
-            if not (self.path / "zarr.json").is_file() and (self.path.is_file() or any(self.path.iterdir())):
+        if remote.exists(self.path):
+            if not remote.has_file(self.path, "zarr.json") and not remote.is_empty_dir(self.path):
                 raise UserError(
                     f"{self.path} exists and is not a Zarr store; refusing to replace it, pass another --out"
                 )
-            shutil.rmtree(self.path)
+            remote.remove(self.path)
         root = zarr.open_group(self.path, mode="w")
         for name, meta in attrs["splits"].items():
             group = root.create_group(name)

@@ -1,0 +1,143 @@
+"""Where a store lives: a local directory, or any fsspec URL (s3://, gs://, az://, memory://, file://).
+
+Arrays and group metadata go through Zarr's own store layer: `zarr.open_group` takes the URL and builds
+a FsspecStore. The few things Zarr has no API for (does a store exist, delete it, its size, the small
+commit markers of a multi-process harvest) go through the same fsspec filesystem here.
+
+Credentials come from each filesystem's standard environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_ENDPOINT_URL, AWS_PROFILE for S3; GOOGLE_APPLICATION_CREDENTIALS for GCS; ...): atmpipe never reads,
+prints or stores them, and names a store by its URL only.
+
+Commits stay atomic without a rename: an object store replaces an object whole on PUT, so a reader sees
+the old zarr.json or the new one, never a mix; locally, small files are written to a temp name and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+Location = Path | str  # a local directory, or the URL of a remote one
+
+
+def location(path: str | Path) -> Location:
+    """A local Path, or the URL itself for a remote store (file:// URLs become local paths)."""
+    if isinstance(path, Path):
+        return path
+    text = str(path)
+    if text.startswith("file://"):
+        return Path(text.removeprefix("file://"))
+    if "://" in text:
+        return text.rstrip("/")
+    return Path(text)
+
+
+def is_remote(loc: Location) -> bool:
+    return isinstance(loc, str)
+
+
+def _fs(url: str):
+    """(filesystem, path inside it); listings are re-read, since other processes write the same store."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache()
+    return fs, path
+
+
+def exists(loc: Location) -> bool:
+    if not is_remote(loc):
+        return loc.exists()
+    fs, path = _fs(loc)
+    return fs.exists(path)
+
+
+def has_file(loc: Location, key: str) -> bool:
+    if not is_remote(loc):
+        return (loc / key).is_file()
+    fs, path = _fs(loc)
+    return fs.isfile(f"{path}/{key}")
+
+
+def is_empty_dir(loc: Location) -> bool:
+    """True for a directory (or prefix) that holds nothing; False for a file or anything with content."""
+    if not is_remote(loc):
+        return loc.is_dir() and not any(loc.iterdir())
+    fs, path = _fs(loc)
+    return not fs.isfile(path) and not fs.find(path)
+
+
+def remove(loc: Location) -> None:
+    if not is_remote(loc):
+        shutil.rmtree(loc)
+        return
+    fs, path = _fs(loc)
+    if fs.find(path):
+        fs.rm(path, recursive=True)
+
+
+def size_bytes(loc: Location) -> int:
+    if not is_remote(loc):
+        return sum(f.stat().st_size for f in loc.rglob("*") if f.is_file())
+    fs, path = _fs(loc)
+    return int(fs.du(path)) if fs.exists(path) else 0
+
+
+# --- small documents beside the Zarr data (commit markers) -----------------------------------------
+
+
+def write_bytes(loc: Location, key: str, data: bytes) -> None:
+    """Write one small object atomically (temp file + rename locally; a single PUT remotely)."""
+    if is_remote(loc):
+        fs, path = _fs(loc)
+        fs.pipe_file(f"{path}/{key}", data)
+        return
+    target = loc / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+
+
+def read_bytes(loc: Location, key: str) -> bytes:
+    if not is_remote(loc):
+        return (loc / key).read_bytes()
+    fs, path = _fs(loc)
+    return fs.cat_file(f"{path}/{key}")
+
+
+def list_names(loc: Location, prefix: str) -> list[str]:
+    """Names of the objects directly under `prefix` (empty when there is none), temp files excluded."""
+    if not is_remote(loc):
+        folder = loc / prefix
+        return (
+            sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+        )
+    fs, path = _fs(loc)
+    try:
+        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{path}/{prefix}", detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def delete_tree(loc: Location, prefix: str) -> None:
+    if not is_remote(loc):
+        shutil.rmtree(loc / prefix, ignore_errors=True)
+        return
+    fs, path = _fs(loc)
+    if fs.find(f"{path}/{prefix}"):
+        fs.rm(f"{path}/{prefix}", recursive=True)
+
+
+def delete(loc: Location, keys: list[str]) -> None:
+    if not keys:
+        return
+    if not is_remote(loc):
+        for key in keys:
+            (loc / key).unlink(missing_ok=True)
+        return
+    fs, path = _fs(loc)
+    fs.rm([f"{path}/{key}" for key in keys])
