@@ -233,15 +233,83 @@ def open_store(path: str | Path) -> Store:
     try:
         store = Store(path)
     except KeyError:
+        if (zarr.open_group(path, mode="r").attrs.get("atmpipe") or {}).get("creating"):
+            raise UserError(
+                f"store {path} was never fully created (its harvest stopped while creating it); "
+                "re-run the harvest to create it again"
+            ) from None
         raise UserError(
             f"{path} is a Zarr group but not an atmpipe store (no 'atmpipe' attributes)"
         ) from None
-    if store.attrs.get("schema_version") != SCHEMA_VERSION:
+    except (ValueError, TypeError, OSError) as e:  # a zarr.json that is not a group's JSON
+        raise UserError(f"store {path} has unreadable metadata ({first_line(e)}); re-harvest it") from None
+    version = store.attrs.get("schema_version")
+    if type(version) is not int or version > SCHEMA_VERSION:
         raise UserError(
-            f"store {path} has schema version {store.attrs.get('schema_version')}, this atmpipe reads "
-            f"{SCHEMA_VERSION}; re-harvest it"
+            f"store {path} was written by a newer atmpipe (schema version {version}; this one reads "
+            f"{SCHEMA_VERSION}); upgrade atmpipe to read it"
         )
+    if version < SCHEMA_VERSION:
+        raise UserError(
+            f"store {path} has the old schema version {version}, which this atmpipe (schema {SCHEMA_VERSION}) "
+            f"does not read; re-harvest it with `atmpipe harvest --out {path} --overwrite`"
+        )
+    check_layout(store)
     return store
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_layout(store: Store) -> None:
+    """The arrays on disk must be what the attributes say (shapes, dtypes, chunking), or the store is refused.
+
+    Attribute values are type-checked first: they name arrays, and are never trusted as paths.
+    """
+
+    def refuse(what: str) -> UserError:
+        return UserError(
+            f"store {store.path} is inconsistent: {what}; it is damaged or was edited: re-harvest it"
+        )
+
+    a = store.attrs
+    layers, d_model, dtype, splits = a.get("layers"), a.get("d_model"), a.get("dtype"), a.get("splits")
+    if not (isinstance(layers, list) and layers and all(type(x) is int and x >= 0 for x in layers)):
+        raise refuse(f"attribute layers is {layers!r}, not a list of layer numbers")
+    if not (type(d_model) is int and d_model > 0):
+        raise refuse(f"attribute d_model is {d_model!r}, not a positive integer")
+    if dtype not in STORAGE_DTYPES:
+        raise refuse(f"attribute dtype is {dtype!r}, not one of {', '.join(STORAGE_DTYPES)}")
+    if not (isinstance(splits, dict) and splits and set(splits) <= set(SPLITS)):
+        raise refuse(f"attribute splits names {list(splits or [])!r}, not train and eval")
+    sizes = ("n_tokens", "n_shards", "shards_committed", "shard_tokens", "chunk_tokens")
+    for name, meta in splits.items():
+        if not (isinstance(meta, dict) and all(type(meta.get(k)) is int and meta[k] >= 0 for k in sizes)):
+            raise refuse(f"split {name} has malformed sizes {meta!r}")
+        n, shard, chunk = meta["n_tokens"], meta["shard_tokens"], meta["chunk_tokens"]
+        if not (0 < chunk <= shard and shard % chunk == 0 and meta["n_shards"] == -(-n // shard)
+                and meta["shards_committed"] <= meta["n_shards"]):  # fmt: skip
+            raise refuse(f"split {name} has contradictory sizes {meta!r}")
+        want = {
+            acts_name(L): ((n, d_model), STORAGE_DTYPES[dtype], (chunk, d_model), (shard, d_model))
+            for L in layers
+        }
+        for array, kind in (("tokens", "int32"), ("positions", "int32"), ("bos", "bool")):
+            want[array] = ((n,), np.dtype(kind), (chunk,), (shard,))
+        for array, expected in want.items():
+            try:
+                arr = store.group[f"{name}/{array}"]
+            except (KeyError, ValueError, OSError):
+                raise refuse(f"array {name}/{array} is missing") from None
+            got = (tuple(arr.shape), np.dtype(arr.dtype), tuple(arr.chunks), tuple(arr.shards or arr.chunks))
+            if got != expected:
+                raise refuse(
+                    f"{name}/{array} has shape {got[0]}, dtype {got[1]}, chunks {got[2]}, shards {got[3]}, "
+                    f"the attributes say shape {expected[0]}, dtype {expected[1]}, chunks {expected[2]}, "
+                    f"shards {expected[3]}"
+                )
 
 
 # --- writer ---------------------------------------------------------------------------------------
@@ -319,7 +387,8 @@ class StoreWriter:
                     f"{self.path} exists and is not a Zarr store; refusing to replace it, pass another --out"
                 )
             remote.remove(self.path)
-        root = zarr.open_group(self.path, mode="w")
+        # Marked as being created until the first commit: a harvest killed before then is simply recreated.
+        root = zarr.open_group(self.path, mode="w", attributes={"atmpipe": {"creating": True}})
         for name, meta in attrs["splits"].items():
             group = root.create_group(name)
             rows, chunk, shard = meta["n_tokens"], meta["chunk_tokens"], meta["shard_tokens"]
@@ -349,6 +418,9 @@ class StoreWriter:
             raise UserError(
                 f"{self.path} exists but is not an atmpipe store; pass another --out or --overwrite to replace it"
             ) from None
+        if existing.get("creating"):  # a harvest was killed while creating it: nothing was committed
+            self._create(attrs)
+            return
         old, new = config_view(existing), config_view(attrs)
         if old != new:
             differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
