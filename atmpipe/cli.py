@@ -215,6 +215,35 @@ def eval_command(
     run_stage(go)
 
 
+# --- verify -------------------------------------------------------------------------------------
+# (section owned by the reliability work)
+
+
+@app.command("verify")
+def verify_command(store: str = typer.Argument(..., help="A store written by `atmpipe harvest`.")) -> None:
+    """Read every chunk of a store and report damaged ones; exit code 1 if any is damaged."""
+
+    def go():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        from atmpipe.integrity import count_chunks, verify_store
+        from atmpipe.store import open_store
+
+        opened = open_store(store, check_files=False)
+        with Progress(BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task("verify", total=count_chunks(opened))
+            report = verify_store(opened, on_progress=lambda n: bar.advance(task, n))
+        for damage in report.damaged:
+            err.print(f"damaged: {damage}", highlight=False, soft_wrap=True)
+        pending = ", ".join(f"{n:,} {s} tokens" for s, n in report.uncommitted_tokens.items() if n)
+        summary = f"{report.chunks_checked:,} chunks checked, {len(report.damaged)} damaged"
+        err.print(summary + (f" ({pending} not committed yet)" if pending else ""), highlight=False)
+        if report.damaged:
+            raise typer.Exit(1)
+
+    run_stage(go)
+
+
 def main() -> None:  # pragma: no cover - `python -m atmpipe`
     app()
 

@@ -226,7 +226,9 @@ class Store:
         return remote.size_bytes(self.path)
 
 
-def open_store(path: str | Path) -> Store:
+def open_store(path: str | Path, *, check_files: bool = True) -> Store:
+    """Open a store to read; refuses other schema versions, inconsistent layouts and missing shard files
+    (`check_files=False`: leave those to `atmpipe verify`, which reports them all)."""
     path = remote.location(path)
     if not remote.has_file(path, "zarr.json"):
         raise UserError(f"no activation store at {path}; run `atmpipe harvest --out {path}` first")
@@ -255,6 +257,10 @@ def open_store(path: str | Path) -> Store:
             f"does not read; re-harvest it with `atmpipe harvest --out {path} --overwrite`"
         )
     check_layout(store)
+    if check_files:
+        from atmpipe.integrity import check_no_missing_shards
+
+        check_no_missing_shards(store)
     return store
 
 
@@ -441,6 +447,14 @@ class StoreWriter:
     def shards_committed(self, split: str) -> int:
         return self.attrs["splits"][split]["shards_committed"]
 
+    def owned(self, split: str) -> range:
+        """The shards of `split` this writer writes (all of them; one rank's share in distributed.py)."""
+        return range(self.attrs["splits"][split]["n_shards"])
+
+    def todo(self, split: str) -> list[int]:
+        """The owned shards not committed yet, in the order to put them."""
+        return [i for i in self.owned(split) if i >= self.shards_committed(split)]
+
     def _commit(self) -> None:
         self.root.attrs["atmpipe"] = self.attrs
 
@@ -468,6 +482,16 @@ class StoreWriter:
                     self._error = e
 
     def _write(self, split: str, index: int, arrays: dict[str, np.ndarray]) -> None:
+        self._write_arrays(split, index, arrays)
+        if split == "train":
+            keep = ~np.asarray(arrays["bos"], bool)
+            for layer in self.layers:
+                self.stats[layer].update(arrays[acts_name(layer)][keep])
+            self.attrs["stats_state"] = {str(k): s.state() for k, s in self.stats.items()}
+        self.attrs["splits"][split]["shards_committed"] = index + 1
+        self._commit()
+
+    def _write_arrays(self, split: str, index: int, arrays: dict[str, np.ndarray]) -> None:
         meta = self.attrs["splits"][split]
         start = index * meta["shard_tokens"]
         stop = min(start + meta["shard_tokens"], meta["n_tokens"])
@@ -478,13 +502,6 @@ class StoreWriter:
                     f"shard {index} of {split}: {name} has {len(values)} rows, expected {stop - start}"
                 )
             group[name][start:stop] = values
-        if split == "train":
-            keep = ~np.asarray(arrays["bos"], bool)
-            for layer in self.layers:
-                self.stats[layer].update(arrays[acts_name(layer)][keep])
-            self.attrs["stats_state"] = {str(k): s.state() for k, s in self.stats.items()}
-        meta["shards_committed"] = index + 1
-        self._commit()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -495,6 +512,9 @@ class StoreWriter:
         self._queue.put(None)
         self._thread.join()
         self._raise_if_failed()
+        self._finalise()
+
+    def _finalise(self) -> None:
         if all(m["shards_committed"] == m["n_shards"] for m in self.attrs["splits"].values()):
             self.attrs["complete"] = True
             self.attrs["stats"] = {str(k): s.summary() for k, s in self.stats.items()}
