@@ -52,6 +52,11 @@ def harvest_command(
     out: str | None = typer.Option(None, help="Store path (default cache/l{L}.zarr)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store of another configuration."),
     config: Path | None = typer.Option(None, help="Recipe such as stages/harvest.toml; flags override it."),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="RISK: runs Python code from the model's repository. Only for models you trust.",
+    ),
 ) -> None:
     """Stage one: run the LM over a corpus and store residual-stream activations (resumable)."""
 
@@ -63,6 +68,7 @@ def harvest_command(
             HarvestConfig, config, model=model, layers=layer or None, dataset=dataset, text_column=text_column,
             tokens=tokens, eval_tokens=eval_tokens, context_size=context_size, batch_size=batch_size, seed=seed,
             dtype=dtype, device=device, storage_dtype=storage_dtype, out=out, overwrite=overwrite or None,
+            trust_remote_code=trust_remote_code or None,
         )  # fmt: skip
         path = harvest(cfg)
         err.print(f"store: {path}  (inspect with `atmpipe info {path}`)", highlight=False)

@@ -7,12 +7,18 @@ The main thread runs the LM; a writer thread compresses, writes and commits shar
 
 from __future__ import annotations
 
+import errno
+import math
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -24,8 +30,10 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from atmpipe import distributed, remote
 from atmpipe.corpus import EMBEDDED, build_corpus
 from atmpipe.errors import UserError
+from atmpipe.integrity import remove_orphans
 from atmpipe.lm import EMBEDDED as EMBEDDED_MODEL
 from atmpipe.lm import LM, capture, check_layers, load_lm
 from atmpipe.store import (
@@ -59,7 +67,43 @@ class HarvestConfig:
     overwrite: bool = False
     chunk_tokens: int | None = None  # default: one batch
     shard_tokens: int | None = None  # default: 8 chunks
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # runs Python code shipped with the model: only with an explicit flag
+
+
+class HarvestInterrupted(UserError):
+    """SIGINT/SIGTERM: committed shards are kept; the message says how to resume."""
+
+    exit_code = 130
+
+
+class _Stop(Exception):
+    """A stop was requested between two forward batches."""
+
+
+@contextmanager
+def _signals():
+    """SIGINT/SIGTERM while harvesting: stop after the current batch, keeping every finished shard.
+
+    Before the harvest loop (loading or converting the model) and on a second signal they interrupt at
+    once, as KeyboardInterrupt, so temp files are cleaned up on the way out. Yields the state: "names"
+    lists the signals received, "soft" is set while a graceful stop is possible.
+    """
+    state = {"names": [], "soft": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, _frame):
+        state["names"].append(signal.Signals(signum).name)
+        if not state["soft"] or len(state["names"]) > 1:
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield state
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def free_disk_bytes(path: Path) -> int:
@@ -114,10 +158,23 @@ def harvest(cfg: HarvestConfig, lm: LM | None = None) -> Path:
     `lm`: an already loaded model to use instead of loading `cfg.model` (benchmarks, notebooks).
     """
     _validate(cfg)
+    with _signals() as stop:
+        try:
+            return _harvest(cfg, lm, stop)
+        except KeyboardInterrupt:
+            name = stop["names"][0] if stop["names"] else "SIGINT"
+            raise HarvestInterrupted(
+                f"stopped by {name}; nothing committed is lost: re-run the same command to resume"
+            ) from None
+
+
+def _harvest(cfg: HarvestConfig, lm: LM | None, stop: dict) -> Path:
+    world = distributed.world()  # under torchrun: this rank writes its share of the shards
+    console.quiet = not world.is_main
     if lm is None:
         lm = load_lm(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     layers = check_layers(lm, cfg.layers or [lm.n_layers // 2])
-    out = Path(cfg.out) if cfg.out else default_out(layers)
+    out = remote.location(cfg.out) if cfg.out else default_out(layers)  # a path or an fsspec URL
     with console.status("tokenising the corpus"):
         corpus = build_corpus(
             lm.tokenizer,
@@ -138,18 +195,23 @@ def harvest(cfg: HarvestConfig, lm: LM | None = None) -> Path:
     plans = {name: plan_split(w.size, chunk, shard, batch_tokens) for name, w in windows.items()}
     attrs = store_attrs(cfg, lm, layers, corpus, plans)
 
-    resuming = out.exists() and not cfg.overwrite
+    resuming = remote.exists(out) and not cfg.overwrite
     needed = bytes_needed(
         {n: p["n_tokens"] for n, p in plans.items()}, len(layers), lm.d_model, cfg.storage_dtype
     )
-    free = free_disk_bytes(out.parent.resolve()) + (0 if not out.exists() else _du(out))
+    free = math.inf if remote.is_remote(out) else free_disk_bytes(out.parent.resolve())
+    free += remote.size_bytes(out) if remote.exists(out) else 0
     if needed > free:
         raise UserError(
             f"not enough free disk for {out}: the store needs about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB "
             "are free; pass fewer --tokens, --storage-dtype bfloat16, or an --out on a bigger disk"
         )
-    writer = StoreWriter(out, attrs, overwrite=cfg.overwrite)
+    if resuming:
+        remove_orphans(out)  # temp files of writes a crash cut short
+    with _writable(out, plans):
+        writer = distributed.store_writer(out, attrs, overwrite=cfg.overwrite)
     if writer.complete:
+        writer.abandon()
         console.print(f"{out} is already complete; nothing to do (pass --overwrite to harvest again)")
         return out
     if resuming and any(writer.shards_committed(s) for s in plans):
@@ -157,13 +219,54 @@ def harvest(cfg: HarvestConfig, lm: LM | None = None) -> Path:
             min(writer.shards_committed(s) * p["shard_tokens"], p["n_tokens"]) for s, p in plans.items()
         )
         console.print(f"resuming {out}: {done:,} tokens already committed")
+    stop["soft"] = True
     try:
-        _run(lm, layers, windows, plans, writer, cfg, out)
-        writer.close()
+        with _writable(out, plans):
+            try:
+                _run(lm, layers, windows, plans, writer, cfg, out, stop)
+            except _Stop:
+                writer.close()  # finish and commit the shards already computed
+                raise HarvestInterrupted(
+                    f"stopped by {stop['names'][0]} with {_committed_tokens(out, plans):,} tokens committed in "
+                    f"{out}; they are kept: re-run the same command to resume"
+                ) from None
+            writer.close()
     except BaseException:
         writer.abandon()
         raise
+    finally:
+        stop["soft"] = False
     return out
+
+
+def _committed_tokens(out: Path, plans: dict) -> int:
+    """Tokens committed on disk (re-read: a failed commit may have advanced the in-memory count)."""
+    try:
+        splits = zarr.open_group(out, mode="r").attrs["atmpipe"]["splits"]
+        return sum(
+            min(splits[s]["shards_committed"] * p["shard_tokens"], p["n_tokens"]) for s, p in plans.items()
+        )
+    except Exception:
+        return 0
+
+
+@contextmanager
+def _writable(out: Path, plans: dict):
+    """A full disk or an unwritable --out is the user's to fix: say so in one line, and how to resume."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"the disk holding {out} is full ({e.strerror}); the store keeps its "
+                f"{_committed_tokens(out, plans):,} committed tokens: free some space, then re-run the same "
+                "command to resume"
+            ) from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UserError(
+                f"cannot write to {out} ({e.strerror}: {e.filename}); pass an --out in a writable directory"
+            ) from None
+        raise
 
 
 def _du(path: Path) -> int:
@@ -175,9 +278,16 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed or 0:,.0f} tok/s", style="progress.data.speed")
 
 
-def _run(lm: LM, layers, windows, plans, writer: StoreWriter, cfg: HarvestConfig, out: Path) -> None:
-    total = sum(p["n_tokens"] for p in plans.values())
-    done = sum(min(writer.shards_committed(s) * p["shard_tokens"], p["n_tokens"]) for s, p in plans.items())
+def _run(
+    lm: LM, layers, windows, plans, writer: StoreWriter, cfg: HarvestConfig, out: Path, stop: dict
+) -> None:
+    def tokens(split: str, shards) -> int:  # tokens in these shards of the split
+        p = plans[split]
+        return sum(min((i + 1) * p["shard_tokens"], p["n_tokens"]) - i * p["shard_tokens"] for i in shards)
+
+    todo = {split: writer.todo(split) for split in plans}  # this process's share (all, unless torchrun)
+    total = sum(tokens(split, writer.owned(split)) for split in plans)
+    done = total - sum(tokens(split, todo[split]) for split in plans)
     bytes_per_token = len(layers) * lm.d_model * STORAGE_DTYPES[cfg.storage_dtype].itemsize
     columns = (
         TextColumn("[bold]harvest[/] {task.description}"),
@@ -195,21 +305,23 @@ def _run(lm: LM, layers, windows, plans, writer: StoreWriter, cfg: HarvestConfig
         for split, rows in windows.items():
             plan = plans[split]
             windows_per_shard = plan["shard_tokens"] // cfg.context_size
-            for index in range(writer.shards_committed(split), plan["n_shards"]):
+            for index in todo[split]:
                 first = index * windows_per_shard
                 shard_rows = rows[first : first + windows_per_shard]
-                arrays = _harvest_shard(lm, layers, shard_rows, first, split, cfg)
+                arrays = _harvest_shard(lm, layers, shard_rows, first, split, cfg, stop)
                 writer.put_shard(split, index, arrays)
                 written += shard_rows.size * bytes_per_token
                 progress.update(task, advance=shard_rows.size, gb=written / 1e9)
 
 
 def _harvest_shard(
-    lm: LM, layers, rows: np.ndarray, first_window: int, split: str, cfg: HarvestConfig
+    lm: LM, layers, rows: np.ndarray, first_window: int, split: str, cfg: HarvestConfig, stop: dict
 ) -> dict:
     """Forward one shard's windows batch by batch; returns the shard's arrays in storage form."""
     parts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     for start in range(0, len(rows), cfg.batch_size):
+        if stop["names"]:  # this shard is dropped unwritten; the ones before it are kept
+            raise _Stop
         ids = torch.from_numpy(rows[start : start + cfg.batch_size].astype(np.int64))
         acts = capture(lm, ids, layers)
         for layer in layers:
