@@ -375,7 +375,8 @@ class StoreWriter:
         self.layers: list[int] = attrs["layers"]
         self.d_model: int = attrs["d_model"]
         self.dtype: str = attrs["dtype"]
-        if remote.exists(self.path) and not overwrite:
+        # An empty directory is what a kill at the very start of a creation leaves: create it anew.
+        if remote.exists(self.path) and not overwrite and not remote.is_empty_dir(self.path):
             self._reopen(attrs)
         else:
             self._create(attrs)
