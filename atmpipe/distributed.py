@@ -77,7 +77,8 @@ class World:
         """Average logged numbers over the ranks (a collective; every rank logs at the same steps)."""
         if self.size == 1:
             return values
-        keys = [k for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        same = ("lr", "tokens_per_s", "elapsed_s")  # equal on every rank, or this rank's own clock
+        keys = [k for k, v in values.items() if isinstance(v, float) and k not in same]
         t = self.mean_(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
         return {**values, **dict(zip(keys, t.tolist(), strict=True))}
 

@@ -66,9 +66,19 @@ class ShardStream:
         workers: int = 2,
         position: dict | None = None,
         log: Callable[[str], None] = print,
+        rank: int = 0,
+        world: int = 1,
     ):
         if batch_size <= 0:
             raise UserError(f"batch size must be positive, got {batch_size}; pass e.g. --batch-size 4096")
+        if batch_size % world:
+            raise UserError(
+                f"batch size {batch_size} does not split over {world} processes; pass a --batch-size that "
+                f"is a multiple of {world}"
+            )
+        # Data parallel: every rank forms the same global batches and keeps rows rank::world of each
+        # (batch_size stays the global size; the position counts global rows, whatever the world size).
+        self.rank, self.world = rank, world
         check_store(store, layer, allow_partial)
         self.store, self.layer, self.batch_size = store, layer, batch_size
         self.split = store.split(SPLIT)
@@ -267,15 +277,21 @@ class ShardStream:
     def _batches(self) -> Iterator[torch.Tensor]:
         pin = self.device.type == "cuda"
         batch, filled = None, 0
+        local_size = self.batch_size // self.world
         for acts, order in self._shuffled_rounds():
             done = 0
             while done < len(order):
                 if batch is None:
-                    batch = torch.empty((self.batch_size, acts.shape[1]), dtype=torch.float32, pin_memory=pin)
+                    batch = torch.empty((local_size, acts.shape[1]), dtype=torch.float32, pin_memory=pin)
                 take = min(self.batch_size - filled, len(order) - done)
                 # Rows of one batch in buffer order: the same set, gathered with far better locality.
                 rows = np.sort(order[done : done + take])
-                np.take(acts, rows, axis=0, out=batch.numpy()[filled : filled + take])
+                if self.world > 1:  # this rank's rows: global batch positions ≡ rank (mod world)
+                    first = (self.rank - filled) % self.world
+                    rows, at = rows[first :: self.world], (filled + first) // self.world
+                    np.take(acts, rows, axis=0, out=batch.numpy()[at : at + len(rows)])
+                else:
+                    np.take(acts, rows, axis=0, out=batch.numpy()[filled : filled + take])
                 filled, done = filled + take, done + take
                 if filled == self.batch_size:
                     yield batch

@@ -34,6 +34,7 @@ from rich.progress import (
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from atmpipe import distributed
 from atmpipe.config import load_config, to_dict
 from atmpipe.errors import UserError
 from atmpipe.sae import SAE, SAE_METHODS, SAEConfig, make_sae
@@ -388,7 +389,10 @@ def format_metrics(m: dict) -> str:
 
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     """Train an SAE as `cfg` says; returns the run directory holding the saved SAE."""
+    world = distributed.world()  # under torchrun: DDP over the ranks (distributed.py)
     console = console or Console(stderr=True)
+    if not world.is_main:
+        console = Console(stderr=True, quiet=True)
     validate(cfg)
     store = open_store(cfg.store)
     layer = store.layers[0] if cfg.layer is None else cfg.layer
@@ -397,6 +401,8 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     total = max(1, cfg.tokens // cfg.batch_size)
     hparams = method_hparams(cfg, d_sae, total * cfg.batch_size)
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
     out = Path(cfg.out or default_out(cfg.store, cfg.method))
     identity = run_identity(cfg, d_in, d_sae, layer)
     checkpoint, clear = inspect_run_dir(out, cfg, identity)
@@ -426,33 +432,38 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     stream = ShardStream(
         store, layer, cfg.batch_size, seed=cfg.seed, buffer_chunks=cfg.buffer_chunks,
         allow_partial=cfg.allow_partial, skip_damaged=cfg.skip_damaged, device=device,
-        position=resumed["stream"] if resumed else None, log=console.print,
+        position=resumed["stream"] if resumed else None, log=console.print, rank=world.rank, world=world.size,
     )  # fmt: skip
     sae.cfg.store["train_tokens_used"] = stream.n_tokens
 
-    # Everything is validated: only now touch the run directory.
-    if clear:
+    # Everything is validated: only now touch the run directory (rank 0 alone writes it).
+    if clear and world.is_main:
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_CONFIG).write_text(json.dumps({"identity": identity, "config": to_dict(cfg)}, indent=1) + "\n")
-    last = _truncate_metrics(out / METRICS, step)
-    for stale in (out / CHECKPOINTS).glob(".tmp-*"):  # writes cut short by a crash
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_CONFIG).write_text(
+            json.dumps({"identity": identity, "config": to_dict(cfg)}, indent=1) + "\n"
+        )
+    last = _truncate_metrics(out / METRICS, step) if world.is_main else {}
+    for stale in (out / CHECKPOINTS).glob(".tmp-*") if world.is_main else ():  # writes cut short by a crash
         shutil.rmtree(stale)
     if resumed:
         console.print(f"resuming {out} from {checkpoint.name} ({step * cfg.batch_size:,} tokens seen)")
 
     warmup = max(1, min(cfg.warmup_steps, int(cfg.warmup_frac * total)))
-    forward = torch.compile(sae.training_forward) if cfg.compile else sae.training_forward
+    forward = distributed.data_parallel(sae, world, device)
+    forward = torch.compile(forward) if cfg.compile else forward
 
     def checkpoint_now() -> Path:
         state = {"step": step, "norm_scale": scale, "stream": stream.state_dict(), "identity": identity}
-        return save_checkpoint(out, step, sae, opt, state)
+        # Every rank holds the same state (and the stream position counts global rows): rank 0 saves it.
+        return save_checkpoint(out, step, sae, opt, state) if world.is_main else latest_checkpoint(out)
 
     with (
         stream,
         stop_requests() as stop,
         progress_display(console) as progress,
-        open(out / METRICS, "a") as log,
+        open(out / METRICS, "a") if world.is_main else open(os.devnull, "w") as log,
     ):
         task = progress.add_task("train", total=total, completed=step, rate="", metrics="")
         clock, clock_step, started = time.perf_counter(), step, time.perf_counter()
@@ -460,10 +471,13 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
             x = next(stream) * scale
             output = forward(x, step, total)
             loss = sum(output.losses.values())
-            if not torch.isfinite(loss):
+            # One collective answers both for every rank, so all ranks stop at the same step.
+            not_finite, stopping = world.any(not torch.isfinite(loss), bool(stop))
+            if not_finite:
                 raise _nan_error(step, loss, x, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.sync_state(sae, world, x.shape[0])
             sae.remove_parallel_grads()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
             for group, base in zip(opt.param_groups, base_lrs, strict=True):
@@ -475,15 +489,17 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 rate = (step - clock_step) * cfg.batch_size / max(now - clock, 1e-9)
-                last = _metrics(step, cfg.batch_size, opt, loss, output, rate, now - started)
+                last = world.mean_metrics(
+                    _metrics(step, cfg.batch_size, opt, loss, output, rate, now - started)
+                )
                 log.write(json.dumps(last) + "\n")
                 log.flush()
                 progress.update(task, rate=f"{rate:,.0f} tok/s", metrics=format_metrics(last))
                 clock, clock_step = now, step
-            if stop:
+            if stopping:
                 saved = checkpoint_now()
                 raise TrainingInterrupted(
-                    f"stopped by {stop[0]} at step {step}/{total}; checkpoint saved in {saved}; resume with: "
+                    f"stopped by {(stop or ['a signal to another rank'])[0]} at step {step}/{total}; checkpoint saved in {saved}; resume with: "
                     f"atmpipe train --store {cfg.store} --method {cfg.method} --out {out} --resume"
                 )
             if step % cfg.checkpoint_every == 0 and step < total:
@@ -501,7 +517,10 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         "hparams": sae.cfg.hparams,
         "norm_scale": scale,
         "adam_betas": list(betas),
+        "world_size": world.size,
     }
+    if not world.is_main:
+        return out
     sae.save(out, metadata)
     console.print(f"saved the {cfg.method} SAE to {out}")
     return out
