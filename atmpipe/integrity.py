@@ -57,9 +57,13 @@ def shard_key(store: Store, split: str, array: str, shard: int) -> str:
 
 
 def missing_shards(store: Store) -> Iterator[tuple[str, str, int, int, int]]:
-    """(split, array, shard, first token, stop token) of each committed shard whose file is gone."""
+    """(split, array, shard, first token, stop token) of each committed activation shard whose file is gone.
+
+    Only activations: Zarr writes no file for a shard that is all fill value (zeros), which token, position
+    and BOS shards can legitimately be; real activations never are.
+    """
     for split, meta in store.attrs["splits"].items():
-        for array in array_names(store):
+        for array in array_names(store)[: len(store.layers)]:
             for shard in range(meta["shards_committed"]):
                 if not remote.has_file(store.path, shard_key(store, split, array, shard)):
                     start = shard * meta["shard_tokens"]
@@ -100,7 +104,9 @@ def verify_store(store: Store | str | Path, on_progress: Callable[[int], None] |
             for shard in range(meta["shards_committed"]):
                 start, stop = shard * shard_tokens, min((shard + 1) * shard_tokens, n)
                 spans = [(s, min(s + chunk, stop)) for s in range(start, stop, chunk)]
-                if not remote.has_file(store.path, shard_key(store, split, array, shard)):
+                if array.startswith("acts_") and not remote.has_file(
+                    store.path, shard_key(store, split, array, shard)
+                ):
                     report.damaged += [
                         Damage(split, array, s // chunk, s, e, "shard file missing") for s, e in spans
                     ]
