@@ -440,7 +440,12 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     if clear and world.is_main:
         shutil.rmtree(out)
     if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # read-only or not permitted: the user's to fix
+            raise UserError(
+                f"cannot write to {out} ({e.strerror}); pass an --out in a writable directory"
+            ) from None
         (out / RUN_CONFIG).write_text(
             json.dumps({"identity": identity, "config": to_dict(cfg)}, indent=1) + "\n"
         )
