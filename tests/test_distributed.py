@@ -1,0 +1,222 @@
+"""Several processes under torchrun (gloo, CPU): a multi-rank harvest writes the very store one process
+writes, and resumes after a crash with any number of processes; DDP training on 2 ranks ends with the
+1-rank weights; a 2-rank run resumes on 1 rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from atmpipe.distributed import COMMITS
+from atmpipe.errors import UserError
+from atmpipe.harvest import HarvestConfig, harvest
+from atmpipe.store import open_store, write_arrays_store
+from atmpipe.stream import ShardStream
+from atmpipe.train import TrainConfig, train
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+HARVEST = dict(
+    layers=[1],
+    tokens=32 * 24,
+    eval_tokens=32 * 4,
+    context_size=32,
+    batch_size=2,
+    chunk_tokens=64,
+    shard_tokens=128,
+)  # fmt: skip  (6 train shards, 1 eval shard)
+
+# Runs the CLI with one process dying (os._exit, as a kill would) right after its Nth commit: a root
+# attribute write (single process) or a commit marker (a rank of a multi-process harvest).
+CRASH_DRIVER = """
+import os
+from atmpipe import remote, store
+rank, target, after = os.environ.get("RANK", "0"), os.environ["CRASH_RANK"], int(os.environ["CRASH_AFTER"])
+count = [0]
+def counted(real):
+    def run(*args, **kwargs):
+        result = real(*args, **kwargs)
+        count[0] += 1
+        if rank == target and count[0] == after:
+            os._exit(9)
+        return result
+    return run
+store.StoreWriter._commit = counted(store.StoreWriter._commit)
+remote.write_bytes = counted(remote.write_bytes)
+from atmpipe.cli import app
+app()
+"""
+
+
+def files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def write_recipe(path: Path, **values) -> Path:
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def torchrun(n: int, *args, env: dict | None = None, script: Path | None = None, check: bool = True):
+    cmd = [str(TORCHRUN), "--standalone", f"--nproc-per-node={n}"]
+    cmd += [str(script)] if script else ["-m", "atmpipe"]
+    done = subprocess.run([*cmd, *map(str, args)], env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoints, tmp_path_factory) -> Path:
+    """The store one process harvests."""
+    out = tmp_path_factory.mktemp("ref") / "one.zarr"
+    return harvest(HarvestConfig(model=str(tiny_checkpoints["gemma3"]), out=str(out), **HARVEST))
+
+
+# --- the stream's share of a global batch ---------------------------------------------------------
+
+
+def test_ranks_take_interleaved_rows_of_the_single_process_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 700
+    store = write_arrays_store(
+        tmp_path / "s.zarr",
+        {"train": {"acts": rng.normal(size=(n, 4)), "tokens": np.arange(n) + 1, "bos": rng.random(n) < 0.1},
+         "eval": {"acts": rng.normal(size=(64, 4)), "tokens": np.arange(64) + 1, "bos": np.arange(64) % 32 == 0}},
+        layer=0, chunk_tokens=50, shard_tokens=100,
+    )  # fmt: skip
+    # 12-row batches across 3-chunk shuffle rounds of ~135 rows: batches straddle rounds and epochs.
+    kw = dict(seed=3, buffer_chunks=3, log=lambda _: None)
+
+    def batches(rank, world, count=70, position=None):
+        with ShardStream(store, 0, 12, rank=rank, world=world, position=position, **kw) as s:
+            return [next(s).clone() for _ in range(count)], s.state_dict()
+
+    single, state = batches(0, 1)
+    for world in (2, 3):
+        shares = [batches(rank, world)[0] for rank in range(world)]
+        for step, whole in enumerate(single):
+            for rank in range(world):
+                torch.testing.assert_close(shares[rank][step], whole[rank::world], rtol=0, atol=0)
+    # The position counts global rows: a 2-rank stream resumes a 1-rank one (and the other way round).
+    after, _ = batches(0, 1, count=5, position=state)
+    resumed, _ = batches(1, 2, count=5, position=state)
+    for a, b in zip(after, resumed, strict=True):
+        torch.testing.assert_close(b, a[1::2], rtol=0, atol=0)
+    with pytest.raises(UserError, match="batch size 12 does not split over 5 processes"):
+        ShardStream(store, 0, 12, rank=0, world=5, **kw)
+
+
+# --- harvest --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crashed(tiny_checkpoints, tmp_path_factory) -> tuple[Path, Path]:
+    """(recipe, store) of a 2-process harvest whose rank 1 died right after committing its first shard."""
+    root = tmp_path_factory.mktemp("crashed")
+    recipe = write_recipe(root / "h.toml", model=str(tiny_checkpoints["gemma3"]), **HARVEST)
+    driver = root / "crash.py"
+    driver.write_text(CRASH_DRIVER)
+    out = root / "two.zarr"
+    done = torchrun(2, "harvest", "--config", recipe, "--out", out, script=driver, check=False,
+                    env={"CRASH_RANK": "1", "CRASH_AFTER": "1"})  # fmt: skip
+    assert done.returncode != 0
+    return recipe, out
+
+
+def _committed(store: Path, split: str, index: int) -> bool:
+    prefix = open_store(store).attrs["splits"][split]["shards_committed"]
+    return index < prefix or (store / COMMITS / split / f"{index:08d}.json").is_file()
+
+
+@pytest.mark.parametrize("processes", [2, 1])
+def test_killed_two_process_harvest_resumes_to_the_single_process_store(
+    reference, crashed, tmp_path, processes
+):
+    recipe, partial = crashed
+    assert not open_store(partial).complete
+    assert _committed(partial, "train", 1)  # rank 1's first shard (shard i belongs to rank i % 2)
+    assert not _committed(partial, "train", 3)  # rank 1 died before its second
+    out = tmp_path / "resumed.zarr"
+    shutil.copytree(partial, out)
+    if processes == 2:
+        done = torchrun(2, "harvest", "--config", recipe, "--out", out)
+        assert "resuming" in done.stderr
+    else:  # one process finishes what two started
+        harvest(HarvestConfig(model=_recipe_model(recipe), out=str(out), **HARVEST))
+    assert open_store(out).complete
+    assert files(out) == files(reference)  # byte for byte: arrays, statistics, attributes; no markers left
+
+
+def _recipe_model(recipe: Path) -> str:
+    import tomllib
+
+    return tomllib.loads(recipe.read_text())["model"]
+
+
+# --- training -------------------------------------------------------------------------------------
+
+TRAIN = dict(d_sae=64, batch_size=64, tokens=64 * 24, lr=1e-3, checkpoint_every=8, seed=1, device="cpu")
+METHODS = {  # method: (TrainConfig values, the same as CLI flags)
+    # ATM with per-token masks from step 3 on: its statistics and masks must be the global batch's.
+    "atm": ({"hparams": {"warmup_steps": 3, "compile": False}},
+            ["--hparam", "warmup_steps=3", "--hparam", "compile=false"]),
+    # TopK whose AuxK sees dead latents: the dead-latent clock must count every rank's rows.
+    "topk": ({"k": 2, "hparams": {"dead_tokens": 128}}, ["--k", "2", "--hparam", "dead_tokens=128"]),
+}  # fmt: skip
+
+
+def _flags(values: dict) -> list[str]:
+    return [str(a) for k, v in values.items() for a in (f"--{k.replace('_', '-')}", v)]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(run / "sae_weights.safetensors"))
+    if (run / "atm_stats.safetensors").exists():
+        tensors.update({f"atm.{k}": v for k, v in load_file(str(run / "atm_stats.safetensors")).items()})
+    return tensors
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", ["atm", "topk"])
+def test_two_rank_ddp_matches_one_rank_and_resumes_on_one_rank(reference, tmp_path, method):
+    values, flags = METHODS[method]
+    one = tmp_path / "one"
+    cfg = TrainConfig(store=str(reference), method=method, out=str(one), **TRAIN, **values)
+    train(cfg)
+    log = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    if method == "atm":
+        assert max(m["masked_frac"] for m in log) > 0.05  # masks really were drawn
+    else:
+        assert max(m["dead"] for m in log) > 0  # AuxK really had dead latents to work on
+
+    two = tmp_path / "two"
+    torchrun(2, "train", "--store", reference, "--method", method, "--out", two, *_flags(TRAIN), *flags)
+    _assert_same_weights(one, two)
+    meta = json.loads((two / "atmpipe.json").read_text())["metadata"]
+    assert meta["world_size"] == 2 and meta["tokens_seen"] == TRAIN["tokens"]
+
+    # A 2-rank run killed after its step-16 checkpoint, resumed on 1 rank: the 1-rank result again.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    for name in ("cfg.json", "sae_weights.safetensors", "atmpipe.json", "atm_stats.safetensors"):
+        (resumed / name).unlink(missing_ok=True)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000024")
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000016"]
+    train(TrainConfig(**{**cfg.__dict__, "out": str(resumed), "resume": True}))
+    _assert_same_weights(one, resumed)
