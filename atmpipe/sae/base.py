@@ -267,7 +267,11 @@ class SAE(nn.Module):
         if meta is not None:
             method = _get(meta, "method", path / META_FILE, str)
             hparams = _get(meta, "hparams", path / META_FILE, dict)
-            layer = int(meta.get("layer", -1))
+            layer = meta.get("layer", -1)
+            if type(layer) is not int:  # it names cache directories: never anything but a number
+                raise UserError(
+                    f"{path / META_FILE}: key 'layer' has invalid value {layer!r} (expected a layer number); fix it"
+                )
             store = meta.get("store") or {}
         else:
             method, hparams = _method_from_saelens(arch, sl_cfg, path / CFG_FILE), {}
