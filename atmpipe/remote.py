@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from atmpipe.errors import UserError
+
 Location = Path | str  # a local directory, or the URL of a remote one
 
 
@@ -30,8 +32,26 @@ def location(path: str | Path) -> Location:
     if text.startswith("file://"):
         return Path(text.removeprefix("file://"))
     if "://" in text:
+        _check_protocol(text)
         return text.rstrip("/")
     return Path(text)
+
+
+def _check_protocol(url: str) -> None:
+    """An unknown scheme, or one whose fsspec package is missing, is the user's to fix: say how."""
+    from fsspec import get_filesystem_class
+
+    scheme = url.split("://", 1)[0]
+    try:
+        get_filesystem_class(scheme)
+    except ImportError as e:
+        raise UserError(
+            f"{scheme}:// stores need a package that is not installed ({e}); install it and rerun"
+        ) from None
+    except ValueError:
+        raise UserError(
+            f"unknown storage scheme {scheme}:// in {url}; use a local path or an fsspec URL"
+        ) from None
 
 
 def is_remote(loc: Location) -> bool:

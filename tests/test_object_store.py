@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from test_distributed import CRASH_DRIVER, HARVEST, files, write_recipe
 
 from atmpipe import remote
+from atmpipe.errors import UserError
 from atmpipe.harvest import HarvestConfig, harvest
 from atmpipe.store import open_store, write_arrays_store
 from atmpipe.stream import ShardStream
@@ -77,6 +78,15 @@ def test_memory_url_store_round_trip_and_stream(tmp_path):
         for _ in range(25):
             torch.testing.assert_close(next(a), next(b), rtol=0, atol=0)
     assert remote.location("file:///tmp/x.zarr") == Path("/tmp/x.zarr")
+
+
+def test_unknown_or_uninstalled_schemes_are_one_line_errors():
+    with pytest.raises(
+        UserError, match=r"^unknown storage scheme nosuch:// in nosuch://b/s.zarr; use a local"
+    ):
+        open_store("nosuch://b/s.zarr")
+    with pytest.raises(UserError, match=r"^gs:// stores need a package that is not installed \(.*gcsfs"):
+        open_store("gs://b/s.zarr")
 
 
 def test_s3_harvest_killed_resumed_then_trained_from(s3, tiny_checkpoints, tmp_path):
