@@ -61,6 +61,7 @@ def harvest_command(
     """Stage one: run the LM over a corpus and store residual-stream activations (resumable)."""
 
     def go():
+        from atmpipe import distributed
         from atmpipe.config import load_config
         from atmpipe.harvest import HarvestConfig, harvest
 
@@ -71,7 +72,8 @@ def harvest_command(
             trust_remote_code=trust_remote_code or None,
         )  # fmt: skip
         path = harvest(cfg)
-        err.print(f"store: {path}  (inspect with `atmpipe info {path}`)", highlight=False)
+        if distributed.world().is_main:  # under torchrun, said once
+            err.print(f"store: {path}  (inspect with `atmpipe info {path}`)", highlight=False)
 
     run_stage(go)
 
