@@ -39,6 +39,9 @@ test: setup peers
 bench: setup peers
 	bash benchmarks/run.sh
 
+reliability: setup
+	bash scripts/reliability.sh
+
 lint: setup
 	$(BIN)/ruff check atmpipe tests benchmarks
 	$(BIN)/ruff format --check atmpipe tests benchmarks
