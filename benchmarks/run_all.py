@@ -75,8 +75,6 @@ def main() -> None:
         out = run_module("bench_train", a.quick, log=log)
         figures += out["figures"]
         raw["train"] = out["raw"]
-        for fig in out["figures"]:
-            print(fig.line(), flush=True)
     # The stream must outpace the fastest trainer: pass atmpipe's best measured step rate (tokens/s).
     consumption = None
     if "train" in raw:
@@ -91,16 +89,13 @@ def main() -> None:
     for name, kwargs in (("stream", {"trainer_tokens_per_s": consumption}), ("harvest", {})):
         if name not in parts:
             continue
-        out = run_module(f"bench_{name}", a.quick, **kwargs)
+        out = run_module(f"bench_{name}", a.quick, log=log, **kwargs)
         if out is None:
             continue
-        figs = [figure_from_dict(d) for d in out.get("figures", [])]
-        figures += figs
+        figures += [figure_from_dict(d) for d in out.get("figures", [])]
         raw[name] = out
-        for fig in figs:
-            print(fig.line(), flush=True)
 
-    print("\nsummary" + " (quick: not for quoting)" * a.quick)
+    print("\nsummary: one line per figure, the ratio last" + " (quick: not for quoting)" * a.quick)
     for fig in figures:
         print(fig.line())
     missed = [f.name for f in figures if f.ok is False]
