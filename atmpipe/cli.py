@@ -83,7 +83,9 @@ def harvest_command(
 
 
 @app.command("info")
-def info_command(store: Path = typer.Argument(..., help="A store written by `atmpipe harvest`.")) -> None:
+def info_command(
+    store: str = typer.Argument(..., help="A store written by `atmpipe harvest` (path or URL)."),
+) -> None:
     """Show a store's provenance, size, tokens, completion and statistics."""
 
     def go():

@@ -269,10 +269,6 @@ def _writable(out: Path, plans: dict):
         raise
 
 
-def _du(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 class _RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         return Text(f"{task.speed or 0:,.0f} tok/s", style="progress.data.speed")
