@@ -91,6 +91,7 @@ def test_unknown_or_uninstalled_schemes_are_one_line_errors():
         open_store("gs://b/s.zarr")
 
 
+@pytest.mark.slow  # a torchrun launch, a resume and two trainings: ~30 s on 2 loaded cores
 def test_s3_harvest_killed_resumed_then_trained_from(s3, tiny_checkpoints, tmp_path):
     model = str(tiny_checkpoints["gemma3"])
     reference = harvest(HarvestConfig(model=model, out=str(tmp_path / "local.zarr"), **HARVEST))
