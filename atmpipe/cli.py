@@ -10,7 +10,10 @@ from rich.console import Console
 
 from atmpipe.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+APP_HELP = (
+    "atmpipe: harvest residual streams into Zarr, train ATM / TopK / JumpReLU / ReLU SAEs, evaluate them."
+)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=APP_HELP, pretty_exceptions_enable=False)
 err = Console(stderr=True)
 
 
