@@ -10,7 +10,6 @@ from sae_helpers import fvu, make, planted, recovered, train
 
 from atmpipe.errors import UserError
 from atmpipe.sae import SAEConfig, kernels, make_sae
-from atmpipe.sae.jumprelu import rectangle
 
 # method, hyper-parameters, steps, FVU bound (on normalised activations), fraction of atoms recovered
 PLANTED = [
@@ -108,23 +107,48 @@ def test_topk_auxk_trains_dead_latents_only():
     torch.testing.assert_close(out.losses["aux"], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_jumprelu_threshold_gradient_is_the_rectangle_kernel():
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["fused", "eager"])
+def test_jumprelu_threshold_gradient_is_the_rectangle_kernel(eager, monkeypatch):
+    if eager:
+        monkeypatch.setenv("ATMPIPE_EAGER", "1")
     sae = make("jumprelu", threshold_init=0.3, bandwidth=0.2)
     x = torch.randn(128, 32)
-    w_f, w_step = torch.randn(128, 96), torch.randn(128, 96)
-    pre = sae.pre_acts(x).detach()
-    from atmpipe.sae.jumprelu import JumpReLUFn, StepFn
-
+    w_f, w_l0 = torch.randn(128, 96), torch.randn(128)
+    pre = sae.pre_acts(x).detach().requires_grad_()
     theta = sae.threshold
-    f = JumpReLUFn.apply(pre, theta, 0.2)
-    step = StepFn.apply(pre, theta, 0.2)
-    ((f * w_f).sum() + (step * w_step).sum()).backward()
-    th = theta.detach()
-    rect = rectangle((pre - th) / 0.2)
-    d_theta = (-(th / 0.2) * rect * w_f - (1 / 0.2) * rect * w_step).sum(0)
+    f, l0, fires = kernels.JumpReLU.apply(pre, theta, 0.2)
+    ((f * w_f).sum() + (l0 * w_l0).sum()).backward()
+    th, p = theta.detach(), pre.detach()
+    rect = rectangle((p - th) / 0.2)
+    # The straight-through estimators, written out: ∂/∂θ of f (−θ/ε per window hit) and of L0 (−1/ε).
+    d_theta = (-(th / 0.2) * rect * w_f - (1 / 0.2) * rect * w_l0[:, None]).sum(0)
     torch.testing.assert_close(sae.log_threshold.grad, d_theta * th)  # chain rule through θ = exp(log θ)
+    torch.testing.assert_close(pre.grad, w_f * (p > th))
     assert rect.sum() > 0  # the case exercises the kernel
-    torch.testing.assert_close(f, pre * (pre > th))
+    torch.testing.assert_close(f, p * (p > th))
+    torch.testing.assert_close(l0, (p > th).sum(-1).float())
+    assert torch.equal(fires, (p > th).sum(0).int())
+
+
+def test_training_pre_acts_equal_the_inference_ones():
+    sae = make("relu")
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(64, 32)
+    torch.testing.assert_close(sae.train_pre_acts(x), sae.pre_acts(x), rtol=1e-5, atol=1e-5)
+
+
+def test_topk_builds_its_dense_latents_only_when_asked():
+    sae = make("topk", k=5)
+    out = sae.training_forward(torch.randn(16, 32), 0, 10)
+    assert callable(out._f)  # nothing dense was built by the forward itself
+    assert out.f.shape == (16, 96) and ((out.f != 0).sum(-1) <= 5).all()
+    assert float(out.stats["l0"]) == pytest.approx(float((out.f > 0).sum(-1).float().mean()))
 
 
 def test_jumprelu_uses_beta1_zero_and_its_threshold_lr():

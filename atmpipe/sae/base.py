@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,12 +55,25 @@ class CommonParams:
     dead_tokens: int = 10_000_000  # a latent that has not fired for this many tokens counts as dead
 
 
-@dataclass
 class TrainOutput:
-    x_hat: Tensor  # reconstruction (what the loss sees; masked for ATM)
-    f: Tensor  # inference latents (never masked)
-    losses: dict[str, Tensor]  # loss = sum(losses.values())
-    stats: dict[str, float | Tensor]  # logged; tensors are 0-d and stay on device (no sync)
+    """What training_forward returns; loss = sum(losses.values())."""
+
+    def __init__(
+        self,
+        x_hat: Tensor,  # reconstruction (what the loss sees; masked for ATM)
+        f: Tensor | Callable[[], Tensor],  # inference latents (never masked), or a function building them
+        losses: dict[str, Tensor],
+        stats: dict[str, float | Tensor],  # logged; tensors are 0-d and stay on device (no sync)
+    ):
+        self.x_hat, self._f, self.losses, self.stats = x_hat, f, losses, stats
+
+    @property
+    def f(self) -> Tensor:
+        """The inference latents, built on first use where a method passed a function (TopK's sparse
+        path never needs a dense [batch, d_sae] tensor during training)."""
+        if callable(self._f):
+            self._f = self._f()
+        return self._f
 
 
 def parse_hparams(params_cls: type, hparams: dict, method: str) -> Any:
@@ -128,6 +142,14 @@ class SAE(nn.Module):
     def pre_acts(self, x: Tensor) -> Tensor:
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
 
+    def train_pre_acts(self, x: Tensor) -> Tensor:
+        """pre_acts rewritten as x @ W_enc + (b_enc − b_dec @ W_enc), for training.
+
+        Same value, but x (which needs no gradient) enters the GEMM alone, so autograd never forms
+        grad_pre @ W_encᵀ: b_dec's gradient comes from a mat-vec. Five GEMMs per dense step instead of six.
+        """
+        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)
+
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -158,20 +180,20 @@ class SAE(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     # ----- helpers for training_forward -----
-    def common_stats(self, x: Tensor, x_hat: Tensor, f: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def common_stats(self, x: Tensor, x_hat: Tensor, fires: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Reconstruction loss (squared error summed over d_in, mean over tokens), and shared stats.
 
-        Also advances the dead-latent clock from the inference latents f.
+        fires: how many of this batch's tokens each latent fired on (inference latents) [d_sae]; it
+        advances the dead-latent clock and gives L0.
         """
         err = (x_hat - x).pow(2).sum(-1)
         mse = err.mean()
         with torch.no_grad():
             total = (x - x.mean(0)).pow(2).sum()
-            fired = (f > 0).any(0)
-            self.tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+            self.tokens_since_fired.add_(x.shape[0]).masked_fill_(fires > 0, 0)
             stats = {
                 "fvu": err.detach().sum() / total.clamp_min(1e-12),
-                "l0": (f > 0).sum(-1).float().mean(),
+                "l0": fires.sum() / x.shape[0],
                 "dead": (self.tokens_since_fired >= self.hp.dead_tokens).sum(),
             }
         return mse, stats

@@ -14,46 +14,8 @@ import torch
 from torch import Tensor
 
 from atmpipe.errors import UserError
+from atmpipe.sae import kernels
 from atmpipe.sae.base import SAE, CommonParams, SAEConfig, TrainOutput
-
-
-def rectangle(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class JumpReLUFn(torch.autograd.Function):
-    """pre · 1[pre > θ]; ∂/∂pre = 1[pre > θ], ∂/∂θ = −(θ/ε)·rect((pre − θ)/ε)."""
-
-    @staticmethod
-    def forward(ctx, pre, theta, eps):
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return pre * (pre > theta)
-
-    @staticmethod
-    def backward(ctx, g):
-        pre, theta = ctx.saved_tensors
-        eps = ctx.eps
-        grad_pre = g * (pre > theta)
-        grad_theta = (-(theta / eps) * rectangle((pre - theta) / eps) * g).sum(0)
-        return grad_pre, grad_theta, None
-
-
-class StepFn(torch.autograd.Function):
-    """1[pre > θ] (for L0); ∂/∂pre = 0, ∂/∂θ = −(1/ε)·rect((pre − θ)/ε)."""
-
-    @staticmethod
-    def forward(ctx, pre, theta, eps):
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        pre, theta = ctx.saved_tensors
-        eps = ctx.eps
-        grad_theta = (-(1.0 / eps) * rectangle((pre - theta) / eps) * g).sum(0)
-        return None, grad_theta, None
 
 
 @dataclass
@@ -108,12 +70,14 @@ class JumpReLUSAE(SAE):
 
     def training_forward(self, x: Tensor, step: int, total_steps: int) -> TrainOutput:
         x = x.to(self.W_enc.dtype)
-        pre = self.pre_acts(x)
+        pre = self.train_pre_acts(x)
         theta = self.threshold
-        f = JumpReLUFn.apply(pre, theta, self.hp.bandwidth)
+        # f, the L0 of each token and the firing counts in one pass (kernels.JumpReLU: the gradients are
+        # the rectangle-kernel straight-through estimators, also in one pass).
+        f, l0_per_token, fires = kernels.JumpReLU.apply(pre, theta, self.hp.bandwidth)
         x_hat = self.decode(f)
-        mse, stats = self.common_stats(x, x_hat, f)
-        l0 = StepFn.apply(pre, theta, self.hp.bandwidth).sum(-1).mean()
+        mse, stats = self.common_stats(x, x_hat, fires)
+        l0 = l0_per_token.mean()
         if self.hp.sparsity == "l0":
             ramp = (
                 min(1.0, step / self.hp.sparsity_warmup_steps) if self.hp.sparsity_warmup_steps > 0 else 1.0

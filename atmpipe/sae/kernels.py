@@ -1,15 +1,88 @@
-"""Fast ops with their plain twins: ATM's fused statistics + masking, and TopK's sparse encoder/decoder.
+"""Fast ops with their plain twins: ATM's fused statistics + masking, JumpReLU's fused forward/backward,
+dense firing counts, and TopK's sparse encoder/decoder.
 
 Each fast op has a reference beside it that the tests compare it with (same inputs, same random stream).
+Element-wise passes over [batch, d_sae] cost about as much as a GEMM each on CPU, so they are fused with
+torch.compile; ATMPIPE_EAGER=1 runs the plain references instead (no compiler needed).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def eager() -> bool:
+    """ATMPIPE_EAGER=1 turns every compiled kernel off (debugging, or a machine without a C++ compiler)."""
+    return os.environ.get("ATMPIPE_EAGER", "") not in ("", "0")
+
+
+def fused(fn):
+    """fn compiled once for every shape (dynamic), or fn itself under ATMPIPE_EAGER=1."""
+    compiled = functools.cache(lambda: torch.compile(fn, dynamic=True, fullgraph=True))
+    return functools.wraps(fn)(lambda *args: (fn if eager() else compiled())(*args))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Firing counts of dense latents (f ≥ 0), for the dead-latent clock and L0.
+# ---------------------------------------------------------------------------------------------------
+
+
+def fire_counts(f: Tensor) -> Tensor:
+    """How many tokens each latent fired on: [d_sae] int32 (eager bool reductions over dim 0 are slow)."""
+    return (f > 0).sum(0, dtype=torch.int32)
+
+
+fire_counts_fused = fused(fire_counts)
+
+# ---------------------------------------------------------------------------------------------------
+# JumpReLU: f = pre·1[pre > θ] and the per-token L0 in one pass; both gradients in one pass.
+# ---------------------------------------------------------------------------------------------------
+
+
+def jumprelu_forward(pre: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(f, L0 per token [batch] in f's dtype, firing counts per latent [d_sae] int32)."""
+    active = pre > theta
+    return torch.where(active, pre, 0.0), active.sum(-1, dtype=pre.dtype), active.sum(0, dtype=torch.int32)
+
+
+def jumprelu_backward(pre: Tensor, theta: Tensor, eps: float, g_f: Tensor, g_l0: Tensor):
+    """Straight-through gradients with the rectangle kernel rect(u) = 1[|u| < ½], u = (pre − θ)/ε:
+    ∂/∂pre = g_f·1[pre > θ];  ∂/∂θ = Σ_t rect(u)·(−(θ/ε)·g_f − g_l0/ε)."""
+    u = (pre - theta) / eps
+    in_window = (u > -0.5) & (u < 0.5)
+    grad_pre = torch.where(pre > theta, g_f, 0.0)
+    grad_theta = torch.where(in_window, -(theta / eps) * g_f - g_l0.unsqueeze(-1) / eps, 0.0).sum(0)
+    return grad_pre, grad_theta
+
+
+jumprelu_forward_fused = fused(jumprelu_forward)
+jumprelu_backward_fused = fused(jumprelu_backward)
+
+
+class JumpReLU(torch.autograd.Function):
+    """(f, L0 per token, firing counts) from (pre, θ, ε); gradients to pre and θ in one fused pass."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        f, l0, counts = jumprelu_forward_fused(pre, theta)
+        ctx.mark_non_differentiable(counts)
+        return f, l0, counts
+
+    @staticmethod
+    def backward(ctx, g_f, g_l0, _g_counts):
+        pre, theta = ctx.saved_tensors
+        grad_pre, grad_theta = jumprelu_backward_fused(
+            pre, theta, ctx.eps, g_f.contiguous(), g_l0.contiguous()
+        )
+        return grad_pre, grad_theta, None
+
 
 # ---------------------------------------------------------------------------------------------------
 # ATM: one fused function for the statistics update, importance, threshold, probabilities and masks.

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from atmpipe.errors import UserError
+from atmpipe.sae import kernels
 from atmpipe.sae.base import SAE, CommonParams, SAEConfig, TrainOutput
 
 
@@ -50,10 +51,10 @@ class ReLUSAE(SAE):
 
     def training_forward(self, x: Tensor, step: int, total_steps: int) -> TrainOutput:
         x = x.to(self.W_enc.dtype)
-        f = self.encode(x)
+        f = F.relu(self.train_pre_acts(x))
         f_used, stats = self.mask_latents(x, f, step, total_steps)
         x_hat = self.decode(f_used)
-        mse, common = self.common_stats(x, x_hat, f)
+        mse, common = self.common_stats(x, x_hat, kernels.fire_counts_fused(f.detach()))
         warmup_steps = self.hp.l1_warmup_frac * total_steps
         ramp = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
         coeff = self.l1_coeff * ramp

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,7 @@ class TopKSAE(SAE):
         use_aux = self.hp.aux_coeff > 0 and (x.device.type != "cpu" or bool(dead.any()))
         if self.hp.batch_topk:
             f, x_hat, aux_vals, aux_idx = self._batch_topk(x, dead if use_aux else None)
+            fires = kernels.fire_counts_fused(f.detach())
         else:
             encode = kernels.topk_encode if self.hp.sparse_kernels else kernels.topk_encode_dense
             decode = kernels.sparse_decode if self.hp.sparse_kernels else kernels.dense_decode
@@ -69,9 +71,11 @@ class TopKSAE(SAE):
                 x, self.W_enc, self.b_enc, self.b_dec, self.hp.k, dead if use_aux else None, self.aux_k
             )
             x_hat = decode(vals, idx, self.W_dec, self.b_dec)
-            f = torch.zeros(x.shape[0], self.cfg.d_sae, dtype=x.dtype, device=x.device)
-            f = f.scatter_(1, idx, vals.detach())
-        mse, stats = self.common_stats(x, x_hat, f)
+            # Statistics straight from the k selections; the dense f only if someone asks for it.
+            fires = torch.zeros(self.cfg.d_sae, dtype=torch.int32, device=x.device)
+            fires.index_add_(0, idx.flatten(), (vals.detach() > 0).flatten().to(torch.int32))
+            f = functools.partial(self._dense_latents, vals.detach(), idx)
+        mse, stats = self.common_stats(x, x_hat, fires)
         losses = {"mse": mse}
         if use_aux:
             # Reconstruct the residual the live latents left, with the best dead latents.
@@ -82,6 +86,11 @@ class TopKSAE(SAE):
         if self.hp.batch_topk:
             stats["threshold"] = self.running_threshold.detach().clone()
         return TrainOutput(x_hat, f, losses, stats)
+
+    def _dense_latents(self, vals: Tensor, idx: Tensor) -> Tensor:
+        return torch.zeros(vals.shape[0], self.cfg.d_sae, dtype=vals.dtype, device=vals.device).scatter_(
+            1, idx, vals
+        )
 
     def _batch_topk(self, x: Tensor, dead: Tensor | None):
         pre = self.pre_acts(x)
