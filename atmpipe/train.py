@@ -387,6 +387,48 @@ def format_metrics(m: dict) -> str:
 # --- the loop -----------------------------------------------------------------------------------
 
 
+class NonFiniteLoss(FloatingPointError):
+    def __init__(self, loss: torch.Tensor):
+        super().__init__(f"loss is {loss.item()}")
+        self.loss = loss
+
+
+def train_step(
+    sae: SAE,
+    forward,
+    opt: torch.optim.Optimizer,
+    base_lrs: list[float],
+    x: torch.Tensor,
+    step: int,
+    total: int,
+    lr_scale: float,
+    grad_clip: float,
+    world: distributed.World = distributed.World(),
+    stop: bool = False,
+) -> tuple[Any, torch.Tensor, bool]:
+    """One optimisation step on the (normalised) batch x; the loop's body, also what the benchmark times.
+
+    forward: sae.training_forward, or its DDP / compiled wrapper. Returns (TrainOutput, loss, whether a
+    stop was requested on any rank); raises NonFiniteLoss (on every rank) before touching the weights.
+    """
+    output = forward(x, step, total)
+    loss = sum(output.losses.values())
+    # One collective answers both for every rank, so all ranks stop at the same step.
+    not_finite, stopping = world.any(not torch.isfinite(loss), stop)
+    if not_finite:
+        raise NonFiniteLoss(loss)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    distributed.sync_state(sae, world, x.shape[0])
+    sae.remove_parallel_grads()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+    for group, base in zip(opt.param_groups, base_lrs, strict=True):
+        group["lr"] = base * lr_scale
+    opt.step()
+    sae.after_optimizer_step()
+    return output, loss, stopping
+
+
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     """Train an SAE as `cfg` says; returns the run directory holding the saved SAE."""
     world = distributed.world()  # under torchrun: DDP over the ranks (distributed.py)
@@ -474,21 +516,13 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         clock, clock_step, started = time.perf_counter(), step, time.perf_counter()
         while step < total:
             x = next(stream) * scale
-            output = forward(x, step, total)
-            loss = sum(output.losses.values())
-            # One collective answers both for every rank, so all ranks stop at the same step.
-            not_finite, stopping = world.any(not torch.isfinite(loss), bool(stop))
-            if not_finite:
-                raise _nan_error(step, loss, x, out)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.sync_state(sae, world, x.shape[0])
-            sae.remove_parallel_grads()
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-            for group, base in zip(opt.param_groups, base_lrs, strict=True):
-                group["lr"] = base * lr_factor(step, total, warmup, cfg.decay_frac)
-            opt.step()
-            sae.after_optimizer_step()
+            lr_scale = lr_factor(step, total, warmup, cfg.decay_frac)
+            try:
+                output, loss, stopping = train_step(
+                    sae, forward, opt, base_lrs, x, step, total, lr_scale, cfg.grad_clip, world, bool(stop)
+                )
+            except NonFiniteLoss as e:
+                raise _nan_error(step, e.loss, x, out) from None
             step += 1
             progress.update(task, completed=step)
             if step % cfg.log_every == 0 or step == total:

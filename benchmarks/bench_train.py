@@ -73,42 +73,33 @@ def acts_file(d_in: int, n_batches: int) -> Path:
 
 
 def atmpipe_step(method: str, d_in: int, d_sae: int, device) -> Callable:
-    """One atmpipe training step: the body of atmpipe.train.train's loop, with the trainer's defaults.
+    """One atmpipe training step: `atmpipe.train.train_step` (the loop's body) with the trainer's defaults.
 
     On a GPU the forward runs under bf16 autocast (what the peers' GPU paths use too).
     """
-    import contextlib
-
     import torch
 
     from atmpipe.sae import SAEConfig, make_sae
-    from atmpipe.train import TrainConfig, lr_factor
+    from atmpipe.train import TrainConfig, lr_factor, train_step
 
     cfg = TrainConfig(method=method, k=K if method == "topk" else None)
     sae = make_sae(SAEConfig(method, d_in, d_sae, {"k": K} if method == "topk" else {})).to(device)
     betas = (cfg.adam_beta1, sae.adam_betas[1]) if cfg.adam_beta1 is not None else sae.adam_betas
     opt = torch.optim.Adam(sae.param_groups(cfg.lr), betas=betas)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    forward = torch.compile(sae.training_forward) if cfg.compile else sae.training_forward
+    training_forward = torch.compile(sae.training_forward) if cfg.compile else sae.training_forward
     counter = iter(range(STEP_OFFSET, TOTAL_STEPS))
-    cuda = device.type == "cuda"
-    autocast = lambda: torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()  # noqa: E731
+
+    def forward(x, i, total):
+        if device.type != "cuda":
+            return training_forward(x, i, total)
+        with torch.autocast("cuda", torch.bfloat16):
+            return training_forward(x, i, total)
 
     def step(x):
         i = next(counter)
-        with autocast():
-            output = forward(x, i, TOTAL_STEPS)
-        loss = sum(output.losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {i}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_parallel_grads()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        for group, base in zip(opt.param_groups, base_lrs, strict=True):
-            group["lr"] = base * lr_factor(i, TOTAL_STEPS, cfg.warmup_steps, cfg.decay_frac)
-        opt.step()
-        sae.after_optimizer_step()
+        lr_scale = lr_factor(i, TOTAL_STEPS, cfg.warmup_steps, cfg.decay_frac)
+        train_step(sae, forward, opt, base_lrs, x, i, TOTAL_STEPS, lr_scale, cfg.grad_clip)
 
     return step
 
