@@ -1,0 +1,163 @@
+"""Bookkeeping for stages/demo.sh and stages/reproduce.sh (the pipeline itself is the `atmpipe` commands).
+
+experiment.py table REPORT_DIR             the headline metrics per SAE, and whether L0 is matched
+experiment.py label-demo REPORT_DIR        mark a report's every page as a demonstration
+experiment.py record RECORD_DIR OUT_DIR    commands, wall times, versions and hardware into OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+L0_TOLERANCE = 0.10  # matched sparsity: every SAE's L0 within 10% of the others' median
+HEADLINE = [  # (column, metric section, key)
+    ("L0", "core", "l0"),
+    ("FVU", "core", "fvu"),
+    ("cos", "core", "cossim"),
+    ("CE score", "core", "ce_loss_score"),
+    ("dead", "core", "frac_dead"),
+    ("full abs.", "absorption", "mean_full_absorption"),
+    ("abs. frac.", "absorption", "mean_absorption_fraction"),
+    ("probe top-1", "probing", "mean_sae_top_1"),
+    ("SCR", "bias", "scr_headline"),
+]
+DEMO_NOTE = (
+    "DEMONSTRATION ONLY (make demo): ~100k tokens, 200 training steps, 4× SAEs and reduced evaluation sizes, "
+    "sized for 20 minutes on 2 CPU cores. These numbers show the pipeline working end to end; they are not "
+    "results. The experiment is `make reproduce` (its outcome is committed under results/)."
+)
+PACKAGES = ["torch", "transformers", "zarr", "numcodecs", "safetensors", "numpy", "scikit-learn", "gguf"]
+
+
+def _value(section: dict | None, key: str) -> str:
+    if section is None:
+        return "not run"
+    if section.get("status") not in (None, "ok"):
+        return str(section["status"])
+    v = section.get(key)
+    return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def l0_check(results: dict) -> dict:
+    """Whether every SAE's L0 lies within L0_TOLERANCE of the median L0 (matched sparsity)."""
+    l0 = {name: r["core"]["l0"] for name, r in results.items() if "l0" in r.get("core", {})}
+    if not l0:
+        return {"matched": None, "l0": {}}
+    median = statistics.median(l0.values())
+    off = {name: v / median - 1 for name, v in l0.items()}
+    return {
+        "matched": all(abs(d) <= L0_TOLERANCE for d in off.values()),
+        "tolerance": L0_TOLERANCE,
+        "median_l0": median,
+        "l0": l0,
+        "relative_to_median": off,
+    }
+
+
+def table(report_dir: Path) -> None:
+    results = json.loads((report_dir / "results.json").read_text())["results"]
+    rows = [["SAE", *(c for c, _, _ in HEADLINE)]]
+    rows += [[name, *(_value(r.get(sec), key) for _, sec, key in HEADLINE)] for name, r in results.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    check = l0_check(results)
+    if check["matched"] is not None:
+        verdict = "matched" if check["matched"] else "NOT matched"
+        spread = ", ".join(f"{n} {d:+.0%}" for n, d in check["relative_to_median"].items())
+        print(f"L0 {verdict} (within ±{L0_TOLERANCE:.0%} of the median {check['median_l0']:.1f}): {spread}")
+
+
+def label_demo(report_dir: Path) -> None:
+    md = report_dir / "report.md"
+    text = md.read_text()
+    if "DEMONSTRATION ONLY" in text:
+        return
+    md.write_text(text.replace("\n", f"\n\n> **{DEMO_NOTE}**\n", 1))
+    page = report_dir / "report.html"
+    page.write_text(page.read_text().replace("<body>", f"<body>\n<p><strong>{DEMO_NOTE}</strong></p>", 1))
+    results = report_dir / "results.json"
+    payload = json.loads(results.read_text())
+    results.write_text(json.dumps({"demonstration": DEMO_NOTE, **payload}, indent=2) + "\n")
+
+
+def _run(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def hardware() -> dict:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    ) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    mem = Path("/proc/meminfo")
+    if mem.exists():
+        kb = int(mem.read_text().split()[1])
+        info["memory_gb"] = round(kb / 1e6, 1)
+    import torch
+
+    if torch.cuda.is_available():
+        info["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in ["atmpipe", *PACKAGES]:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    found["git_commit"] = _run("git", "rev-parse", "HEAD")
+    found["git_dirty"] = bool(_run("git", "status", "--porcelain", "--untracked-files=no"))
+    return found
+
+
+def wall_times(record_dir: Path) -> dict:
+    """Seconds per stage, summed over interrupted and resumed runs, and every attempt as logged."""
+    attempts = []
+    for line in (record_dir / "wall_times.tsv").read_text().splitlines():
+        name, seconds, status, when = line.split("\t")
+        attempts.append({"stage": name, "seconds": int(seconds), "status": status, "finished_utc": when})
+    per_stage: dict[str, int] = {}
+    for a in attempts:
+        per_stage[a["stage"]] = per_stage.get(a["stage"], 0) + a["seconds"]
+    return {"per_stage_s": per_stage, "total_s": sum(per_stage.values()), "attempts": attempts}
+
+
+def record(record_dir: Path, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_file = out_dir / "results.json"
+    results = json.loads(results_file.read_text())["results"] if results_file.exists() else {}
+    experiment = {
+        "commands": (record_dir / "commands.sh").read_text().splitlines(),
+        "wall_times": wall_times(record_dir),
+        "versions": versions(),
+        "hardware": hardware(),
+        "matched_l0": l0_check(results),
+        "environment": {k: v for k, v in os.environ.items() if k in ("MODEL", "LAYER", "ATMPIPE_HOME")},
+    }
+    (out_dir / "experiment.json").write_text(json.dumps(experiment, indent=2) + "\n")
+    (out_dir / "commands.sh").write_text(
+        "# The exact commands stages/reproduce.sh ran, in order (a resumed stage appears once per attempt).\n"
+        + (record_dir / "commands.sh").read_text()
+    )
+
+
+if __name__ == "__main__":
+    verb, *args = sys.argv[1:]
+    {"table": table, "label-demo": label_demo, "record": record}[verb](*map(Path, args))

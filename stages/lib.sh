@@ -1,0 +1,38 @@
+# Shared by stages/demo.sh and stages/reproduce.sh (sourced, not run).
+#
+# `stage NAME OUTPUT -- COMMAND...` runs one pipeline stage once: it is skipped when its done-marker exists
+# and its OUTPUT is still there; otherwise it runs (the commands resume by themselves: a harvest continues
+# from its last committed shard, `atmpipe train --resume` from its last checkpoint), and on success the
+# marker is written. Every run appends the exact command to $RECORD/commands.sh and its wall time to
+# $RECORD/wall_times.tsv, so a report can say what ran and how long each stage took.
+
+ATMPIPE=${ATMPIPE:-.venv/bin/atmpipe}
+
+stage() {
+    local name=$1 output=$2
+    shift 3 # NAME OUTPUT --
+    local marker="$RECORD/done/$name"
+    if [[ -e $marker && -e $output ]]; then
+        echo "== $name: done already ($output); skipping"
+        return 0
+    fi
+    mkdir -p "$RECORD/done"
+    echo "== $name: $*"
+    printf '%q ' "$@" >>"$RECORD/commands.sh"
+    echo >>"$RECORD/commands.sh"
+    local start=$SECONDS status=0
+    "$@" || status=$?
+    printf '%s\t%d\t%s\t%s\n' "$name" $((SECONDS - start)) "$([[ $status == 0 ]] && echo ok || echo "exit $status")" \
+        "$(date -u +%FT%TZ)" >>"$RECORD/wall_times.tsv"
+    if [[ $status != 0 ]]; then
+        echo "== $name failed (exit $status); fix the cause and re-run: finished stages are kept" >&2
+        return "$status"
+    fi
+    touch "$marker"
+}
+
+# Total wall seconds per stage, summed over interrupted and resumed runs.
+wall_summary() {
+    awk -F'\t' '{t[$1] += $2; all += $2} END {for (s in t) printf "%-28s %6d s\n", s, t[s]; printf "%-28s %6d s\n", "total", all}' \
+        "$RECORD/wall_times.tsv" | sort
+}
