@@ -144,8 +144,13 @@ class ShardStream:
         raise AssertionError("unreachable: rest < rows_per_epoch")
 
     def _count_rows(self) -> np.ndarray:
-        """Non-BOS rows per chunk (0 for chunks skipped as damaged); reads `bos` many chunks at a time."""
+        """Non-BOS rows per chunk (0 for chunks skipped as damaged); reads `bos` many chunks at a time.
+
+        Also keeps where the BOS rows are (`self._bos_at`, store-global row numbers: one per context
+        window), so chunk loads never read `bos` again.
+        """
         counts = np.zeros(self.n_chunks, np.int64)
+        bos_at = []
         group = 256
         for first in range(0, self.n_chunks, group):
             last = min(first + group, self.n_chunks)
@@ -155,10 +160,22 @@ class ShardStream:
                 for chunk in range(first, last):
                     bos = self._read(self.split.bos, chunk)
                     counts[chunk] = 0 if bos is None else int((~bos).sum())
+                    if bos is not None:
+                        bos_at.append(np.flatnonzero(bos) + self._chunk_span(chunk)[0])
                 continue
             counts[first:last] = np.add.reduceat(~bos, np.arange(0, len(bos), self.chunk_tokens))
+            bos_at.append(np.flatnonzero(bos) + first * self.chunk_tokens)
         counts[sorted(self.skipped)] = 0
+        self._bos_at = np.concatenate(bos_at) if bos_at else np.zeros(0, np.int64)
         return counts
+
+    def _kept_rows(self, chunk: int) -> np.ndarray:
+        """The chunk's non-BOS rows, as offsets within the chunk."""
+        start, stop = self._chunk_span(chunk)
+        lo, hi = np.searchsorted(self._bos_at, [start, stop])
+        keep = np.ones(stop - start, bool)
+        keep[self._bos_at[lo:hi] - start] = False
+        return np.flatnonzero(keep)
 
     def _check_position(self, position: dict) -> None:
         mine = {"seed": self.seed, "chunk_tokens": self.chunk_tokens, "buffer_chunks": self.buffer_chunks}
@@ -209,51 +226,48 @@ class ShardStream:
             return None
 
     def _load_chunk(self, chunk: int, dest: np.ndarray) -> bool:
-        """Decode a chunk's non-BOS rows into `dest` (a slice of the round buffer); False if skipped."""
-        bos = self._read(self.split.bos, chunk)
-        if bos is None:
-            return False
-        if not bos.any() and self.acts.dtype == np.float32:  # the common case: straight into the buffer
+        """Decode a whole chunk straight into `dest` (its slot in the round buffer, BOS rows included:
+        they are never picked, see _load_round); False if skipped as damaged."""
+        if self.acts.dtype == np.float32:
             return self._read(self.acts, chunk, out=dest) is not None
         scratch = getattr(self._scratch, "acts", None)
         if scratch is None:  # one decode buffer per worker thread, reused
             scratch = self._scratch.acts = np.empty((self.chunk_tokens, self.store.d_model), self.acts.dtype)
-        acts = self._read(self.acts, chunk, out=scratch[: len(bos)])
+        acts = self._read(self.acts, chunk, out=scratch[: len(dest)])
         if acts is None:
             return False
-        if acts.dtype == np.float32:
-            np.compress(~bos, acts, axis=0, out=dest)
-        else:
-            dest[:] = decode_acts(np.compress(~bos, acts, axis=0))
+        dest[:] = decode_acts(acts)
         return True
 
-    def _load_round(self, chunks: np.ndarray, buffer: np.ndarray) -> Callable[[], np.ndarray]:
-        """Start decoding a round's chunks into `buffer` on the pool; the returned function waits for them."""
-        ends = np.cumsum(self.chunk_rows[chunks])
-        starts = ends - self.chunk_rows[chunks]
+    def _load_round(
+        self, chunks: np.ndarray, buffer: np.ndarray
+    ) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        """Start decoding a round's chunks into `buffer` (chunk i at row i·chunk_tokens) on the pool; the
+        returned function waits for them and gives (buffer, its non-BOS rows in chunk order)."""
+        slots = [
+            (int(c), i * self.chunk_tokens, self._chunk_span(int(c)))
+            for i, c in enumerate(chunks)
+            if self.chunk_rows[c] > 0
+        ]
         futures = [
-            self._pool.submit(self._load_chunk, int(c), buffer[s:e])
-            for c, s, e in zip(chunks, starts, ends, strict=True)
-            if e > s
+            self._pool.submit(self._load_chunk, c, buffer[at : at + stop - start])
+            for c, at, (start, stop) in slots
         ]
 
-        def assemble() -> np.ndarray:
-            loaded = [f.result() for f in futures]
-            rows = buffer[: ends[-1] if len(ends) else 0]
-            if all(loaded):
-                return rows
-            damaged = [c for c, ok in zip(chunks[ends > starts], loaded, strict=True) if not ok]
-            keep = np.ones(len(rows), bool)
-            for c in damaged:
-                i = int(np.flatnonzero(chunks == c)[0])
-                keep[starts[i] : ends[i]] = False
-                self.chunk_rows[c] = 0  # skipped: later positions are counted without it
-            return rows[keep]
+        def assemble() -> tuple[np.ndarray, np.ndarray]:
+            rows = []
+            for (c, at, _), future in zip(slots, futures, strict=True):
+                if future.result():
+                    rows.append(self._kept_rows(c) + at)
+                else:
+                    self.chunk_rows[c] = 0  # skipped: later positions are counted without it
+            return buffer, np.concatenate(rows) if rows else np.zeros(0, np.int64)
 
         return assemble
 
-    def _shuffled_rounds(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(round buffer, permutation of its rows still to deliver), forever; the next round loads ahead.
+    def _shuffled_rounds(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(round buffer, its non-BOS rows, permutation of those still to deliver), forever; the next round
+        loads ahead.
 
         Two buffers, allocated once: one is cut into batches while the next round decodes into the other.
         """
@@ -269,8 +283,8 @@ class ShardStream:
             )
             next_rounds = rounds if next_epoch == epoch else self._rounds(next_epoch)
             following = self._load_round(next_rounds[next_round], buffers[1 - slot])
-            acts = pending()
-            yield acts, self._row_order(epoch, round_index, len(acts))[offset:]
+            acts, kept = pending()
+            yield acts, kept, self._row_order(epoch, round_index, len(kept))[offset:]
             epoch, round_index, rounds, pending, offset = next_epoch, next_round, next_rounds, following, 0
             slot = 1 - slot
 
@@ -278,14 +292,14 @@ class ShardStream:
         pin = self.device.type == "cuda"
         batch, filled = None, 0
         local_size = self.batch_size // self.world
-        for acts, order in self._shuffled_rounds():
+        for acts, kept, order in self._shuffled_rounds():
             done = 0
             while done < len(order):
                 if batch is None:
                     batch = torch.empty((local_size, acts.shape[1]), dtype=torch.float32, pin_memory=pin)
                 take = min(self.batch_size - filled, len(order) - done)
                 # Rows of one batch in buffer order: the same set, gathered with far better locality.
-                rows = np.sort(order[done : done + take])
+                rows = np.sort(kept[order[done : done + take]])
                 if self.world > 1:  # this rank's rows: global batch positions ≡ rank (mod world)
                     first = (self.rank - filled) % self.world
                     rows, at = rows[first :: self.world], (filled + first) // self.world

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atmpipe.sae import SAEConfig, make_sae  # noqa: E402
 from atmpipe.store import write_arrays_store  # noqa: E402
 from atmpipe.stream import ShardStream  # noqa: E402
+from atmpipe.train import train_step  # noqa: E402
 
 D_IN, D_SAE, BATCH, CHUNK = 640, 5120, 4096, 4096
 
@@ -49,20 +50,15 @@ def make_data(root: Path, n_chunks: int) -> tuple[Path, Path]:
 
 
 def trainer_step(seed: int = 0) -> Callable[[torch.Tensor], None]:
-    """One atmpipe TopK training step (the fastest method: the most demanding consumer)."""
+    """One atmpipe TopK training step, `atmpipe.train.train_step` (the fastest method: the most demanding consumer)."""
     torch.manual_seed(seed)
     sae = make_sae(SAEConfig("topk", D_IN, D_SAE, {"k": 64}))
     opt = torch.optim.Adam(sae.param_groups(3e-4), betas=sae.adam_betas)
+    base_lrs = [g["lr"] for g in opt.param_groups]
     state = {"step": 0}
 
     def step(x: torch.Tensor) -> None:
-        out = sae.training_forward(x, state["step"], 10_000)
-        opt.zero_grad(set_to_none=True)
-        sum(out.losses.values()).backward()
-        sae.remove_parallel_grads()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        sae.after_optimizer_step()
+        train_step(sae, sae.training_forward, opt, base_lrs, x, state["step"], 10_000, 1.0, 1.0)
         state["step"] += 1
 
     return step

@@ -66,6 +66,29 @@ def test_deterministic_for_a_seed(store):
         assert not np.array_equal(take(a, 5), take(b, 5))
 
 
+def test_batches_follow_the_documented_recipe(store):
+    # The module docstring's recipe, written out slowly: chunk permutation, rounds of buffer_chunks chunks,
+    # their non-BOS rows in chunk order permuted together, cut into batches (each batch's rows of one round
+    # in that round's buffer order). The sequence is part of every checkpoint's position: fast paths must
+    # never change it.
+    seed, buffer_chunks, batch = 5, 3, 64
+    bos = store.split("train").bos[:]
+    n_chunks = -(-len(bos) // CHUNK)
+    order = np.random.default_rng([seed, 0]).permutation(n_chunks)
+    picks = []  # (round, place in the round's buffer, store row), in delivery order
+    for r, first in enumerate(range(0, n_chunks, buffer_chunks)):
+        chunks = order[first : first + buffer_chunks]
+        rows = np.concatenate([np.flatnonzero(~bos[c * CHUNK : (c + 1) * CHUNK]) + c * CHUNK for c in chunks])
+        picks += [
+            (r, int(i), int(rows[i])) for i in np.random.default_rng([seed, 0, r, 1]).permutation(len(rows))
+        ]
+    n_batches = len(picks) // batch
+    want = [[row for _, _, row in sorted(picks[b * batch : (b + 1) * batch])] for b in range(n_batches)]
+    with ShardStream(store, LAYER, batch, seed=seed, buffer_chunks=buffer_chunks) as stream:
+        got = take(stream, n_batches)
+    np.testing.assert_array_equal(got, np.array(want))
+
+
 @pytest.mark.parametrize("consumed", [0, 1, 6, 15, 16, 17, 40])  # inside rounds, at and past epoch ends
 def test_resumed_stream_continues_the_same_sequence(store, consumed):
     with ShardStream(store, LAYER, 293, seed=3, buffer_chunks=3) as a:
