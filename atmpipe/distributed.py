@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from atmpipe import remote
 from atmpipe.errors import UserError
+from atmpipe.sae import kernels
 from atmpipe.store import RunningStats, StoreWriter, acts_name
 
 COMMITS = "commits"  # <store>/commits/<split>/<index>.json: shards written, not yet folded by rank 0
@@ -265,13 +266,8 @@ def atm_update_across_ranks(kernel, w: World, f, dec_norm, M, F_, R, recon_norm,
                                            per_token)  # fmt: skip
     if per_token:
         rows = torch.arange(f.shape[0], device=f.device, dtype=torch.int64) * w.size + w.rank
-        keep = _noise_at(rows[:, None] * f.shape[1] + torch.arange(f.shape[1], device=f.device), key) >= p
+        keep = (
+            kernels.noise_at(rows[:, None] * f.shape[1] + torch.arange(f.shape[1], device=f.device), key) >= p
+        )
         keep = keep.to(f.dtype)
     return M, F_, R, imp, theta, p, keep
-
-
-def _noise_at(flat_index: Tensor, key: Tensor) -> Tensor:
-    """kernels.uniform_noise at given flat indices of the global [batch, d_sae] mask (same hash, same bits)."""
-    from atmpipe.sae.kernels import _MASK32, hash32
-
-    return (hash32((flat_index ^ key) & _MASK32) >> 8).to(torch.float32) * (1.0 / (1 << 24))

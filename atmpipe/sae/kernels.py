@@ -112,8 +112,13 @@ def uniform_noise(shape: tuple[int, ...], key: Tensor, device: torch.device) -> 
     n = 1
     for s in shape:
         n *= s
-    idx = torch.arange(n, device=device, dtype=torch.int64).view(shape)
-    return (hash32((idx ^ key) & _MASK32) >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    return noise_at(torch.arange(n, device=device, dtype=torch.int64).view(shape), key)
+
+
+def noise_at(flat_index: Tensor, key: Tensor) -> Tensor:
+    """The U[0,1) noise of the elements at `flat_index` (int64) of a step's mask: a rank holding some rows
+    of a global batch draws exactly the values one process would."""
+    return (hash32((flat_index ^ key) & _MASK32) >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def atm_update(
