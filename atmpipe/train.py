@@ -38,6 +38,7 @@ from atmpipe import distributed
 from atmpipe.config import load_config, to_dict
 from atmpipe.errors import UserError
 from atmpipe.sae import SAE, SAE_METHODS, SAEConfig, make_sae
+from atmpipe.sae.base import META_FILE
 from atmpipe.store import RunningStats, Store, hook_name, open_store
 from atmpipe.stream import ShardStream, check_store
 
@@ -448,7 +449,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     out = Path(cfg.out or default_out(cfg.store, cfg.method))
     identity = run_identity(cfg, d_in, d_sae, layer)
     checkpoint, clear = inspect_run_dir(out, cfg, identity)
-    if (out / "cfg.json").exists() and cfg.resume and checkpoint is not None:
+    if (out / META_FILE).exists() and cfg.resume and checkpoint is not None:  # written last by SAE.save
         if read_checkpoint_state(checkpoint)["step"] >= total:
             console.print(f"{out} already holds the finished run; nothing to resume")
             return out

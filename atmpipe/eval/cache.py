@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from atmpipe.atomic import atomic_file
 from atmpipe.home import atmpipe_home
 
 
@@ -43,10 +43,8 @@ class ActivationCache:
         tensors, extra = compute()
         self.dir.mkdir(parents=True, exist_ok=True)
         # Written to temp names and renamed, tensors first: a crash never leaves a half cache entry.
-        tmp = tensors_path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, tensors_path)
-        tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"kind": kind, "config": config, "extra": extra}, default=str))
-        os.replace(tmp, meta_path)
+        with atomic_file(tensors_path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        with atomic_file(meta_path) as tmp:
+            tmp.write_text(json.dumps({"kind": kind, "config": config, "extra": extra}, default=str))
         return tensors, extra

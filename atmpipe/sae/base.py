@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from atmpipe.atomic import atomic_file
 from atmpipe.errors import UserError
 
 CFG_FILE = "cfg.json"
@@ -219,7 +220,9 @@ class SAE(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         tensors = self.folded_tensors()
         dtype = str(self.W_enc.dtype).removeprefix("torch.")
-        save_file({k: v.to(self.W_enc.dtype) for k, v in tensors.items()}, str(path / WEIGHTS_FILE))
+        # Every file lands whole (temp + rename) and atmpipe.json comes last: its presence marks a complete save.
+        with atomic_file(path / WEIGHTS_FILE) as tmp:
+            save_file({k: v.to(self.W_enc.dtype) for k, v in tensors.items()}, str(tmp))
         sl_cfg = {
             "architecture": self.architecture,
             "d_in": self.cfg.d_in,
@@ -240,9 +243,11 @@ class SAE(nn.Module):
                 "trained_with": "atmpipe",
             },
         }
-        (path / CFG_FILE).write_text(json.dumps(sl_cfg, indent=2) + "\n")
+        with atomic_file(path / CFG_FILE) as tmp:
+            tmp.write_text(json.dumps(sl_cfg, indent=2) + "\n")
         for name, extra in self.extra_files().items():
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in extra.items()}, str(path / name))
+            with atomic_file(path / name) as tmp:
+                save_file({k: v.detach().float().cpu().contiguous() for k, v in extra.items()}, str(tmp))
         meta = {
             "format_version": FORMAT_VERSION,
             "method": self.method,
@@ -258,7 +263,8 @@ class SAE(nn.Module):
             "provenance": _provenance(),
             "metadata": metadata or {},
         }
-        (path / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+        with atomic_file(path / META_FILE) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
         return path
 
     @classmethod
