@@ -107,6 +107,8 @@ def _committed(out: Path) -> int:
         attrs = json.loads((out / "zarr.json").read_text())["attributes"]["atmpipe"]
     except (FileNotFoundError, KeyError, ValueError):
         return 0
+    if attrs.get("creating"):  # the store's arrays are still being laid out: nothing committed yet
+        return 0
     return attrs["splits"]["train"]["shards_committed"]
 
 
