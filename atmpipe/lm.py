@@ -227,10 +227,10 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
 
 
 def config_hash(config) -> str:
-    """sha256 of the architecture config (load-time fields such as dtype left out)."""
-    d = {
-        k: v for k, v in config.to_dict().items() if k not in ("dtype", "torch_dtype", "transformers_version")
-    }
+    """sha256 of the architecture config: load-time fields (dtype, version, where it was loaded from) left
+    out, so the same model converted under another $ATMPIPE_HOME has the same hash."""
+    ignored = ("dtype", "torch_dtype", "transformers_version", "_name_or_path")
+    d = {k: v for k, v in config.to_dict().items() if k not in ignored}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 

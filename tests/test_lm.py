@@ -1,5 +1,7 @@
 """lm.py: model resolution, residual capture (== hidden_states[L+1], exactly), early stop, splice."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -29,6 +31,12 @@ def test_load_local_checkpoint(lms, tiny_checkpoints):
     assert lm.config_hash == load_lm(str(tiny_checkpoints["gemma3"])).config_hash
     assert lm.config_hash != lms["gemma2"].config_hash
     assert load_lm(str(tiny_checkpoints["gemma3"]), dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_config_hash_ignores_where_the_model_was_loaded_from(lms, tiny_checkpoints, tmp_path):
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_checkpoints["gemma3"], moved)
+    assert load_lm(str(moved)).config_hash == lms["gemma3"].config_hash
 
 
 @pytest.mark.parametrize("arch", ARCHS)
