@@ -33,6 +33,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	bash stages/demo.sh
 
+# The real experiment (hours on CPU). MODEL=gemma-2-2b LAYER=12 scales it to the paper's setting on a GPU.
+reproduce: setup
+	MODEL=$(MODEL) LAYER=$(LAYER) bash stages/reproduce.sh
+
 test: setup peers
 	$(BIN)/python -m pytest -q
 
