@@ -22,7 +22,6 @@ import zarr
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    Progress,
     ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -36,6 +35,7 @@ from atmpipe.errors import UserError
 from atmpipe.integrity import remove_orphans
 from atmpipe.lm import EMBEDDED as EMBEDDED_MODEL
 from atmpipe.lm import LM, capture, check_layers, load_lm
+from atmpipe.progress import Progress
 from atmpipe.store import (
     STORAGE_DTYPES,
     StoreWriter,

@@ -26,7 +26,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -37,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from atmpipe import distributed
 from atmpipe.config import load_config, to_dict
 from atmpipe.errors import UserError
+from atmpipe.progress import Progress
 from atmpipe.sae import SAE, SAE_METHODS, SAEConfig, make_sae
 from atmpipe.sae.base import META_FILE
 from atmpipe.store import RunningStats, Store, hook_name, open_store

@@ -17,7 +17,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -28,6 +27,7 @@ from atmpipe.eval import absorption as absorption_mod
 from atmpipe.eval import bias as bias_mod
 from atmpipe.eval import core, data, probing
 from atmpipe.eval.cache import ActivationCache
+from atmpipe.progress import Progress
 
 METRICS = ("core", "absorption", "probing", "bias")
 LM_METRICS = {"absorption", "probing", "bias"}  # core needs the LM only for the splice
