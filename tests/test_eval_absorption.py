@@ -117,3 +117,17 @@ def test_prompt_and_sampling():
     assert prompt[:end].endswith("zebra") and prompt[end:] == " has the first letter:"
     words = sample_words(["apple", "avocado", "axe", "bee", "Quilt"], per_letter=2, seed=0)
     assert sorted(w[0].lower() for w in words) == ["a", "a", "b", "q"]
+
+
+@pytest.mark.slow
+def test_read_position_is_the_words_own_vocabulary_token():
+    """On the real tokenizer every prompt is read at the sampled word's single leading-space token."""
+    from atmpipe.eval.absorption import first_letter_dataset
+    from atmpipe.lm import load_lm
+
+    tok = load_lm("gemma-3-270m").tokenizer
+    ds = first_letter_dataset(tok, AbsorptionConfig(words_per_letter=3))
+    assert len(ds["words"]) == 78 and ds["dropped"] == 0
+    for word, ids, pos in zip(ds["words"], ds["input_ids"], ds["positions"], strict=True):
+        assert tok.convert_ids_to_tokens(ids[pos]) == "▁" + word
+        assert tok.decode(ids[pos + 1 :]) == " has the first letter:"

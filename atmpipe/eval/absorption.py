@@ -23,10 +23,15 @@ EPS = 1e-8
 
 @dataclass
 class AbsorptionConfig:
-    words_per_letter: int = 80  # stratified: rare letters (q, x, z) need their share to pass the F1 gate
+    words_per_letter: int = (
+        80  # stratified; on gemma-3-270m fewer than ~64 train words a letter fail the gate
+    )
     min_word_letters: int = 3
-    icl_examples: int = 3
-    template: str = "{word} has the first letter:"
+    icl_examples: int = 2
+    # The leading space keeps each word the single vocabulary token it was drawn from ("\n" + " word"
+    # tokenises as "\n", "▁word"); without it "affirmat" splits into "aff" + "irmat" and the read token
+    # no longer carries the first letter.
+    template: str = " {word} has the first letter:"
     test_fraction: float = 0.2
     probe_f1_gate: float = 0.6  # letters whose ground-truth probe F1 is not above this are not evaluated
     min_letters: int = 20  # SAEBench refuses to report with fewer evaluable letters
@@ -149,18 +154,30 @@ def word_activations(
 # --- the pure metric ----------------------------------------------------------------------------------
 
 
-def _scale(x: np.ndarray) -> float:
-    """One global scale for probe inputs: keeps probe directions in residual coordinates."""
-    return float(np.linalg.norm(x, axis=1).mean()) or 1.0
+class CenteredScale:
+    """Centre the residual and divide by one scalar, the RMS of its per-dimension spread.
+
+    The residual carries a few huge constant offsets (one dimension averages ~7000 on gemma-3-270m against
+    a typical spread of ~30), so the old scale, the mean norm, shrank every informative dimension ~200-fold
+    and the probe's L2 penalty erased them. One scalar keeps probe weights in residual coordinates; a
+    per-dimension scale would inflate the weights of near-constant dimensions.
+    """
+
+    def __init__(self, x: np.ndarray):
+        self.mean = x.mean(0)
+        self.scale = float(np.sqrt(x.var(0).mean())) or 1.0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.scale
 
 
 def ground_truth_probe(
     acts_train: np.ndarray, y_train: np.ndarray, acts_test: np.ndarray, y_test: np.ndarray, seed: int = 0
 ) -> dict:
-    """26-way logistic regression on the residual; per-letter test F1 and unit probe directions."""
-    s = _scale(acts_train)
-    clf = LogisticRegression(max_iter=2000, random_state=seed).fit(acts_train / s, y_train)
-    pred = clf.predict(acts_test / s)
+    """26-way logistic regression on the centred, scaled residual; per-letter test F1 and unit directions."""
+    prep = CenteredScale(acts_train)
+    clf = LogisticRegression(max_iter=2000, random_state=seed).fit(prep(acts_train), y_train)
+    pred = clf.predict(prep(acts_test))
     letters = list(range(26))
     f1 = f1_score(y_test, pred, labels=letters, average=None, zero_division=0)
     directions = np.zeros((26, acts_train.shape[1]))

@@ -6,9 +6,14 @@ A vs B; spurious attribute: gender. The training split is biased — only A-peop
 often and B-people of the other — so a probe trained on it partly learns gender. Test: equal numbers of
 all four (occupation, gender) cells.
 
+Each text ends with the person's name (the sae-probes format), so a text is read at its last token, and only
+its last `tail_chars` characters are kept: the LM call truncates on the right, and the whole passages
+(~500 characters, 100+ tokens) lost the name at context 64, leaving gender undecodable (probe 0.6) and no
+spurious signal to remove. Probes see the residual centred and divided by one scalar (as absorption's).
+
 SCR (SAEBench's dir-1 score): rank latents by |Δmean(latent) between genders × ⟨decoder row, gender probe⟩|,
 zero-ablate the top N keeping the SAE's error term, and re-measure the biased probe on the balanced test:
-(A_ablated − A_base) / (A_oracle − A_base), A_oracle = a probe trained on balanced data.
+(A_ablated − A_base) / (A_oracle − A_base), A_oracle = a probe for the target trained on the balanced split.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from atmpipe.eval.probing import mean_pool
+from atmpipe.eval.absorption import CenteredScale
 
 
 @dataclass
@@ -31,6 +36,7 @@ class BiasConfig:
     n_values: tuple[int, ...] = (2, 5, 10, 20, 50)
     headline_n: int = 20
     context: int = 128
+    tail_chars: int = 160  # ~40 tokens: the name stays inside any context >= 64
     people_per_cell: int = 0  # cap on each (occupation, gender) cell before splitting; 0 = all
     min_gap: float = 0.02  # A_oracle − A_base below this: nothing to remove, SCR is not defined
     seed: int = 0
@@ -65,7 +71,7 @@ def scr_dataset(table: pd.DataFrame, cfg: BiasConfig) -> dict:
         for split, n in parts:
             for text in rows.prompt.iloc[start : start + n]:
                 splits[split].append(len(texts))
-                texts.append(str(text))
+                texts.append(str(text)[-cfg.tail_chars :])
                 target.append(int(key[0] == cfg.occupation_a))
                 spurious.append(int(key[1] == "male"))
             start += n
@@ -77,6 +83,7 @@ def scr_dataset(table: pd.DataFrame, cfg: BiasConfig) -> dict:
         "construction": {
             "target": f"{cfg.occupation_a} (1) vs {cfg.occupation_b} (0)",
             "spurious": "gender (1 = male)",
+            "read": f"residual at the last token of each text's last {cfg.tail_chars} characters (the name)",
             "biased_train_cells": [f"{o}/{g}" for o, g in aligned],
             "cell_sizes": {f"{o}/{g}": len(r) for (o, g), r in cells.items()},
             "n_biased_train": 2 * n_biased,
@@ -87,18 +94,18 @@ def scr_dataset(table: pd.DataFrame, cfg: BiasConfig) -> dict:
 
 
 class ResidualProbe:
-    """Logistic regression on pooled residuals whose weight stays in residual coordinates (one global scale)."""
+    """Logistic regression on centred residuals over one scalar scale: the weight stays in residual coordinates."""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, seed: int = 0):
-        self.scale = float(np.linalg.norm(X, axis=1).mean()) or 1.0
-        self.clf = LogisticRegression(max_iter=2000, random_state=seed).fit(X / self.scale, y)
+        self.prep = CenteredScale(X)
+        self.clf = LogisticRegression(max_iter=2000, random_state=seed).fit(self.prep(X), y)
 
     def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
-        return float((self.clf.predict(X / self.scale) == y).mean())
+        return float((self.clf.predict(self.prep(X)) == y).mean())
 
     @property
     def weight(self) -> np.ndarray:
-        return self.clf.coef_[0] / self.scale
+        return self.clf.coef_[0] / self.prep.scale
 
 
 @torch.no_grad()
@@ -111,10 +118,9 @@ def scr_metrics(sae, data: dict, cfg: BiasConfig) -> dict:
             "reason": f"too few people for the SCR splits {sizes}",
             "construction": data.get("construction", {}),
         }
-    R = mean_pool(data["acts"], data["offsets"])  # clean pooled residual of every text
-    F = mean_pool(
-        data["acts"], data["offsets"], sae.encode
-    )  # pooled latents (pooling is linear: ablation below)
+    R = data["acts"][data["offsets"][1:] - 1].float()  # each text's last token: the end of the name
+    F = sae.encode(R).float().cpu().numpy()
+    R = R.numpy()
     y, s = data["target"], data["spurious"]
     bt, bal, test = data["biased_train"], data["balanced_train"], data["test"]
     biased = ResidualProbe(R[bt], y[bt], cfg.seed)
