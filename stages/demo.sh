@@ -34,7 +34,7 @@ mkdir -p "$RUNS"
 stage harvest "$STORE" -- "$ATMPIPE" harvest --config stages/demo-harvest.toml --out "$STORE"
 for m in "${METHODS[@]}"; do
     # shellcheck disable=SC2086  # METHOD_ARGS holds several words on purpose
-    stage "train-$m" "$RUNS/$m/cfg.json" -- "$ATMPIPE" train --config "stages/train-$m.toml" --store "$STORE" \
+    stage "train-$m" "$RUNS/$m/atmpipe.json" -- "$ATMPIPE" train --config "stages/train-$m.toml" --store "$STORE" \
         "${TRAIN[@]}" ${METHOD_ARGS[$m]} --out "$RUNS/$m" --resume
 done
 stage eval "$REPORT/report.md" -- "$ATMPIPE" eval --config stages/demo-eval.toml \

@@ -58,7 +58,7 @@ stage harvest "$STORE" -- "$ATMPIPE" harvest --config stages/reproduce-harvest.t
 for run in "${RUN_NAMES[@]}"; do
     method=${run%%-*}
     # shellcheck disable=SC2086  # RUN_ARGS holds several words on purpose
-    stage "train-$run" "$RUNS/$run/cfg.json" -- "$ATMPIPE" train --config "stages/train-$method.toml" \
+    stage "train-$run" "$RUNS/$run/atmpipe.json" -- "$ATMPIPE" train --config "stages/train-$method.toml" \
         "${COMMON[@]}" ${RUN_ARGS[$run]} --out "$RUNS/$run"
 done
 # The report is written only once every SAE is evaluated, so results/ never holds a partial table.
