@@ -3,6 +3,7 @@ figures `make reliability` prints (tally)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,6 +15,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 COUNTS_ENV = "ATMPIPE_RELIABILITY_COUNTS"  # JSON file the figures are added to (scripts/reliability.sh)
+
+
+def tree_digest(path: Path) -> str:
+    """sha256 over a directory's relative paths and file bytes: equal digests, nothing changed."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 def tally(figure: str, n: int = 1) -> None:

@@ -8,7 +8,6 @@ files that existed are unchanged (docs/errors.md lists them all).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from reliability_helpers import read_only_dir, tally
+from reliability_helpers import read_only_dir, tally, tree_digest
 from typer.testing import CliRunner
 
 from atmpipe.cli import app
@@ -39,15 +38,6 @@ def error_of(result) -> str:
     assert line.startswith("error: ")
     tally("bad inputs tested through the CLI (exit 2, one line, nothing changed)")
     return line.removeprefix("error: ")
-
-
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def make_store(path: Path, n_train: int = 2048, seed: int = 0):
@@ -138,13 +128,13 @@ def test_verify_names_every_injected_corruption_and_training_refuses(tmp_path):
         "corruptions detected", sum(any(line.startswith(e) for line in lines) for _, e in injected.values())
     )
     # Training refuses the store (the missing shard is named) and changes nothing.
-    before = digest(store.path)
+    before = tree_digest(store.path)
     message = error_of(invoke("train", "--store", store.path, "--out", tmp_path / "run", "--device", "cpu"))
     assert message == (
         f"store {store.path} is damaged: train/acts_l1 shard 2 (tokens 1024-1535) is missing; re-harvest it "
         f"(`atmpipe verify {store.path}` lists every damaged chunk)"
     )
-    assert digest(store.path) == before and not (tmp_path / "run").exists()
+    assert tree_digest(store.path) == before and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
@@ -161,10 +151,10 @@ def test_verify_names_every_injected_corruption_and_training_refuses(tmp_path):
 def test_other_schema_versions_are_refused(tmp_path, version, expected, command):
     store = make_store(tmp_path / "s.zarr", n_train=512)
     set_attrs(store.path, schema_version=version)
-    before = digest(store.path)
+    before = tree_digest(store.path)
     args = [command, store.path] if command != "train" else ["train", "--store", store.path]
     assert error_of(invoke(*args)).startswith(f"store {store.path} {expected}")
-    assert digest(store.path) == before
+    assert tree_digest(store.path) == before
 
 
 @pytest.mark.parametrize(
@@ -199,12 +189,12 @@ def test_store_whose_arrays_disagree_with_its_attributes(tmp_path, edit, expecte
         set_attrs(store.path, d_model=32)
     else:
         shutil.rmtree(store.path / "eval" / "bos")
-    before = digest(store.path)
+    before = tree_digest(store.path)
     for args in (["info", store.path], ["verify", store.path], ["train", "--store", store.path]):
         message = error_of(invoke(*args))
         assert message.startswith(f"store {store.path} is inconsistent: {expected}"), message
         assert message.endswith("it is damaged or was edited: re-harvest it")
-    assert digest(store.path) == before
+    assert tree_digest(store.path) == before
 
 
 # --- unwritable and full outputs ------------------------------------------------------------------
@@ -262,11 +252,11 @@ def test_corrupted_sae_files_are_refused_by_eval(sae_dir, tmp_path, broken, expe
         meta = json.loads((sae_dir / "atmpipe.json").read_text())
         meta["layer"] = "../../../escape"
         (sae_dir / "atmpipe.json").write_text(json.dumps(meta))
-    before = digest(sae_dir)
+    before = tree_digest(sae_dir)
     message = error_of(invoke("eval", "--sae", sae_dir, "--store", store.path, "--metrics", "core",
                               "--out", tmp_path / "report"))  # fmt: skip
     assert str(sae_dir) in message and expected in message, message
-    assert digest(sae_dir) == before and not (tmp_path / "report").exists()
+    assert tree_digest(sae_dir) == before and not (tmp_path / "report").exists()
 
 
 # --- GGUF conversion interrupted -----------------------------------------------------------------

@@ -3,7 +3,6 @@ atomic checkpoints, signals, NaN batches, and every bad input of `atmpipe train`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from reliability_helpers import tree_digest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -261,15 +261,6 @@ def error_of(result) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.output
     return lines[0]
-
-
-def tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
