@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import os
 import socket
 import sys
@@ -25,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train  # noqa: E402
 from bench_train import Figure  # noqa: E402
+from run_all import figure_from_dict, write_record  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (2304, 65536)
 
 # Gemma-2-2b's shape (google/gemma-2-2b config.json): the harvest model is this, randomly initialised.
@@ -120,29 +119,14 @@ def main() -> None:
     harvest = run_harvest(a.quick)
     if harvest is not None:
         raw["harvest"] = harvest
-        figures += [
-            Figure(**{"unit": "×", "detail": "", "ok": None, **d}) for d in harvest.get("figures", [])
-        ]
+        figures += [figure_from_dict(d) for d in harvest.get("figures", [])]
     train = run_train(a.quick)
     raw["train"] = train["raw"]
     figures += train["figures"]
     print()
     for fig in figures:
         print(fig.line())
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{stamp:%Y-%m-%d}-{socket.gethostname()}-gpu{'-quick' if a.quick else ''}.json"
-    record = {
-        "date": stamp.isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
-        "device": name,
-        "torch": torch.__version__,
-        "quick": a.quick,
-        "seconds": round(time.time() - started, 1),
-        "figures": [vars(f) for f in figures],
-        "raw": raw,
-    }
-    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    print(f"wrote {path}")
+    write_record(stamp, started, a.quick, figures, raw, tag="-gpu", device=name)
 
 
 if __name__ == "__main__":

@@ -103,22 +103,31 @@ def main() -> None:
         f"{sum(f.ok is True for f in figures)} met, {len(missed)} missed, {sum(f.ok is None for f in figures)} informational"
         f" — {time.time() - started:.0f} s"
     )
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": THREADS}
+    write_record(stamp, started, a.quick, figures, raw, **machine)
+
+
+def write_record(
+    stamp, started: float, quick: bool, figures: list[Figure], raw: dict, tag: str = "", **machine
+):
+    """Write benchmarks/results/<date>-<host>[-tag][-quick].json: every figure plus the raw measurements."""
+    import torch
+
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{stamp:%Y-%m-%d}-{socket.gethostname()}{'-quick' if a.quick else ''}.json"
+    path = RESULTS / f"{stamp:%Y-%m-%d}-{socket.gethostname()}{tag}{'-quick' if quick else ''}.json"
     record = {
         "date": stamp.isoformat(timespec="seconds"),
         "host": socket.gethostname(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "threads": THREADS,
+        **machine,
         "torch": torch.__version__,
-        "quick": a.quick,
+        "quick": quick,
         "seconds": round(time.time() - started, 1),
         "figures": [vars(f) for f in figures],
         "raw": raw,
     }
     path.write_text(json.dumps(record, indent=1, default=str) + "\n")
     print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    return path
 
 
 if __name__ == "__main__":
