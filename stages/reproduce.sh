@@ -49,27 +49,44 @@ declare -A RUN_ARGS=(
     [atm-r0.5]="$ATM --hparam r=0.5"
     [atm-r2]="$ATM --hparam r=2.0"
 )
-RUN_NAMES=(atm topk jumprelu relu atm-c0.5 atm-c2 atm-r0.5 atm-r2)
+MAIN=(atm topk jumprelu relu)
+SWEEP=(atm atm-c0.5 atm-c2 atm-r0.5 atm-r2)  # the default ATM again, as the sweep's reference row
+
+train_runs() {
+    local run method
+    for run in "$@"; do
+        method=${run%%-*}
+        # shellcheck disable=SC2086  # RUN_ARGS holds several words on purpose
+        stage "train-$run" "$RUNS/$run/atmpipe.json" -- "$ATMPIPE" train --config "stages/train-$method.toml" \
+            "${COMMON[@]}" ${RUN_ARGS[$run]} --out "$RUNS/$run"
+    done
+}
+
+# Each report is written only once every SAE in it is evaluated, so results/ never holds a partial table.
+# The comparison comes first and is committed alone; the sweep follows (the evaluation's LM activations are
+# cached, so the second eval pays only for its SAEs).
+finish() {
+    MODEL=$MODEL LAYER=$LAYER .venv/bin/python stages/experiment.py record "$RECORD" "$RESULTS"
+    echo
+    echo "wall time per stage (seconds, summed over re-runs):"
+    wall_summary
+    echo
+    .venv/bin/python stages/experiment.py table "$1"
+    echo
+    echo "results: $1/report.md · report.html · results.json (commands, versions, hardware, wall times: $RESULTS)"
+}
 
 mkdir -p "$RUNS"
 echo "reproduce: $MODEL layer $LAYER → $STORE, runs in $RUNS, results in $RESULTS"
 stage harvest "$STORE" -- "$ATMPIPE" harvest --config stages/reproduce-harvest.toml --model "$MODEL" \
     --layer "$LAYER" --storage-dtype "$STORAGE_DTYPE" --out "$STORE"
-for run in "${RUN_NAMES[@]}"; do
-    method=${run%%-*}
-    # shellcheck disable=SC2086  # RUN_ARGS holds several words on purpose
-    stage "train-$run" "$RUNS/$run/atmpipe.json" -- "$ATMPIPE" train --config "stages/train-$method.toml" \
-        "${COMMON[@]}" ${RUN_ARGS[$run]} --out "$RUNS/$run"
-done
-# The report is written only once every SAE is evaluated, so results/ never holds a partial table.
-stage eval "$RESULTS/report.md" -- "$ATMPIPE" eval --config stages/reproduce-eval.toml \
-    "${RUN_NAMES[@]/#/--sae=$RUNS/}" --out "$RESULTS"
 
-MODEL=$MODEL LAYER=$LAYER .venv/bin/python stages/experiment.py record "$RECORD" "$RESULTS"
-echo
-echo "wall time per stage (seconds, summed over re-runs):"
-wall_summary
-echo
-.venv/bin/python stages/experiment.py table "$RESULTS"
-echo
-echo "results: $RESULTS/report.md · report.html · results.json · experiment.json · commands.sh"
+train_runs "${MAIN[@]}"
+stage eval "$RESULTS/report.md" -- "$ATMPIPE" eval --config stages/reproduce-eval.toml \
+    "${MAIN[@]/#/--sae=$RUNS/}" --out "$RESULTS"
+finish "$RESULTS"
+
+train_runs "${SWEEP[@]}"
+stage eval-sweep "$RESULTS/atm-sweep/report.md" -- "$ATMPIPE" eval --config stages/reproduce-eval.toml \
+    "${SWEEP[@]/#/--sae=$RUNS/}" --out "$RESULTS/atm-sweep"
+finish "$RESULTS/atm-sweep"
