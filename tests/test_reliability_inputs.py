@@ -1,5 +1,5 @@
 """Integrity, bad input and safety: damaged stores found by `atmpipe verify`, stores refused for their
-schema or layout, unwritable outputs, broken SAE files, a Ctrl-C during GGUF conversion, crafted
+schema or layout, unwritable outputs, broken SAE files, real SIGINT/SIGKILL during GGUF conversion, crafted
 attributes that try to steer writes, and no pickle / remote code anywhere.
 
 Every CLI error here is checked the same way: exit code 2, one line on stderr, no traceback, and the
@@ -9,6 +9,7 @@ files that existed are unchanged (docs/errors.md lists them all).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -262,36 +263,204 @@ def test_corrupted_sae_files_are_refused_by_eval(sae_dir, tmp_path, broken, expe
 # --- GGUF conversion interrupted -----------------------------------------------------------------
 
 
-def test_ctrl_c_during_gguf_conversion_leaves_no_model(tiny_checkpoints, tmp_path, monkeypatch):
-    """A KeyboardInterrupt (what Ctrl-C and the harvest's signal handler raise) in the middle of writing the
-    converted checkpoint: no model directory appears, no temp directory stays, and the next run converts."""
-    import transformers
+def write_tiny_gguf(path: Path, n_layers: int = 2):
+    """A real GGUF file (F32 tensors, a sentencepiece-style vocabulary, as llama.cpp writes Gemma 3) of a
+    tiny random Gemma 3, which transformers reads like the embedded model; returns the model it holds."""
+    import gguf
+    from conftest import TINY_VOCAB, tiny_model
+
+    model = tiny_model("gemma3", n_layers=n_layers)
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
+    writer.add_sliding_window(cfg.sliding_window)
+    # <pad> <eos> <bos> <unk>, the 256 byte fallbacks, then pieces with falling scores
+    pieces = ["▁", "▁the", "▁a", "▁of", "▁and", "▁to", *"etaoinsrhldcumfpgwybvk"]
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    tokens += [f"▁w{i}" for i in range(TINY_VOCAB - len(tokens))]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 260 + [-float(i) for i in range(len(tokens) - 260)])
+    writer.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * (len(tokens) - 260))  # control, unknown, byte
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, n_layers)
+    for name, weight in model.state_dict().items():
+        if name != "lm_head.weight":  # tied to the embedding
+            array = weight.numpy().astype(np.float32)
+            # llama.cpp stores Gemma's norm weights as 1 + w; transformers subtracts the 1 again
+            array = array + 1 if "norm" in name else array
+            writer.add_tensor(names.get_name(name.removesuffix(".weight")) + ".weight", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    return path, write_tiny_gguf(path)
+
+
+def converted_name(gguf: Path) -> str:
+    import hashlib
+
+    return f"{gguf.stem}-{hashlib.sha256(gguf.read_bytes()).hexdigest()[:12]}"
+
+
+def assert_loads_as(checkpoint: Path, reference) -> None:
+    """The converted checkpoint loads with the GGUF's weights and tokenizer."""
+    import torch
+
+    from atmpipe.lm import load_lm
+
+    lm = load_lm(str(checkpoint), device="cpu")
+    state = lm.model.state_dict()
+    for name, weight in reference.state_dict().items():
+        assert torch.equal(state[name], weight), name
+    ids = lm.tokenizer("the cat and the dog").input_ids
+    assert ids[0] == lm.bos_token_id == 2 and len(ids) > 3
+
+
+def test_next_conversion_removes_only_temp_directories_of_dead_processes(tiny_gguf, tmp_path, monkeypatch):
+    """A SIGKILLed conversion leaves its temp directory; the next conversion of that model removes it, but
+    never one whose process still runs (a concurrent conversion), nor another host's."""
+    import socket
+    import subprocess
 
     import atmpipe.lm as lm_module
 
+    gguf, reference = tiny_gguf
     monkeypatch.setenv("ATMPIPE_HOME", str(tmp_path / "home"))
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF stand-in: the loaders below are patched")
-    real_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoints["gemma2"])
-    real_tok = transformers.AutoTokenizer.from_pretrained(tiny_checkpoints["gemma2"])
-    monkeypatch.setattr(lm_module.AutoTokenizer, "from_pretrained", lambda *a, **k: real_tok)
-    monkeypatch.setattr(lm_module.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: real_model)
-    save = type(real_model).save_pretrained
-
-    def interrupted_save(self, path, **kw):
-        save(self, path, **kw)  # the weights are on disk, the tokenizer is not yet: then Ctrl-C
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(type(real_model), "save_pretrained", interrupted_save)
-    with pytest.raises(KeyboardInterrupt):
-        lm_module.gguf_checkpoint(gguf)
     models = tmp_path / "home" / "models"
-    assert list(models.iterdir()) == []  # neither a half-converted model nor its temp directory
-    monkeypatch.setattr(type(real_model), "save_pretrained", save)
-    converted = lm_module.gguf_checkpoint(gguf)
-    assert (converted / "config.json").is_file() and (converted / "tokenizer.json").is_file()
-    assert [p.name for p in models.iterdir()] == [converted.name]
-    tally("interrupted GGUF conversions left no model")
+    dest = models / converted_name(gguf)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a PID that existed and is gone
+    host = socket.gethostname()
+    stale = [
+        models / f".{dest.name}.convert-{host}-{dead.pid}-a1b2",
+        models / f".{dest.name}.gguf-{host}-{dead.pid}-c3",
+    ]
+    kept = [
+        models / f".{dest.name}.convert-{host}-{os.getpid()}-live",
+        models / f".{dest.name}.convert-elsewhere-{dead.pid}-x",
+    ]
+    for d in stale + kept:
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"half written")
+    other_model = models / f".other-0123456789ab.convert-{host}-{dead.pid}-z"
+    other_model.mkdir()
+
+    assert lm_module.gguf_checkpoint(gguf) == dest
+    assert not any(d.exists() for d in stale)
+    assert all((d / "model.safetensors").exists() for d in kept) and other_model.exists()
+    assert sorted(p.name for p in models.iterdir()) == sorted(
+        [dest.name, other_model.name, *(d.name for d in kept)]
+    )
+    assert_loads_as(dest, reference)
+    tally("stale GGUF conversion temp directories removed")
+
+
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def freeze_mid_conversion(zygote, argv, log: Path, home: Path):
+    """Start `argv`; stop it (SIGSTOP) while its GGUF conversion is under way: temp directory present,
+    converted model not yet in place. Returns (pid, temp dir), or None if it finished the conversion
+    between two polls (the caller tries again)."""
+    import signal
+    import time
+
+    models = home / "models"
+    pid = zygote.start(argv, log, env={"ATMPIPE_HOME": str(home)})
+    while zygote.poll(pid) is None:
+        if models.exists() and list(models.glob(".*.convert-*")):
+            os.kill(pid, signal.SIGSTOP)
+            while not _stopped(pid):
+                time.sleep(0.001)
+            temps = list(models.glob(".*.convert-*"))
+            if temps and not any(
+                (p / "config.json").exists() for p in models.iterdir() if not p.name.startswith(".")
+            ):
+                return pid, temps[0]
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.002)
+    return None
+
+
+def test_real_sigint_and_sigkill_during_gguf_conversion(tiny_gguf, tmp_path, monkeypatch):
+    """Real `atmpipe harvest --model tiny.gguf` processes, frozen mid-conversion, then sent SIGINT (one-line
+    error, exit 130, nothing left behind) or SIGKILL (its temp directory stays, and a concurrent check leaves
+    it while the process lives); a re-run removes the leftovers, converts, harvests and loads correctly."""
+    import signal
+
+    from reliability_helpers import Zygote
+
+    import atmpipe.lm as lm_module
+
+    gguf, reference = tiny_gguf
+    home, out = tmp_path / "home", tmp_path / "s.zarr"
+    models = home / "models"
+    dest = models / converted_name(gguf)
+    # The forked CLI runs must import this checkout, whatever `pip install -e` points the venv at.
+    monkeypatch.setenv("PYTHONPATH", str(PACKAGE.parent))
+    argv = ["harvest", "--model", gguf, "--tokens", 128, "--eval-tokens", 32, "--context-size", 32,
+            "--out", out]  # fmt: skip
+    zygote = Zygote()
+    try:
+        for sig in (signal.SIGINT, signal.SIGKILL):
+            log = tmp_path / f"{sig.name}.log"
+            for _attempt in range(5):
+                frozen = freeze_mid_conversion(zygote, argv, log, home)
+                if frozen:
+                    break
+                shutil.rmtree(home)  # it converted between two polls: again, from scratch
+                shutil.rmtree(out, ignore_errors=True)
+            assert frozen, "never caught the conversion under way"
+            pid, temp = frozen
+            assert f"-{pid}-" in temp.name
+            lm_module.remove_stale_temps(dest)  # a live conversion's temp directory is never removed
+            assert temp.is_dir()
+            os.kill(pid, sig)
+            os.kill(pid, signal.SIGCONT)
+            code = zygote.wait(pid)
+            assert not dest.exists() and not out.exists()  # no half-converted model, no store
+            if sig == signal.SIGINT:
+                assert code == 130, log.read_text()
+                assert log.read_text().strip().splitlines()[-1] == (
+                    "error: stopped by SIGINT; nothing committed is lost: re-run the same command to resume"
+                )
+                assert "Traceback" not in log.read_text()
+                assert list(models.iterdir()) == []  # its temp directory went with it
+            else:
+                assert code == -signal.SIGKILL
+                assert [p.name for p in models.iterdir()] == [temp.name]  # left behind by the kill
+            tally("interrupted GGUF conversions left no model")
+        log = tmp_path / "rerun.log"
+        assert zygote.run(argv, log, env={"ATMPIPE_HOME": str(home)}) == 0, log.read_text()
+    finally:
+        zygote.close()
+    assert [p.name for p in models.iterdir()] == [dest.name]  # converted, the killed run's temp removed
+    assert_loads_as(dest, reference)
+    assert json.loads((out / "zarr.json").read_text())["attributes"]["atmpipe"]["model"]["source"] == str(
+        dest
+    )
 
 
 # --- crafted attributes ---------------------------------------------------------------------------
