@@ -12,13 +12,19 @@ while the trainer works on the current one.
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import torch
+from numcodecs import Blosc
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
 from zarr.core.buffer.cpu import NDBuffer
 
 from atmpipe.errors import UserError
@@ -35,6 +41,93 @@ def check_store(store: Store, layer: int, allow_partial: bool = False) -> None:
             "or pass --allow-partial to train on its committed shards only"
         )
     store.split(SPLIT).acts(layer)  # raises for a layer the store does not hold
+
+
+class ChunkReader:
+    """Whole inner chunks of a local store's sharded array, read and decoded straight into a buffer.
+
+    Zarr's read of one chunk copies it twice more and allocates fresh buffers on the way (≈ 1.7× the
+    time of this path, measured in benchmarks/README.md); this does what zarr does for the layout atmpipe writes and
+    nothing else: the shard index (n × (offset, nbytes) little-endian uint64, crc32c-checked) at the end of
+    the shard file, then the chunk's bytes, their crc32c checked exactly as zarr's Crc32cCodec does, Blosc-
+    decoded into `out`. `for_array` gives None for any other layout (or a remote store): zarr reads those.
+    """
+
+    EMPTY = 2**64 - 1  # the index entry of a chunk never written (zarr: fill value)
+
+    def __init__(self, root: Path, array):
+        self.array, self.root = array, root
+        self.chunk_rows = array.chunks[0]
+        self.per_shard = array.shards[0] // self.chunk_rows
+        self._scratch = threading.local()
+        self._blosc = Blosc()  # decoding reads cname, shuffle and sizes from each chunk's Blosc header
+
+    @classmethod
+    def for_array(cls, root, array) -> ChunkReader | None:
+        codecs = array.metadata.codecs
+        sharding = codecs[0] if len(codecs) == 1 else None
+        ok = (
+            isinstance(root, Path)
+            and sys.byteorder == "little"
+            and isinstance(sharding, ShardingCodec)
+            and array.shards is not None
+            and tuple(sharding.chunk_shape) == (array.chunks[0], *array.shape[1:])
+            and [type(c) for c in sharding.codecs] == [BytesCodec, BloscCodec, Crc32cCodec]
+            and [type(c) for c in sharding.index_codecs] == [BytesCodec, Crc32cCodec]
+            and sharding.index_location == ShardingCodecIndexLocation.end
+            and all(
+                c.endian is None or c.endian.value == "little"
+                for c in (sharding.codecs[0], sharding.index_codecs[0])
+            )
+        )
+        return cls(root, array) if ok else None
+
+    @staticmethod
+    def _checked(data: np.ndarray, what: str) -> np.ndarray:
+        """`data` without its trailing crc32c, which must match (as zarr's Crc32cCodec checks it)."""
+        if np.uint32(google_crc32c.value(data[:-4])).tobytes() != data[-4:].tobytes():
+            raise ValueError(f"Stored and computed checksum of the {what} do not match")
+        return data[:-4]
+
+    def read(self, chunk: int, out: np.ndarray) -> bool:
+        """Decode chunk `chunk` (its first len(out) rows) into `out`; False if it was never written (left to
+        zarr, which fills it)."""
+        shard, inner = divmod(chunk, self.per_shard)
+        path = self.root / self.array.path / self.array.metadata.encode_chunk_key((shard, 0))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            index_bytes = 16 * self.per_shard + 4
+            index = np.frombuffer(os.pread(fd, index_bytes, os.fstat(fd).st_size - index_bytes), np.uint8)
+            if len(index) != index_bytes:
+                raise ValueError(f"shard file {path} is too short for its index")
+            offset, nbytes = (
+                int(v) for v in self._checked(index, "shard index").view("<u8")[2 * inner :][:2]
+            )
+            if offset == nbytes == self.EMPTY:
+                return False
+            data = self._buffer(nbytes)
+            if os.preadv(fd, [data], offset) != nbytes:
+                raise ValueError(f"shard file {path} ends inside chunk {chunk}")
+        finally:
+            os.close(fd)
+        encoded = self._checked(data, "chunk")
+        full_bytes = self.chunk_rows * out[:1].nbytes
+        if len(encoded) < 16 or int(encoded[4:8].view("<u4")[0]) != full_bytes:  # Blosc header: nbytes
+            raise ValueError(f"chunk {chunk} does not decode to {full_bytes} bytes")
+        if len(out) == self.chunk_rows:
+            self._blosc.decode(encoded, out=out)
+        else:  # the array's last, partial chunk: stored padded to the full chunk shape
+            full = np.empty((self.chunk_rows, *out.shape[1:]), out.dtype)
+            self._blosc.decode(encoded, out=full)
+            out[:] = full[: len(out)]
+        return True
+
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        """A per-thread read buffer, grown as needed (a fresh 10 MB one per chunk would cost page faults)."""
+        buffer = getattr(self._scratch, "data", None)
+        if buffer is None or len(buffer) < nbytes:
+            buffer = self._scratch.data = np.empty(nbytes, np.uint8)
+        return buffer[:nbytes]
 
 
 class _Failure:
@@ -104,6 +197,7 @@ class ShardStream:
                 "harvest more text before training"
             )
         self._scratch = threading.local()
+        self._reader = ChunkReader.for_array(store.path, self.acts)
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="atmpipe-stream-decode")
         self._queue: queue.Queue = queue.Queue(max(1, prefetch))
         self._stop = threading.Event()
@@ -213,6 +307,8 @@ class ShardStream:
         try:
             if out is None:
                 return array[start:stop]
+            if array is self.acts and self._reader is not None and self._reader.read(chunk, out):
+                return out
             array.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
             return out
         except Exception as e:  # zarr raises ValueError for a checksum mismatch, codecs their own errors
@@ -300,12 +396,14 @@ class ShardStream:
                 take = min(self.batch_size - filled, len(order) - done)
                 # Rows of one batch in buffer order: the same set, gathered with far better locality.
                 rows = np.sort(kept[order[done : done + take]])
+                # mode="clip" (rows are always in range): with the default "raise", numpy gathers into a
+                # temporary and copies it into `out`, twice the time.
                 if self.world > 1:  # this rank's rows: global batch positions ≡ rank (mod world)
                     first = (self.rank - filled) % self.world
                     rows, at = rows[first :: self.world], (filled + first) // self.world
-                    np.take(acts, rows, axis=0, out=batch.numpy()[at : at + len(rows)])
+                    np.take(acts, rows, axis=0, out=batch.numpy()[at : at + len(rows)], mode="clip")
                 else:
-                    np.take(acts, rows, axis=0, out=batch.numpy()[filled : filled + take])
+                    np.take(acts, rows, axis=0, out=batch.numpy()[filled : filled + take], mode="clip")
                 filled, done = filled + take, done + take
                 if filled == self.batch_size:
                     yield batch

@@ -7,8 +7,16 @@ import pytest
 import zarr
 
 from atmpipe.errors import UserError
-from atmpipe.store import StoreWriter, acts_name, hook_name, open_store, plan_split, write_arrays_store
-from atmpipe.stream import ShardStream
+from atmpipe.store import (
+    StoreWriter,
+    acts_name,
+    compressors,
+    hook_name,
+    open_store,
+    plan_split,
+    write_arrays_store,
+)
+from atmpipe.stream import ChunkReader, ShardStream
 
 LAYER, D = 3, 8
 CHUNK, SHARD = 256, 1024
@@ -199,3 +207,62 @@ def test_damaged_chunk_is_named_or_skipped(tmp_path):
     expected = np.setdiff1d(non_bos_rows(store), np.arange(6 * CHUNK, 7 * CHUNK))
     assert per_epoch == expected.size
     np.testing.assert_array_equal(np.sort(delivered[: expected.size]), expected)
+
+
+# --- the direct chunk reader: the same bits as zarr, the same checks --------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunk_reader_decodes_every_chunk_as_zarr_does(tmp_path, dtype):
+    store = write_arrays_store(
+        tmp_path / "s.zarr", {"train": labelled(5000)}, layer=LAYER, dtype=dtype, chunk_tokens=CHUNK,
+        shard_tokens=SHARD,
+    )  # fmt: skip
+    acts = store.split("train").acts(LAYER)
+    reader = ChunkReader.for_array(store.path, acts)
+    assert reader is not None  # the layout atmpipe writes is read directly
+    for chunk in range(-(-5000 // CHUNK)):  # the last one partial
+        start, stop = chunk * CHUNK, min((chunk + 1) * CHUNK, 5000)
+        out = np.full((stop - start, D), 7, acts.dtype)
+        assert reader.read(chunk, out)
+        np.testing.assert_array_equal(out, acts[start:stop])
+
+
+def test_batches_are_the_same_bits_with_zarr_reads(store, monkeypatch):
+    def batches() -> list[np.ndarray]:
+        with ShardStream(store, LAYER, 700, seed=3, buffer_chunks=5) as s:
+            return [next(s).numpy().copy() for _ in range(9)]  # past an epoch
+
+    direct = batches()
+    monkeypatch.setattr(ChunkReader, "for_array", classmethod(lambda cls, root, array: None))
+    np.testing.assert_array_equal(np.stack(direct), np.stack(batches()))
+
+
+def test_damaged_shard_index_is_named(tmp_path):
+    store = write_arrays_store(
+        tmp_path / "d.zarr", {"train": labelled(5000)}, layer=LAYER, chunk_tokens=CHUNK, shard_tokens=SHARD
+    )
+    shard_file = store.path / "train" / acts_name(LAYER) / "c" / "1" / "0"
+    raw = bytearray(shard_file.read_bytes())
+    raw[-20] ^= 0xFF  # inside the index (its last entry), not its checksum
+    shard_file.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"^chunk [4-7] \(tokens \d+-\d+\) of .* is damaged \(.*checksum"):
+        with ShardStream(store, LAYER, 4000, buffer_chunks=20) as s:
+            next(s)
+
+
+def test_chunk_reader_leaves_other_layouts_and_unwritten_chunks_to_zarr(tmp_path):
+    plain = zarr.create_array(tmp_path / "plain.zarr", shape=(64, D), chunks=(16, D), dtype="float32")
+    assert ChunkReader.for_array(tmp_path / "plain.zarr", plain) is None  # not sharded
+    sharded = zarr.create_array(
+        tmp_path / "sparse.zarr", shape=(64, D), chunks=(16, D), shards=(32, D), dtype="float32",
+        compressors=compressors(), fill_value=0, config={"write_empty_chunks": False},
+    )  # fmt: skip
+    assert ChunkReader.for_array("memory://sparse.zarr", sharded) is None  # not a local directory
+    sharded[:] = np.ones((64, D), np.float32)
+    sharded[16:32] = 0  # an all-fill chunk: not written, its index entry marks it empty
+    reader = ChunkReader.for_array(tmp_path / "sparse.zarr", sharded)
+    assert reader is not None
+    out = np.full((16, D), 7, np.float32)
+    assert not reader.read(1, out)
+    assert reader.read(2, out) and (out == 1).all()
