@@ -81,15 +81,29 @@ def test_functions() -> list[tuple[str, str]]:
     return out
 
 
-def key_pieces(text: str) -> list[str]:
-    """Literal pieces of the cause (before "; ") distinctive enough to identify the message in a test."""
+def template(text: str, messages: list[str]) -> re.Pattern:
+    """The message as a pattern (its literal pieces in order, a formatted value between each two): the
+    cause (before "; ") alone when no other message fits it, else the whole message."""
+
+    def pattern(t: str) -> re.Pattern:
+        return re.compile(r".{1,160}?".join(re.escape(p) for p in t.split("…")))
+
+    cause = pattern(text.partition("; ")[0])
+    clashes = sum(bool(cause.search(m.replace("…", "x"))) for m in messages)
+    return cause if clashes == 1 else pattern(text)
+
+
+def key_pieces(text: str, messages: list[str]) -> list[str]:
+    """Literal pieces of the cause (before "; ") long enough, and found in no other message, to identify
+    the message in a test that checks only part of it."""
     cause = text.partition("; ")[0]
     pieces = [p.strip(" `'\"(),:") for p in re.split(r"…", cause)]
-    return [p for p in pieces if len(p) >= 14]
+    return [p for p in pieces if len(p) >= 14 and sum(p in m for m in messages) == 1]
 
 
-def tests_for(text: str, tests) -> list[str]:
-    pieces = key_pieces(text)
+def tests_for(text: str, messages: list[str], tests) -> list[str]:
+    """Tests whose source holds the message (values filled in), or a piece only this message has."""
+    whole, pieces = template(text, messages), key_pieces(text, messages)
     found = []
     for name, source in tests:
         flat = (
@@ -99,7 +113,8 @@ def tests_for(text: str, tests) -> list[str]:
             .replace('" "', "")
             .replace("' '", "")
         )
-        if pieces and any(piece in flat for piece in pieces) and not name.endswith("::*"):
+        hit = whole.search(flat) or any(piece in flat for piece in pieces)
+        if hit and not name.endswith("::*"):
             found.append(name)
     return found
 
@@ -107,9 +122,11 @@ def tests_for(text: str, tests) -> list[str]:
 def table() -> str:
     tests = test_functions()
     rows = []
-    for n, (where, text) in enumerate(user_errors(), 1):
+    errors = user_errors()
+    messages = [text for _, text in errors]
+    for n, (where, text) in enumerate(errors, 1):
         cause, _, todo = text.partition("; ")
-        names = tests_for(text, tests)
+        names = tests_for(text, messages, tests)
         cell = "<br>".join(f"`{t}`" for t in names) or "—"
         esc = lambda s: s.replace("|", "\\|")  # noqa: E731
         rows.append(f"| {n} | `{where}` | {esc(cause)} | {esc(todo) or '(the message says it)'} | {cell} |")
