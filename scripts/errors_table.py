@@ -82,13 +82,15 @@ def test_functions() -> list[tuple[str, str]]:
 
 
 def template(text: str, messages: list[str]) -> re.Pattern:
-    """The message as a pattern (its literal pieces in order, a formatted value between each two): the
-    cause (before "; ") alone when no other message fits it, else the whole message."""
+    """The message as a pattern: its literal pieces in order, a value between each two (within one string
+    literal, or a `" + value + "` concatenation). The cause (before "; ", without a trailing "(…)" that
+    quotes a library's own words) alone when no other message fits it, else the whole message."""
+    value = r'(?:[^"]{1,160}?|" \+ [^"+]{1,80} \+ ")'
 
     def pattern(t: str) -> re.Pattern:
-        return re.compile(r".{1,160}?".join(re.escape(p) for p in t.split("…")))
+        return re.compile(value.join(re.escape(p) for p in t.split("…")))
 
-    cause = pattern(text.partition("; ")[0])
+    cause = pattern(text.partition("; ")[0].removesuffix(" (…)"))
     clashes = sum(bool(cause.search(m.replace("…", "x"))) for m in messages)
     return cause if clashes == 1 else pattern(text)
 
@@ -110,6 +112,7 @@ def tests_for(text: str, messages: list[str], tests) -> list[str]:
             " ".join(source.split())
             .replace("\\(", "(")
             .replace("\\)", ")")
+            .replace("\\.", ".")
             .replace('" "', "")
             .replace("' '", "")
         )
