@@ -10,8 +10,6 @@ from __future__ import annotations
 import errno
 import math
 import shutil
-import signal
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from atmpipe import distributed, remote
 from atmpipe.corpus import EMBEDDED, build_corpus
 from atmpipe.errors import UserError
 from atmpipe.integrity import remove_orphans
+from atmpipe.interrupt import Interrupts
 from atmpipe.lm import EMBEDDED as EMBEDDED_MODEL
 from atmpipe.lm import LM, capture, check_layers, load_lm
 from atmpipe.progress import Progress
@@ -78,32 +77,6 @@ class HarvestInterrupted(UserError):
 
 class _Stop(Exception):
     """A stop was requested between two forward batches."""
-
-
-@contextmanager
-def _signals():
-    """SIGINT/SIGTERM while harvesting: stop after the current batch, keeping every finished shard.
-
-    Before the harvest loop (loading or converting the model) and on a second signal they interrupt at
-    once, as KeyboardInterrupt, so temp files are cleaned up on the way out. Yields the state: "names"
-    lists the signals received, "soft" is set while a graceful stop is possible.
-    """
-    state = {"names": [], "soft": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-
-    def handler(signum, _frame):
-        state["names"].append(signal.Signals(signum).name)
-        if not state["soft"] or len(state["names"]) > 1:
-            raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield state
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def free_disk_bytes(path: Path) -> int:
@@ -158,17 +131,18 @@ def harvest(cfg: HarvestConfig, lm: LM | None = None) -> Path:
     `lm`: an already loaded model to use instead of loading `cfg.model` (benchmarks, notebooks).
     """
     _validate(cfg)
-    with _signals() as stop:
+    # Loading or converting the model stops at once; the harvest loop stops after its current batch.
+    with Interrupts(graceful=False) as stop:
         try:
             return _harvest(cfg, lm, stop)
         except KeyboardInterrupt:
-            name = stop["names"][0] if stop["names"] else "SIGINT"
+            name = stop.names[0] if stop else "SIGINT"
             raise HarvestInterrupted(
                 f"stopped by {name}; nothing committed is lost: re-run the same command to resume"
             ) from None
 
 
-def _harvest(cfg: HarvestConfig, lm: LM | None, stop: dict) -> Path:
+def _harvest(cfg: HarvestConfig, lm: LM | None, stop: Interrupts) -> Path:
     world = distributed.world()  # under torchrun: this rank writes its share of the shards
     console.quiet = not world.is_main
     if lm is None:
@@ -219,7 +193,7 @@ def _harvest(cfg: HarvestConfig, lm: LM | None, stop: dict) -> Path:
             min(writer.shards_committed(s) * p["shard_tokens"], p["n_tokens"]) for s, p in plans.items()
         )
         console.print(f"resuming {out}: {done:,} tokens already committed")
-    stop["soft"] = True
+    stop.graceful = True  # from here a signal stops after the current batch, keeping every finished shard
     try:
         with _writable(out, plans):
             try:
@@ -227,7 +201,7 @@ def _harvest(cfg: HarvestConfig, lm: LM | None, stop: dict) -> Path:
             except _Stop:
                 writer.close()  # finish and commit the shards already computed
                 raise HarvestInterrupted(
-                    f"stopped by {stop['names'][0]} with {_committed_tokens(out, plans):,} tokens committed in "
+                    f"stopped by {stop.names[0]} with {_committed_tokens(out, plans):,} tokens committed in "
                     f"{out}; they are kept: re-run the same command to resume"
                 ) from None
             writer.close()
@@ -235,7 +209,7 @@ def _harvest(cfg: HarvestConfig, lm: LM | None, stop: dict) -> Path:
         writer.abandon()
         raise
     finally:
-        stop["soft"] = False
+        stop.graceful = False
     return out
 
 
@@ -275,7 +249,7 @@ class _RateColumn(ProgressColumn):
 
 
 def _run(
-    lm: LM, layers, windows, plans, writer: StoreWriter, cfg: HarvestConfig, out: Path, stop: dict
+    lm: LM, layers, windows, plans, writer: StoreWriter, cfg: HarvestConfig, out: Path, stop: Interrupts
 ) -> None:
     def tokens(split: str, shards) -> int:  # tokens in these shards of the split
         p = plans[split]
@@ -311,12 +285,12 @@ def _run(
 
 
 def _harvest_shard(
-    lm: LM, layers, rows: np.ndarray, first_window: int, split: str, cfg: HarvestConfig, stop: dict
+    lm: LM, layers, rows: np.ndarray, first_window: int, split: str, cfg: HarvestConfig, stop: Interrupts
 ) -> dict:
     """Forward one shard's windows batch by batch; returns the shard's arrays in storage form."""
     parts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     for start in range(0, len(rows), cfg.batch_size):
-        if stop["names"]:  # this shard is dropped unwritten; the ones before it are kept
+        if stop:  # this shard is dropped unwritten; the ones before it are kept
             raise _Stop
         ids = torch.from_numpy(rows[start : start + cfg.batch_size].astype(np.int64))
         acts = capture(lm, ids, layers)

@@ -12,11 +12,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from atmpipe import distributed
 from atmpipe.config import load_config, to_dict
 from atmpipe.errors import UserError
+from atmpipe.interrupt import Interrupts
 from atmpipe.progress import Progress
 from atmpipe.sae import SAE, SAE_METHODS, SAEConfig, make_sae
 from atmpipe.sae.base import META_FILE
@@ -343,26 +341,7 @@ def inspect_run_dir(out: Path, cfg: TrainConfig, identity: dict) -> tuple[Path |
     return latest_checkpoint(out), False
 
 
-# --- signals and display ------------------------------------------------------------------------
-
-
-@contextmanager
-def stop_requests():
-    """SIGINT/SIGTERM set a flag the loop checks between steps (so a checkpoint is never cut in half)."""
-    requested: list[str] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-
-    def handler(signum, _frame):
-        requested.append(signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+# --- display ----------------------------------------------------------------------------------
 
 
 def progress_display(console: Console) -> Progress:
@@ -509,7 +488,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
 
     with (
         stream,
-        stop_requests() as stop,
+        Interrupts() as stop,  # checked between steps, so a checkpoint is never cut in half
         progress_display(console) as progress,
         open(out / METRICS, "a") if world.is_main else open(os.devnull, "w") as log,
     ):
@@ -539,7 +518,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
             if stopping:
                 saved = checkpoint_now()
                 raise TrainingInterrupted(
-                    f"stopped by {(stop or ['a signal to another rank'])[0]} at step {step}/{total}; checkpoint saved in {saved}; resume with: "
+                    f"stopped by {(stop.names or ['a signal to another rank'])[0]} at step {step}/{total}; checkpoint saved in {saved}; resume with: "
                     f"atmpipe train --store {cfg.store} --method {cfg.method} --out {out} --resume"
                 )
             if step % cfg.checkpoint_every == 0 and step < total:
