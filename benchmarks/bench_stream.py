@@ -6,29 +6,44 @@ Figures (one line each, the ratio last):
   * stream vs trainer: tokens/s the stream delivers (d_in 640, batch 4096) over tokens/s an atmpipe TopK
     step consumes (d_sae 5120) — target ≥ 10×;
   * stream vs raw memmap: the same over a plain numpy memmap of the same float32 bytes read as random
-    4096-row batches (page cache warm for both) — target ≥ 0.5×;
+    4096-row batches, gathered as the stream gathers (sorted rows, np.take into a fresh tensor; page cache
+    warm for both) — target ≥ 0.5×;
+  * direct chunk reads vs zarr's (info): CPU time per batch (all the stream's threads) of the same stream
+    with every chunk read through zarr's get_basic_selection instead of atmpipe.stream.ChunkReader,
+    interleaved with it, over the direct one's;
+  * the bound decoding puts on that ratio (info): per 4096-row chunk the stream must Blosc-decode and
+    crc32c-check it (timed alone, one thread, as in the stream's decode workers) and gather a batch as the
+    memmap does, so with every core busy and nothing else running its ratio is at most
+    cores × gather / (decode + gather), in CPU time (what the pieces cost, whatever the load);
   * fed by the stream vs in-memory: a training step consuming the stream over the same step on one fixed
     batch (informational: 1.0× means the trainer never waits for data).
-A and B are measured alternately, several rounds, and medians compared.
+The stream is timed from its creation over several epochs: its start-up (counting rows, filling the first
+shuffle buffer, which nothing overlaps) is counted, amortised as in a training run. A and B are measured
+alternately, several rounds, and medians compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
+import google_crc32c
+import numcodecs
 import numpy as np
 import torch
+from numcodecs import Blosc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atmpipe.sae import SAEConfig, make_sae  # noqa: E402
-from atmpipe.store import write_arrays_store  # noqa: E402
-from atmpipe.stream import ShardStream  # noqa: E402
+from atmpipe.store import compressors, write_arrays_store  # noqa: E402
+from atmpipe.stream import ChunkReader, ShardStream  # noqa: E402
 from atmpipe.train import train_step  # noqa: E402
 
 D_IN, D_SAE, BATCH, CHUNK = 640, 5120, 4096, 4096
@@ -71,6 +86,14 @@ def timed(fn: Callable[[], None], n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
+def timed_cpu(fn: Callable[[], None], n: int) -> float:
+    """CPU seconds per call of this process (all its threads)."""
+    start = time.process_time()
+    for _ in range(n):
+        fn()
+    return (time.process_time() - start) / n
+
+
 def figure(name: str, detail: str, ratio: float, target: str, ok: bool | None) -> dict:
     return {"name": name, "detail": detail, "ratio": ratio, "target": target, "ok": ok, "unit": "×"}
 
@@ -85,9 +108,11 @@ def line(f: dict) -> str:
 def run(
     quick: bool = False, trainer_tokens_per_s: float | None = None, log: Callable[[str], None] = print
 ) -> dict:
-    # The stream is timed from its creation to the last of n_chunks batches (a whole epoch, two shuffle
-    # buffers): nothing it prepared while other figures were measured can flatter it.
-    n_chunks, buffer_chunks, rounds, steps = (16, 8, 3, 2) if quick else (64, 32, 5, 4)
+    # The stream is timed from its creation to the last batch of `epochs` epochs (each two or more shuffle
+    # buffers): nothing it prepared while other figures were measured can flatter it, and its start-up
+    # weighs on the rate as it would early in a training run, not more.
+    n_chunks, buffer_chunks, epochs, rounds, steps = (16, 8, 2, 3, 2) if quick else (64, 32, 4, 5, 4)
+    n_batches = epochs * (n_chunks - 1)  # BOS tokens removed: a little under n_chunks batches per epoch
     with tempfile.TemporaryDirectory(prefix="atmpipe-bench-stream-") as tmp:
         store_path, raw_path = make_data(Path(tmp), n_chunks)
         from atmpipe.store import open_store
@@ -97,21 +122,55 @@ def run(
         rng = np.random.default_rng(1)
         raw[:].sum()  # warm the page cache for the baseline, as the store's writes warmed it for the stream
 
-        def memmap_batch() -> None:
+        def memmap_batch() -> None:  # gathered exactly as the stream gathers a batch from its buffer
             rows = np.sort(rng.choice(len(raw), BATCH, replace=False))
-            torch.from_numpy(np.ascontiguousarray(raw[rows]))
+            np.take(raw, rows, axis=0, out=torch.empty((BATCH, D_IN)).numpy(), mode="clip")
 
-        def stream_epoch(seed: int) -> float:
-            start = time.perf_counter()
-            with ShardStream(store, 0, BATCH, seed=seed, buffer_chunks=buffer_chunks) as stream:
-                for _ in range(n_chunks - 1):  # BOS tokens removed: a little under n_chunks batches
-                    next(stream)
-            return (time.perf_counter() - start) / (n_chunks - 1)
+        def stream_epochs(seed: int, direct: bool = True) -> tuple[float, float]:
+            """(wall, process CPU) seconds per batch; `direct=False`: every chunk read through zarr instead
+            of ChunkReader. CPU time counts all the stream's threads: on a loaded machine it tells the cost
+            of a read path where wall time mostly tells the scheduler's share."""
+            no_reader = classmethod(lambda cls, root, array: None)
+            with mock.patch.object(ChunkReader, "for_array", ChunkReader.for_array if direct else no_reader):
+                start, cpu = time.perf_counter(), time.process_time()
+                with ShardStream(
+                    store, 0, BATCH, seed=seed, buffer_chunks=buffer_chunks, log=lambda m: None
+                ) as s:
+                    for _ in range(n_batches):
+                        next(s)
+                return (time.perf_counter() - start) / n_batches, (time.process_time() - cpu) / n_batches
 
-        stream_s, memmap_s, fed_s, fixed_s = [], [], [], []
+        # What one chunk costs to decode, alone: the store's own Blosc settings on the same activations,
+        # then the crc32c check; one Blosc thread, as in the stream's decode workers.
+        blosc = compressors()[0]
+        codec = Blosc(blosc.cname.value, blosc.clevel, getattr(Blosc, blosc.shuffle.value.upper()))
+        encoded = np.frombuffer(codec.encode(np.ascontiguousarray(raw[:CHUNK])), np.uint8)
+        decoded = np.empty((CHUNK, D_IN), np.float32)
+
+        def decode_chunk() -> None:
+            google_crc32c.value(encoded)
+            codec.decode(encoded, out=decoded)
+
+        def timed_decode() -> float:
+            threads, numcodecs.blosc.use_threads = numcodecs.blosc.use_threads, False
+            try:
+                return timed_cpu(decode_chunk, 8)
+            finally:
+                numcodecs.blosc.use_threads = threads
+
+        stream_s, zarr_s, stream_cpu, zarr_cpu, memmap_s, memmap_cpu, decode_cpu, fed_s, fixed_s = (
+            [] for _ in range(9)
+        )
         for r in range(rounds):
-            stream_s.append(stream_epoch(r))
-            memmap_s.append(timed(memmap_batch, n_chunks - 1))
+            for walls, cpus, direct in ((stream_s, stream_cpu, True), (zarr_s, zarr_cpu, False)):
+                wall, cpu = stream_epochs(r, direct)
+                walls.append(wall)
+                cpus.append(cpu)
+            cpu = time.process_time()
+            memmap_s.append(timed(memmap_batch, n_chunks - 1))  # one thread: its CPU time is its cost
+            memmap_cpu.append((time.process_time() - cpu) / (n_chunks - 1))
+            decode_cpu.append(timed_decode())
+        assert np.array_equal(decoded, raw[:CHUNK])
         # Then the trainer, fed by the stream (whose thread decodes beside it) or by one fixed batch.
         step = trainer_step()
         fixed = torch.from_numpy(np.array(raw[:BATCH]))
@@ -124,6 +183,8 @@ def run(
     memmap_rate = BATCH / statistics.median(memmap_s)
     measured_trainer = BATCH / statistics.median(fixed_s)
     trainer = trainer_tokens_per_s or measured_trainer
+    # The bound in CPU time (single-threaded pieces: what they cost, whatever share the scheduler gives).
+    gather, decode, cores = statistics.median(memmap_cpu), statistics.median(decode_cpu), os.cpu_count() or 1
     raw_out = {
         "stream_tokens_per_s": stream_rate,
         "memmap_tokens_per_s": memmap_rate,
@@ -134,7 +195,13 @@ def run(
         "fed_step_s": fed_s,
         "fixed_step_s": fixed_s,
         "stream_batch_s": stream_s,
+        "stream_zarr_reads_batch_s": zarr_s,
+        "stream_batch_cpu_s": stream_cpu,
+        "stream_zarr_reads_batch_cpu_s": zarr_cpu,
         "memmap_batch_s": memmap_s,
+        "memmap_batch_cpu_s": memmap_cpu,
+        "decode_chunk_cpu_s": decode_cpu,
+        "cores": cores,
         "store_tokens": n_chunks * CHUNK,
     }
     figures = [
@@ -147,10 +214,26 @@ def run(
         ),
         figure(
             "stream: shuffled batches vs raw memmap random read",
-            f"stream {stream_rate:,.0f} tok/s vs numpy memmap random rows {memmap_rate:,.0f} tok/s (same bytes)",
+            f"stream {stream_rate:,.0f} tok/s vs memmap random rows {memmap_rate:,.0f} tok/s ("
+            f"CPU {statistics.median(stream_cpu) * 1e3:.1f} vs {statistics.median(memmap_cpu) * 1e3:.1f} ms/batch)",
             stream_rate / memmap_rate,
             "≥ 0.5×",
             stream_rate / memmap_rate >= 0.5,
+        ),
+        figure(
+            "stream: direct chunk reads vs zarr's reads",
+            f"CPU {statistics.median(stream_cpu) * 1e3:.1f} vs {statistics.median(zarr_cpu) * 1e3:.1f} ms per batch "
+            f"through zarr (wall {statistics.median(stream_s) * 1e3:.1f} vs {statistics.median(zarr_s) * 1e3:.1f})",
+            statistics.median(zarr_cpu) / statistics.median(stream_cpu),
+            "info",
+            None,
+        ),
+        figure(
+            "stream: bound from decoding alone",
+            f"CPU per 4096-row chunk: Blosc+crc32c {decode * 1e3:.1f} ms + gather {gather * 1e3:.1f} ms, {cores} cores",
+            cores * gather / (decode + gather),
+            "info",
+            None,
         ),
         figure(
             "stream: train step fed by the stream vs in-memory",
