@@ -44,6 +44,7 @@ from atmpipe.store import (
     hook_name,
     plan_split,
 )
+from atmpipe.writable import check_writable
 
 console = Console(stderr=True)
 
@@ -131,6 +132,10 @@ def harvest(cfg: HarvestConfig, lm: LM | None = None) -> Path:
     `lm`: an already loaded model to use instead of loading `cfg.model` (benchmarks, notebooks).
     """
     _validate(cfg)
+    out = remote.location(cfg.out) if cfg.out else default_out([0]).parent  # (the layer is known later)
+    if not remote.is_remote(out):
+        with _writable(out, {}):
+            check_writable(out)  # an unwritable --out fails now, not once the model has loaded
     # Loading or converting the model stops at once; the harvest loop stops after its current batch.
     with Interrupts(graceful=False) as stop:
         try:
@@ -236,7 +241,7 @@ def _writable(out: Path, plans: dict):
                 f"{_committed_tokens(out, plans):,} committed tokens: free some space, then re-run the same "
                 "command to resume"
             ) from None
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
             raise UserError(
                 f"cannot write to {out} ({e.strerror}: {e.filename}); pass an --out in a writable directory"
             ) from None

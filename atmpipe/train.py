@@ -39,6 +39,7 @@ from atmpipe.sae import SAE, SAE_METHODS, SAEConfig, make_sae
 from atmpipe.sae.base import META_FILE
 from atmpipe.store import RunningStats, Store, hook_name, open_store
 from atmpipe.stream import ShardStream, check_store
+from atmpipe.writable import check_writable
 
 RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
@@ -416,6 +417,11 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     if not world.is_main:
         console = Console(stderr=True, quiet=True)
     validate(cfg)
+    out = Path(cfg.out or default_out(cfg.store, cfg.method))
+    try:
+        check_writable(out)  # an unwritable --out fails now, not once the store is open and streaming
+    except OSError as e:
+        raise _cannot_write(out, e) from None
     store = open_store(cfg.store)
     layer = store.layers[0] if cfg.layer is None else cfg.layer
     check_store(store, layer, cfg.allow_partial)
@@ -425,7 +431,6 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
-    out = Path(cfg.out or default_out(cfg.store, cfg.method))
     identity = run_identity(cfg, d_in, d_sae, layer)
     checkpoint, clear = inspect_run_dir(out, cfg, identity)
     if (out / META_FILE).exists() and cfg.resume and checkpoint is not None:  # written last by SAE.save
@@ -465,9 +470,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # read-only or not permitted: the user's to fix
-            raise UserError(
-                f"cannot write to {out} ({e.strerror}); pass an --out in a writable directory"
-            ) from None
+            raise _cannot_write(out, e) from None
         (out / RUN_CONFIG).write_text(
             json.dumps({"identity": identity, "config": to_dict(cfg)}, indent=1) + "\n"
         )
@@ -543,6 +546,10 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     sae.save(out, metadata)
     console.print(f"saved the {cfg.method} SAE to {out}")
     return out
+
+
+def _cannot_write(out: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write to {out} ({e.strerror}); pass an --out in a writable directory")
 
 
 def _metrics(step, batch_size, opt, loss, output, rate, elapsed) -> dict:

@@ -216,6 +216,42 @@ def test_read_only_output_directory(tiny_checkpoints, tmp_path):
         assert not any(ro.iterdir())
 
 
+def test_unwritable_out_fails_before_any_work(tiny_checkpoints, sae_dir, tmp_path, monkeypatch):
+    """harvest, train and eval probe --out first: the model, the store and the SAEs are never opened."""
+    import atmpipe.eval.run
+    import atmpipe.harvest
+    import atmpipe.train
+
+    def never(*args, **kwargs):
+        raise AssertionError("heavy work started before --out was checked")
+
+    monkeypatch.setattr(atmpipe.harvest, "load_lm", never)
+    monkeypatch.setattr(atmpipe.train, "open_store", never)
+    monkeypatch.setattr(atmpipe.eval.run, "load_saes", never)
+    store = make_store(tmp_path / "s.zarr", n_train=512)
+    (tmp_path / "notes.txt").write_text("the user's own file\n")
+    before = [tree_digest(store.path), tree_digest(sae_dir), (tmp_path / "notes.txt").read_text()]
+    harvest = ["harvest", "--model", tiny_checkpoints["gemma2"], "--tokens", 128, "--context-size", 32]
+    train = ["train", "--store", store.path, "--method", "relu", "--d-sae", 64, "--device", "cpu"]
+    evaluate = ["eval", "--sae", sae_dir, "--store", store.path, "--metrics", "core"]
+    denied = "Read-only file system" if os.geteuid() == 0 else "Permission denied"  # see read_only_dir
+    with read_only_dir(tmp_path / "ro") as ro:
+        for out, reason in ((ro / "a" / "b", denied), (tmp_path / "notes.txt" / "out", "Not a directory")):
+            assert error_of(invoke(*harvest, "--out", out)) == (
+                f"cannot write to {out} ({reason}: {out}); pass an --out in a writable directory"
+            )
+            for argv in (train, evaluate):
+                assert error_of(invoke(*argv, "--out", out)) == (
+                    f"cannot write to {out} ({reason}); pass an --out in a writable directory"
+                )
+        assert not any(ro.iterdir())
+    report = tmp_path / "notes.txt"  # eval writes a directory: an existing file is refused, untouched
+    assert error_of(invoke(*evaluate, "--out", report)) == (
+        f"cannot write to {report} (it is a file); pass an --out in a writable directory"
+    )
+    assert [tree_digest(store.path), tree_digest(sae_dir), report.read_text()] == before
+
+
 # --- SAE files ------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ LM work (absorption prompts, probing and bias texts, the clean and zero-ablated 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from atmpipe.eval import bias as bias_mod
 from atmpipe.eval import core, data, probing
 from atmpipe.eval.cache import ActivationCache
 from atmpipe.progress import Progress
+from atmpipe.writable import check_writable
 
 METRICS = ("core", "absorption", "probing", "bias")
 LM_METRICS = {"absorption", "probing", "bias"}  # core needs the LM only for the splice
@@ -95,6 +97,20 @@ class Phase:
 
 
 # --- inputs ---------------------------------------------------------------------------------------
+
+
+def check_out(out: Path) -> None:
+    """The report is written last: an unwritable --out must fail before the minutes of LM work, not after."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(errno.EEXIST, "it is a file", str(out))
+        check_writable(out)
+    except OSError as e:
+        raise cannot_write(out, e) from None
+
+
+def cannot_write(out: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write to {out} ({e.strerror}); pass an --out in a writable directory")
 
 
 def parse_metrics(spec: str) -> list[str]:
@@ -317,6 +333,7 @@ def run_eval(cfg: EvalConfig) -> Path:
         raise UserError(
             f"--bias-occupations needs two of {', '.join(data.OCCUPATIONS)}, got {cfg.bias_occupations!r}"
         )
+    check_out(Path(cfg.out))
     saes = load_saes(cfg.sae)
     layer = agreed(saes, "layer", cfg.layer, "layer")
     model_name = agreed(saes, "model_name", cfg.model, "model")
@@ -494,7 +511,10 @@ def run_eval(cfg: EvalConfig) -> Path:
         "config": {k: v for k, v in asdict(cfg).items() if k != "sae"},
         "cache_dir": str(cache.dir),
     }
-    out = write_report(Path(cfg.out), saes, results, shared, run_info)
+    try:
+        out = write_report(Path(cfg.out), saes, results, shared, run_info)
+    except OSError as e:  # checked at the start, but the disk may have filled or changed since
+        raise cannot_write(Path(cfg.out), e) from None
     console.print(f"report written to {out}")
     return out
 
