@@ -440,6 +440,7 @@ def freeze_mid_conversion(zygote, argv, log: Path, home: Path):
     return None
 
 
+@pytest.mark.slow  # a forked CLI parent plus three harvests: 13-29 s on 2 loaded cores
 def test_real_sigint_and_sigkill_during_gguf_conversion(tiny_gguf, tmp_path, monkeypatch):
     """Real `atmpipe harvest --model tiny.gguf` processes, frozen mid-conversion, then sent SIGINT (one-line
     error, exit 130, nothing left behind) or SIGKILL (its temp directory stays, and a concurrent check leaves
