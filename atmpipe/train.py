@@ -126,6 +126,10 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not value > 0:
             raise UserError(f"{name} must be positive, got {value}; pass --{name.replace('_', '-')} > 0")
+    if not cfg.lr < 1:  # Adam's first step moves every weight by ~lr: at 1 or more it overflows, not learns
+        raise UserError(
+            f"lr {cfg.lr} is too large for Adam (SAEs train at 1e-4 to 1e-3); pass e.g. --lr 3e-4"
+        )
     if cfg.d_sae is not None and cfg.d_sae <= 0:
         raise UserError(f"d_sae must be positive, got {cfg.d_sae}; pass e.g. --d-sae 5120 or --expansion 8")
     if cfg.l1 is not None and not cfg.l1 > 0:

@@ -74,7 +74,7 @@ def store(tmp_path_factory):
         "unknown hyper-parameter", "atm option out of range", "jumprelu sparsity mode",
         "jumprelu target without target_l0", "jumprelu bandwidth zero", "relu l1 hyper-parameter zero",
         "relu l1 warm-up above 1", "relu target_l0 zero", "topk k not an integer", "topk aux_k zero",
-        "topk aux_coeff negative", "lr zero",
+        "topk aux_coeff negative", "lr zero", "lr huge",
     ],
 )  # fmt: skip
 def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
@@ -135,6 +135,10 @@ def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
             "aux_coeff must be non-negative (got -0.5)",
         ),
         "lr zero": (["--lr", "0"], "lr must be positive, got 0.0; pass --lr > 0"),
+        "lr huge": (  # 1e38 used to end in a torch overflow traceback inside Adam
+            ["--lr", "1e38"],
+            "lr 1e+38 is too large for Adam (SAEs train at 1e-4 to 1e-3); pass e.g. --lr 3e-4",
+        ),
     }[case]
     if case == "cuda without a GPU":  # so the case means the same on a machine that has one
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -286,7 +290,7 @@ def test_train_refuses_a_store_it_cannot_train_on(tmp_path, case):
 def test_train_stops_when_the_loss_diverges(store, tmp_path):
     # The non-finite-batch cause of this stop is checked in tests/test_train.py; this is the other cause.
     before = tree_digest(store.path)
-    args = ["--method", "relu", "--lr", "1e30", "--tokens", "256"]
+    args = ["--method", "relu", "--l1", "1e38", "--tokens", "256"]  # the sparsity term overflows float32
     result = invoke("train", "--store", store.path, "--out", tmp_path / "run", *TRAIN, *args)
     expected = re.compile(
         r"loss is (nan|inf) at step \d: the training diverged; lower --lr \(or the sparsity coefficient\); "
