@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,7 +203,13 @@ def test_sigterm_then_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(st
     stopped = run_until_checkpoints(train_command(store, out), out, 30, signal.SIGTERM)
     assert stopped.returncode == 130, stopped.stderr
     message = stopped.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: stopped by SIGTERM at step ")
+    stop = re.fullmatch(
+        rf"error: stopped by SIGTERM at step (\d+)/200; checkpoint saved in {re.escape(str(out))}/checkpoints/"
+        rf"step_(\d{{8}}); resume with: atmpipe train --store {re.escape(str(store.path))} --method atm "
+        rf"--out {re.escape(str(out))} --resume",
+        message,
+    )
+    assert stop and int(stop[1]) == int(stop[2]), message  # the checkpoint is of the step it stopped at
     # The command it prints resumes the run by itself: the run's settings are saved with it.
     resume = message.split("resume with: atmpipe train ")[1].split()
     assert resume == ["--store", str(store.path), "--method", "atm", "--out", str(out), "--resume"]
