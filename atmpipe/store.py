@@ -502,7 +502,9 @@ class StoreWriter:
                 raise RuntimeError(
                     f"shard {index} of {split}: {name} has {len(values)} rows, expected {stop - start}"
                 )
-            group[name][start:stop] = values
+            # The array config is not stored with the array: ask again, or an all-zero shard (equal to the
+            # fill value) would not be written and would read as missing.
+            group[name].with_config({"write_empty_chunks": True})[start:stop] = values
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

@@ -197,3 +197,18 @@ def test_open_store_errors(tmp_path):
 def test_plan_split_rejects_misaligned_shards():
     with pytest.raises(UserError, match="must be a multiple of chunk_tokens"):
         plan_split(1000, 300, 1000, 100)
+
+
+def test_an_all_zero_shard_is_written_and_verifies(tmp_path):
+    # Zero equals the arrays' fill value: zarr skips such chunks unless told otherwise, and a committed
+    # shard with no file would read as missing ("damaged") although nothing went wrong.
+    from atmpipe.integrity import verify_store
+
+    splits = _splits(np.random.default_rng(0), n_train=4096)
+    splits["train"]["acts"][2048:] = 0.0
+    splits["train"]["tokens"][2048:] = 0
+    store = write_arrays_store(tmp_path / "s.zarr", splits, layer=5, chunk_tokens=512, shard_tokens=2048)
+    assert (store.path / "train" / "acts_l5" / "c" / "1" / "0").is_file()
+    assert (store.path / "train" / "tokens" / "c" / "1").is_file()
+    assert verify_store(store.path).damaged == []
+    np.testing.assert_array_equal(store.read_acts("train", 5), splits["train"]["acts"])
