@@ -535,6 +535,29 @@ class StoreWriter:
         self._thread.join()
 
 
+def synthetic_attrs(
+    layers: list[int], d_model: int, plans: dict, *, dtype: str = "float32", context_size: int = 128
+) -> dict:
+    """Store attributes for activations that come from no model (tests, benchmarks): `plans` per split."""
+    return {
+        "model": {
+            "name": "synthetic",
+            "source": "synthetic",
+            "config_hash": "synthetic",
+            "n_layers": max(layers) + 1,
+        },
+        "layers": list(layers),
+        "hook_names": {str(layer): hook_name(layer) for layer in layers},
+        "d_model": d_model,
+        "dtype": dtype,
+        "context_size": context_size,
+        "seed": 0,
+        "tokenizer": {"name_or_path": "synthetic", "bos_token_id": 0, "vocab_size": 0},
+        "dataset": {"spec": "synthetic", "text_column": None, "n_documents": 0, "eval_documents": []},
+        "splits": plans,
+    }
+
+
 def write_arrays_store(
     path: str | Path,
     splits: dict[str, dict],
@@ -548,24 +571,7 @@ def write_arrays_store(
     """Write a complete, valid store from in-memory arrays (tests, benchmarks). Replaces `path`."""
     d_model = next(iter(splits.values()))["acts"].shape[1]
     plans = {name: plan_split(len(s["acts"]), chunk_tokens, shard_tokens) for name, s in splits.items()}
-    attrs = {
-        "model": {
-            "name": "synthetic",
-            "source": "synthetic",
-            "config_hash": "synthetic",
-            "n_layers": layer + 1,
-        },
-        "layers": [layer],
-        "hook_names": {str(layer): hook_name(layer)},
-        "d_model": d_model,
-        "dtype": dtype,
-        "context_size": 128,
-        "seed": 0,
-        "tokenizer": {"name_or_path": "synthetic", "bos_token_id": 0, "vocab_size": 0},
-        "dataset": {"spec": "synthetic", "text_column": None, "n_documents": 0, "eval_documents": []},
-        "splits": plans,
-        **(attrs_extra or {}),
-    }
+    attrs = {**synthetic_attrs([layer], d_model, plans, dtype=dtype), **(attrs_extra or {})}
     writer = StoreWriter(path, attrs, overwrite=True)
     for name, s in splits.items():
         n = len(s["acts"])

@@ -27,7 +27,7 @@ from test_reliability_inputs import LAYER, D, error_of, invoke, make_store
 
 from atmpipe.errors import UserError
 from atmpipe.sae import SAEConfig, make_sae
-from atmpipe.store import StoreWriter, acts_name, hook_name, plan_split, write_arrays_store
+from atmpipe.store import StoreWriter, acts_name, hook_name, plan_split, synthetic_attrs, write_arrays_store
 from atmpipe.stream import ShardStream
 
 TRAIN = ["--device", "cpu", "--batch-size", "64", "--tokens", "128"]  # two steps: every case stays fast
@@ -235,18 +235,8 @@ def infinite_row_store(path: Path) -> Path:
 
 def nothing_committed_store(path: Path) -> Path:
     """A harvest stopped before its first shard: created, nothing committed."""
-    attrs = {
-        "model": {"name": "synthetic", "source": "synthetic", "config_hash": "x", "n_layers": LAYER + 1},
-        "layers": [LAYER],
-        "hook_names": {str(LAYER): hook_name(LAYER)},
-        "d_model": D,
-        "dtype": "float32",
-        "context_size": 64,
-        "seed": 0,
-        "tokenizer": {"name_or_path": "synthetic", "bos_token_id": 0, "vocab_size": 0},
-        "dataset": {"spec": "synthetic", "text_column": None, "n_documents": 0, "eval_documents": []},
-        "splits": {"train": plan_split(2048, 128, 512), "eval": plan_split(512, 128, 512)},
-    }
+    plans = {"train": plan_split(2048, 128, 512), "eval": plan_split(512, 128, 512)}
+    attrs = synthetic_attrs([LAYER], D, plans, context_size=64)
     StoreWriter(path, attrs).close()
     return path
 

@@ -13,6 +13,7 @@ from atmpipe.store import (
     encode_acts,
     open_store,
     plan_split,
+    synthetic_attrs,
     write_arrays_store,
 )
 
@@ -108,18 +109,7 @@ def test_checksum_detects_damage(tmp_path):
 
 
 def _attrs(plans, d=8):
-    return {
-        "model": {"name": "m", "source": "m", "config_hash": "h", "n_layers": 2},
-        "layers": [0, 1],
-        "hook_names": {"0": "blocks.0.hook_resid_post", "1": "blocks.1.hook_resid_post"},
-        "d_model": d,
-        "dtype": "float32",
-        "context_size": 16,
-        "seed": 0,
-        "tokenizer": {"name_or_path": "t", "bos_token_id": 2, "vocab_size": 10},
-        "dataset": {"spec": "x", "text_column": None, "n_documents": 1, "eval_documents": []},
-        "splits": plans,
-    }
+    return synthetic_attrs([0, 1], d, plans, context_size=16)
 
 
 def _shard(rng, n, d=8):

@@ -11,9 +11,9 @@ from atmpipe.store import (
     StoreWriter,
     acts_name,
     compressors,
-    hook_name,
     open_store,
     plan_split,
+    synthetic_attrs,
     write_arrays_store,
 )
 from atmpipe.stream import ChunkReader, ShardStream
@@ -119,18 +119,8 @@ def test_position_of_another_seed_is_refused(store):
 def partial_store(path, committed_shards: int):
     """A harvest interrupted after `committed_shards` of 4 shards, with garbage in the next, uncommitted one."""
     data = labelled(4 * SHARD)
-    attrs = {
-        "model": {"name": "synthetic", "source": "synthetic", "config_hash": "x", "n_layers": LAYER + 1},
-        "layers": [LAYER],
-        "hook_names": {str(LAYER): hook_name(LAYER)},
-        "d_model": D,
-        "dtype": "float32",
-        "context_size": 16,
-        "seed": 0,
-        "tokenizer": {"name_or_path": "synthetic", "bos_token_id": 0, "vocab_size": 0},
-        "dataset": {"spec": "synthetic", "text_column": None, "n_documents": 0, "eval_documents": []},
-        "splits": {"train": plan_split(4 * SHARD, CHUNK, SHARD), "eval": plan_split(SHARD, CHUNK, SHARD)},
-    }
+    plans = {"train": plan_split(4 * SHARD, CHUNK, SHARD), "eval": plan_split(SHARD, CHUNK, SHARD)}
+    attrs = synthetic_attrs([LAYER], D, plans, context_size=16)
     writer = StoreWriter(path, attrs)
     for i in range(committed_shards):
         rows = slice(i * SHARD, (i + 1) * SHARD)
