@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -123,3 +124,11 @@ def read_only_dir(path: Path):
         yield path
     finally:
         path.chmod(0o755)
+
+
+def assert_message(message: str, expected: str | re.Pattern) -> None:
+    """The whole message: exactly, or a full regex match where it quotes a library's own words."""
+    if isinstance(expected, re.Pattern):
+        assert expected.fullmatch(message), (message, expected.pattern)
+    else:
+        assert message == expected

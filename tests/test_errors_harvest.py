@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from reliability_helpers import tree_digest
+from reliability_helpers import assert_message, tree_digest
 from test_reliability_inputs import LAYER, error_of, invoke, make_store, set_attrs
 
 from atmpipe.errors import UserError
@@ -67,14 +67,6 @@ def harvest_argv(model, inputs, out, **flags) -> list:
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", value]
     return argv
-
-
-def check(message: str, expected: str | re.Pattern) -> None:
-    """The whole message: exactly, or a full regex match where it quotes a library's own words."""
-    if isinstance(expected, re.Pattern):
-        assert expected.fullmatch(message), (message, expected.pattern)
-    else:
-        assert message == expected
 
 
 def copy_checkpoint(src, dst):
@@ -199,7 +191,7 @@ def test_bad_inputs_are_refused_in_one_line(case, inputs, tiny_checkpoints, tmp_
     assert set(cases) == set(CLI_INPUT_CASES)
     argv, expected = cases[case]
     before = tree_digest(d), tree_digest(model)
-    check(error_of(invoke(*argv)), expected)
+    assert_message(error_of(invoke(*argv)), expected)
     assert (tree_digest(d), tree_digest(model)) == before and not out.exists()
 
 
@@ -273,7 +265,7 @@ def test_checkpoint_without_weights(inputs, tiny_checkpoints, tmp_path):
     (model / "model.safetensors").unlink()
     before = tree_digest(model)
     message = error_of(invoke(*harvest_argv(model, inputs, tmp_path / "out")))
-    check(  # the parenthesis quotes transformers
+    assert_message(  # the parenthesis quotes transformers
         message,
         re.compile(rf"could not load model '{re.escape(str(model))}' from {re.escape(str(model))} \(.+\); "
                    rf"pass {re.escape(WHAT_TO_PASS)}"),
@@ -300,7 +292,7 @@ def test_gguf_file_that_is_not_gguf(inputs, tmp_path, home):
     gguf.write_bytes(b"this is not a GGUF file")
     before = tree_digest(inputs)
     message = error_of(invoke(*harvest_argv(gguf, inputs, tmp_path / "out")))
-    check(  # the parenthesis quotes transformers' GGUF reader
+    assert_message(  # the parenthesis quotes transformers' GGUF reader
         message, re.compile(rf"could not read GGUF file {re.escape(str(gguf))} \(.+\); pass a supported \.gguf model")
     )  # fmt: skip
     assert tree_digest(inputs) == before and not (tmp_path / "out").exists()
@@ -318,7 +310,7 @@ def test_activations_beyond_float16(inputs, tiny_checkpoints, tmp_path):
     hf.save_pretrained(model)
     out = tmp_path / "out"
     message = error_of(invoke(*harvest_argv(model, inputs, out, storage_dtype="float16")))
-    check(
+    assert_message(
         message,
         re.compile(r"activations of layer 2 reach [0-9.e+]+, beyond float16's range \(±65504\); "
                    r"use --storage-dtype bfloat16 or float32"),

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from reliability_helpers import tree_digest
+from reliability_helpers import assert_message, tree_digest
 from safetensors.torch import load_file, save_file
 from test_reliability_inputs import LAYER, D, error_of, invoke, make_store
 
@@ -49,13 +49,6 @@ def error_of_run(result, mid_run: bool) -> str:
     progress = result.stderr.strip().splitlines()[:-1]
     assert len(progress) == mid_run and all(line.startswith("train ") for line in progress), result.stderr
     return message
-
-
-def assert_message(message: str, expected: str | re.Pattern) -> None:
-    if isinstance(expected, re.Pattern):
-        assert expected.fullmatch(message), (message, expected.pattern)
-    else:
-        assert message == expected
 
 
 @pytest.fixture(scope="module")
