@@ -1,6 +1,7 @@
 """Bookkeeping for stages/demo.sh and stages/reproduce.sh (the pipeline itself is the `atmpipe` commands).
 
 experiment.py table REPORT_DIR             the headline metrics per SAE, and whether L0 is matched
+experiment.py markdown REPORT_DIR          the same as a Markdown table (the README's)
 experiment.py label-demo REPORT_DIR        mark a report's every page as a demonstration
 experiment.py record RECORD_DIR OUT_DIR    commands, wall times, versions and hardware into OUT_DIR
 """
@@ -61,10 +62,23 @@ def l0_check(results: dict) -> dict:
     }
 
 
-def table(report_dir: Path) -> None:
+def _rows(report_dir: Path) -> tuple[dict, list[list[str]]]:
     results = json.loads((report_dir / "results.json").read_text())["results"]
     rows = [["SAE", *(c for c, _, _ in HEADLINE)]]
     rows += [[name, *(_value(r.get(sec), key) for _, sec, key in HEADLINE)] for name, r in results.items()]
+    return results, rows
+
+
+def markdown(report_dir: Path) -> None:
+    _, rows = _rows(report_dir)
+    print("| " + " | ".join(rows[0]) + " |")
+    print("|" + "---|" * len(rows[0]))
+    for row in rows[1:]:
+        print("| " + " | ".join(row) + " |")
+
+
+def table(report_dir: Path) -> None:
+    results, rows = _rows(report_dir)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
@@ -160,4 +174,4 @@ def record(record_dir: Path, out_dir: Path) -> None:
 
 if __name__ == "__main__":
     verb, *args = sys.argv[1:]
-    {"table": table, "label-demo": label_demo, "record": record}[verb](*map(Path, args))
+    {"table": table, "markdown": markdown, "label-demo": label_demo, "record": record}[verb](*map(Path, args))
