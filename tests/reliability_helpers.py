@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -132,3 +133,12 @@ def assert_message(message: str, expected: str | re.Pattern) -> None:
         assert expected.fullmatch(message), (message, expected.pattern)
     else:
         assert message == expected
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP `pid` and wait until every thread of it has stopped: kill() only queues the signal, and on
+    a busy machine the process may run on for a while (commit another shard) after it returns."""
+    os.kill(pid, signal.SIGSTOP)
+    tasks = Path(f"/proc/{pid}/task")
+    while not all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "Tt" for t in tasks.iterdir()):
+        time.sleep(0.001)

@@ -29,6 +29,15 @@ def test_graceful_records_the_first_signal_and_a_second_stops_at_once():
 
 
 def test_not_graceful_stops_at_the_first_signal_until_switched():
+    # Python's own handler first: a job started in the background (as CI may be) inherits SIGINT ignored.
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _not_graceful_until_switched()
+    finally:
+        signal.signal(signal.SIGINT, original)
+
+
+def _not_graceful_until_switched():
     with Interrupts(graceful=False) as stop:
         with pytest.raises(KeyboardInterrupt):
             send(signal.SIGINT)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reliability_helpers import Zygote, can_mount, files, leftovers, tally, tmpfs
+from reliability_helpers import Zygote, can_mount, files, freeze, leftovers, tally, tmpfs
 from safetensors.torch import load_file
 
 from atmpipe.errors import UserError
@@ -149,7 +149,7 @@ def test_harvest_sigint_sigterm_stop_cleanly_while_partial_training_reads_commit
         while committed(out) < target and zygote.poll(pid) is None:
             time.sleep(0.003)
         # Freeze the harvest wherever it is (maybe mid-shard): a partial reader must see committed shards only.
-        os.kill(pid, signal.SIGSTOP)
+        freeze(pid)
         store = open_store(out)
         n_committed = store.split("train").n_committed_tokens
         assert n_committed >= 32 and not store.complete

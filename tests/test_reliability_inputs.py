@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from reliability_helpers import read_only_dir, tally, tree_digest
+from reliability_helpers import freeze, read_only_dir, tally, tree_digest
 from typer.testing import CliRunner
 
 from atmpipe.cli import app
@@ -412,10 +412,6 @@ def test_next_conversion_removes_only_temp_directories_of_dead_processes(tiny_gg
     tally("stale GGUF conversion temp directories removed")
 
 
-def _stopped(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
-
-
 def freeze_mid_conversion(zygote, argv, log: Path, home: Path):
     """Start `argv`; stop it (SIGSTOP) while its GGUF conversion is under way: temp directory present,
     converted model not yet in place. Returns (pid, temp dir), or None if it finished the conversion
@@ -427,9 +423,7 @@ def freeze_mid_conversion(zygote, argv, log: Path, home: Path):
     pid = zygote.start(argv, log, env={"ATMPIPE_HOME": str(home)})
     while zygote.poll(pid) is None:
         if models.exists() and list(models.glob(".*.convert-*")):
-            os.kill(pid, signal.SIGSTOP)
-            while not _stopped(pid):
-                time.sleep(0.001)
+            freeze(pid)
             temps = list(models.glob(".*.convert-*"))
             if temps and not any(
                 (p / "config.json").exists() for p in models.iterdir() if not p.name.startswith(".")
