@@ -39,7 +39,7 @@ from atmpipe.sae import SAE, SAE_METHODS, SAEConfig, make_sae
 from atmpipe.sae.base import META_FILE
 from atmpipe.store import RunningStats, Store, hook_name, open_store
 from atmpipe.stream import ShardStream, check_store
-from atmpipe.writable import check_writable
+from atmpipe.writable import cannot_write, require_writable
 
 RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
@@ -422,10 +422,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         console = Console(stderr=True, quiet=True)
     validate(cfg)
     out = Path(cfg.out or default_out(cfg.store, cfg.method))
-    try:
-        check_writable(out)  # an unwritable --out fails now, not once the store is open and streaming
-    except OSError as e:
-        raise _cannot_write(out, e) from None
+    require_writable(out)  # an unwritable --out fails now, not once the store is open and streaming
     store = open_store(cfg.store)
     layer = store.layers[0] if cfg.layer is None else cfg.layer
     check_store(store, layer, cfg.allow_partial)
@@ -474,7 +471,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # read-only or not permitted: the user's to fix
-            raise _cannot_write(out, e) from None
+            raise cannot_write(out, e) from None
         (out / RUN_CONFIG).write_text(
             json.dumps({"identity": identity, "config": to_dict(cfg)}, indent=1) + "\n"
         )
@@ -550,10 +547,6 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     sae.save(out, metadata)
     console.print(f"saved the {cfg.method} SAE to {out}")
     return out
-
-
-def _cannot_write(out: Path, e: OSError) -> UserError:
-    return UserError(f"cannot write to {out} ({e.strerror}); pass an --out in a writable directory")
 
 
 def _metrics(step, batch_size, opt, loss, output, rate, elapsed) -> dict:

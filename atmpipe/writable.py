@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from atmpipe.errors import UserError
+
 
 def check_writable(path: Path) -> None:
     """Raise the OSError that making the directory `path` and writing in it would raise (no permission, a
@@ -27,3 +29,16 @@ def check_writable(path: Path) -> None:
         tempfile.TemporaryFile(dir=base).close()
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def cannot_write(out: Path, e: OSError) -> UserError:
+    """The one-line error for an --out that cannot be made or written (train and eval)."""
+    return UserError(f"cannot write to {out} ({e.strerror}); pass an --out in a writable directory")
+
+
+def require_writable(out: Path) -> None:
+    """`check_writable`, failing as `cannot_write`."""
+    try:
+        check_writable(out)
+    except OSError as e:
+        raise cannot_write(out, e) from None

@@ -29,7 +29,7 @@ from atmpipe.eval import bias as bias_mod
 from atmpipe.eval import core, data, probing
 from atmpipe.eval.cache import ActivationCache
 from atmpipe.progress import Progress
-from atmpipe.writable import check_writable
+from atmpipe.writable import cannot_write, require_writable
 
 METRICS = ("core", "absorption", "probing", "bias")
 LM_METRICS = {"absorption", "probing", "bias"}  # core needs the LM only for the splice
@@ -101,16 +101,9 @@ class Phase:
 
 def check_out(out: Path) -> None:
     """The report is written last: an unwritable --out must fail before the minutes of LM work, not after."""
-    try:
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(errno.EEXIST, "it is a file", str(out))
-        check_writable(out)
-    except OSError as e:
-        raise cannot_write(out, e) from None
-
-
-def cannot_write(out: Path, e: OSError) -> UserError:
-    return UserError(f"cannot write to {out} ({e.strerror}); pass an --out in a writable directory")
+    if out.exists() and not out.is_dir():
+        raise cannot_write(out, FileExistsError(errno.EEXIST, "it is a file", str(out)))
+    require_writable(out)
 
 
 def parse_metrics(spec: str) -> list[str]:
