@@ -174,7 +174,9 @@ def train_command(
 
 
 # --- eval ---------------------------------------------------------------------------------------
-# (section owned by the eval stage)
+# (section owned by the eval stage) The flags mirror atmpipe.eval.run.config_class() (each metric's
+# Options dataclass, with its help): tests/test_eval_plugins.py fails when they drift. They are not generated
+# here because importing the metrics (torch, sklearn) would slow every `atmpipe` command down to seconds.
 
 
 @app.command("eval")
@@ -186,7 +188,7 @@ def eval_command(
     model: str | None = typer.Option(None, help="Model (default: the SAEs' model)."),
     layer: int | None = typer.Option(None, help="Layer (default: the SAEs' layer)."),
     metrics: str | None = typer.Option(
-        None, help="Comma list of core, absorption, probing, bias (default all)."
+        None, help="Comma list of core, absorption, probing, bias, training (default all)."
     ),
     out: str | None = typer.Option(None, help="Report directory (default reports/eval)."),
     config: Path | None = typer.Option(None, help="TOML recipe of eval settings; flags override it."),
@@ -207,8 +209,11 @@ def eval_command(
     probing_data: str | None = typer.Option(None, help="Directory of the sae-probes *.csv.zst files."),
     bias_occupations: str | None = typer.Option(None, help="Target occupations A,B for SCR."),
     bias_people_per_cell: int | None = typer.Option(None, help="Cap per (occupation, gender) cell; 0 = all."),
+    training_max_points: int | None = typer.Option(
+        None, help="Most records per SAE's training curves kept in results.json (evenly spaced)."
+    ),
 ) -> None:
-    """Stage three: measure SAEs side by side (core, absorption, probing, bias) and write a report."""
+    """Stage three: measure SAEs side by side (core, absorption, probing, bias, training) and write a report."""
 
     def go():
         from atmpipe.config import load_config
@@ -221,7 +226,7 @@ def eval_command(
             absorption_f1_gate=absorption_f1_gate, absorption_min_letters=absorption_min_letters,
             probing_tasks=probing_tasks, probing_train=probing_train, probing_test=probing_test,
             probing_context=probing_context, probing_data=probing_data, bias_occupations=bias_occupations,
-            bias_people_per_cell=bias_people_per_cell,
+            bias_people_per_cell=bias_people_per_cell, training_max_points=training_max_points,
         )  # fmt: skip
         run_eval(load_config(EvalConfig, config, **flags))
 

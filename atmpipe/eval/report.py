@@ -30,36 +30,6 @@ PAPER = {
     "sentiment": "ATM 0.853",
 }
 
-# (row label, metric section, key, paper entry)
-ROWS = [
-    ("MSE (Σ_d, per token)", "core", "mse", "mse"),
-    ("FVU", "core", "fvu", None),
-    ("explained variance", "core", "explained_variance", None),
-    ("cosine similarity", "core", "cossim", "cossim"),
-    ("L2 ratio", "core", "l2_ratio", None),
-    ("relative reconstruction bias", "core", "relative_reconstruction_bias", None),
-    ("L0", "core", "l0", None),
-    ("L1", "core", "l1", None),
-    ("dead fraction", "core", "frac_dead", None),
-    ("dense fraction (>10%)", "core", "frac_dense", None),
-    ("max decoder cosine", "core", "max_decoder_cosine", None),
-    ("duplicate fraction (cos > 0.8)", "core", "frac_duplicate", None),
-    ("CE clean", "core", "ce_clean", None),
-    ("CE with SAE", "core", "ce_sae", None),
-    ("CE zero-ablated", "core", "ce_zero", None),
-    ("ce_loss_score", "core", "ce_loss_score", None),
-    ("kl_div_score", "core", "kl_div_score", None),
-    ("full absorption (mean over letters)", "absorption", "mean_full_absorption", "absorption"),
-    ("absorption fraction (mean over letters)", "absorption", "mean_absorption_fraction", None),
-    ("split features (mean main latents)", "absorption", "mean_num_split_features", None),
-    ("letters evaluated", "absorption", "letters_evaluated", None),
-    ("sparse probing top-1 (mean over tasks)", "probing", "mean_sae_top_1", "probing"),
-    ("sparse probing top-2", "probing", "mean_sae_top_2", None),
-    ("sparse probing top-5", "probing", "mean_sae_top_5", None),
-    ("sentiment top-1", "probing", "sentiment_sae_top_1", "sentiment"),
-    ("SCR (bias) at headline N", "bias", "scr_headline", "bias"),
-]
-
 
 def fmt(v) -> str:
     if v is None:
@@ -89,7 +59,7 @@ def cell(section: dict | None, key: str) -> str:
 # --- figures --------------------------------------------------------------------------------------
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=FIG_DPI)
     plt.close(fig)
@@ -108,7 +78,7 @@ def frontier_plot(names: list[str], results: dict) -> bytes | None:
     ax.set_ylabel("FVU (fraction of variance unexplained)")
     ax.set_title("Sparsity vs reconstruction (lower-left is better)")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def grouped_bars(categories: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> bytes:
@@ -124,14 +94,18 @@ def grouped_bars(categories: list[str], series: dict[str, list[float]], ylabel: 
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 # --- document -------------------------------------------------------------------------------------
 
 
 def build_blocks(saes, results: dict, shared: dict, run: dict) -> list[tuple]:
+    """The whole document: the run, every metric side by side, each metric's own section, provenance."""
+    from atmpipe.eval.metrics import REGISTRY  # imported here: the metrics use this module's helpers
+
     names = [s.name for s in saes]
+    metrics = [REGISTRY[m].from_config(run["config"]) for m in run["metrics"]]
     blocks: list[tuple] = [("h1", "atmpipe evaluation report")]
     blocks.append(
         (
@@ -141,150 +115,29 @@ def build_blocks(saes, results: dict, shared: dict, run: dict) -> list[tuple]:
             "(SAEBench's code where its paper and code differ).",
         )
     )
-    blocks.append(("h2", "All metrics side by side"))
+    blocks += side_by_side(metrics, names, results)
+    for m in metrics:
+        blocks += m.blocks(names, results, shared)
+    return blocks + provenance(saes, run)
+
+
+def side_by_side(metrics, names: list[str], results: dict) -> list[tuple]:
     header = ["metric", *names, "paper (Gemma-2-2b, SAEBench)"]
     rows = [
-        [label, *[cell(results[n].get(sec), key) for n in names], PAPER.get(paper, "")]
-        for label, sec, key, paper in ROWS
-        if any(sec in results[n] for n in names)
+        [label, *[cell(results[n].get(m.name), key) for n in names], PAPER.get(paper, "")]
+        for m in metrics
+        if any(m.name in results[n] for n in names)
+        for label, key, paper in m.rows
     ]
-    blocks.append(("table", header, rows))
-    blocks.append(
-        (
-            "p",
-            "The paper column holds the paper's own numbers on Gemma-2-2b, not ours: read it as a "
-            "reference point only. Its absorption 0.0068 is most likely the full-absorption rate.",
-        )
+    note = (
+        "The paper column holds the paper's own numbers on Gemma-2-2b, not ours: read it as a "
+        "reference point only. Its absorption 0.0068 is most likely the full-absorption rate."
     )
+    return [("h2", "All metrics side by side"), ("table", header, rows), ("p", note)]
 
-    if any("core" in results[n] for n in names):
-        blocks.append(("h2", "Sparsity vs reconstruction"))
-        png = frontier_plot(names, results)
-        if png:
-            blocks.append(("img", "frontier.png", "L0 vs FVU frontier", png))
-        sizes = shared["sizes"].get("core", {})
-        blocks.append(
-            (
-                "p",
-                f"Reconstruction over {sizes.get('eval_tokens_read')} held-out store tokens (BOS "
-                f"excluded); downstream loss over {sizes.get('splice_windows')} eval windows of "
-                f"{sizes.get('context')} tokens, BOS positions left clean in the spliced and the "
-                "zero-ablated runs.",
-            )
-        )
 
-    if any("absorption" in results[n] for n in names):
-        blocks.append(("h2", "Absorption per letter"))
-        ab = {n: results[n]["absorption"] for n in names if "absorption" in results[n]}
-        size = shared["sizes"].get("absorption", {})
-        first = next(iter(ab.values()))
-        blocks.append(
-            (
-                "p",
-                f"First-letter task on {size.get('words')} words sampled by letter from "
-                f"{size.get('vocab_words')} alphabetic tokens ({size.get('dropped_prompts')} prompts "
-                f"dropped for a tokenisation merge), {first['n_words_train']} train / "
-                f"{first['n_words_test']} test; ground-truth probe accuracy {fmt(first['probe_accuracy'])}, "
-                f"{first['letters_passed']} of 26 letters above F1 {first['probe_f1_gate']} "
-                f"(need {first['letters_required']}).",
-            )
-        )
-        for n, a in ab.items():
-            if a.get("status") != "ok":
-                blocks.append(("p", f"{n}: not computed — {a.get('reason')}"))
-        letters = sorted({c for a in ab.values() for c in a.get("per_letter", {})})
-        if letters:
-            series = {
-                n: [a.get("per_letter", {}).get(c, {}).get("full_absorption", 0.0) for c in letters]
-                for n, a in ab.items()
-            }
-            blocks.append(
-                (
-                    "img",
-                    "absorption_letters.png",
-                    "full absorption per letter",
-                    grouped_bars(letters, series, "full-absorption rate", "Full absorption per letter"),
-                )
-            )
-            rows = [
-                [
-                    c,
-                    *[
-                        fmt(ab[n].get("per_letter", {}).get(c, {}).get("absorption_fraction"))
-                        + " / "
-                        + fmt(ab[n].get("per_letter", {}).get(c, {}).get("full_absorption"))
-                        for n in ab
-                    ],
-                    fmt(first["probe_f1"][c]),
-                ]
-                for c in letters
-            ]
-            blocks.append(("table", ["letter", *[f"{n} (fraction / full)" for n in ab], "probe F1"], rows))
-
-    if any("probing" in results[n] for n in names):
-        blocks.append(("h2", "Sparse probing per task"))
-        pr = {n: results[n]["probing"]["per_task"] for n in names if "probing" in results[n]}
-        tasks = list(next(iter(pr.values())))
-        base = shared["probing_baselines"]
-        series = {n: [pr[n][t]["sae_top_1"] for t in tasks] for n in pr}
-        series["residual top-1"] = [base[t]["resid_top_1"] for t in tasks]
-        series["full residual"] = [base[t]["resid_full"] for t in tasks]
-        blocks.append(
-            (
-                "img",
-                "probing_tasks.png",
-                "probing accuracy per task",
-                grouped_bars(tasks, series, "test accuracy", "Sparse probing: top-1 latent vs baselines"),
-            )
-        )
-        header = ["task", "train/test", *[f"{n} k=1/2/5" for n in pr], "resid k=1/2/5", "full resid"]
-        rows = []
-        for t in tasks:
-            sz = shared["sizes"]["probing"][t]
-            rows.append(
-                [
-                    t,
-                    f"{sz['train']}/{sz['test']}",
-                    *["/".join(fmt(pr[n][t][f"sae_top_{k}"]) for k in (1, 2, 5)) for n in pr],
-                    "/".join(fmt(base[t][f"resid_top_{k}"]) for k in (1, 2, 5)),
-                    fmt(base[t]["resid_full"]),
-                ]
-            )
-        blocks.append(("table", header, rows))
-
-    if any("bias" in results[n] for n in names):
-        blocks.append(("h2", "Bias: spurious correlation removal"))
-        bi = {n: results[n]["bias"] for n in names if "bias" in results[n]}
-        con = next(iter(bi.values())).get("construction", {})
-        blocks.append(
-            (
-                "p",
-                "Bias in Bios is not available offline. Construction: Wikidata people from the "
-                "sae-probes data, one occupation each (a person positive for two occupations is "
-                "dropped), joined with the gender dataset on the same text. Target "
-                f"{con.get('target')}, spurious {con.get('spurious')}; the training split is biased "
-                f"(only {', '.join(con.get('biased_train_cells', []))}; {con.get('n_biased_train')} people), "
-                f"the oracle and gender probes use {con.get('n_balanced_train')} balanced people, the test "
-                f"has {con.get('n_test')} people balanced over all four cells (cell sizes "
-                f"{con.get('cell_sizes')}). Latents are ranked by their effect on the gender probe and "
-                "zero-ablated with the SAE error kept.",
-            )
-        )
-        ns = sorted({int(k) for b in bi.values() for k in b.get("ablated_accuracy", {})})
-        header = ["SAE", "A_base", "A_oracle", *[f"SCR N={n}" for n in ns], "status"]
-        rows = [
-            [
-                n,
-                fmt(b.get("a_base")),
-                fmt(b.get("a_oracle")),
-                *[fmt(b.get("scr", {}).get(str(k))) for k in ns],
-                b.get("status", "") + (f": {b['reason']}" if b.get("reason") else ""),
-            ]
-            for n, b in bi.items()
-        ]
-        blocks.append(("table", header, rows))
-
-    blocks.append(("h2", "Provenance and hyper-parameters"))
+def provenance(saes, run: dict) -> list[tuple]:
+    blocks: list[tuple] = [("h2", "Provenance and hyper-parameters")]
     for s in saes:
         i = s.info
         blocks.append(("h3", s.name))

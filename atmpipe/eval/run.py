@@ -1,18 +1,19 @@
-"""The eval stage: load SAEs, check they fit the store and model, compute each metric, write the report.
+"""The eval stage: load SAEs, check they fit the store and model, run each metric, write the report.
 
-LM work (absorption prompts, probing and bias texts, the clean and zero-ablated splice baselines) goes through
-`ActivationCache`, so it is paid once per model and layer; each SAE then costs only its own share.
+The metrics are plug-ins (`atmpipe.eval.metric`, listed in `atmpipe.eval.metrics.REGISTRY`); this module
+opens what they need once (SAEs, store, model, the activation cache) and loops over them. LM work goes
+through `ActivationCache`, so it is paid once per model and layer; each SAE then costs only its own share.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import (
@@ -24,43 +25,52 @@ from rich.progress import (
 )
 
 from atmpipe.errors import UserError
-from atmpipe.eval import absorption as absorption_mod
-from atmpipe.eval import bias as bias_mod
-from atmpipe.eval import core, data, probing
 from atmpipe.eval.cache import ActivationCache
+from atmpipe.eval.metric import Metric, option
+from atmpipe.eval.metrics import REGISTRY
 from atmpipe.progress import Progress
 from atmpipe.writable import cannot_write, require_writable
 
-METRICS = ("core", "absorption", "probing", "bias")
-LM_METRICS = {"absorption", "probing", "bias"}  # core needs the LM only for the splice
 console = Console(stderr=True)
 
 
 @dataclass
-class EvalConfig:
-    sae: list[str]
-    out: str = "reports/eval"
-    store: str | None = None  # default: the store recorded in the SAEs' metadata
-    model: str | None = None  # default: the SAEs' model
-    layer: int | None = None  # default: the SAEs' layer
-    metrics: str = ",".join(METRICS)
-    device: str | None = None
-    dtype: str | None = None
-    seed: int = 0
-    batch_size: int = 16
-    core_tokens: int = 32768  # held-out store tokens for reconstruction metrics
-    splice_windows: int = 8  # eval-split context windows for the downstream loss
-    absorption_words_per_letter: int = 80
-    absorption_icl: int = 2  # in-context examples (2 measured best on gemma-3-270m: 0.76 probe accuracy)
-    absorption_f1_gate: float = 0.6
-    absorption_min_letters: int = 20
-    probing_tasks: str = ",".join(data.TASKS)
-    probing_train: int = 128
-    probing_test: int = 64
-    probing_context: int = 128
-    probing_data: str | None = None  # directory of the sae-probes *.csv.zst files
-    bias_occupations: str = "politician,singer"
-    bias_people_per_cell: int = 0  # 0: every person the data has (~750 people)
+class RunOptions:
+    """The options of the run itself; each metric adds its own (`config_class`)."""
+
+    sae: list[str] = dataclasses.field(
+        metadata={"help": "SAE directory (atmpipe or SAELens format); repeat for several."}
+    )
+    out: str = option("reports/eval", "Report directory (default reports/eval).")
+    store: str | None = option(None, "Activation store (default: the one the SAEs were trained on).")
+    model: str | None = option(None, "Model (default: the SAEs' model).")
+    layer: int | None = option(None, "Layer (default: the SAEs' layer).")
+    metrics: str = option(",".join(REGISTRY), f"Comma list of {', '.join(REGISTRY)} (default all).")
+    device: str | None = option(None, "cpu | cuda (default auto).")
+    dtype: str | None = option(None, "LM dtype: float32 | bfloat16 | float16.")
+    seed: int = option(0, "Seed of every sample and probe.")
+    batch_size: int = option(16, "LM batch size (prompts).")
+
+
+def config_class(registry: dict[str, type[Metric]] | None = None) -> type:
+    """The eval config: the run's options, then every registered metric's (an option shared by two metrics,
+    such as the text context of probing and bias, is declared once in a common base and appears once)."""
+    fields: dict[str, dataclasses.Field] = {}
+    for metric in (registry or REGISTRY).values():
+        for f in dataclasses.fields(metric.Options):
+            fields.setdefault(f.name, f)
+    spec = [
+        (
+            f.name,
+            f.type,
+            dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata),
+        )
+        for f in fields.values()
+    ]
+    return dataclasses.make_dataclass("EvalConfig", spec, bases=(RunOptions,))
+
+
+EvalConfig = config_class()
 
 
 @dataclass
@@ -108,10 +118,10 @@ def check_out(out: Path) -> None:
 
 def parse_metrics(spec: str) -> list[str]:
     names = [m.strip() for m in spec.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METRICS]
+    unknown = [m for m in names if m not in REGISTRY]
     if unknown or not names:
         raise UserError(
-            f"unknown metric {', '.join(unknown) or '(none)'}; known metrics: {', '.join(METRICS)}"
+            f"unknown metric {', '.join(unknown) or '(none)'}; known metrics: {', '.join(REGISTRY)}"
         )
     return names
 
@@ -213,312 +223,124 @@ def open_eval_store(cfg: EvalConfig, saes: list[LoadedSAE], layer: int | None):
     return store
 
 
-# --- the cached LM-side inputs ---------------------------------------------------------------------
-
-
-def core_batches(store, layer: int, max_tokens: int, batch: int = 4096):
-    """Held-out store activations with BOS removed, up to `max_tokens` rows."""
-    split = store.split("eval")
-    n = min(split.n_committed_tokens if hasattr(split, "n_committed_tokens") else split.n_tokens, max_tokens)
-    for start in range(0, n, batch):
-        stop = min(start + batch, n)
-        x = torch.from_numpy(store.read_acts("eval", layer, start, stop))
-        keep = ~torch.from_numpy(np.asarray(split.bos[start:stop], dtype=bool))
-        yield x[keep]
-
-
-def splice_windows(store, n_windows: int) -> torch.Tensor:
-    """The first `n_windows` whole context windows of the eval split's tokens."""
-    split = store.split("eval")
-    ctx = int(store.attrs["context_size"])
-    n = min(n_windows, split.n_tokens // ctx)
-    if n == 0:
-        raise UserError(
-            f"store eval split holds fewer than {ctx} tokens: no window for the downstream loss; "
-            "harvest more eval documents or drop 'core'"
-        )
-    tokens = np.asarray(split.tokens[: n * ctx], dtype=np.int64).reshape(n, ctx)
-    return torch.from_numpy(tokens)
-
-
-def absorption_inputs(lm, layer, cfg: EvalConfig, cache: ActivationCache, progress: Progress) -> dict:
-    acfg = absorption_config(cfg)
-    key = {
-        "words_per_letter": acfg.words_per_letter,
-        "icl": acfg.icl_examples,
-        "template": acfg.template,
-        "min_letters_word": acfg.min_word_letters,
-        "test_fraction": acfg.test_fraction,
-        "seed": acfg.seed,
-    }
-
-    def compute():
-        ds = absorption_mod.first_letter_dataset(lm.tokenizer, acfg)
-        phase = Phase(progress, "absorption prompts (LM)", len(ds["words"]))
-        acts = absorption_mod.word_activations(
-            lm, layer, ds["input_ids"], ds["positions"], cfg.batch_size, phase
-        )
-        tensors = {
-            "acts": acts,
-            "labels": torch.from_numpy(ds["labels"]),
-            "is_test": torch.from_numpy(ds["is_test"]),
-        }
-        return tensors, {"words": ds["words"], "vocab_size": ds["vocab_size"], "dropped": ds["dropped"]}
-
-    tensors, extra = cache.get_or_compute("absorption", key, compute)
-    is_test = tensors["is_test"].numpy().astype(bool)
-    acts, labels = tensors["acts"].numpy(), tensors["labels"].numpy()
-    return {
-        "acts_train": acts[~is_test],
-        "y_train": labels[~is_test],
-        "acts_test": acts[is_test],
-        "y_test": labels[is_test],
-        **extra,
-    }
-
-
-def absorption_config(cfg: EvalConfig) -> absorption_mod.AbsorptionConfig:
-    return absorption_mod.AbsorptionConfig(
-        words_per_letter=cfg.absorption_words_per_letter,
-        icl_examples=cfg.absorption_icl,
-        probe_f1_gate=cfg.absorption_f1_gate,
-        min_letters=cfg.absorption_min_letters,
-        seed=cfg.seed,
-    )
-
-
-def text_inputs(
-    lm, layer, kind: str, texts: list[str], context: int, cfg: EvalConfig, cache, progress, key: dict
-):
-    def compute():
-        phase = Phase(progress, f"{kind} texts (LM)", len(texts))
-        acts, offsets = probing.text_activations(
-            lm, layer, texts, context, max(1, cfg.batch_size // 2), phase
-        )
-        return {"acts": acts, "offsets": offsets}, {}
-
-    texts_sha = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
-    return cache.get_or_compute(kind, key | {"context": context, "texts_sha256": texts_sha}, compute)[0]
-
-
-def split_ragged(
-    acts: torch.Tensor, offsets: torch.Tensor, idx: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [acts[offsets[i] : offsets[i + 1]] for i in idx]
-    new = torch.zeros(len(idx) + 1, dtype=torch.long)
-    new[1:] = torch.cumsum(torch.tensor([r.shape[0] for r in rows]), 0)
-    return torch.cat(rows), new
-
-
 # --- the stage -------------------------------------------------------------------------------------
 
 
-def run_eval(cfg: EvalConfig) -> Path:
-    metrics = parse_metrics(cfg.metrics)
-    tasks = [t.strip() for t in cfg.probing_tasks.split(",") if t.strip()]
-    unknown_tasks = [t for t in tasks if t not in data.TASKS]
-    if "probing" in metrics and (unknown_tasks or not tasks):
-        raise UserError(
-            f"unknown probing task {', '.join(unknown_tasks) or '(none)'}; known: {', '.join(data.TASKS)}"
-        )
-    occupations = [o.strip() for o in cfg.bias_occupations.split(",")]
-    if "bias" in metrics and (len(occupations) != 2 or not set(occupations) <= set(data.OCCUPATIONS)):
-        raise UserError(
-            f"--bias-occupations needs two of {', '.join(data.OCCUPATIONS)}, got {cfg.bias_occupations!r}"
-        )
+@dataclass
+class Context:
+    """What the run hands each metric: its settings, the SAEs, what it opened, the cache and the display."""
+
+    cfg: Any  # the EvalConfig
+    saes: list[LoadedSAE]
+    layer: int
+    store: Any = None
+    lm: Any = None
+    cache: ActivationCache | None = None
+    progress: Progress | None = None
+    shared: dict = dataclasses.field(default_factory=lambda: {"sizes": {}})  # results.json's "shared"
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    def phase(self, description: str, total: int) -> Phase:
+        return Phase(self.progress, description, total)
+
+    def cached(self, kind: str, key: dict, compute):
+        """`compute()`'s (tensors, extras), computed once per model, layer, kind and key."""
+        return self.cache.get_or_compute(kind, key, compute)
+
+
+def run_eval(cfg) -> Path:
+    metrics = [REGISTRY[name].from_config(cfg) for name in parse_metrics(cfg.metrics)]
+    for m in metrics:
+        m.check()
     check_out(Path(cfg.out))
     saes = load_saes(cfg.sae)
-    layer = agreed(saes, "layer", cfg.layer, "layer")
-    model_name = agreed(saes, "model_name", cfg.model, "model")
-    store = open_eval_store(cfg, saes, layer)
-    if store is not None and layer is None:
-        layer = store.layers[0]
-    if "core" in metrics and store is None:
-        raise UserError(
-            "metric 'core' needs the activation store the SAEs were trained on; pass --store PATH"
-        )
-    if layer is None:
-        raise UserError("the SAEs do not record their layer; pass --layer")
-    if model_name is None and store is not None and store.attrs["model"]["name"] != "synthetic":
-        model_name = store.attrs["model"]["name"]
-    data_dir = Path(cfg.probing_data) if cfg.probing_data else None
-    # Read every labelled dataset before any LM work, so a broken file fails fast.
-    probe_splits = (
-        {
-            t: data.task_split(data.TASKS[t], cfg.probing_train, cfg.probing_test, cfg.seed, data_dir)
-            for t in tasks
-        }
-        if "probing" in metrics
-        else {}
-    )
-    bias_cfg = bias_mod.BiasConfig(
-        occupation_a=occupations[0],
-        occupation_b=occupations[-1],
-        seed=cfg.seed,
-        people_per_cell=cfg.bias_people_per_cell,
-    )
-    bias_data = (
-        bias_mod.scr_dataset(data.occupation_gender_table(data_dir), bias_cfg) if "bias" in metrics else None
-    )
-
-    needs_lm = bool(set(metrics) & LM_METRICS) or "core" in metrics
-    lm = None
-    if needs_lm:
-        from atmpipe.lm import load_lm
-
-        if model_name is None:
-            raise UserError("the SAEs do not record their model; pass --model")
-        lm = load_lm(model_name, device=cfg.device, dtype=cfg.dtype)
-        if store is not None and store.attrs["model"]["config_hash"] not in ("synthetic", lm.config_hash):
-            raise UserError(
-                f"model {model_name} ({lm.source}) is not the model store {store.path} was harvested "
-                "with (config hash differs); pass the store's --model"
-            )
-        for s in saes:
-            if s.info["d_in"] != lm.d_model:
-                raise UserError(
-                    f"SAE {s.name} has width d_in={s.info['d_in']} but model {model_name} has "
-                    f"d_model={lm.d_model}; evaluate it with the model it was trained on"
-                )
-        if not 0 <= layer < lm.n_layers:
-            raise UserError(
-                f"layer {layer} is out of range for {model_name} ({lm.n_layers} layers); pass --layer"
-            )
-    cache = ActivationCache(lm.config_hash if lm else "store", layer)
+    ctx, model_name = open_inputs(cfg, saes, metrics)
+    for m in metrics:  # every dataset and log is read before the minutes of LM work
+        m.prepare(ctx)
+    if any("lm" in m.needs for m in metrics):
+        ctx.lm = open_lm(cfg, model_name, ctx, saes)
+    ctx.cache = ActivationCache(ctx.lm.config_hash if ctx.lm else "store", ctx.layer)
     for s in saes:
-        s.sae.to(lm.device if lm else "cpu")
+        s.sae.to(ctx.lm.device if ctx.lm else "cpu")
 
     results: dict[str, dict] = {s.name: {} for s in saes}
-    shared: dict = {"sizes": {}}
-    with progress_bar() as progress:
-        if "core" in metrics:
-            n_core = min(store.split("eval").n_tokens, cfg.core_tokens)
-            windows = splice_windows(store, cfg.splice_windows)
-            special = [lm.bos_token_id]
-            base_key = {
-                "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
-                "shape": list(windows.shape),
-                "special": special,
-            }
-
-            def compute_base():
-                phase = Phase(progress, "splice baselines (LM)", windows.shape[0])
-                return {}, core.baseline_losses(lm, layer, windows, special, phase)
-
-            base = cache.get_or_compute("splice-baseline", base_key, compute_base)[1]
-            shared["sizes"]["core"] = {
-                "eval_tokens_read": n_core,
-                "splice_windows": int(windows.shape[0]),
-                "context": int(windows.shape[1]),
-            }
+    with progress_bar() as ctx.progress:
+        for m in metrics:
+            m.collect(ctx)
+            phase = ctx.phase(f"{m.name} · SAEs", len(saes))
             for s in saes:
-                phase = Phase(progress, f"core · {s.name}", windows.shape[0] + 1)
-                rec = core.reconstruction_metrics(s.sae, core_batches(store, layer, cfg.core_tokens))
-                phase()
-                spliced = core.spliced_losses(lm, layer, windows, special, s.sae, phase)
-                results[s.name]["core"] = rec | core.downstream_scores(base, spliced)
-        if "absorption" in metrics:
-            inputs = absorption_inputs(lm, layer, cfg, cache, progress)
-            acfg = absorption_config(cfg)
-            probe = absorption_mod.ground_truth_probe(
-                inputs["acts_train"], inputs["y_train"], inputs["acts_test"], inputs["y_test"], cfg.seed
-            )
-            shared["sizes"]["absorption"] = {
-                "vocab_words": inputs["vocab_size"],
-                "words": len(inputs["words"]),
-                "dropped_prompts": inputs["dropped"],
-            }
-            phase = Phase(progress, "absorption · SAEs", len(saes))
-            for s in saes:
-                results[s.name]["absorption"] = absorption_mod.absorption_metrics(
-                    s.sae,
-                    inputs["acts_train"],
-                    inputs["y_train"],
-                    inputs["acts_test"],
-                    inputs["y_test"],
-                    acfg,
-                    probe,
-                )
-                phase()
-        if "probing" in metrics:
-            shared["probing_baselines"], task_data = {}, {}
-            for t, sp in probe_splits.items():
-                texts = sp["train_texts"] + sp["test_texts"]
-                key = {"task": t, "n_train": cfg.probing_train, "n_test": cfg.probing_test, "seed": cfg.seed}
-                got = text_inputs(
-                    lm, layer, f"probing-{t}", texts, cfg.probing_context, cfg, cache, progress, key
-                )
-                n_tr = len(sp["train_texts"])
-                tr = split_ragged(got["acts"], got["offsets"], np.arange(n_tr))
-                te = split_ragged(got["acts"], got["offsets"], np.arange(n_tr, len(texts)))
-                task_data[t] = {
-                    "train_acts": tr[0],
-                    "train_offsets": tr[1],
-                    "test_acts": te[0],
-                    "test_offsets": te[1],
-                    "train_labels": np.array(sp["train_labels"]),
-                    "test_labels": np.array(sp["test_labels"]),
-                }
-                R = {
-                    k: probing.mean_pool(task_data[t][f"{k}_acts"], task_data[t][f"{k}_offsets"])
-                    for k in ("train", "test")
-                }
-                shared["probing_baselines"][t] = probing.residual_baselines(
-                    R["train"],
-                    task_data[t]["train_labels"],
-                    R["test"],
-                    task_data[t]["test_labels"],
-                    seed=cfg.seed,
-                )
-            shared["sizes"]["probing"] = {
-                t: {"train": len(sp["train_texts"]), "test": len(sp["test_texts"])}
-                for t, sp in probe_splits.items()
-            }
-            phase = Phase(progress, "probing · SAEs", len(saes) * len(task_data))
-            for s in saes:
-                per_task = {}
-                for t, td in task_data.items():
-                    per_task[t] = probing.sae_task_accuracies(s.sae, td, seed=cfg.seed)
-                    phase()
-                results[s.name]["probing"] = summarise_probing(per_task)
-        if "bias" in metrics:
-            key = {"occupations": occupations, "seed": cfg.seed, "per_cell": cfg.bias_people_per_cell}
-            got = text_inputs(
-                lm, layer, "bias", bias_data["texts"], cfg.probing_context, cfg, cache, progress, key
-            )
-            full = {k: v for k, v in bias_data.items() if k != "texts"} | got
-            phase = Phase(progress, "bias (SCR) · SAEs", len(saes))
-            for s in saes:
-                results[s.name]["bias"] = bias_mod.scr_metrics(s.sae, full, bias_cfg)
+                section = m.compute(ctx, s)
+                if section is not None:
+                    results[s.name][m.name] = section
                 phase()
 
     from atmpipe.eval.report import write_report
 
     run_info = {
         "model": model_name,
-        "model_source": lm.source if lm else None,
-        "model_config_hash": lm.config_hash if lm else None,
-        "layer": layer,
-        "store": str(store.path) if store is not None else None,
-        "metrics": metrics,
+        "model_source": ctx.lm.source if ctx.lm else None,
+        "model_config_hash": ctx.lm.config_hash if ctx.lm else None,
+        "layer": ctx.layer,
+        "store": str(ctx.store.path) if ctx.store is not None else None,
+        "metrics": [m.name for m in metrics],
         "config": {k: v for k, v in asdict(cfg).items() if k != "sae"},
-        "cache_dir": str(cache.dir),
+        "cache_dir": str(ctx.cache.dir),
     }
     try:
-        out = write_report(Path(cfg.out), saes, results, shared, run_info)
+        out = write_report(Path(cfg.out), saes, results, ctx.shared, run_info)
     except OSError as e:  # checked at the start, but the disk may have filled or changed since
         raise cannot_write(Path(cfg.out), e) from None
     console.print(f"report written to {out}")
     return out
 
 
-def summarise_probing(per_task: dict) -> dict:
-    """Per-task accuracies plus their means over all tasks and over the sentiment tasks."""
-    out = {"per_task": per_task}
-    for k in probing.K_VALUES:
-        key = f"sae_top_{k}"
-        out[f"mean_{key}"] = float(np.mean([v[key] for v in per_task.values()]))
-        senti = [v[key] for t, v in per_task.items() if data.TASKS[t].group == "sentiment"]
-        if senti:
-            out[f"sentiment_{key}"] = float(np.mean(senti))
-    return out
+def open_inputs(cfg, saes: list[LoadedSAE], metrics: list[Metric]) -> tuple[Context, str | None]:
+    """The layer, model name and store the SAEs agree on (flags win), as the metrics' context."""
+    layer = agreed(saes, "layer", cfg.layer, "layer")
+    model_name = agreed(saes, "model_name", cfg.model, "model")
+    store = open_eval_store(cfg, saes, layer)
+    if store is not None and layer is None:
+        layer = store.layers[0]
+    for m in metrics:
+        if "store" in m.needs and store is None:
+            raise UserError(
+                f"metric '{m.name}' needs the activation store the SAEs were trained on; pass --store PATH"
+            )
+    if layer is None:
+        raise UserError("the SAEs do not record their layer; pass --layer")
+    if model_name is None and store is not None and store.attrs["model"]["name"] != "synthetic":
+        model_name = store.attrs["model"]["name"]
+    return Context(cfg, saes, layer, store), model_name
+
+
+def open_lm(cfg, model_name: str | None, ctx: Context, saes: list[LoadedSAE]):
+    """The model, refused when it is not the store's or does not fit the SAEs and the layer."""
+    from atmpipe.lm import load_lm
+
+    if model_name is None:
+        raise UserError("the SAEs do not record their model; pass --model")
+    lm = load_lm(model_name, device=cfg.device, dtype=cfg.dtype)
+    store, layer = ctx.store, ctx.layer
+    if store is not None and store.attrs["model"]["config_hash"] not in ("synthetic", lm.config_hash):
+        raise UserError(
+            f"model {model_name} ({lm.source}) is not the model store {store.path} was harvested "
+            "with (config hash differs); pass the store's --model"
+        )
+    for s in saes:
+        if s.info["d_in"] != lm.d_model:
+            raise UserError(
+                f"SAE {s.name} has width d_in={s.info['d_in']} but model {model_name} has "
+                f"d_model={lm.d_model}; evaluate it with the model it was trained on"
+            )
+    if not 0 <= layer < lm.n_layers:
+        raise UserError(
+            f"layer {layer} is out of range for {model_name} ({lm.n_layers} layers); pass --layer"
+        )
+    return lm

@@ -1,0 +1,21 @@
+"""The eval metrics, one plug-in module each (the shape is described in `atmpipe.eval.metric`).
+
+REGISTRY lists them in report order, one line per metric: adding a metric is one module and one line here.
+"""
+
+from __future__ import annotations
+
+from atmpipe.eval.metric import Metric
+from atmpipe.eval.metrics.absorption import Absorption
+from atmpipe.eval.metrics.bias import Bias
+from atmpipe.eval.metrics.core import Core
+from atmpipe.eval.metrics.probing import Probing
+from atmpipe.eval.metrics.training import Training
+
+REGISTRY: dict[str, type[Metric]] = {
+    "core": Core,
+    "absorption": Absorption,
+    "probing": Probing,
+    "bias": Bias,
+    "training": Training,
+}
