@@ -133,7 +133,7 @@ def side_by_side(metrics, names: list[str], results: dict) -> list[tuple]:
         "The paper column holds the paper's own numbers on Gemma-2-2b, not ours: read it as a "
         "reference point only. Its absorption 0.0068 is most likely the full-absorption rate."
     )
-    return [("h2", "All metrics side by side"), ("table", header, rows), ("p", note)]
+    return [("h2", "All metrics side by side"), ("table", header, rows), ("p", note)] if rows else []
 
 
 def provenance(saes, run: dict) -> list[tuple]:

@@ -28,7 +28,7 @@ LABELS = {
     "fvu": "FVU",
     "l0": "L0",
     "dead": "dead latents",
-    "masked_frac": "masked fraction",
+    "masked_frac": "masked fraction (mean p)",
     "threshold": "threshold θ",
 }
 
@@ -88,6 +88,7 @@ class Training(Metric):
             )
         )
         atm = {n: c for n, c in curves.items() if results[n]["training"]["method"] == "atm"}
+        colors = {n: f"C{i}" for i, n in enumerate(curves)}  # one colour per SAE in every figure
         for file, keys, title, subset in (
             ("training_losses.png", LOSS_KEYS, "Loss terms", curves),
             ("training_sparsity.png", SPARSITY_KEYS, "Reconstruction, sparsity and dead latents", curves),
@@ -95,8 +96,8 @@ class Training(Metric):
         ):
             present = [k for k in keys if any(k in c for c in subset.values())]
             if present:
-                png = curve_panels(subset, present, title, log_scale=keys is LOSS_KEYS)
-                blocks.append(("img", file, f"training curves: {title.lower()}", png))
+                png = curve_panels(subset, present, title, colors, log_scale=keys is LOSS_KEYS)
+                blocks.append(("img", file, f"training curves: {title}", png))
         header = [
             "SAE",
             "records",
@@ -145,7 +146,9 @@ def last_row(name: str, section: dict) -> list[str]:
     ]
 
 
-def curve_panels(curves: dict[str, dict], keys: list[str], title: str, log_scale: bool) -> bytes:
+def curve_panels(
+    curves: dict[str, dict], keys: list[str], title: str, colors: dict, log_scale: bool
+) -> bytes:
     """One panel per key, one line per SAE, against training tokens (steps when tokens were not logged)."""
     from atmpipe.eval.report import FIG_SIZE, plt, png
 
@@ -157,7 +160,7 @@ def curve_panels(curves: dict[str, dict], keys: list[str], title: str, log_scale
                 continue
             x = c.get("tokens", c["step"])
             pts = [(a, b) for a, b in zip(x, c[key], strict=True) if b is not None]
-            ax.plot([a for a, _ in pts], [b for _, b in pts], label=name)
+            ax.plot([a for a, _ in pts], [b for _, b in pts], label=name, color=colors[name])
             values += [b for _, b in pts]
         if log_scale and values and min(values) > 0:
             ax.set_yscale("log")
