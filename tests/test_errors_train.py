@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from test_reliability_inputs import LAYER, D, error_of, invoke, make_store
 
 from atmpipe.errors import UserError
+from atmpipe.eval.metrics import REGISTRY
 from atmpipe.sae import SAEConfig, make_sae
 from atmpipe.store import StoreWriter, acts_name, hook_name, plan_split, synthetic_attrs, write_arrays_store
 from atmpipe.stream import ShardStream
@@ -442,7 +443,7 @@ def test_eval_refuses_options_and_saes_that_do_not_fit(store, tmp_path, monkeypa
     args, expected = {  # args: a function, so each case builds only its own inputs
         "unknown metric": (
             lambda: [*a, "--metrics", "core,speed"],
-            "unknown metric speed; known metrics: core, absorption, probing, bias",
+            "unknown metric speed; known metrics: " + ", ".join(REGISTRY),  # core, absorption, … in order
         ),
         "bias occupations": (
             lambda: [*a, "--metrics", "bias", "--bias-occupations", "doctor"],
