@@ -122,13 +122,14 @@ class Absorption(Metric):
         series = {n: [letter(n, c).get("full_absorption", 0.0) for c in letters] for n in ab}
         png = grouped_bars(letters, series, "full-absorption rate", "Full absorption per letter")
         blocks.append(("img", "absorption_letters.png", "full absorption per letter", png))
-        rows = [
-            [
-                c,
-                *[fmt(letter(n, c).get("absorption_fraction")) + " / " + fmt(letter(n, c).get("full_absorption")) for n in ab],
-                fmt(first["probe_f1"][c]),
-            ]
-            for c in letters
-        ]  # fmt: skip
+
+        def both(n, c):
+            return (
+                fmt(letter(n, c).get("absorption_fraction"))
+                + " / "
+                + fmt(letter(n, c).get("full_absorption"))
+            )
+
+        rows = [[c, *[both(n, c) for n in ab], fmt(first["probe_f1"][c])] for c in letters]
         blocks.append(("table", ["letter", *[f"{n} (fraction / full)" for n in ab], "probe F1"], rows))
         return blocks

@@ -26,9 +26,8 @@ class Bias(Metric):
     def check(self) -> None:
         self.occupations = [o.strip() for o in self.opts.bias_occupations.split(",")]
         if len(self.occupations) != 2 or not set(self.occupations) <= set(data.OCCUPATIONS):
-            raise UserError(
-                f"--bias-occupations needs two of {', '.join(data.OCCUPATIONS)}, got {self.opts.bias_occupations!r}"
-            )
+            known, got = ", ".join(data.OCCUPATIONS), self.opts.bias_occupations
+            raise UserError(f"--bias-occupations needs two of {known}, got {got!r}")
 
     def prepare(self, ctx) -> None:
         self.bias_cfg = bias.BiasConfig(

@@ -17,7 +17,9 @@ from atmpipe.errors import UserError
 from atmpipe.eval.metric import Metric, option
 
 LOG_FILE = "metrics.jsonl"  # atmpipe.train.METRICS
-LOSS_KEYS = ("loss", "mse", "l1", "aux")  # the total and the loss terms the methods log (sae/*.py)
+# The total and the loss terms the methods log (sae/*.py). JumpReLU's sparsity term is also named "l0" and
+# train.py logs the L0 statistic over it, so that term shows only as loss − mse.
+LOSS_KEYS = ("loss", "mse", "l1", "aux")
 SPARSITY_KEYS = ("fvu", "l0", "dead")
 ATM_KEYS = ("masked_frac", "threshold")  # ATM's mean mask probability and its threshold θ
 LABELS = {
@@ -81,12 +83,10 @@ class Training(Metric):
             )  # fmt: skip
         if not curves:
             return blocks
-        blocks.append(
-            (
-                "p",
-                "As logged by `atmpipe train`, against training tokens; the losses on a log scale where all are positive.",
-            )
+        note = (
+            "As logged by `atmpipe train`, against training tokens; losses on a log scale where all positive."
         )
+        blocks.append(("p", note))
         atm = {n: c for n, c in curves.items() if results[n]["training"]["method"] == "atm"}
         colors = {n: f"C{i}" for i, n in enumerate(curves)}  # one colour per SAE in every figure
         for file, keys, title, subset in (
