@@ -242,13 +242,12 @@ def verify_command(store: str = typer.Argument(..., help="A store written by `at
     """Read every chunk of a store and report damaged ones; exit code 1 if any is damaged."""
 
     def go():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
         from atmpipe.integrity import count_chunks, verify_store
+        from atmpipe.progress import Progress
         from atmpipe.store import open_store
 
         opened = open_store(store, check_files=False)
-        with Progress(BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err) as bar:
+        with Progress(err, unit=" chunks") as bar:
             task = bar.add_task("verify", total=count_chunks(opened))
             report = verify_store(opened, on_progress=lambda n: bar.advance(task, n))
         for damage in report.damaged:

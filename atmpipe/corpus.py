@@ -26,7 +26,7 @@ import numpy as np
 from atmpipe.errors import UserError
 
 EMBEDDED = "embedded"
-# sae-probes datasets whose prompts are real web / news prose (DATA.md); the rest are short or synthetic.
+# sae-probes datasets whose prompts are real web / news prose (docs/data.md); the rest are short or synthetic.
 SAE_PROBES_TEXT = (
     "100_news_fake",
     "161_agnews_0",
@@ -221,6 +221,14 @@ def _dataset_documents(ds, text_column: str, where: str) -> list[Document]:
 # --- packing --------------------------------------------------------------------------------------
 
 
+def check_context_size(context_size: int) -> None:
+    """A window is BOS plus at least one text token."""
+    if context_size <= 1:
+        raise UserError(
+            f"context size must be at least 2 (BOS + one token), got {context_size}; pass --context-size"
+        )
+
+
 def build_corpus(
     tokenizer,
     bos_token_id: int,
@@ -234,10 +242,7 @@ def build_corpus(
     documents: list[Document] | None = None,
 ) -> Corpus:
     """Pack up to train_tokens / eval_tokens (rounded down to whole windows) from held-apart documents."""
-    if context_size <= 1:
-        raise UserError(
-            f"context size must be at least 2 (BOS + one token), got {context_size}; pass --context-size"
-        )
+    check_context_size(context_size)
     docs = load_documents(spec, text_column) if documents is None else documents
     order = np.random.default_rng(seed).permutation(len(docs))
     stream = _TokenStream(tokenizer, docs, order)

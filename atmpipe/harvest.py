@@ -18,17 +18,9 @@ import numpy as np
 import torch
 import zarr
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from atmpipe import distributed, remote
-from atmpipe.corpus import EMBEDDED, build_corpus
+from atmpipe.corpus import EMBEDDED, build_corpus, check_context_size
 from atmpipe.errors import UserError
 from atmpipe.integrity import remove_orphans
 from atmpipe.interrupt import Interrupts
@@ -91,10 +83,7 @@ def default_out(layers: list[int]) -> Path:
 
 
 def _validate(cfg: HarvestConfig) -> None:
-    if cfg.context_size <= 1:
-        raise UserError(
-            f"context size must be at least 2 (BOS + one token), got {cfg.context_size}; pass --context-size"
-        )
+    check_context_size(cfg.context_size)
     if cfg.tokens < cfg.context_size:
         raise UserError(
             f"--tokens {cfg.tokens} is less than one window of {cfg.context_size} tokens; pass more"
@@ -248,11 +237,6 @@ def _writable(out: Path, plans: dict):
         raise
 
 
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} tok/s", style="progress.data.speed")
-
-
 def _run(
     lm: LM, layers, windows, plans, writer: StoreWriter, cfg: HarvestConfig, out: Path, stop: Interrupts
 ) -> None:
@@ -264,18 +248,8 @@ def _run(
     total = sum(tokens(split, writer.owned(split)) for split in plans)
     done = total - sum(tokens(split, todo[split]) for split in plans)
     bytes_per_token = len(layers) * lm.d_model * STORAGE_DTYPES[cfg.storage_dtype].itemsize
-    columns = (
-        TextColumn("[bold]harvest[/] {task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"),
-        _RateColumn(),
-        TextColumn("{task.fields[gb]:.2f} GB written"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(str(out), total=total, completed=done, gb=0.0)
+    with Progress(console, unit=" tokens", speed_unit=" tok/s") as progress:
+        task = progress.add_task(f"harvest {out}", total=total, completed=done, info="0.00 GB written")
         written = 0
         for split, rows in windows.items():
             plan = plans[split]
@@ -286,7 +260,7 @@ def _run(
                 arrays = _harvest_shard(lm, layers, shard_rows, first, split, cfg, stop)
                 writer.put_shard(split, index, arrays)
                 written += shard_rows.size * bytes_per_token
-                progress.update(task, advance=shard_rows.size, gb=written / 1e9)
+                progress.update(task, advance=shard_rows.size, info=f"{written / 1e9:.2f} GB written")
 
 
 def _harvest_shard(

@@ -30,6 +30,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from atmpipe.device import resolve_device
 from atmpipe.errors import UserError
 from atmpipe.home import atmpipe_home
 
@@ -78,11 +79,7 @@ def load_lm(
 ) -> LM:
     """Load `model` in eval mode: fp32 on CPU, bf16 on CUDA unless `dtype` says otherwise."""
     name, source, local_only = resolve_model(model)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            "--device cuda was asked for but no CUDA GPU is visible; drop --device or pass --device cpu"
-        )
+    dev = resolve_device(device)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; use one of float32, bfloat16, float16")
     torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)

@@ -20,18 +20,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from atmpipe import distributed
 from atmpipe.config import load_config, to_dict
+from atmpipe.device import resolve_device
 from atmpipe.errors import UserError
 from atmpipe.interrupt import Interrupts
 from atmpipe.progress import Progress
@@ -45,7 +39,7 @@ RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
-DEAD_WINDOW_TOKENS = 10_000_000  # METHODS.md: dead = not fired in the last 10M tokens, or the whole run
+DEAD_WINDOW_TOKENS = 10_000_000  # docs/methods.md: dead = not fired in the last 10M tokens, or the whole run
 
 
 @dataclass
@@ -68,7 +62,7 @@ class TrainConfig:
     warmup_frac: float = 0.1
     decay_frac: float = 0.2  # linear lr decay to 0 over this last fraction of the steps
     grad_clip: float = 1.0
-    adam_beta1: float | None = None  # default: the method's (0 for JumpReLU)
+    adam_beta1: float | None = None  # default: the method's `adam_betas`
     buffer_chunks: int = 32  # chunks mixed in the stream's shuffle buffer
     checkpoint_every: int = 1000
     log_every: int = 10
@@ -138,7 +132,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--resume and --overwrite contradict each other; pass one of them")
 
 
-def method_hparams(cfg: TrainConfig, d_sae: int, total_tokens: int) -> dict:
+def method_hparams(cfg: TrainConfig, total_tokens: int) -> dict:
     """The method's hyper-parameters: `hparams`, plus the --k/--l1/--target-l0 shortcuts."""
     params = {f.name for f in dataclasses.fields(SAE_METHODS[cfg.method].Params)}
     hparams = dict(cfg.hparams)
@@ -152,27 +146,9 @@ def method_hparams(cfg: TrainConfig, d_sae: int, total_tokens: int) -> dict:
                 f"its hyper-parameters are: {', '.join(sorted(params))}"
             )
         hparams[name] = value
-    if "k" in params:
-        k = hparams.get(
-            "k", next(f.default for f in dataclasses.fields(SAE_METHODS[cfg.method].Params) if f.name == "k")
-        )
-        if not 0 < k < d_sae:
-            raise UserError(f"k must be between 1 and d_sae - 1 = {d_sae - 1}, got {k}; pass e.g. --k 64")
     if "dead_tokens" in params:
         hparams.setdefault("dead_tokens", min(DEAD_WINDOW_TOKENS, total_tokens))
     return hparams
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; pass cpu, cuda, cuda:1 or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} asked for, but torch sees no CUDA GPU; pass --device cpu")
-    return device
 
 
 # --- schedule -----------------------------------------------------------------------------------
@@ -219,16 +195,6 @@ def store_provenance(store: Store, layer: int, n_tokens: int) -> dict:
 # --- checkpoints --------------------------------------------------------------------------------
 
 
-def _generators(sae: SAE) -> dict[str, torch.Generator]:
-    """Every torch.Generator an SAE module holds (e.g. ATM's mask sampler), by a stable name."""
-    found = {}
-    for prefix, module in sae.named_modules():
-        for attr, value in vars(module).items():
-            if isinstance(value, torch.Generator):
-                found[f"{prefix}.{attr}" if prefix else attr] = value
-    return found
-
-
 def save_checkpoint(run: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, state: dict) -> Path:
     """Write checkpoints/step_XXXXXXXX atomically (temp dir, then rename); keep the last two."""
     root = run / CHECKPOINTS
@@ -248,7 +214,6 @@ def save_checkpoint(run: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, 
         "rng.safetensors": {
             "torch_cpu": torch.get_rng_state(),
             **({"torch_cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
-            **{f"generator.{name}": g.get_state() for name, g in _generators(sae).items()},
         },
     }
     for name, content in tensors.items():
@@ -309,8 +274,6 @@ def load_checkpoint(checkpoint: Path, sae: SAE, opt: torch.optim.Optimizer) -> N
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["torch_cuda"])
-    for name, g in _generators(sae).items():
-        g.set_state(rng[f"generator.{name}"])
 
 
 # --- the run directory --------------------------------------------------------------------------
@@ -347,19 +310,6 @@ def inspect_run_dir(out: Path, cfg: TrainConfig, identity: dict) -> tuple[Path |
 
 
 # --- display ----------------------------------------------------------------------------------
-
-
-def progress_display(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]train[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[metrics]}"),
-        console=console,
-    )
 
 
 def format_metrics(m: dict) -> str:
@@ -428,7 +378,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     check_store(store, layer, cfg.allow_partial)
     d_in, d_sae = store.d_model, cfg.d_sae or cfg.expansion * store.d_model
     total = max(1, cfg.tokens // cfg.batch_size)
-    hparams = method_hparams(cfg, d_sae, total * cfg.batch_size)
+    hparams = method_hparams(cfg, total * cfg.batch_size)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
@@ -493,10 +443,10 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     with (
         stream,
         Interrupts() as stop,  # checked between steps, so a checkpoint is never cut in half
-        progress_display(console) as progress,
+        Progress(console) as progress,
         open(out / METRICS, "a") if world.is_main else open(os.devnull, "w") as log,
     ):
-        task = progress.add_task("train", total=total, completed=step, rate="", metrics="")
+        task = progress.add_task("train", total=total, completed=step)
         clock, clock_step, started = time.perf_counter(), step, time.perf_counter()
         while step < total:
             x = next(stream) * scale
@@ -517,7 +467,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
                 )
                 log.write(json.dumps(last) + "\n")
                 log.flush()
-                progress.update(task, rate=f"{rate:,.0f} tok/s", metrics=format_metrics(last))
+                progress.update(task, rate=f"{rate:,.0f} tok/s", info=format_metrics(last))
                 clock, clock_step = now, step
             if stopping:
                 saved = checkpoint_now()

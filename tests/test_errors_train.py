@@ -84,7 +84,7 @@ def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
         "unknown device": (["--device", "tpu9"], "unknown device 'tpu9'; pass cpu, cuda, cuda:1 or auto"),
         "cuda without a GPU": (
             ["--device", "cuda"],
-            "device cuda asked for, but torch sees no CUDA GPU; pass --device cpu",
+            "--device cuda was asked for but no CUDA GPU is visible; drop --device or pass --device cpu",
         ),
         "unknown hyper-parameter": (
             ["--method", "relu", "--hparam", "gamma=2"],

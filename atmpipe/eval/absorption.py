@@ -224,7 +224,7 @@ def main_latents(
 def word_absorption(
     x: np.ndarray, f: np.ndarray, cos: np.ndarray, p: np.ndarray, main: list[int], cfg: AbsorptionConfig
 ) -> tuple[float, bool]:
-    """Absorption fraction and full absorption of one word (SAEBench's calculator, EVAL.md step 5)."""
+    """Absorption fraction and full absorption of one word (SAEBench's calculator, docs/metrics.md)."""
     a_model = float(x @ p)
     proj = f * cos
     main_proj = float(proj[main].sum())

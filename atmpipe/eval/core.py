@@ -1,6 +1,6 @@
 """Core metrics: reconstruction and sparsity on held-out store tokens, and downstream loss with the SAE spliced in.
 
-Definitions follow EVAL.md (SAEBench's code where paper and code differ). Every reducer accumulates in float64
+Definitions in docs/metrics.md (SAEBench's code where paper and code differ). Every reducer accumulates in float64
 over batches, so the numbers do not depend on the batch size.
 """
 

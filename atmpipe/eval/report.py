@@ -111,7 +111,7 @@ def build_blocks(saes, results: dict, shared: dict, run: dict) -> list[tuple]:
         (
             "p",
             f"Model {run['model']} (config {str(run['model_config_hash'])[:12]}), layer {run['layer']}, "
-            f"store {run['store']}. Metrics: {', '.join(run['metrics'])}. Definitions: EVAL.md "
+            f"store {run['store']}. Metrics: {', '.join(run['metrics'])}. Definitions: docs/metrics.md "
             "(SAEBench's code where its paper and code differ).",
         )
     )

@@ -16,13 +16,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from atmpipe.errors import UserError
 from atmpipe.eval.cache import ActivationCache
@@ -81,29 +74,14 @@ class LoadedSAE:
     info: dict  # method, width, model, layer, hyper-parameters, provenance
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 class Phase:
     """One progress bar for one long phase; `advance(n)` with a per-second rate shown."""
 
     def __init__(self, progress: Progress, description: str, total: int):
-        self.progress, self.task = progress, progress.add_task(description, total=total, rate="")
+        self.progress, self.task = progress, progress.add_task(description, total=total)
 
     def __call__(self, n: int = 1) -> None:
-        task = self.progress.tasks[self.task]
-        rate = f"{task.speed:.1f}/s" if task.speed else ""
-        self.progress.update(self.task, advance=n, rate=rate)
+        self.progress.advance(self.task, n)
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -271,7 +249,7 @@ def run_eval(cfg) -> Path:
         s.sae.to(ctx.lm.device if ctx.lm else "cpu")
 
     results: dict[str, dict] = {s.name: {} for s in saes}
-    with progress_bar() as ctx.progress:
+    with Progress(console) as ctx.progress:
         for m in metrics:
             m.collect(ctx)
             phase = ctx.phase(f"{m.name} · SAEs", len(saes))

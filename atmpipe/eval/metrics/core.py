@@ -94,7 +94,7 @@ class Core(Metric):
 def core_batches(store, layer: int, max_tokens: int, batch: int = 4096):
     """Held-out store activations with BOS removed, up to `max_tokens` rows."""
     split = store.split("eval")
-    n = min(split.n_committed_tokens if hasattr(split, "n_committed_tokens") else split.n_tokens, max_tokens)
+    n = min(split.n_committed_tokens, max_tokens)
     for start in range(0, n, batch):
         stop = min(start + batch, n)
         x = torch.from_numpy(store.read_acts("eval", layer, start, stop))
