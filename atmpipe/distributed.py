@@ -10,8 +10,8 @@ torch.distributed does the work; this module only says how atmpipe's stages spli
   shards, with any number of ranks.
 * train: DDP. Every rank forms the same shuffled global batch sequence and takes rows rank::world of
   each batch (stream.py), so the global batch is the 1-process one; gradients are averaged by DDP, and
-  the state a method keeps from batch statistics (ATM's EMAs, the dead-latent clock, the L0 controller,
-  BatchTopK's threshold) is reduced across ranks so every rank holds the same state as the 1-process run.
+  the state a method keeps from batch statistics is reduced across ranks as the method declares
+  (`SAE.rank_reductions`, `SAE.across_ranks`), so every rank holds the same state as the 1-process run.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from atmpipe import remote
 from atmpipe.errors import UserError
-from atmpipe.sae import kernels
 from atmpipe.store import RunningStats, StoreWriter, acts_name
 
 COMMITS = "commits"  # <store>/commits/<split>/<index>.json: shards written, not yet folded by rank 0
@@ -217,14 +216,12 @@ class TrainingStep(nn.Module):
 def data_parallel(sae: nn.Module, w: World, device: torch.device):
     """The callable that runs one training forward: the SAE's own, or through DDP across the ranks.
 
-    Buffers are not broadcast from rank 0 (DDP's default): `sync_state` reduces them exactly instead.
-    An ATM SAE gets its statistics update reduced across ranks (see `atm_update_across_ranks`).
+    Buffers are not broadcast from rank 0 (DDP's default): `sync_state` reduces them exactly instead, as
+    each method's `rank_reductions` says; `across_ranks` sets up whatever more the method needs.
     """
     if w.size == 1:
         return sae.training_forward
-    if hasattr(sae, "update_fn"):  # ATM
-        kernel_of = sae.update_fn
-        sae.update_fn = lambda: functools.partial(atm_update_across_ranks, kernel_of(), w)
+    sae.across_ranks(w)
     ids = [device.index if device.index is not None else w.local_rank] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(TrainingStep(sae), device_ids=ids, broadcast_buffers=False)
 
@@ -236,38 +233,19 @@ def sync_state(sae: nn.Module, w: World, local_rows: int) -> None:
     if w.size == 1:
         return
     buffers = dict(sae.named_buffers())
-    if "tokens_since_fired" in buffers:
-        # Each rank added its own rows and zeroed the latents that fired in them. Globally: zero if the
-        # latent fired on any rank, else the count plus the rows of all ranks.
-        t = buffers["tokens_since_fired"]
-        low = w.min_(t.clone())
-        t.copy_(torch.where(low > 0, low + (w.size - 1) * local_rows, 0))
-    for name in ("last_l0", "atm_recon_norm"):  # means over tokens: the mean of the rank means
-        if name in buffers:
-            w.mean_(buffers[name])
-    if "running_threshold" in buffers:  # BatchTopK: an EMA of the smallest kept value, monotone in it
-        w.min_(buffers["running_threshold"])
+    for name, how in sae.rank_reductions.items():
+        REDUCE[how](buffers[name], w, local_rows)
 
 
-def atm_update_across_ranks(kernel, w: World, f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max,
-                            combine, per_token):  # fmt: skip
-    """ATM's statistics step for the global batch, from this rank's rows, with the SAE's own kernel.
+def _dead_clock(t: Tensor, w: World, local_rows: int) -> None:
+    """Each rank added its own rows and zeroed the latents that fired in them. Globally: zero if the
+    latent fired on any rank, else the count plus the rows of all ranks."""
+    low = w.min_(t.clone())
+    t.copy_(torch.where(low > 0, low + (w.size - 1) * local_rows, 0))
 
-    The EMAs are linear in the batch means and every rank starts from the same M, F, R, ‖W_dec‖: so one
-    kernel step on the local rows, averaged over the ranks, is the global-batch step (recon_norm, a mean
-    over tokens, is averaged first). A second kernel call with β = 1 leaves the EMAs as they are and
-    gives importance, threshold and probabilities from them. Per-token masks are then drawn for the
-    global rows this rank holds (rank + world·i), so they are the 1-process masks.
-    """
-    recon_norm = w.mean_(recon_norm.clone())
-    stepped = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max, combine, per_token)
-    M, F_, R = w.mean_(torch.stack(stepped[:3])).unbind(0)
-    M, F_, R, imp, theta, p, keep = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, 1.0, c, p_max, combine,
-                                           per_token)  # fmt: skip
-    if per_token:
-        rows = torch.arange(f.shape[0], device=f.device, dtype=torch.int64) * w.size + w.rank
-        keep = (
-            kernels.noise_at(rows[:, None] * f.shape[1] + torch.arange(f.shape[1], device=f.device), key) >= p
-        )
-        keep = keep.to(f.dtype)
-    return M, F_, R, imp, theta, p, keep
+
+REDUCE = {  # the reductions a method's `rank_reductions` may name
+    "mean": lambda t, w, rows: w.mean_(t),  # a mean over tokens: the mean of the rank means
+    "min": lambda t, w, rows: w.min_(t),
+    "dead_clock": _dead_clock,
+}

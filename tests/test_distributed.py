@@ -220,3 +220,51 @@ def test_two_rank_ddp_matches_one_rank_and_resumes_on_one_rank(reference, tmp_pa
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000016"]
     train(TrainConfig(**{**cfg.__dict__, "out": str(resumed), "resume": True}))
     _assert_same_weights(one, resumed)
+
+
+# --- a method added from outside: one file, one registry line, one recipe -------------------------
+
+PLUGIN_DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+import plugin_method
+plugin_method.register()
+from atmpipe.cli import app
+app()
+"""
+
+
+@pytest.fixture
+def plugin(monkeypatch):
+    import plugin_method
+
+    from atmpipe.sae import SAE_METHODS
+
+    monkeypatch.setitem(SAE_METHODS, plugin_method.NAME, plugin_method.DensityL1SAE)
+    return plugin_method
+
+
+def test_a_method_defined_outside_atmpipe_trains_on_one_and_two_ranks(reference, tmp_path, plugin):
+    from atmpipe.train import load_train_config
+
+    recipe = tmp_path / f"train-{plugin.NAME}.toml"
+    lines = [f"store = {str(reference)!r}", f"method = {plugin.NAME!r}"]
+    lines += [f"{k} = {v!r}" for k, v in TRAIN.items()] + ["", "[hparams]", "l1 = 0.5"]
+    recipe.write_text("\n".join(lines) + "\n")
+
+    one = tmp_path / "one"
+    train(load_train_config(recipe, out=str(one)))
+    log = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["fvu"] < log[0]["fvu"] and 0 < log[-1]["density"] < 1
+
+    two = tmp_path / "two"
+    driver = tmp_path / "driver.py"
+    driver.write_text(PLUGIN_DRIVER.format(tests=str(Path(__file__).parent)))
+    torchrun(2, "train", "--config", recipe, "--out", two, script=driver)
+    _assert_same_weights(one, two)
+    # The buffers too (the checkpoint holds them): the density reduced across ranks is the 1-rank one.
+    last = "checkpoints/step_00000024/model.safetensors"
+    a, b = load_file(str(one / last)), load_file(str(two / last))
+    torch.testing.assert_close(b["density"], a["density"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b["tokens_since_fired"], a["tokens_since_fired"], rtol=0, atol=0)
+    assert json.loads((two / "atmpipe.json").read_text())["metadata"]["world_size"] == 2

@@ -13,21 +13,21 @@ from sae_helpers import make, planted, train
 from safetensors.torch import load_file, save_file
 
 from atmpipe.errors import UserError
-from atmpipe.sae import SAE
+from atmpipe.sae import SAE, SAE_METHODS
 from atmpipe.sae.atm import STATS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 SCALE = 2.7  # a norm scale far from 1, so a folding mistake shows
 
-METHODS = [
-    ("relu", {"l1": 0.3}),
-    ("topk", {"k": 4}),
-    ("topk", {"k": 4, "batch_topk": True}),
-    ("jumprelu", {"l0_coeff": 0.05, "sparsity_warmup_steps": 20}),
-    ("atm", {"l1": 1.0, "warmup_steps": 5, "compile": False}),
-]
-IDS = ["relu", "topk", "batchtopk", "jumprelu", "atm"]
+HPARAMS = {  # hyper-parameters that make a short run fire enough latents; a method not listed uses its own
+    "relu": {"l1": 0.3},
+    "topk": {"k": 4},
+    "jumprelu": {"l0_coeff": 0.05, "sparsity_warmup_steps": 20},
+    "atm": {"l1": 1.0, "warmup_steps": 5, "compile": False},
+}
+METHODS = [(m, HPARAMS.get(m, {})) for m in sorted(SAE_METHODS)] + [("topk", {"k": 4, "batch_topk": True})]
+IDS = [*sorted(SAE_METHODS), "batchtopk"]
 
 
 def _trained(method, hparams):

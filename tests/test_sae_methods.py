@@ -9,7 +9,7 @@ import torch
 from sae_helpers import fvu, make, planted, recovered, train
 
 from atmpipe.errors import UserError
-from atmpipe.sae import SAEConfig, kernels, make_sae
+from atmpipe.sae import SAE_METHODS, SAEConfig, kernels, make_sae
 
 # method, hyper-parameters, steps, FVU bound (on normalised activations), fraction of atoms recovered
 PLANTED = [
@@ -31,7 +31,7 @@ def test_planted_dictionary_is_learned(method, hparams, steps, max_fvu, min_reco
     assert recovered(sae, atoms) >= min_recovered
 
 
-@pytest.mark.parametrize("method", ["relu", "topk", "jumprelu", "atm"])
+@pytest.mark.parametrize("method", sorted(SAE_METHODS))
 def test_decoder_rows_stay_unit_norm(method):
     x, _ = planted(4096)
     sae = train(make(method, compile=False) if method == "atm" else make(method), x, 20, lr=1e-2)

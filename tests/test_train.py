@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import atmpipe.train as train_module
 from atmpipe.cli import app
 from atmpipe.errors import UserError
-from atmpipe.sae import SAE
+from atmpipe.sae import SAE, SAE_METHODS
 from atmpipe.store import acts_name, write_arrays_store
 from atmpipe.train import TrainConfig, latest_checkpoint, lr_factor, train
 
@@ -61,7 +61,7 @@ def store(tmp_path_factory):
 def config(store, out, method="relu", steps=60, **kw) -> TrainConfig:
     base = dict(
         store=str(store.path), method=method, d_sae=D_SAE, batch_size=128, tokens=128 * steps, lr=3e-3,
-        hparams=dict(METHOD_HPARAMS[method]), out=str(out), checkpoint_every=20, log_every=5,
+        hparams=dict(METHOD_HPARAMS.get(method, {})), out=str(out), checkpoint_every=20, log_every=5,
         buffer_chunks=4, device="cpu",
     )  # fmt: skip
     return TrainConfig(**{**base, **kw})
@@ -85,7 +85,7 @@ def metrics(run: Path) -> list[dict]:
 # --- end to end -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["relu", "topk", "jumprelu", "atm"])
+@pytest.mark.parametrize("method", sorted(SAE_METHODS))
 def test_each_method_trains_end_to_end(store, tmp_path, method):
     run = train(config(store, tmp_path / method, method, steps=150))
     log = metrics(run)
@@ -126,7 +126,7 @@ def test_lr_schedule_warms_up_holds_and_decays_to_zero():
 # --- resume ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["relu", "topk", "jumprelu", "atm"])
+@pytest.mark.parametrize("method", sorted(SAE_METHODS))
 def test_resume_from_a_mid_run_checkpoint_is_bit_identical(store, tmp_path, method):
     reference = train(config(store, tmp_path / "ref", method))
     run = train(config(store, tmp_path / "cut", method))
@@ -423,7 +423,7 @@ def test_overwrite_replaces_a_run(store, tmp_path):
 def test_recipes_load_and_name_every_method():
     from atmpipe.train import load_train_config
 
-    for method in ("atm", "topk", "jumprelu", "relu"):
+    for method in SAE_METHODS:  # every method has its recipe
         cfg = load_train_config(REPO / "stages" / f"train-{method}.toml")
         assert cfg.method == method and cfg.expansion * 640 == 5120
         assert os.path.basename(cfg.store).endswith(".zarr")

@@ -12,6 +12,7 @@ must exist before this step's x̂; "exact" pays one more dense GEMM for the unma
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class ATMSAE(ReLUSAE):
     method = "atm"
     architecture = "standard"
     Params = ATMParams
+    rank_reductions = {**ReLUSAE.rank_reductions, "atm_recon_norm": "mean"}
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -84,6 +86,10 @@ class ATMSAE(ReLUSAE):
 
     def update_fn(self):
         return kernels.atm_update_fused() if self.hp.compile else kernels.atm_update
+
+    def across_ranks(self, world) -> None:
+        kernel_of = self.update_fn
+        self.update_fn = lambda: functools.partial(update_across_ranks, kernel_of(), world)
 
     def mask_latents(self, x: Tensor, f: Tensor, step: int, total_steps: int) -> tuple[Tensor, dict]:
         if not self.training:  # evaluation never masks and never moves the statistics
@@ -132,3 +138,27 @@ class ATMSAE(ReLUSAE):
             for name in STAT_NAMES:
                 getattr(self, f"atm_{name}").copy_(tensors[name])
             self.atm_theta.copy_(tensors["theta"][0])
+
+
+def update_across_ranks(kernel, w, f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max,
+                            combine, per_token):  # fmt: skip
+    """ATM's statistics step for the global batch, from this rank's rows, with the SAE's own kernel.
+
+    The EMAs are linear in the batch means and every rank starts from the same M, F, R, ‖W_dec‖: so one
+    kernel step on the local rows, averaged over the ranks, is the global-batch step (recon_norm, a mean
+    over tokens, is averaged first). A second kernel call with β = 1 leaves the EMAs as they are and
+    gives importance, threshold and probabilities from them. Per-token masks are then drawn for the
+    global rows this rank holds (rank + world·i), so they are the 1-process masks.
+    """
+    recon_norm = w.mean_(recon_norm.clone())
+    stepped = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max, combine, per_token)
+    M, F_, R = w.mean_(torch.stack(stepped[:3])).unbind(0)
+    M, F_, R, imp, theta, p, keep = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, 1.0, c, p_max, combine,
+                                           per_token)  # fmt: skip
+    if per_token:
+        rows = torch.arange(f.shape[0], device=f.device, dtype=torch.int64) * w.size + w.rank
+        keep = (
+            kernels.noise_at(rows[:, None] * f.shape[1] + torch.arange(f.shape[1], device=f.device), key) >= p
+        )
+        keep = keep.to(f.dtype)
+    return M, F_, R, imp, theta, p, keep

@@ -92,6 +92,10 @@ class SAE(nn.Module):
     architecture: ClassVar[str]  # SAELens architecture: standard | topk | jumprelu
     Params: ClassVar[type] = CommonParams
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    # How data-parallel training reduces each buffer a training forward updates from one rank's rows
+    # (`distributed.sync_state`): "mean" for a mean over tokens, "min" for a value monotone in the batch's
+    # minimum, "dead_clock" for tokens-since-fired counts. Unlisted buffers agree on every rank unreduced.
+    rank_reductions: ClassVar[dict[str, str]] = {"tokens_since_fired": "dead_clock"}
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -138,6 +142,10 @@ class SAE(nn.Module):
     def param_groups(self, lr: float) -> list[dict]:
         """Optimiser parameter groups (a method may give some parameters their own lr)."""
         return [{"params": list(self.parameters()), "lr": lr}]
+
+    def across_ranks(self, world) -> None:
+        """Called once before data-parallel training on `world` (a `distributed.World`): a method whose
+        forward needs more than `rank_reductions` (ATM reduces its statistics step) sets that up here."""
 
     # ----- the shared body -----
     def pre_acts(self, x: Tensor) -> Tensor:

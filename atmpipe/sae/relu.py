@@ -25,6 +25,7 @@ class ReLUSAE(SAE):
     method = "relu"
     architecture = "standard"
     Params = ReLUParams
+    rank_reductions = {**SAE.rank_reductions, "last_l0": "mean"}  # last_l0 steers the L0 controller
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)

@@ -27,6 +27,8 @@ class TopKSAE(SAE):
     method = "topk"
     architecture = "topk"
     Params = TopKParams
+    # BatchTopK's threshold: an EMA of the smallest kept value, monotone in it.
+    rank_reductions = {**SAE.rank_reductions, "running_threshold": "min"}
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
