@@ -322,7 +322,7 @@ def test_k_out_of_range(store, tmp_path, k):
     result = cli(*common(store, "--method", "topk", "--k", k, "--out", str(tmp_path / "r")))
     assert (
         error_of(result)
-        == f"error: k must be between 1 and d_sae - 1 = {D_SAE - 1}, got {k}; pass e.g. --k 64"
+        == f"error: k must be an integer with 0 < k < d_sae = {D_SAE} (got {k}); pass e.g. --k 32"
     )
 
 
