@@ -11,7 +11,6 @@ import errno
 import math
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +19,11 @@ import zarr
 from rich.console import Console
 
 from atmpipe import distributed, remote
-from atmpipe.corpus import EMBEDDED, build_corpus, check_context_size
+from atmpipe.config import HarvestConfig
+from atmpipe.corpus import build_corpus
 from atmpipe.errors import UserError
 from atmpipe.integrity import remove_orphans
 from atmpipe.interrupt import Interrupts
-from atmpipe.lm import EMBEDDED as EMBEDDED_MODEL
 from atmpipe.lm import LM, capture, check_layers, load_lm
 from atmpipe.progress import Progress
 from atmpipe.store import (
@@ -39,27 +38,6 @@ from atmpipe.store import (
 from atmpipe.writable import check_writable
 
 console = Console(stderr=True)
-
-
-@dataclass
-class HarvestConfig:
-    model: str = EMBEDDED_MODEL
-    layers: list[int] = field(default_factory=list)  # empty: the model's middle layer
-    dataset: str = EMBEDDED
-    text_column: str | None = None
-    tokens: int = 100_000  # training tokens (rounded down to whole windows)
-    eval_tokens: int = 10_240  # held-out tokens, from documents training never sees
-    context_size: int = 128
-    batch_size: int = 32  # windows per forward pass
-    seed: int = 0
-    dtype: str | None = None  # compute dtype: float32 on CPU, bfloat16 on CUDA
-    device: str | None = None
-    storage_dtype: str = "float32"
-    out: str | None = None  # default cache/l{L}.zarr
-    overwrite: bool = False
-    chunk_tokens: int | None = None  # default: one batch
-    shard_tokens: int | None = None  # default: 8 chunks
-    trust_remote_code: bool = False  # runs Python code shipped with the model: only with an explicit flag
 
 
 class HarvestInterrupted(UserError):
@@ -80,20 +58,6 @@ def free_disk_bytes(path: Path) -> int:
 
 def default_out(layers: list[int]) -> Path:
     return Path("cache") / f"l{'-'.join(map(str, layers))}.zarr"
-
-
-def _validate(cfg: HarvestConfig) -> None:
-    check_context_size(cfg.context_size)
-    if cfg.tokens < cfg.context_size:
-        raise UserError(
-            f"--tokens {cfg.tokens} is less than one window of {cfg.context_size} tokens; pass more"
-        )
-    if cfg.eval_tokens < 0 or cfg.batch_size < 1:
-        raise UserError("--eval-tokens must be ≥ 0 and --batch-size ≥ 1")
-    if cfg.storage_dtype not in STORAGE_DTYPES:
-        raise UserError(
-            f"unknown --storage-dtype {cfg.storage_dtype!r}; use one of {', '.join(STORAGE_DTYPES)}"
-        )
 
 
 def store_attrs(cfg: HarvestConfig, lm: LM, layers: list[int], corpus, plans: dict) -> dict:
@@ -120,7 +84,7 @@ def harvest(cfg: HarvestConfig, lm: LM | None = None) -> Path:
 
     `lm`: an already loaded model to use instead of loading `cfg.model` (benchmarks, notebooks).
     """
-    _validate(cfg)
+    cfg.validate()
     out = remote.location(cfg.out) if cfg.out else default_out([0]).parent  # (the layer is known later)
     if not remote.is_remote(out):
         with _writable(out, {}):

@@ -30,11 +30,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from atmpipe.config import EMBEDDED_MODEL
 from atmpipe.device import resolve_device
 from atmpipe.errors import UserError
 from atmpipe.home import atmpipe_home
 
-EMBEDDED = "gemma-3-270m"
+EMBEDDED = EMBEDDED_MODEL
 SHORT_NAMES = {"gemma-2-2b": "google/gemma-2-2b"}
 DTYPES = {
     "float32": torch.float32,

@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from atmpipe import distributed
-from atmpipe.config import load_config, to_dict
+from atmpipe.config import TrainConfig, load_config, to_dict
 from atmpipe.device import resolve_device
 from atmpipe.errors import UserError
 from atmpipe.interrupt import Interrupts
@@ -40,39 +39,6 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
 DEAD_WINDOW_TOKENS = 10_000_000  # docs/methods.md: dead = not fired in the last 10M tokens, or the whole run
-
-
-@dataclass
-class TrainConfig:
-    store: str = ""
-    method: str = "atm"
-    layer: int | None = None  # default: the store's first layer
-    d_sae: int | None = None  # default: expansion × d_model
-    expansion: int = 8
-    # Shortcuts for the method hyper-parameters of the same name (see atmpipe/sae/<method>.py):
-    k: int | None = None
-    l1: float | None = None
-    target_l0: float | None = None
-    hparams: dict = field(default_factory=dict)  # any other method hyper-parameter
-    lr: float = 3e-4
-    batch_size: int = 4096
-    tokens: int = 20_000_000
-    seed: int = 0
-    warmup_steps: int = 1000  # linear lr warm-up, capped at warmup_frac of the run
-    warmup_frac: float = 0.1
-    decay_frac: float = 0.2  # linear lr decay to 0 over this last fraction of the steps
-    grad_clip: float = 1.0
-    adam_beta1: float | None = None  # default: the method's `adam_betas`
-    buffer_chunks: int = 32  # chunks mixed in the stream's shuffle buffer
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    out: str | None = None  # default runs/<store>-<method>
-    resume: bool = False
-    overwrite: bool = False
-    allow_partial: bool = False
-    skip_damaged: bool = False
-    compile: bool = False
-    device: str = "auto"
 
 
 class TrainingInterrupted(UserError):
@@ -111,25 +77,6 @@ def _saved_run(cfg: TrainConfig) -> dict | None:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{file} is not valid JSON ({e}); pass --overwrite to start the run again") from None
-
-
-def validate(cfg: TrainConfig) -> None:
-    if cfg.method not in SAE_METHODS:
-        raise UserError(f"unknown method {cfg.method!r}; known methods: {', '.join(sorted(SAE_METHODS))}")
-    for name in ("lr", "batch_size", "tokens", "expansion", "checkpoint_every", "log_every", "grad_clip"):
-        value = getattr(cfg, name)
-        if not value > 0:
-            raise UserError(f"{name} must be positive, got {value}; pass --{name.replace('_', '-')} > 0")
-    if not cfg.lr < 1:  # Adam's first step moves every weight by ~lr: at 1 or more it overflows, not learns
-        raise UserError(
-            f"lr {cfg.lr} is too large for Adam (SAEs train at 1e-4 to 1e-3); pass e.g. --lr 3e-4"
-        )
-    if cfg.d_sae is not None and cfg.d_sae <= 0:
-        raise UserError(f"d_sae must be positive, got {cfg.d_sae}; pass e.g. --d-sae 5120 or --expansion 8")
-    if cfg.l1 is not None and not cfg.l1 > 0:
-        raise UserError(f"l1 must be positive, got {cfg.l1}; pass e.g. --l1 5")
-    if cfg.resume and cfg.overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pass one of them")
 
 
 def method_hparams(cfg: TrainConfig, total_tokens: int) -> dict:
@@ -370,7 +317,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     console = console or Console(stderr=True)
     if not world.is_main:
         console = Console(stderr=True, quiet=True)
-    validate(cfg)
+    cfg.validate()
     out = Path(cfg.out or default_out(cfg.store, cfg.method))
     require_writable(out)  # an unwritable --out fails now, not once the store is open and streaming
     store = open_store(cfg.store)

@@ -165,7 +165,7 @@ def test_a_metric_is_one_class_and_one_registry_line(runs, tmp_path, monkeypatch
 
 
 def test_eval_flags_mirror_the_metric_options():
-    """Until the CLI is generated from them, the eval flags and their help equal the config's fields."""
+    """The eval flags and their help are the config's fields (the CLI is generated from them)."""
     command = typer.main.get_command(app).commands["eval"]
     flags = {p.name: p.help for p in command.params if p.name != "config"}
     assert flags == {f.name: f.metadata["help"] for f in dataclasses.fields(EvalConfig)}

@@ -10,12 +10,14 @@ import importlib.util
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import zstandard
 
 from atmpipe.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ def default_data_dir() -> Path:
 
 
 def read_dataset(stem: str, data_dir: Path | None = None) -> pd.DataFrame:
+    import pandas as pd  # here, not above: the eval flags are built from this package without pandas
+    import zstandard
+
     path = (data_dir or default_data_dir()) / f"{stem}.csv.zst"
     try:
         with open(path, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as reader:
@@ -93,6 +98,8 @@ def occupation_gender_table(data_dir: Path | None = None) -> pd.DataFrame:
     holds texts about people too; a text present in both names one person with both attributes. People
     who are positive for more than one occupation are dropped.
     """
+    import pandas as pd
+
     gender = read_dataset("56_wikidatasex_or_gender", data_dir)[["prompt", "target"]].drop_duplicates(
         "prompt"
     )

@@ -16,6 +16,9 @@ and, called in this order by the run (all optional but `compute` and `blocks`):
 4. `compute(ctx, sae)`: one SAE's results, a JSON-able dict (None: nothing to record for this SAE);
 5. `blocks(names, results, shared)`: its section of the report, a list of blocks (`("h2", text)`,
    `("p", text)`, `("table", header, rows)`, `("img", file name, caption, png bytes)`).
+
+`atmpipe` builds its eval flags from the metric modules at start-up, so a metric module imports its
+computations (torch, sklearn, the LM) inside the methods that use them, never at the top.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from atmpipe.options import option  # noqa: F401  (a metric option is any config option)
 
 
 @dataclass
@@ -58,11 +63,6 @@ class Metric:
 
     def blocks(self, names: list[str], results: dict, shared: dict) -> list[tuple]:
         raise NotImplementedError
-
-
-def option(default, help: str) -> Any:
-    """A metric option: its default and the help text its `atmpipe eval` flag shows."""
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def options_from(options_cls: type, config) -> Any:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from atmpipe.eval import absorption
 from atmpipe.eval.metric import Metric, option
 
 
@@ -32,6 +29,8 @@ class Absorption(Metric):
     ]
 
     def collect(self, ctx) -> None:
+        from atmpipe.eval import absorption
+
         self.acfg = absorption.AbsorptionConfig(
             words_per_letter=self.opts.absorption_words_per_letter,
             icl_examples=self.opts.absorption_icl,
@@ -62,6 +61,10 @@ class Absorption(Metric):
         }
 
         def compute():
+            import torch
+
+            from atmpipe.eval import absorption
+
             ds = absorption.first_letter_dataset(ctx.lm.tokenizer, acfg)
             phase = ctx.phase("absorption prompts (LM)", len(ds["words"]))
             acts = absorption.word_activations(
@@ -86,6 +89,8 @@ class Absorption(Metric):
         }
 
     def compute(self, ctx, sae) -> dict:
+        from atmpipe.eval import absorption
+
         i = self.inputs
         return absorption.absorption_metrics(
             sae.sae, i["acts_train"], i["y_train"], i["acts_test"], i["y_test"], self.acfg, self.probe

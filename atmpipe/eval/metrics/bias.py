@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atmpipe.errors import UserError
-from atmpipe.eval import bias, data
+from atmpipe.eval import data
 from atmpipe.eval.metric import Metric, option
 from atmpipe.eval.metrics.probing import TextOptions, text_inputs
 
@@ -30,6 +30,8 @@ class Bias(Metric):
             raise UserError(f"--bias-occupations needs two of {known}, got {got!r}")
 
     def prepare(self, ctx) -> None:
+        from atmpipe.eval import bias
+
         self.bias_cfg = bias.BiasConfig(
             occupation_a=self.occupations[0],
             occupation_b=self.occupations[-1],
@@ -45,6 +47,8 @@ class Bias(Metric):
         self.inputs = {k: v for k, v in self.data.items() if k != "texts"} | got
 
     def compute(self, ctx, sae) -> dict:
+        from atmpipe.eval import bias
+
         return bias.scr_metrics(sae.sae, self.inputs, self.bias_cfg)
 
     def blocks(self, names, results, shared) -> list[tuple]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from atmpipe.errors import UserError
-from atmpipe.eval import core
 from atmpipe.eval.metric import Metric, option
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Core(Metric):
         }
 
         def compute_base():
+            from atmpipe.eval import core
+
             phase = ctx.phase("splice baselines (LM)", self.windows.shape[0])
             return {}, core.baseline_losses(ctx.lm, ctx.layer, self.windows, self.special, phase)
 
@@ -65,6 +69,8 @@ class Core(Metric):
         }
 
     def compute(self, ctx, sae) -> dict:
+        from atmpipe.eval import core
+
         phase = ctx.phase(f"core · {sae.name}", self.windows.shape[0] + 1)
         rec = core.reconstruction_metrics(sae.sae, core_batches(ctx.store, ctx.layer, self.opts.core_tokens))
         phase()
@@ -93,6 +99,8 @@ class Core(Metric):
 
 def core_batches(store, layer: int, max_tokens: int, batch: int = 4096):
     """Held-out store activations with BOS removed, up to `max_tokens` rows."""
+    import torch
+
     split = store.split("eval")
     n = min(split.n_committed_tokens, max_tokens)
     for start in range(0, n, batch):
@@ -104,6 +112,8 @@ def core_batches(store, layer: int, max_tokens: int, batch: int = 4096):
 
 def splice_windows(store, n_windows: int) -> torch.Tensor:
     """The first `n_windows` whole context windows of the eval split's tokens."""
+    import torch
+
     split = store.split("eval")
     ctx = int(store.attrs["context_size"])
     n = min(n_windows, split.n_tokens // ctx)

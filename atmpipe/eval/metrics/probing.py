@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from atmpipe.errors import UserError
-from atmpipe.eval import data, probing
+from atmpipe.eval import data
 from atmpipe.eval.metric import Metric, option
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -57,6 +60,8 @@ class Probing(Metric):
         }
 
     def collect(self, ctx) -> None:
+        from atmpipe.eval import probing
+
         ctx.shared["probing_baselines"], self.task_data = {}, {}
         for t, sp in self.splits.items():
             texts = sp["train_texts"] + sp["test_texts"]
@@ -82,6 +87,8 @@ class Probing(Metric):
         }
 
     def compute(self, ctx, sae) -> dict:
+        from atmpipe.eval import probing
+
         per_task = {
             t: probing.sae_task_accuracies(sae.sae, td, seed=ctx.seed) for t, td in self.task_data.items()
         }
@@ -121,6 +128,8 @@ def text_inputs(ctx, kind: str, texts: list[str], context: int, key: dict) -> di
     """Each text's residual activations (ragged: `acts` rows and `offsets`), cached per model and layer."""
 
     def compute():
+        from atmpipe.eval import probing
+
         phase = ctx.phase(f"{kind} texts (LM)", len(texts))
         acts, offsets = probing.text_activations(
             ctx.lm, ctx.layer, texts, context, max(1, ctx.batch_size // 2), phase
@@ -134,6 +143,8 @@ def text_inputs(ctx, kind: str, texts: list[str], context: int, key: dict) -> di
 def split_ragged(
     acts: torch.Tensor, offsets: torch.Tensor, idx: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     rows = [acts[offsets[i] : offsets[i + 1]] for i in idx]
     new = torch.zeros(len(idx) + 1, dtype=torch.long)
     new[1:] = torch.cumsum(torch.tensor([r.shape[0] for r in rows]), 0)
@@ -142,6 +153,8 @@ def split_ragged(
 
 def summarise_probing(per_task: dict) -> dict:
     """Per-task accuracies plus their means over all tasks and over the sentiment tasks."""
+    from atmpipe.eval import probing
+
     out = {"per_task": per_task}
     for k in probing.K_VALUES:
         key = f"sae_top_{k}"

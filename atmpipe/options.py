@@ -1,0 +1,81 @@
+"""Each option written once: a config dataclass field holds its default and its help, and the CLI flag is
+generated from it.
+
+A field declared with `option(default, help)` is a flag of its stage's command and a key of its recipe; a
+field without help is a recipe key only. Flags default to None, so only a flag actually given overrides
+the recipe (`config.load_config`); a bool field is a switch (`--overwrite`) that only turns a setting on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
+           factory: Callable[[], Any] | None = None) -> Any:  # fmt: skip
+    """A config field that is also a flag: its default, the help its flag shows, and the flag's name when
+    it is not the field's (`layers` is `--layer`, repeatable)."""
+    metadata = {"help": help, **({"flag": flag} if flag else {})}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """The fields of `cls` that are flags, with their resolved types."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("help")]
+
+
+def _parameter(f: dataclasses.Field, kind: Any) -> inspect.Parameter:
+    import typer
+
+    name = f.metadata.get("flag", f.name)
+    dashed = "--" + name.replace("_", "-")
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    if kind is bool:
+        default = typer.Option(False, dashed, help=f.metadata["help"])
+    else:
+        default = typer.Option(... if required else None, dashed, help=f.metadata["help"])
+        kind = kind if required or _optional(kind) else kind | None
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+
+
+def _optional(kind: Any) -> bool:
+    return type(None) in typing.get_args(kind)
+
+
+def add_command(app, name: str, cls: type, run: Callable[..., None], doc: str,
+                recipe_help: str, extra: tuple[inspect.Parameter, ...] = ()) -> None:  # fmt: skip
+    """Add `atmpipe <name>`: a flag per option of `cls`, `--config` for a recipe, and `extra` parameters;
+    `run(config, overrides, **extra)` gets the recipe path, the given flags by field name, and the extras."""
+    import typer
+
+    fields = flag_fields(cls)
+    params = [_parameter(f, kind) for f, kind in fields]
+    params.append(
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Path | None,
+            default=typer.Option(None, help=recipe_help),
+        )
+    )
+    params += extra
+    extra_names = {p.name for p in extra}
+
+    def command(**values: Any) -> None:
+        overrides = {}
+        for f, kind in fields:
+            value = values[f.metadata.get("flag", f.name)]
+            overrides[f.name] = (value or None) if kind is bool or isinstance(value, list) else value
+        run(values["config"], overrides, **{k: values[k] for k in extra_names})
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = doc
+    app.command(name)(command)

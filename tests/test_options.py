@@ -1,0 +1,82 @@
+"""Each option written once: the harvest, train and eval flags are generated from their config dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import typer
+from typer.testing import CliRunner
+
+from atmpipe.cli import app
+from atmpipe.config import EvalConfig, HarvestConfig, TrainConfig
+from atmpipe.options import add_command, option
+
+# The flags atmpipe harvest and train had when they were written by hand: generating them keeps every one.
+HAND_WRITTEN = {
+    "harvest": "model layer dataset text_column tokens eval_tokens context_size batch_size seed dtype device "
+    "storage_dtype out overwrite config trust_remote_code",
+    "train": "store method config layer d_sae expansion k l1 target_l0 lr batch_size tokens seed checkpoint_every "
+    "out resume overwrite allow_partial skip_damaged compile device hparam",
+    "eval": "sae store model layer metrics out config device dtype seed batch_size core_tokens splice_windows "
+    "absorption_words_per_letter absorption_icl absorption_f1_gate absorption_min_letters probing_tasks "
+    "probing_train probing_test probing_context probing_data bias_occupations bias_people_per_cell "
+    "training_max_points",
+}
+
+
+def _params(command: str) -> dict:
+    return {p.name: p for p in typer.main.get_command(app).commands[command].params if p.name != "help"}
+
+
+def test_the_stage_flags_are_the_hand_written_ones_with_the_configs_help():
+    for command, cls in (("harvest", HarvestConfig), ("train", TrainConfig), ("eval", EvalConfig)):
+        params = _params(command)
+        assert set(params) == set(HAND_WRITTEN[command].split())
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag", f.name)
+            if f.metadata.get("help"):
+                assert params[flag].help == f.metadata["help"]
+                # a flag not given leaves the recipe's value (--sae has no default: it is required)
+                assert params[flag].default in (None, False) or params[flag].required
+            else:
+                assert flag not in params  # a recipe key only (e.g. shard_tokens, warmup_steps)
+
+
+@dataclass
+class Settings:
+    name: str = option("a", "The name.")
+    layers: list[int] = option(help="Layers (repeatable).", flag="layer", factory=list)
+    fast: bool = option(False, "Go fast.")
+    hidden: int = 3  # a recipe key only
+
+
+def _invoke(*args: str) -> tuple[int, list]:
+    seen = []
+    demo = typer.Typer()
+    add_command(demo, "go", Settings, lambda config, flags: seen.append((config, flags)), "Go.", "A recipe.")
+    add_command(demo, "other", Settings, lambda config, flags: None, "Other.", "A recipe.")
+    result = CliRunner().invoke(demo, ["go", *args])
+    return result.exit_code, seen
+
+
+def test_only_the_flags_given_override_the_recipe():
+    assert _invoke() == (0, [(None, {"name": None, "layers": None, "fast": None})])
+    code, seen = _invoke("--name", "b", "--layer", "1", "--layer", "2", "--fast", "--config", "r.toml")
+    assert code == 0 and str(seen[0][0]) == "r.toml"
+    assert seen[0][1] == {"name": "b", "layers": [1, 2], "fast": True}
+
+
+def test_a_field_without_help_is_no_flag():
+    code, seen = _invoke("--hidden", "4")
+    assert code == 2 and seen == []
+
+
+def test_building_the_command_line_imports_no_heavy_library():
+    """Every flag comes from the configs, yet `atmpipe` starts without torch, pandas or transformers."""
+    heavy = ("torch", "pandas", "sklearn", "transformers", "zarr", "matplotlib")
+    code = f"import sys, atmpipe.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
