@@ -16,6 +16,7 @@ import torch
 from conftest import SAMPLE_TEXT, tiny_model, tiny_tokenizer
 from inspect_helpers import CTX, LAYER, make_sae_dir, make_store, write_eval_result
 from reliability_helpers import assert_message, tree_digest
+from safetensors.torch import save_file
 from test_reliability_inputs import error_of, invoke
 
 from atmpipe.inspect import absorbed, extract, weights
@@ -215,6 +216,8 @@ def test_inspect_refuses_bad_inputs(world, tmp_path):
          "--top must be a positive number of latents (got 0); pass e.g. --top 200"),
         (["--sae", relu, *common, "--eval", tmp_path / "nope.json"],
          f"eval result {tmp_path / 'nope.json'} does not exist; pass a results.json written by `atmpipe eval`"),
+        (["--sae", relu, "--model", ckpt, "--out", out],
+         "no store given and the SAEs do not record theirs; pass --store PATH"),
         (["--sae", noname, "--store", store, "--out", out],
          "neither the SAEs nor the store name their model; pass --model"),
     ]  # fmt: skip
@@ -257,6 +260,16 @@ def test_inspect_refuses_a_model_that_does_not_fit(world, tmp_path):
     assert_message(
         error_of(result),
         f"SAE relu has width d_in=32 but model {wide} has d_model=48; pass the SAE's model with --model",
+    )
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    shutil.copy(world["ckpt"] / "config.json", headless / "config.json")
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.zeros(2, 2)}, headless / "model.safetensors")
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
+                    "--model", headless, "--out", tmp_path / "out")  # fmt: skip
+    assert_message(
+        error_of(result),
+        f"checkpoint {headless} holds no lm_head or embed_tokens tensor; pass the SAE's model with --model",
     )
     assert not (tmp_path / "out").exists()
 
@@ -334,3 +347,18 @@ def test_browser_in_chromium(world, tmp_path):
     finally:
         driver.quit()
     assert (tmp_path / "index.png").stat().st_size > 10_000
+
+
+def test_eval_report_links_to_the_browser(tmp_path):
+    """`atmpipe eval`'s report links to features/index.html when a browser was built beside it."""
+    from atmpipe.eval.report import write_report
+
+    run = {"model": "m", "model_config_hash": "h", "layer": 1, "store": "s", "metrics": [], "config": {}}
+    run["cache_dir"] = "c"
+    write_report(tmp_path / "plain", [], {}, {"sizes": {}}, run)
+    assert "features/index.html" not in (tmp_path / "plain" / "report.html").read_text()
+    (tmp_path / "with" / "features").mkdir(parents=True)
+    (tmp_path / "with" / "features" / "index.html").write_text("<html></html>")
+    write_report(tmp_path / "with", [], {}, {"sizes": {}}, run)
+    assert '<a href="features/index.html">Feature browser' in (tmp_path / "with" / "report.html").read_text()
+    assert "](features/index.html)" in (tmp_path / "with" / "report.md").read_text()

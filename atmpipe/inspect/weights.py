@@ -105,7 +105,15 @@ def nearest_latents(W_dec: torch.Tensor, k: int = N_NEIGHBOURS, chunk: int = 102
 
 
 def token_strings(ckpt: Path, ids: list[int]) -> dict[int, str]:
-    """Each token id decoded on its own (spaces kept; the page shows newlines and tabs as symbols)."""
+    """Each token id decoded on its own (spaces kept; the page shows newlines and tabs as symbols).
+
+    The fast `tokenizers` file when the checkpoint has one (a second, where transformers' wrapper takes
+    several); otherwise transformers' tokenizer."""
+    if (ckpt / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+        return {i: tok.decode([i], skip_special_tokens=False) for i in ids}
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
