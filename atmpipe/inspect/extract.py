@@ -61,14 +61,13 @@ class Firing:
         s, e = self.starts[j], self.starts[j + 1]
         return self.token[s:e], self.value[s:e]
 
-    def at(self, latents: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """Activation of latents[i] at token idx[i, ...] (0 where it does not fire)."""
-        keys = self.latent * self.n_tokens + self.token  # sorted, as the entries are
-        q = latents.reshape(-1, *([1] * (idx.ndim - 1))) * self.n_tokens + idx
-        pos = np.minimum(np.searchsorted(keys, q), max(len(keys) - 1, 0))
-        if len(keys) == 0:
+    def at(self, j: int, idx: np.ndarray) -> np.ndarray:
+        """Latent j's activation at held-out tokens idx (0 where it does not fire)."""
+        toks, vals = self.of(j)  # tokens ascending
+        if len(toks) == 0:
             return np.zeros(idx.shape, np.float32)
-        return np.where(keys[pos] == q, self.value[pos], 0.0).astype(np.float32)
+        pos = np.minimum(np.searchsorted(toks, idx), len(toks) - 1)
+        return np.where(toks[pos] == idx, vals[pos], 0.0).astype(np.float32)
 
 
 @torch.no_grad()
@@ -164,7 +163,7 @@ def contexts(fr: Firing, j: int, centres: np.ndarray, held: HeldOut, vmax: float
     if len(centres) == 0:
         return []
     idx, valid = windows(centres, held)
-    acts = fr.at(np.full(len(centres), j), idx)
+    acts = fr.at(j, idx)
     pct = np.rint(100 * acts / max(vmax, 1e-12)).astype(np.int64)
     out = []
     for r in range(len(centres)):

@@ -137,6 +137,7 @@ def build(cfg: InspectConfig) -> Path:
     out, saes, layer, store, selections, held, model, ckpt = check_inputs(cfg)
     U = weights.unembedding(ckpt)
     check_model(U, saes, held, model)
+    U_half = U.to(torch.bfloat16)  # once: the logit effects' product runs in bfloat16
     rng = np.random.default_rng(cfg.seed)
     index, used_tokens, token_view = [], set(held.tokens.tolist()), {}
     with progress_bar() as progress:
@@ -157,7 +158,7 @@ def build(cfg: InspectConfig) -> Path:
             nn = weights.nearest_latents(s.sae.W_dec.detach())
             detail_latents = np.arange(s.info["d_sae"]) if pages is None else np.array(pages)
             phase = Phase(progress, f"latent pages · {s.name}", len(detail_latents))
-            write_details(out, k, s.sae, fr, held, U, nn, detail_latents, rng, used_tokens, phase)
+            write_details(out, k, s.sae, fr, held, (U, U_half), nn, detail_latents, rng, used_tokens, phase)
             for t, latents in extract.token_latents(fr, held).items():
                 token_view.setdefault(t, [[] for _ in saes])[k] = latents
             atm = atm_stats(s)
@@ -181,14 +182,14 @@ def pages_of(selected, top: int | None, stats: dict, view: dict | None) -> list[
     return sorted(chosen)
 
 
-def write_details(out, k, sae, fr, held, U, nn, latents, rng, used_tokens: set, progress) -> None:
+def write_details(out, k, sae, fr, held, U: tuple, nn, latents, rng, used_tokens: set, progress) -> None:
     """Per chunk of latents: contexts, histogram, logit effects and neighbours, into data/s{k}c{c}.js."""
     chunks: dict[int, list[int]] = {}
     for j in latents.tolist():
         chunks.setdefault(j // page.CHUNK, []).append(j)
     W_dec = sae.W_dec.detach().float()
     for c, js in chunks.items():
-        effects = weights.logit_effects(W_dec[js], U)
+        effects = weights.logit_effects(W_dec[js], *U)
         data = {}
         for i, j in enumerate(js):
             d = extract.latent_detail(fr, j, held, rng)
