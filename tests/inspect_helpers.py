@@ -67,3 +67,28 @@ def write_eval_result(path: Path, names: list[str]) -> Path:
     results = {n: {"absorption": {"status": "ok", "per_letter": per_letter}} for n in names}
     path.write_text(json.dumps({"results": results}))
     return path
+
+
+def word_checkpoint(path: Path) -> Path:
+    """A tiny Gemma-3 whose tokenizer holds SAMPLE_TEXT's words whole (the first-letter task needs words)."""
+    from conftest import tiny_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(SAMPLE_TEXT, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = tiny_model("gemma3").config.to_dict() | {"vocab_size": len(fast)}
+    Gemma3ForCausalLM(Gemma3TextConfig(**config)).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SAMPLE_TEXT, tiny_model, tiny_tokenizer
-from inspect_helpers import CTX, LAYER, make_sae_dir, make_store, write_eval_result
+from inspect_helpers import CTX, LAYER, make_sae_dir, make_store, word_checkpoint, write_eval_result
 from reliability_helpers import assert_message, tree_digest
 from safetensors.torch import save_file
 from test_reliability_inputs import error_of, invoke
@@ -362,3 +362,20 @@ def test_eval_report_links_to_the_browser(tmp_path):
     write_report(tmp_path / "with", [], {}, {"sizes": {}}, run)
     assert '<a href="features/index.html">Feature browser' in (tmp_path / "with" / "report.html").read_text()
     assert "](features/index.html)" in (tmp_path / "with" / "report.md").read_text()
+
+
+def test_absorption_on_request_runs_the_first_letter_task(world, tmp_path, monkeypatch):
+    """`--absorption` loads the model, runs the first-letter prompts (cached under $ATMPIPE_HOME as the
+    eval caches them) and records, per SAE, each absorption word's strongest latents."""
+    monkeypatch.setenv("ATMPIPE_HOME", str(tmp_path / "home"))
+    out, ckpt = tmp_path / "features", word_checkpoint(tmp_path / "model")
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
+                    "--model", ckpt, "--absorption", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "data" / "index.js").read_text().removeprefix("ATM.index=").rstrip(";\n"))
+    view = index["saes"][0]["absorption"]
+    assert view["source"].startswith("computed by atmpipe inspect --absorption")
+    compare = json.loads((out / "data" / "compare.js").read_text().split(",", 1)[1].removesuffix(");\n"))
+    words = compare["words"]
+    assert words and all(len(per_sae) == 1 for per_sae in words.values())
+    assert list((tmp_path / "home" / "eval-cache").glob("*/absorption-*.safetensors"))
