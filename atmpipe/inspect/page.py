@@ -18,7 +18,7 @@ from atmpipe.inspect.extract import DENSE_DENSITY
 
 TEMPLATE = Path(__file__).with_name("page.html")
 CHUNK = 64  # latents per lazily loaded data file
-INDEX_ROWS = 600  # index rows drawn at once (search and sort cover every latent)
+INDEX_ROWS = 300  # index rows drawn at once (search and sort cover every latent; "show more" adds rows)
 DUP_COS = 0.9  # decoder cosine above which a pair of latents is flagged as possible duplicates
 
 
