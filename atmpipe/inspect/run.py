@@ -97,32 +97,7 @@ def eval_result(cfg: InspectConfig, out: Path) -> Path | None:
 def absorption_data(cfg, saes, layer: int, model: str, out: Path, progress) -> tuple[list, dict | None]:
     """Per SAE the absorption view's data (or None), and the absorption words' latents per SAE."""
     if cfg.absorption:
-        from atmpipe.eval.absorption import ground_truth_probe
-        from atmpipe.eval.cache import ActivationCache
-        from atmpipe.eval.run import EvalConfig, absorption_config, absorption_inputs
-        from atmpipe.lm import load_lm
-
-        lm = load_lm(model)
-        ecfg = EvalConfig(sae=cfg.sae, seed=cfg.seed)  # the eval's defaults: its cached prompts are reused
-        inputs = absorption_inputs(lm, layer, ecfg, ActivationCache(lm.config_hash, layer), progress)
-        words = np.array(inputs["words"])
-        inputs["words_test"] = words[inputs["is_test"]].tolist()
-        acfg = absorption_config(ecfg)
-        probe = ground_truth_probe(
-            inputs["acts_train"], inputs["y_train"], inputs["acts_test"], inputs["y_test"]
-        )
-        acts_all = np.concatenate([inputs["acts_train"], inputs["acts_test"]])
-        words_all = words[~inputs["is_test"]].tolist() + inputs["words_test"]
-        source = f"computed by atmpipe inspect --absorption ({len(words)} words, probe gate F1 > {acfg.probe_f1_gate})"
-        views, per_word = [], {}
-        phase = Phase(progress, "absorption · SAEs", len(saes))
-        for k, s in enumerate(saes):
-            records = absorbed.compute(s.sae, inputs, probe, acfg)
-            views.append({"source": source, "letters": {c: r.to_json() for c, r in sorted(records.items())}})
-            for w, latents in absorbed.word_latents(s.sae, acts_all, words_all).items():
-                per_word.setdefault(w, [[] for _ in saes])[k] = latents
-            phase()
-        return views, per_word
+        return computed_absorption(cfg, saes, layer, model, progress)
     path = eval_result(cfg, out)
     views = []
     for s in saes:
@@ -130,6 +105,45 @@ def absorption_data(cfg, saes, layer: int, model: str, out: Path, progress) -> t
         letters = {c: r.to_json() for c, r in sorted(records.items())} if records else None
         views.append({"source": f"read from {path}", "letters": letters} if letters else None)
     return views, None
+
+
+def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[list, dict]:
+    """Run the eval's absorption plug-in (its options' defaults, its cache: after `atmpipe eval` the prompts
+    are not run again), then each SAE's per-letter records and each absorption word's latents."""
+    from atmpipe.eval.cache import ActivationCache
+    from atmpipe.eval.metrics import REGISTRY
+    from atmpipe.eval.run import Context, EvalConfig
+    from atmpipe.lm import load_lm
+
+    class Recording(Context):  # keeps the cached task tensors: the words' train/test split is one of them
+        def cached(self, kind, key, compute):
+            self.task = super().cached(kind, key, compute)
+            return self.task
+
+    lm = load_lm(model)
+    ecfg = EvalConfig(sae=cfg.sae, seed=cfg.seed)
+    metric = REGISTRY["absorption"].from_config(ecfg)
+    ctx = Recording(ecfg, saes, layer, lm=lm, cache=ActivationCache(lm.config_hash, layer), progress=progress)
+    metric.collect(ctx)
+    inputs, acfg = metric.inputs, metric.acfg
+    is_test = ctx.task[0]["is_test"].numpy().astype(bool)
+    words = np.array(inputs["words"])
+    inputs["words_test"] = words[is_test].tolist()
+    probe = metric.probe
+    acts_all = np.concatenate([inputs["acts_train"], inputs["acts_test"]])
+    words_all = words[~is_test].tolist() + inputs["words_test"]
+    source = (
+        f"computed by atmpipe inspect --absorption ({len(words)} words, probe F1 gate {acfg.probe_f1_gate})"
+    )
+    views, per_word = [], {}
+    phase = Phase(progress, "absorption · SAEs", len(saes))
+    for k, s in enumerate(saes):
+        records = absorbed.compute(s.sae, inputs, probe, acfg)
+        views.append({"source": source, "letters": {c: r.to_json() for c, r in sorted(records.items())}})
+        for w, latents in absorbed.word_latents(s.sae, acts_all, words_all).items():
+            per_word.setdefault(w, [[] for _ in saes])[k] = latents
+        phase()
+    return views, per_word
 
 
 def build(cfg: InspectConfig) -> Path:
