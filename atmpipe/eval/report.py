@@ -177,6 +177,8 @@ def render_markdown(blocks) -> str:
             out += ["| " + " | ".join(row) + " |" for row in esc[1:]]
         elif kind == "img":
             out.append(f"![{b[2]}]({b[1]})")
+        elif kind == "link":
+            out.append(f"[{b[2]}]({b[1]})")
         out.append("")
     return "\n".join(out)
 
@@ -201,6 +203,8 @@ def render_html(blocks) -> str:
                 f'<figure><img alt="{html.escape(b[2])}" src="data:image/png;base64,{data}">'
                 f"<figcaption>{html.escape(b[2])}</figcaption></figure>"
             )
+        elif kind == "link":
+            body.append(f'<p><a href="{html.escape(b[1])}">{html.escape(b[2])}</a></p>')
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
@@ -224,9 +228,16 @@ def _jsonable(o):
     return o
 
 
+BROWSER = "features/index.html"  # where `atmpipe inspect` writes beside a report
+
+
 def write_report(out: Path, saes, results: dict, shared: dict, run: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     blocks = build_blocks(saes, results, shared, run)
+    if (out / BROWSER).is_file():  # `atmpipe inspect --out <this report>/features` was run
+        blocks.insert(
+            2, ("link", BROWSER, "Feature browser: each latent's contexts, logit effects and absorption")
+        )
     for b in blocks:
         if b[0] == "img":
             (out / b[1]).write_bytes(b[3])

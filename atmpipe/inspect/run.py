@@ -1,0 +1,231 @@
+"""The inspect stage: check the inputs, extract what each latent's page shows, write the browser.
+
+Everything comes from the store's held-out split and the SAEs' weights; the model contributes only its
+tied unembedding and tokenizer. The LM runs only for `--absorption`, and then only on the first-letter
+prompts, which `atmpipe eval` has usually cached already.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atmpipe.errors import UserError
+from atmpipe.eval.run import Phase, agreed, check_out, console, load_saes, open_eval_store, progress_bar
+from atmpipe.inspect import absorbed, extract, page, weights
+from atmpipe.inspect.config import InspectConfig
+
+
+def parse_latents(spec: str | None, top: int | None, d_sae: int, name: str) -> list[int] | None:
+    """The latents given a page in one SAE (None: every latent)."""
+    if spec is not None and top is not None:
+        raise UserError("--latents and --top were both given; pass one of them")
+    if top is not None and top <= 0:
+        raise UserError(f"--top must be a positive number of latents (got {top}); pass e.g. --top 200")
+    if spec is None:
+        return None
+    try:
+        chosen = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError:
+        raise UserError(
+            f"--latents {spec!r} is not a comma list of latent numbers; pass e.g. --latents 12,407"
+        ) from None
+    bad = [j for j in chosen if not 0 <= j < d_sae]
+    if bad or not chosen:
+        raise UserError(
+            f"unknown latent {', '.join(map(str, bad)) or '(none)'} for SAE {name}, which has latents "
+            f"0-{d_sae - 1}; pass latent numbers below {d_sae}"
+        )
+    return chosen
+
+
+def check_inputs(cfg: InspectConfig):
+    """SAEs, store, model checkpoint and page selections, all refused before anything is written."""
+    out = Path(cfg.out)
+    check_out(out)
+    saes = load_saes(cfg.sae)
+    layer = agreed(saes, "layer", None, "layer")
+    store = open_eval_store(cfg, saes, layer)
+    if store is None:
+        raise UserError("no store given and the SAEs do not record theirs; pass --store PATH")
+    layer = store.layers[0] if layer is None else layer
+    selections = [parse_latents(cfg.latents, cfg.top, s.info["d_sae"], s.name) for s in saes]
+    held = extract.read_held_out(store, cfg.max_tokens)
+    if held.n_scored == 0:
+        raise UserError(
+            f"store {store.path} has no held-out tokens to inspect (its eval split is empty); "
+            "harvest it with --eval-tokens above 0"
+        )
+    model = cfg.model or agreed(saes, "model_name", None, "model") or store.attrs["model"]["name"]
+    if model in (None, "", "synthetic"):
+        raise UserError("neither the SAEs nor the store name their model; pass --model")
+    ckpt = weights.checkpoint_dir(model)
+    return out, saes, layer, store, selections, held, model, ckpt
+
+
+def check_model(U: torch.Tensor, saes, held, model: str) -> None:
+    if int(held.tokens.max()) >= U.shape[0]:
+        raise UserError(
+            f"the store holds token id {int(held.tokens.max())} but model {model} has {U.shape[0]} tokens; "
+            "pass the store's model with --model"
+        )
+    for s in saes:
+        if s.info["d_in"] != U.shape[1]:
+            raise UserError(
+                f"SAE {s.name} has width d_in={s.info['d_in']} but model {model} has d_model={U.shape[1]}; "
+                "pass the SAE's model with --model"
+            )
+
+
+def eval_result(cfg: InspectConfig, out: Path) -> Path | None:
+    if cfg.eval is not None:
+        path = Path(cfg.eval)
+        path = path / "results.json" if path.is_dir() else path
+        if not path.is_file():
+            raise UserError(
+                f"eval result {path} does not exist; pass a results.json written by `atmpipe eval`"
+            )
+        return path
+    beside = out.parent / "results.json"
+    return beside if beside.is_file() else None
+
+
+def absorption_data(cfg, saes, layer: int, model: str, out: Path, progress) -> tuple[list, dict | None]:
+    """Per SAE the absorption view's data (or None), and the absorption words' latents per SAE."""
+    if cfg.absorption:
+        return computed_absorption(cfg, saes, layer, model, progress)
+    path = eval_result(cfg, out)
+    views = []
+    for s in saes:
+        records = absorbed.from_eval_results(path, s.name) if path else None
+        letters = {c: r.to_json() for c, r in sorted(records.items())} if records else None
+        views.append({"source": f"read from {path}", "letters": letters} if letters else None)
+    return views, None
+
+
+def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[list, dict]:
+    """Run the eval's absorption plug-in (its options' defaults, its cache: after `atmpipe eval` the prompts
+    are not run again), then each SAE's per-letter records and each absorption word's latents."""
+    from atmpipe.eval.cache import ActivationCache
+    from atmpipe.eval.metrics import REGISTRY
+    from atmpipe.eval.run import Context, EvalConfig
+    from atmpipe.lm import load_lm
+
+    class Recording(Context):  # keeps the cached task tensors: the words' train/test split is one of them
+        def cached(self, kind, key, compute):
+            self.task = super().cached(kind, key, compute)
+            return self.task
+
+    lm = load_lm(model)
+    ecfg = EvalConfig(sae=cfg.sae, seed=cfg.seed)
+    metric = REGISTRY["absorption"].from_config(ecfg)
+    ctx = Recording(ecfg, saes, layer, lm=lm, cache=ActivationCache(lm.config_hash, layer), progress=progress)
+    metric.collect(ctx)
+    inputs, acfg = metric.inputs, metric.acfg
+    is_test = ctx.task[0]["is_test"].numpy().astype(bool)
+    words = np.array(inputs["words"])
+    inputs["words_test"] = words[is_test].tolist()
+    probe = metric.probe
+    acts_all = np.concatenate([inputs["acts_train"], inputs["acts_test"]])
+    words_all = words[~is_test].tolist() + inputs["words_test"]
+    source = (
+        f"computed by atmpipe inspect --absorption ({len(words)} words, probe F1 gate {acfg.probe_f1_gate})"
+    )
+    views, per_word = [], {}
+    phase = Phase(progress, "absorption · SAEs", len(saes))
+    for k, s in enumerate(saes):
+        records = absorbed.compute(s.sae, inputs, probe, acfg)
+        views.append({"source": source, "letters": {c: r.to_json() for c, r in sorted(records.items())}})
+        for w, latents in absorbed.word_latents(s.sae, acts_all, words_all).items():
+            per_word.setdefault(w, [[] for _ in saes])[k] = latents
+        phase()
+    return views, per_word
+
+
+def build(cfg: InspectConfig) -> Path:
+    started = time.monotonic()
+    out, saes, layer, store, selections, held, model, ckpt = check_inputs(cfg)
+    U = weights.unembedding(ckpt)
+    check_model(U, saes, held, model)
+    U_half = U.to(torch.bfloat16)  # once: the logit effects' product runs in bfloat16
+    rng = np.random.default_rng(cfg.seed)
+    index, used_tokens, token_view = [], set(held.tokens.tolist()), {}
+    with progress_bar() as progress:
+        views, word_view = absorption_data(cfg, saes, layer, model, out, progress)
+        firings = extract.encode_held_out(
+            [s.sae for s in saes],
+            store,
+            layer,
+            held,
+            progress=Phase(progress, "encode held-out tokens", held.n),
+        )
+        if (out / "data").is_dir() and (out / "index.html").is_file():
+            shutil.rmtree(out / "data")  # a browser built here before: its chunks must not outlive it
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        for k, (s, fr) in enumerate(zip(saes, firings, strict=True)):
+            stats = extract.latent_stats(fr, held)
+            pages = pages_of(selections[k], cfg.top, stats, views[k])
+            nn = weights.nearest_latents(s.sae.W_dec.detach())
+            detail_latents = np.arange(s.info["d_sae"]) if pages is None else np.array(pages)
+            phase = Phase(progress, f"latent pages · {s.name}", len(detail_latents))
+            write_details(out, k, s.sae, fr, held, (U, U_half), nn, detail_latents, rng, used_tokens, phase)
+            for t, latents in extract.token_latents(fr, held).items():
+                token_view.setdefault(t, [[] for _ in saes])[k] = latents
+            atm = atm_stats(s)
+            index.append(page.sae_index_entry(s.name, s.sae, stats, nn, atm, pages, views[k]))
+    vocab = weights.token_strings(ckpt, sorted(used_tokens))
+    page.write_js(out / "data" / "compare.js", "compare", {"tokens": token_view, "words": word_view})
+    title = f"atmpipe feature browser · {', '.join(s.name for s in saes)} · {model} layer {layer}"
+    meta = page.index_meta(title, held.n_scored, atm_stat_names(), vocab)
+    page.write_index(out, meta | {"saes": index})  # index.html last: its presence marks a whole browser
+    console.print(f"feature browser written to {out / 'index.html'} in {time.monotonic() - started:.0f} s")
+    return out / "index.html"
+
+
+def pages_of(selected, top: int | None, stats: dict, view: dict | None) -> list[int] | None:
+    """Latents with a page: all (None), the chosen ones, or the `top` densest, plus absorption's latents."""
+    if selected is None and top is None:
+        return None
+    chosen = set(selected or np.argsort(-stats["density"], kind="stable")[:top].tolist())
+    for rec in (view or {}).get("letters", {}).values():
+        chosen |= set(rec["main"]) | {j for j, _ in rec["absorbers"]}
+    return sorted(chosen)
+
+
+def write_details(out, k, sae, fr, held, U: tuple, nn, latents, rng, used_tokens: set, progress) -> None:
+    """Per chunk of latents: contexts, histogram, logit effects and neighbours, into data/s{k}c{c}.js."""
+    chunks: dict[int, list[int]] = {}
+    for j in latents.tolist():
+        chunks.setdefault(j // page.CHUNK, []).append(j)
+    W_dec = sae.W_dec.detach().float()
+    for c, js in chunks.items():
+        effects = weights.logit_effects(W_dec[js], *U)
+        data = {}
+        for i, j in enumerate(js):
+            d = extract.latent_detail(fr, j, held, rng)
+            d["pos_ids"], d["neg_ids"] = effects["pos_ids"][i].tolist(), effects["neg_ids"][i].tolist()
+            d["pos"], d["neg"] = page.sig(effects["pos"][i]), page.sig(effects["neg"][i])
+            d["nn"] = [[int(a), round(float(b), 4)] for a, b in zip(nn[0][j], nn[1][j], strict=True)]
+            used_tokens.update(d["pos_ids"] + d["neg_ids"])
+            data[j] = d
+        page.write_js(out / "data" / f"s{k}c{c}.js", f"s{k}c{c}", data)
+        progress(len(js))
+
+
+def atm_stat_names() -> tuple:
+    from atmpipe.sae.atm import STAT_NAMES
+
+    return STAT_NAMES
+
+
+def atm_stats(s) -> dict | None:
+    """An ATM SAE's final M, F, R, I and p (None for other methods, or when the SAE was saved without)."""
+    from atmpipe.sae.atm import STAT_NAMES, STATS_FILE
+
+    if s.info["method"] != "atm" or not (s.path / STATS_FILE).exists():
+        return None
+    return {name: getattr(s.sae, f"atm_{name}").detach().cpu().numpy() for name in STAT_NAMES}

@@ -1,0 +1,381 @@
+"""`atmpipe inspect`: extraction against brute force, logit effects against the full model's own weights,
+absorption records against the absorption metric, the bad inputs' one-line errors, and the written
+browser loaded from file:// in a real headless Chromium (Debian's chromium + chromedriver, via selenium).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE_TEXT, tiny_model, tiny_tokenizer
+from inspect_helpers import CTX, LAYER, make_sae_dir, make_store, word_checkpoint, write_eval_result
+from reliability_helpers import assert_message, tree_digest
+from safetensors.torch import save_file
+from test_reliability_inputs import error_of, invoke
+
+from atmpipe.inspect import absorbed, extract, weights
+from atmpipe.sae import SAE
+from atmpipe.store import write_arrays_store
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A tiny Gemma-3 checkpoint, a store of its tokens, a ReLU and an ATM SAE, an eval result."""
+    root = tmp_path_factory.mktemp("inspect")
+    ckpt = root / "model"
+    tiny_model("gemma3").save_pretrained(ckpt)
+    tiny_tokenizer(SAMPLE_TEXT).save_pretrained(ckpt)
+    store = make_store(root / "s.zarr")
+    saes = {m: make_sae_dir(root / m, m, str(ckpt), seed=i) for i, m in enumerate(("relu", "atm"))}
+    return {"root": root, "ckpt": ckpt, "store": store, "saes": saes}
+
+
+# --- extraction -----------------------------------------------------------------------------------
+
+
+def test_top_contexts_and_stats_equal_a_brute_force_recomputation(world):
+    store, sae = world["store"], SAE.load(world["saes"]["relu"]).eval()
+    held = extract.read_held_out(store, 10**9)
+    (fr,) = extract.encode_held_out([sae], store, LAYER, held, batch=300)  # batches across windows
+    with torch.no_grad():
+        F = sae.encode(torch.from_numpy(store.read_acts("eval", LAYER))).numpy()
+    F[held.bos] = 0
+    stats = extract.latent_stats(fr, held)
+    n = (~held.bos).sum()
+    for j in range(F.shape[1]):
+        col = F[:, j]
+        order = np.lexsort((np.arange(len(col)), -col))
+        expected = [i for i in order[: extract.N_TOP] if col[i] > 0]
+        assert extract.top_token_indices(fr, j).tolist() == expected
+        assert np.isclose(stats["density"][j], (col > 0).sum() / n)
+        assert np.isclose(stats["max"][j], col.max())
+        assert np.isclose(stats["mean"][j], col[col > 0].mean() if (col > 0).any() else 0.0)
+        mass: dict[int, float] = {}
+        for i in np.flatnonzero(col > 0):
+            mass[int(held.tokens[i])] = mass.get(int(held.tokens[i]), 0.0) + float(col[i])
+        if mass:
+            best = max(mass.values())
+            assert np.isclose(mass[int(stats["top_token"][j])], best, rtol=1e-5)
+        detail = extract.latent_detail(fr, j, held, np.random.default_rng(0))
+        for (ids, pct, centre, value), i in zip(detail["top"], expected, strict=True):
+            start = i - held.positions[i]  # the context window's first token
+            lo, hi = max(start, i - extract.HALF_WINDOW), min(start + CTX - 1, i + extract.HALF_WINDOW)
+            assert ids == held.tokens[lo : hi + 1].tolist() and centre == i - lo
+            assert np.isclose(value, col[i], atol=1e-4)
+            assert pct == np.rint(100 * col[lo : hi + 1] / col.max()).astype(int).tolist()
+    assert int(stats["dead"].sum()) == int((F.max(0) <= 0).sum())
+
+
+def test_random_contexts_cover_the_activation_range(world):
+    store, sae = world["store"], SAE.load(world["saes"]["relu"]).eval()
+    held = extract.read_held_out(store, 10**9)
+    (fr,) = extract.encode_held_out([sae], store, LAYER, held)
+    j = int(np.argmax(np.diff(fr.starts)))  # the most often firing latent
+    toks, vals = fr.of(j)
+    top = extract.top_token_indices(fr, j)
+    picked = extract.random_token_indices(fr, j, np.random.default_rng(0), top)
+    assert len(picked) == 3 * extract.N_RANDOM_PER_BAND and not set(picked) & set(top)
+    rest = np.sort(vals[~np.isin(toks, top)])
+    thirds = np.array_split(rest, 3)
+    got = [vals[toks == i][0] for i in picked]
+    for band in range(3):
+        assert all(thirds[band][0] <= v <= thirds[band][-1] for v in got[2 * band : 2 * band + 2])
+
+
+# --- weights --------------------------------------------------------------------------------------
+
+
+def test_logit_effects_equal_decoder_times_unembedding(world):
+    """Against the full model loaded by transformers: its lm_head times its final norm's (1 + weight)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(world["ckpt"]).eval()
+    with torch.no_grad():
+        model.model.norm.weight.normal_()  # a non-trivial gain (a fresh model's is zero: a gain of one)
+        model.save_pretrained(world["root"] / "model-gain")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (world["ckpt"] / f).exists():
+            shutil.copy(world["ckpt"] / f, world["root"] / "model-gain" / f)
+    U_ref = (model.lm_head.weight * (1 + model.model.norm.weight)).detach()
+    U = weights.unembedding(world["root"] / "model-gain")
+    assert torch.allclose(U, U_ref, atol=1e-6)
+    W_dec = SAE.load(world["saes"]["relu"]).W_dec.detach()
+    ref = W_dec @ U_ref.T
+    got = weights.logit_effects(W_dec, U, chunk=40)
+    top, bottom = ref.topk(weights.N_LOGITS, dim=1), (-ref).topk(weights.N_LOGITS, dim=1)
+    assert torch.equal(got["pos_ids"], top.indices) and torch.allclose(got["pos"], top.values, atol=1e-5)
+    assert torch.equal(got["neg_ids"], bottom.indices) and torch.allclose(
+        got["neg"], -bottom.values, atol=1e-5
+    )
+
+
+def test_nearest_latents_by_decoder_cosine(world):
+    W = SAE.load(world["saes"]["relu"]).W_dec.detach()
+    ids, cos = weights.nearest_latents(W, chunk=7)
+    Wn = W / W.norm(dim=1, keepdim=True)
+    C = Wn @ Wn.T
+    C.fill_diagonal_(-2)
+    ref = C.topk(weights.N_NEIGHBOURS, dim=1)
+    assert torch.allclose(cos, ref.values, atol=1e-6)
+    assert ids[0, 0] == 1 and ids[1, 0] == 0 and cos[0, 0] > 0.999  # the planted duplicate pair
+
+
+# --- absorption -----------------------------------------------------------------------------------
+
+
+def planted_absorption(seed: int = 0):
+    """Letters on orthogonal axes; a third of the A and B words also carry a word feature (axis 26). On
+    those A words a latent along A + feature fires instead of A's main latent: planted absorption. It
+    fires on those B words too, so it cannot sharpen A's probe (it is no split of A)."""
+    from atmpipe.sae import SAEConfig, make_sae
+
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(26), 30)
+    acts = 3 * np.eye(32)[y] + 0.3 * rng.normal(size=(len(y), 32))
+    absorbed_words = (y == 0) & (np.arange(len(y)) % 3 == 0)
+    acts[absorbed_words | ((y == 1) & (np.arange(len(y)) % 3 == 0)), 26] += 4
+    sae = make_sae(SAEConfig("relu", 32, 27))
+    with torch.no_grad():
+        W_enc, W_dec = torch.zeros(32, 27), torch.zeros(27, 32)
+        W_enc[:26, :26], W_dec[:26, :26] = torch.eye(26), torch.eye(26)
+        W_enc[26, 0] = -1.0  # A's main latent is silenced by the word feature...
+        W_enc[[0, 1, 26], 26] = 1.0  # ...and the absorber needs the feature and A or B
+        W_dec[26, [0, 26]] = 2**-0.5
+        b_enc = torch.full((27,), -1.0)
+        b_enc[26] = -4.0
+        sae.W_enc.copy_(W_enc), sae.W_dec.copy_(W_dec), sae.b_enc.copy_(b_enc), sae.b_dec.zero_()
+    words = np.array([f"{chr(97 + c)}word{i}" for i, c in enumerate(y)])
+    return sae.eval(), acts.astype(np.float32), y, words, absorbed_words
+
+
+def test_absorption_records_follow_the_absorption_metric():
+    """The record's main latents and absorption fraction are the metric's own; the planted absorber is
+    found, with exactly the planted words the metric counts."""
+    from atmpipe.eval.absorption import AbsorptionConfig, absorption_metrics, ground_truth_probe
+
+    sae, acts, y, words, planted = planted_absorption()
+    is_test = np.random.default_rng(1).random(len(y)) < 0.4
+    inputs = {"acts_train": acts[~is_test], "y_train": y[~is_test], "acts_test": acts[is_test]}
+    inputs |= {"y_test": y[is_test], "words_test": words[is_test].tolist()}
+    cfg = AbsorptionConfig(min_letters=1)
+    probe = ground_truth_probe(inputs["acts_train"], inputs["y_train"], inputs["acts_test"], inputs["y_test"])
+    args = [inputs[k] for k in ("acts_train", "y_train", "acts_test", "y_test")]
+    metric = absorption_metrics(sae, *args, cfg, probe)
+    records = absorbed.compute(sae, inputs, probe, cfg)
+    assert set(records) == set(metric["per_letter"]) and len(records) == 26
+    for letter, rec in records.items():
+        assert rec.main == metric["per_letter"][letter]["main_latents"]
+        assert np.isclose(rec.absorption_fraction, metric["per_letter"][letter]["absorption_fraction"])
+    assert records["a"].main == [0] and records["a"].absorption_fraction > 0
+    # the metric evaluates the words its ground-truth probe gets right: the planted ones among them
+    counted = words[is_test][planted[is_test] & (probe["pred_test"] == 0)].tolist()
+    assert len(counted) >= 2 and records["a"].absorbers == {26: counted}
+    assert all(not rec.absorbers for letter, rec in records.items() if letter != "a")
+
+
+# --- the stage and its errors ---------------------------------------------------------------------
+
+
+def test_inspect_refuses_bad_inputs(world, tmp_path):
+    relu, store, ckpt = world["saes"]["relu"], world["store"].path, world["ckpt"]
+    write_arrays_store(
+        tmp_path / "empty.zarr",
+        {"train": {"acts": np.zeros((256, 32), np.float32)}, "eval": {"acts": np.zeros((0, 32), np.float32)}},
+        layer=LAYER, chunk_tokens=128, shard_tokens=256,
+    )  # fmt: skip
+    noname = make_sae_dir(tmp_path / "noname", "relu", "")
+    wide_store = tmp_path / "wide.zarr"
+    write_arrays_store(
+        wide_store, {s: {"acts": np.zeros((256, 16), np.float32)} for s in ("train", "eval")}, layer=LAYER,
+        chunk_tokens=128, shard_tokens=256,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    common = ["--store", store, "--model", ckpt, "--out", out]
+    cases = [
+        (["--sae", relu, "--store", tmp_path / "empty.zarr", "--model", ckpt, "--out", out],
+         f"store {tmp_path / 'empty.zarr'} has no held-out tokens to inspect (its eval split is empty); "
+         "harvest it with --eval-tokens above 0"),
+        (["--sae", relu, "--store", wide_store, "--model", ckpt, "--out", out],
+         f"SAE relu has width d_in=32 but store {wide_store} has d_model=16; "
+         "pass the store the SAE was trained on (--store)"),
+        (["--sae", relu, *common, "--latents", "12,96"],
+         "unknown latent 96 for SAE relu, which has latents 0-95; pass latent numbers below 96"),
+        (["--sae", relu, *common, "--latents", "12,x"],
+         "--latents '12,x' is not a comma list of latent numbers; pass e.g. --latents 12,407"),
+        (["--sae", relu, *common, "--latents", "1", "--top", "5"],
+         "--latents and --top were both given; pass one of them"),
+        (["--sae", relu, *common, "--top", "0"],
+         "--top must be a positive number of latents (got 0); pass e.g. --top 200"),
+        (["--sae", relu, *common, "--eval", tmp_path / "nope.json"],
+         f"eval result {tmp_path / 'nope.json'} does not exist; pass a results.json written by `atmpipe eval`"),
+        (["--sae", relu, "--model", ckpt, "--out", out],
+         "no store given and the SAEs do not record theirs; pass --store PATH"),
+        (["--sae", noname, "--store", store, "--out", out],
+         "neither the SAEs nor the store name their model; pass --model"),
+    ]  # fmt: skip
+    (tmp_path / "bad.json").write_text("{not json")
+    cases.append(
+        (["--sae", relu, *common, "--eval", tmp_path / "bad.json"],
+         f"cannot read eval result {tmp_path / 'bad.json'} (Expecting property name enclosed in double quotes: "
+         "line 1 column 2 (char 1)); pass a results.json written by `atmpipe eval`")
+    )  # fmt: skip
+    before = tree_digest(tmp_path)
+    for args, expected in cases:
+        result = invoke("inspect", *args)
+        assert_message(error_of(result), expected)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert tree_digest(tmp_path) == before and not out.exists()
+
+
+def test_inspect_refuses_a_model_that_does_not_fit(world, tmp_path):
+    """The unembedding must cover the store's token ids and match the SAEs' width."""
+    small_vocab = tmp_path / "small"
+    model = tiny_model("gemma3")
+    model.resize_token_embeddings(100)
+    model.save_pretrained(small_vocab)
+    tiny_tokenizer(SAMPLE_TEXT).save_pretrained(small_vocab)
+    top = int(np.asarray(world["store"].split("eval").tokens[:]).max())
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
+                    "--model", small_vocab, "--out", tmp_path / "out")  # fmt: skip
+    assert_message(
+        error_of(result),
+        f"the store holds token id {top} but model {small_vocab} has 100 tokens; pass the store's model with --model",
+    )
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    wide = tmp_path / "wide"
+    cfg = tiny_model("gemma3").config.to_dict() | {"hidden_size": 48}
+    Gemma3ForCausalLM(Gemma3TextConfig(**cfg)).save_pretrained(wide)
+    tiny_tokenizer(SAMPLE_TEXT).save_pretrained(wide)
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
+                    "--model", wide, "--out", tmp_path / "out")  # fmt: skip
+    assert_message(
+        error_of(result),
+        f"SAE relu has width d_in=32 but model {wide} has d_model=48; pass the SAE's model with --model",
+    )
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    shutil.copy(world["ckpt"] / "config.json", headless / "config.json")
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.zeros(2, 2)}, headless / "model.safetensors")
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
+                    "--model", headless, "--out", tmp_path / "out")  # fmt: skip
+    assert_message(
+        error_of(result),
+        f"checkpoint {headless} holds no lm_head or embed_tokens tensor; pass the SAE's model with --model",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+# --- the page, in a real browser -------------------------------------------------------------------
+
+
+def chromium():
+    """Headless Debian Chromium under selenium's driver for it: no browser download, no network."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "Chromium is missing: `make test` installs it (apt)"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1400,900", f"--user-data-dir={tempfile.mkdtemp(prefix='atmpipe-chromium-')}"):  # fmt: skip
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+
+
+def wait_for(driver, css: str, timeout: float = 10.0):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
+    return driver.find_elements(By.CSS_SELECTOR, css)
+
+
+def test_browser_in_chromium(world, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    report = tmp_path / "report"
+    report.mkdir()
+    write_eval_result(report / "results.json", ["relu", "atm"])  # found beside --out
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--sae", world["saes"]["atm"],
+                    "--store", world["store"].path, "--model", world["ckpt"], "--out", report / "features")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    index = (report / "features" / "index.html").resolve()
+    data = json.loads(
+        (report / "features" / "data" / "index.js").read_text().removeprefix("ATM.index=").rstrip(";\n")
+    )
+    assert [s["name"] for s in data["saes"]] == ["relu", "atm"] and data["saes"][1]["atm"]["p"]
+    driver = chromium()
+    try:
+        driver.get(index.as_uri())
+        rows = wait_for(driver, "#index tr.latent-row")
+        assert len(rows) == 96 and "#" in rows[0].text
+        assert "duplicate?" in driver.find_element(By.ID, "index").text  # the planted pair
+        driver.find_element(By.CSS_SELECTOR, "#index th[data-k=latent]").click()
+        assert wait_for(driver, "#index tr.latent-row")[0].text.startswith("#0")
+        driver.save_screenshot(str(tmp_path / "index.png"))
+
+        j = int(np.argmax(data["saes"][0]["stats"]["density"]))
+        driver.get(index.as_uri() + f"#sae=0&latent={j}")
+        contexts = wait_for(driver, "tr.context")
+        assert len(contexts) > extract.N_TOP and driver.find_elements(By.CSS_SELECTOR, ".tok.max")
+        assert f"latent #{j}" in driver.find_element(By.ID, "latent-title").text
+        driver.save_screenshot(str(tmp_path / "latent.png"))
+
+        driver.get(index.as_uri() + "#sae=1&view=absorption")
+        links = wait_for(driver, "#absorption a[href*='latent=7']")
+        assert "short" in driver.find_element(By.ID, "absorption").text
+        links[0].click()
+        wait_for(driver, "#absorption-role")
+        assert "absorbed from S" in driver.find_element(By.ID, "absorption-role").text
+        driver.save_screenshot(str(tmp_path / "absorption.png"))
+
+        driver.get(index.as_uri() + "#view=compare&q=the")
+        assert len(wait_for(driver, "table.compare td")) == 2  # one column per SAE
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+        assert errors == [], errors
+    finally:
+        driver.quit()
+    assert (tmp_path / "index.png").stat().st_size > 10_000
+
+
+def test_eval_report_links_to_the_browser(tmp_path):
+    """`atmpipe eval`'s report links to features/index.html when a browser was built beside it."""
+    from atmpipe.eval.report import write_report
+
+    run = {"model": "m", "model_config_hash": "h", "layer": 1, "store": "s", "metrics": [], "config": {}}
+    run["cache_dir"] = "c"
+    write_report(tmp_path / "plain", [], {}, {"sizes": {}}, run)
+    assert "features/index.html" not in (tmp_path / "plain" / "report.html").read_text()
+    (tmp_path / "with" / "features").mkdir(parents=True)
+    (tmp_path / "with" / "features" / "index.html").write_text("<html></html>")
+    write_report(tmp_path / "with", [], {}, {"sizes": {}}, run)
+    assert '<a href="features/index.html">Feature browser' in (tmp_path / "with" / "report.html").read_text()
+    assert "](features/index.html)" in (tmp_path / "with" / "report.md").read_text()
+
+
+def test_absorption_on_request_runs_the_first_letter_task(world, tmp_path, monkeypatch):
+    """`--absorption` loads the model, runs the first-letter prompts (cached under $ATMPIPE_HOME as the
+    eval caches them) and records, per SAE, each absorption word's strongest latents."""
+    monkeypatch.setenv("ATMPIPE_HOME", str(tmp_path / "home"))
+    out, ckpt = tmp_path / "features", word_checkpoint(tmp_path / "model")
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
+                    "--model", ckpt, "--absorption", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "data" / "index.js").read_text().removeprefix("ATM.index=").rstrip(";\n"))
+    view = index["saes"][0]["absorption"]
+    assert view["source"].startswith("computed by atmpipe inspect --absorption")
+    compare = json.loads((out / "data" / "compare.js").read_text().split(",", 1)[1].removesuffix(");\n"))
+    words = compare["words"]
+    assert words and all(len(per_sae) == 1 for per_sae in words.values())
+    assert list((tmp_path / "home" / "eval-cache").glob("*/absorption-*.safetensors"))
