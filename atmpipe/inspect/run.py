@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from atmpipe.errors import UserError
-from atmpipe.eval.run import Phase, agreed, check_out, console, load_saes, open_eval_store, progress_bar
+from atmpipe.eval.run import Phase, agreed, check_out, console, load_saes, open_eval_store
 from atmpipe.inspect import absorbed, extract, page, weights
 from atmpipe.inspect.config import InspectConfig
+from atmpipe.progress import Progress
 
 
 def parse_latents(spec: str | None, top: int | None, d_sae: int, name: str) -> list[int] | None:
@@ -154,7 +155,7 @@ def build(cfg: InspectConfig) -> Path:
     U_half = U.to(torch.bfloat16)  # once: the logit effects' product runs in bfloat16
     rng = np.random.default_rng(cfg.seed)
     index, used_tokens, token_view = [], set(held.tokens.tolist()), {}
-    with progress_bar() as progress:
+    with Progress(console) as progress:
         views, word_view = absorption_data(cfg, saes, layer, model, out, progress)
         firings = extract.encode_held_out(
             [s.sae for s in saes],
