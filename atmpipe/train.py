@@ -30,7 +30,7 @@ from rich.progress import (
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from atmpipe import distributed
+from atmpipe import distributed, schedule
 from atmpipe.config import load_config, to_dict
 from atmpipe.errors import UserError
 from atmpipe.interrupt import Interrupts
@@ -45,7 +45,11 @@ RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
-DEAD_WINDOW_TOKENS = 10_000_000  # METHODS.md: dead = not fired in the last 10M tokens, or the whole run
+# Dead = not fired in the last 10M tokens, or the last 256 steps' worth, or a quarter of the run, whichever is
+# fewest: a window that closes within the run, so TopK's AuxK engages (its reference implementation counts
+# a few hundred steps), and the "dead" statistic means something in short runs.
+DEAD_WINDOW_TOKENS = 10_000_000
+DEAD_WINDOW_STEPS = 256
 
 
 @dataclass
@@ -159,8 +163,13 @@ def method_hparams(cfg: TrainConfig, d_sae: int, total_tokens: int) -> dict:
         if not 0 < k < d_sae:
             raise UserError(f"k must be between 1 and d_sae - 1 = {d_sae - 1}, got {k}; pass e.g. --k 64")
     if "dead_tokens" in params:
-        hparams.setdefault("dead_tokens", min(DEAD_WINDOW_TOKENS, total_tokens))
+        hparams.setdefault("dead_tokens", dead_window(cfg.batch_size, total_tokens))
     return hparams
+
+
+def dead_window(batch_size: int, total_tokens: int) -> int:
+    """Tokens without firing after which a latent counts as dead (and AuxK trains it)."""
+    return max(batch_size, min(DEAD_WINDOW_TOKENS, DEAD_WINDOW_STEPS * batch_size, total_tokens // 4))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -181,11 +190,9 @@ def resolve_device(name: str) -> torch.device:
 def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
     """Linear warm-up over `warmup` steps, constant, then linear decay to 0 over the last decay_frac."""
     decay_start = total - int(decay_frac * total)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step >= decay_start:
-        return (total - step) / (total - decay_start)
-    return 1.0
+    return min(
+        schedule.ramp(step + 1, 0, warmup), 1.0 - schedule.ramp(step, decay_start, total - decay_start)
+    )
 
 
 # --- store --------------------------------------------------------------------------------------
@@ -481,7 +488,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     if resumed:
         console.print(f"resuming {out} from {checkpoint.name} ({step * cfg.batch_size:,} tokens seen)")
 
-    warmup = max(1, min(cfg.warmup_steps, int(cfg.warmup_frac * total)))
+    warmup = max(1, schedule.warmup_length(cfg.warmup_steps, cfg.warmup_frac, total))
     forward = distributed.data_parallel(sae, world, device)
     forward = torch.compile(forward) if cfg.compile else forward
 
