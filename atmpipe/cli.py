@@ -123,7 +123,9 @@ def _parse_hparams(pairs: list[str] | None) -> dict:
 def train_command(
     store: str | None = typer.Option(None, help="Activation store written by `atmpipe harvest`."),
     method: str | None = typer.Option(None, help="relu | topk | jumprelu | atm (default atm)."),
-    config: Path | None = typer.Option(None, help="Recipe such as stages/train-atm.toml; flags override it."),
+    config: list[Path] | None = typer.Option(
+        None, help="Recipe such as stages/train-atm.toml; repeat to layer a sizes file; flags override it."
+    ),
     layer: int | None = typer.Option(None, help="Layer to train on (default: the store's first)."),
     d_sae: int | None = typer.Option(None, help="Number of latents (default: expansion × d_model)."),
     expansion: int | None = typer.Option(None, help="d_sae as a multiple of d_model (default 8)."),

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from atmpipe import distributed, schedule
-from atmpipe.config import load_config, to_dict
+from atmpipe.config import load_config, recipe_paths, to_dict
 from atmpipe.errors import UserError
 from atmpipe.interrupt import Interrupts
 from atmpipe.progress import Progress
@@ -83,6 +83,10 @@ class TrainConfig:
     skip_damaged: bool = False
     compile: bool = False
     device: str = "auto"
+    # What ran, recorded in the run: the recipe files in the order they were layered, and the flags and
+    # --hparam values given on top of them (set by load_train_config).
+    recipe: list = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)
 
 
 class TrainingInterrupted(UserError):
@@ -99,16 +103,22 @@ def default_out(store: str, method: str) -> Path:
 
 
 def load_train_config(
-    config: str | Path | None = None, hparams: dict | None = None, **flags: Any
+    config: str | Path | list | None = None, hparams: dict | None = None, **flags: Any
 ) -> TrainConfig:
-    """Recipe (TOML), then flags; with --resume the saved run's settings stand in for the recipe."""
-    cfg = load_config(TrainConfig, config, **flags)
+    """Recipe(s) (TOML, layered in order), then flags; with --resume the saved run's settings stand in for
+    the recipes. The recipe files and the overrides are recorded in the config (and so in the run)."""
+    recipes = recipe_paths(config)
+    cfg = load_config(TrainConfig, recipes, **flags)
+    given = {k: v for k, v in flags.items() if v is not None}
     saved = _saved_run(cfg) if cfg.resume else None
     if saved is not None:
         values = {k: v for k, v in saved["config"].items() if k not in ("resume", "overwrite")}
-        cfg = load_config(
-            TrainConfig, None, **{**values, **{k: v for k, v in flags.items() if v is not None}}
-        )
+        cfg = load_config(TrainConfig, None, **{**values, **given})
+    else:
+        cfg.recipe = [str(p) for p in recipes]
+        cfg.overrides = {k: v for k, v in given.items() if k not in ("resume", "overwrite")}
+        if hparams:
+            cfg.overrides["hparams"] = dict(hparams)
     cfg.hparams = {**cfg.hparams, **(hparams or {})}
     return cfg
 
