@@ -190,7 +190,7 @@ def eval_command(
     model: str | None = typer.Option(None, help="Model (default: the SAEs' model)."),
     layer: int | None = typer.Option(None, help="Layer (default: the SAEs' layer)."),
     metrics: str | None = typer.Option(
-        None, help="Comma list of core, absorption, probing, bias, training (default all)."
+        None, help="Comma list of core, absorption, probing, bias, training, masking (default all)."
     ),
     out: str | None = typer.Option(None, help="Report directory (default reports/eval)."),
     config: Path | None = typer.Option(None, help="TOML recipe of eval settings; flags override it."),
