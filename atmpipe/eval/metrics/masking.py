@@ -176,11 +176,12 @@ def _figure(masked: dict):
     from atmpipe.eval.report import FIG_DPI, FIG_SIZE  # imported here: the report imports the registry
 
     fig, (ax_i, ax_p) = plt.subplots(1, 2, figsize=FIG_SIZE, dpi=FIG_DPI)
-    for name, m in masked.items():
+    for i, (name, m) in enumerate(masked.items()):
+        color = f"C{i}"  # one colour per SAE: its histograms and its θ
         for ax, key in ((ax_i, "hist_log10_importance"), (ax_p, "hist_p")):
             h = m[key]
-            ax.stairs(h["counts"], h["edges"], label=name)
-        ax_i.axvline(math.log10(max(m["theta"], LOG_FLOOR)), linestyle="--", linewidth=0.8)
+            ax.stairs(h["counts"], h["edges"], label=name, color=color)
+        ax_i.axvline(math.log10(max(m["theta"], LOG_FLOOR)), linestyle="--", linewidth=0.8, color=color)
     ax_i.set(xlabel="log10 importance I (dashed: θ)", ylabel="latents", yscale="log")
     ax_p.set(xlabel="masking probability p", ylabel="latents", yscale="log")
     ax_p.legend(fontsize=8)
