@@ -250,7 +250,7 @@ def sync_state(sae: nn.Module, w: World, local_rows: int) -> None:
 
 
 def atm_update_across_ranks(kernel, w: World, f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max,
-                            combine, per_token):  # fmt: skip
+                            combine, per_token, log_threshold=False, uniform=False):  # fmt: skip
     """ATM's statistics step for the global batch, from this rank's rows, with the SAE's own kernel.
 
     The EMAs are linear in the batch means and every rank starts from the same M, F, R, ‖W_dec‖: so one
@@ -260,10 +260,11 @@ def atm_update_across_ranks(kernel, w: World, f, dec_norm, M, F_, R, recon_norm,
     global rows this rank holds (rank + world·i), so they are the 1-process masks.
     """
     recon_norm = w.mean_(recon_norm.clone())
-    stepped = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max, combine, per_token)
+    controls = (log_threshold, uniform)  # ATM's threshold and targeting options, passed through
+    stepped = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max, combine, per_token, *controls)
     M, F_, R = w.mean_(torch.stack(stepped[:3])).unbind(0)
     M, F_, R, imp, theta, p, keep = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, 1.0, c, p_max, combine,
-                                           per_token)  # fmt: skip
+                                           per_token, *controls)  # fmt: skip
     if per_token:
         rows = torch.arange(f.shape[0], device=f.device, dtype=torch.int64) * w.size + w.rank
         keep = (
