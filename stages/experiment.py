@@ -4,6 +4,7 @@ experiment.py table REPORT_DIR             the headline metrics per SAE, and whe
 experiment.py markdown REPORT_DIR          the same as a Markdown table (the README's)
 experiment.py label-demo REPORT_DIR        mark a report's every page as a demonstration
 experiment.py record RECORD_DIR OUT_DIR    commands, wall times, versions and hardware into OUT_DIR
+experiment.py masking REPORT_DIR           ATM's masking controls side by side (Markdown)
 """
 
 from __future__ import annotations
@@ -172,6 +173,38 @@ def record(record_dir: Path, out_dir: Path) -> None:
     )
 
 
+MASKING = [  # (column, metric section, key) of the masking-controls table
+    ("L0", "core", "l0"),
+    ("FVU", "core", "fvu"),
+    ("CE score", "core", "ce_loss_score"),
+    ("abs. frac.", "absorption", "mean_absorption_fraction"),
+    ("full abs.", "absorption", "mean_full_absorption"),
+    ("targeting index", "masking", "targeting_index"),
+    ("corr(p, F)", "masking", "corr_p_firing"),
+    ("effective masking rate", "masking", "effective_masking_rate"),
+    ("mean p", "masking", "mean_p"),
+    ("above θ", "masking", "frac_above_theta"),
+]
+
+
+def masking(report_dir: Path) -> None:
+    """ATM's masking controls as a Markdown table (stages/masking-controls.sh; the README's)."""
+    results = json.loads((report_dir / "results.json").read_text())["results"]
+    print("| SAE | " + " | ".join(c for c, _, _ in MASKING) + " |")
+    print("|" + "---|" * (len(MASKING) + 1))
+    for name, r in results.items():
+        print(f"| {name} | " + " | ".join(_value(r.get(sec), key) for _, sec, key in MASKING) + " |")
+    check = l0_check(results)
+    print(f"\nL0 matched within {L0_TOLERANCE:.0%} of the median: {check['matched']}")
+
+
 if __name__ == "__main__":
     verb, *args = sys.argv[1:]
-    {"table": table, "markdown": markdown, "label-demo": label_demo, "record": record}[verb](*map(Path, args))
+    verbs = {
+        "table": table,
+        "markdown": markdown,
+        "label-demo": label_demo,
+        "record": record,
+        "masking": masking,
+    }
+    verbs[verb](*map(Path, args))

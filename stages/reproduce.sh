@@ -13,9 +13,6 @@ source stages/lib.sh
 
 MODEL=${MODEL:-gemma-3-270m}
 LAYER=${LAYER:-9}
-TARGET_L0=${TARGET_L0:-64}               # the matched sparsity, within the paper's 40–80
-EXPANSION=${EXPANSION:-8}                # d_sae = 8 × d_model (5120 for gemma-3-270m, 18432 for gemma-2-2b)
-TRAIN_TOKENS=${TRAIN_TOKENS:-2097152}    # one pass over the 2^21-token store: 512 steps of 4096 (~11 min per SAE on 2 cores)
 STORAGE_DTYPE=${STORAGE_DTYPE:-float32}  # bfloat16 halves the store (2M × 2304 × 4 B = 19 GB for Gemma-2-2b)
 
 NAME=${MODEL##*/}-l$LAYER
@@ -24,41 +21,21 @@ RUNS=runs/reproduce/$NAME
 RECORD=$RUNS
 RESULTS=results/$NAME
 
-# The four methods from their stage recipes (stages/train-<method>.toml: the paper's settings), with what the
-# comparison fixes passed as flags: the store, width, tokens, seed (hence the same data order), and L0 —
-# TopK's k; for ReLU and ATM a λ controller, with λ starting near its equilibrium (0.7) and ramped in over
-# 25% of the steps before the controller (rate 0.02) takes over (the recipes' λ = 5 with the controller from
-# 5% makes L0 collapse to ~1, then recover unevenly); JumpReLU's (L0/target − 1)² loss with l0_coeff 50 and
-# log θ at 20× the lr (at 0.5 and 1× its L0 stays near twice the target). ATM's warm-up is 10% of the
-# steps (the recipe's 1000 steps would never mask in a 1024-step run), then r ramps in over as many steps.
-# Settings found on the demo's store (stages/demo.sh); they are recorded in every run's metadata.
-STEPS=$((TRAIN_TOKENS / 4096))
-ATM_WARMUP=$((STEPS / 10))
-COMMON=(--store "$STORE" --expansion "$EXPANSION" --batch-size 4096 --tokens "$TRAIN_TOKENS" --seed 0
-    --checkpoint-every 100 --resume)
-L1_CONTROL="--l1 0.7 --target-l0 $TARGET_L0 --hparam l1_warmup_frac=0.25 --hparam l0_controller_rate=0.02"
-ATM="$L1_CONTROL --hparam warmup_steps=$ATM_WARMUP"
-declare -A RUN_ARGS=(
-    [atm]="$ATM"
-    [topk]="--k $TARGET_L0"
-    [jumprelu]="--hparam target_l0=$TARGET_L0 --hparam l0_coeff=50 --hparam threshold_lr_scale=20"
-    [relu]="$L1_CONTROL"
-    # ATM's sweep: c (threshold = mean + c·std of importance) and r (masking rate) around the defaults 1, 1
-    [atm-c0.5]="$ATM --hparam c=0.5"
-    [atm-c2]="$ATM --hparam c=2.0"
-    [atm-r0.5]="$ATM --hparam r=0.5"
-    [atm-r2]="$ATM --hparam r=2.0"
-)
+# Every setting is in a recipe: the method's (stages/train-<method>.toml: the four at matched L0 64), layered
+# with the reproduction's sizes (stages/reproduce-train.toml: 8× width, one pass over the 2^21-token store,
+# 512 steps of 4096) and, for ATM's c/r sweep, the one change of each sweep point (stages/atm-sweep/*.toml).
+# Each run records its recipe files and the paths given here (train_config.json, atmpipe.json).
 MAIN=(atm topk jumprelu relu)
 SWEEP=(atm atm-c0.5 atm-c2 atm-r0.5 atm-r2)  # the default ATM again, as the sweep's reference row
 
 train_runs() {
-    local run method
+    local run method recipes
     for run in "$@"; do
         method=${run%%-*}
-        # shellcheck disable=SC2086  # RUN_ARGS holds several words on purpose
-        stage "train-$run" "$RUNS/$run/atmpipe.json" -- "$ATMPIPE" train --config "stages/train-$method.toml" \
-            "${COMMON[@]}" ${RUN_ARGS[$run]} --out "$RUNS/$run"
+        recipes=(--config "stages/train-$method.toml" --config stages/reproduce-train.toml)
+        [[ $run == "$method" ]] || recipes+=(--config "stages/atm-sweep/${run#atm-}.toml")
+        stage "train-$run" "$RUNS/$run/atmpipe.json" -- "$ATMPIPE" train "${recipes[@]}" --store "$STORE" \
+            --out "$RUNS/$run" --resume
     done
 }
 

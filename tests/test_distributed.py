@@ -170,6 +170,10 @@ METHODS = {  # method: (TrainConfig values, the same as CLI flags)
     # ATM with per-token masks from step 3 on: its statistics and masks must be the global batch's.
     "atm": ({"hparams": {"warmup_steps": 3, "compile": False}},
             ["--hparam", "warmup_steps=3", "--hparam", "compile=false"]),
+    # ATM's controls (log threshold, uniform targeting) pass through the cross-rank statistics step.
+    "atm-controls": ({"hparams": {"warmup_steps": 3, "compile": False, "threshold": "log", "targeting": "uniform"}},
+                     ["--hparam", "warmup_steps=3", "--hparam", "compile=false", "--hparam", "threshold=log",
+                      "--hparam", "targeting=uniform"]),
     # TopK whose AuxK sees dead latents: the dead-latent clock must count every rank's rows.
     "topk": ({"k": 2, "hparams": {"dead_tokens": 128}}, ["--k", "2", "--hparam", "dead_tokens=128"]),
 }  # fmt: skip
@@ -193,9 +197,10 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("method", ["atm", "topk"])
-def test_two_rank_ddp_matches_one_rank_and_resumes_on_one_rank(reference, tmp_path, method):
-    values, flags = METHODS[method]
+@pytest.mark.parametrize("case", list(METHODS))
+def test_two_rank_ddp_matches_one_rank_and_resumes_on_one_rank(reference, tmp_path, case):
+    values, flags = METHODS[case]
+    method = case.split("-")[0]
     one = tmp_path / "one"
     cfg = TrainConfig(store=str(reference), method=method, out=str(one), **TRAIN, **values)
     train(cfg)

@@ -66,7 +66,8 @@ def store(tmp_path_factory):
     [
         "d_sae zero", "resume and overwrite", "unknown device", "cuda without a GPU",
         "unknown hyper-parameter", "atm option out of range", "jumprelu sparsity mode",
-        "jumprelu target without target_l0", "jumprelu bandwidth zero", "relu l1 hyper-parameter zero",
+        "jumprelu target without target_l0", "jumprelu bandwidth zero", "jumprelu warm-up fraction above 1",
+        "atm threshold unknown", "atm targeting unknown", "relu l1 hyper-parameter zero",
         "relu l1 warm-up above 1", "relu target_l0 zero", "topk k not an integer", "topk aux_k zero",
         "topk aux_coeff negative", "lr zero", "lr huge",
     ],
@@ -106,6 +107,18 @@ def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
         "jumprelu bandwidth zero": (
             ["--method", "jumprelu", "--hparam", "bandwidth=0"],
             "jumprelu bandwidth must be positive (got 0)",
+        ),
+        "jumprelu warm-up fraction above 1": (
+            ["--method", "jumprelu", "--hparam", "sparsity_warmup_frac=2"],
+            "jumprelu sparsity_warmup_frac must be in [0, 1] (got 2)",
+        ),
+        "atm threshold unknown": (
+            ["--method", "atm", "--hparam", "threshold=sqrt"],
+            "atm threshold must be 'linear' or 'log' (got 'sqrt'); fix the ATM options",
+        ),
+        "atm targeting unknown": (
+            ["--method", "atm", "--hparam", "targeting=random"],
+            "atm targeting must be 'adaptive' or 'uniform' (got 'random'); fix the ATM options",
         ),
         "relu l1 hyper-parameter zero": (  # --hparam skips the --l1 flag's own check: the SAE's catches it
             ["--method", "relu", "--hparam", "l1=0"],

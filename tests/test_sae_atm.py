@@ -24,11 +24,16 @@ def _inputs(seed=0):
     return f, torch.rand(D, generator=g) + 0.5, stats
 
 
-def test_fused_kernel_equals_eager_reference():
+VARIANTS = {"default": {}, "log threshold": {"log_threshold": True}, "uniform": {"uniform": True}}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_kernel_equals_eager_reference(variant):
     f, dec_norm, (M, F, R) = _inputs()
     recon, r, key = torch.tensor(3.0), torch.tensor(1.0), torch.tensor(kernels.step_key(7, 1234))
-    fused = kernels.atm_update_fused()(f, dec_norm, M, F, R, recon, r, key, **CONSTS)
-    eager = kernels.atm_update(f, dec_norm, M, F, R, recon, r, key, **CONSTS)
+    consts = {**CONSTS, **VARIANTS[variant]}
+    fused = kernels.atm_update_fused()(f, dec_norm, M, F, R, recon, r, key, **consts)
+    eager = kernels.atm_update(f, dec_norm, M, F, R, recon, r, key, **consts)
     for name, a, b in zip(("M", "F", "R", "I", "theta", "p"), fused[:6], eager[:6], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
     # The masks come from the same counter-based noise: they may differ only where u is within round-off of p.
@@ -39,9 +44,14 @@ def test_fused_kernel_equals_eager_reference():
     assert 0 < (eager[6] == 0).float().mean() < 1  # the case actually masks something
 
 
-def test_compiled_training_path_equals_eager():
+@pytest.mark.parametrize(
+    "controls", [{}, {"threshold": "log", "targeting": "uniform"}], ids=["default", "controls"]
+)
+def test_compiled_training_path_equals_eager(controls):
     x, _ = planted(4096)
-    runs = [train(make("atm", l1=1.0, warmup_steps=2, compile=flag), x, 12) for flag in (True, False)]
+    runs = [
+        train(make("atm", l1=1.0, warmup_steps=2, compile=flag, **controls), x, 12) for flag in (True, False)
+    ]
     for name in ("W_enc", "W_dec", "b_enc", "atm_M", "atm_F", "atm_R", "atm_p"):
         torch.testing.assert_close(
             getattr(runs[0], name), getattr(runs[1], name), rtol=1e-4, atol=1e-6, msg=name
@@ -122,7 +132,7 @@ def test_masked_fraction_follows_the_formula_in_c_and_r(per_token):
 
 def test_no_masking_during_warmup_then_a_linear_ramp():
     sae = make("atm", warmup_steps=10, r=2.0, compile=False)
-    assert [sae.rate_at(s) for s in (0, 9, 10, 15, 20, 40)] == [0.0, 0.0, 0.0, 1.0, 2.0, 2.0]
+    assert [sae.rate_at(s, 100) for s in (0, 9, 10, 15, 20, 40)] == [0.0, 0.0, 0.0, 1.0, 2.0, 2.0]
     x = torch.randn(64, 32) * 3
     out = sae.training_forward(x, 5, 100)
     torch.testing.assert_close(out.x_hat, sae.decode(torch.relu(sae.pre_acts(x))))
@@ -147,3 +157,81 @@ def test_eval_mode_and_inference_never_mask():
     for k, v in sae.state_dict().items():  # statistics frozen outside training (the dead-latent clock aside)
         if k.startswith("atm_"):
             assert torch.equal(v, before[k]), k
+
+
+def test_masking_warmup_is_capped_for_short_runs():
+    sae = make("atm", warmup_steps=1000, r=1.0, compile=False)  # warmup_frac 0.1: W = 20 in a 200-step run
+    assert sae.masking_warmup(200) == 20 and sae.masking_warmup(100_000) == 1000
+    assert [sae.rate_at(s, 200) for s in (0, 19, 20, 30, 40, 199)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    x = torch.randn(64, 32) * 3
+    assert float(sae.training_forward(x, 19, 200).stats["masked_frac"]) == 0.0
+    out = sae.training_forward(x, 40, 200)
+    assert float(out.stats["masked_frac"]) > 0 and not torch.allclose(out.x_hat, sae.decode(out.f))
+
+
+def _probabilities(imp, r=1.0, c=1.0, p_max=0.99, **kw):
+    return kernels.atm_probabilities(torch.tensor(imp), torch.tensor(r), c, p_max, **kw)
+
+
+def test_uniform_targeting_gives_every_latent_the_mean_adaptive_p():
+    f, dec_norm, (M, F, R) = _inputs(1)
+    args = (f, dec_norm, M, F, R, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(kernels.step_key(0, 5)))
+    adaptive = kernels.atm_update(*args, **CONSTS)
+    uniform = kernels.atm_update(*args, **CONSTS, uniform=True)
+    for a, b in zip(adaptive[:5], uniform[:5], strict=True):  # statistics, importance and θ are the same
+        torch.testing.assert_close(a, b)
+    p_adaptive, p_uniform = adaptive[5], uniform[5]
+    assert float(p_adaptive.std()) > 0.1  # the adaptive p really differ across latents here
+    assert torch.equal(p_uniform, p_uniform[:1].expand(D))
+    assert float(p_uniform[0]) == pytest.approx(float(p_adaptive.mean()), rel=1e-6)
+    realised = (uniform[6] == 0).float().mean(0)  # every latent is dropped at that one rate
+    assert (realised - p_uniform).abs().max() < 0.12 and abs(float(realised.mean() - p_uniform[0])) < 0.01
+
+
+# A heavy tail by hand: log I = −2 (four latents), 0 (three), 4 (one). Mean of log I −0.5, std √3.75.
+HEAVY = [math.exp(-2)] * 4 + [1.0] * 3 + [math.exp(4)]
+
+
+def test_log_threshold_on_a_hand_computed_heavy_tailed_case():
+    # linear: mean(I) 7.27 and std 17.8 put θ = 25.1 above every latent but the tail, and p is nearly flat.
+    theta, p = _probabilities(HEAVY)
+    mu = sum(HEAVY) / 8
+    want_theta = mu + math.sqrt(sum((i - mu) ** 2 for i in HEAVY) / 8)
+    assert float(theta) == pytest.approx(want_theta, rel=1e-5)
+    assert 0.61 < float(p[:7].min()) and float(p[:7].max()) < 0.64 and float(p[7]) == 0.0
+    # log: θ_s = −0.5 + √3.75 = 1.436, so 7 of 8 below θ and p = 1 − exp(−(c − z)) with z = (s + 0.5)/√3.75.
+    theta, p = _probabilities(HEAVY, log_threshold=True)
+    sd = math.sqrt(3.75)
+    assert float(theta) == pytest.approx(math.exp(-0.5 + sd), rel=1e-4)
+    want = [1 - math.exp(-(1 - (s + 0.5) / sd)) for s in (-2, 0)]  # 0.830 and 0.524
+    torch.testing.assert_close(p, torch.tensor([want[0]] * 4 + [want[1]] * 3 + [0.0]), rtol=1e-4, atol=1e-5)
+    assert float((torch.tensor(HEAVY) < theta).float().mean()) == 7 / 8
+    # At c = 0 the threshold is the mean of log I: half the latents (those at −2) are below it, against
+    # 7 of 8 below the linear mean of I.
+    theta0, p0 = _probabilities(HEAVY, c=0.0, log_threshold=True)
+    assert float((torch.tensor(HEAVY) < theta0).float().mean()) == 4 / 8 and float(p0[4:].max()) == 0.0
+    assert float((torch.tensor(HEAVY) < _probabilities(HEAVY, c=0.0)[0]).float().mean()) == 7 / 8
+    # Scale-free: multiplying I by 1000 leaves the log-threshold p unchanged (up to the 1e-6 floor).
+    torch.testing.assert_close(
+        _probabilities([i * 1000 for i in HEAVY], log_threshold=True)[1], p, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_combine_mean_bounds_the_tail():
+    """combine = "mean": I is the average of three mean-1 factors, so mean(I) is exactly 1 and no latent's I
+    is below a third of its largest factor (a latent strong in one statistic is never close to I = 0), and
+    none above the mean of its factors' maxima; the product multiplies the tails. On these skewed statistics
+    the product's largest I is 75× its mean, the mean's 4.6×, and θ = mean + std leaves 2% of the latents
+    unmasked under the product against 13% under the mean."""
+    f, dec_norm, (M, F, R) = _inputs()
+    args = (f, dec_norm, M, F, R, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0))
+    consts = {**CONSTS, "beta": 1.0}  # β = 1: the skewed statistics as they are
+    product = kernels.atm_update(*args, **consts)[3]
+    mean = kernels.atm_update(*args, **{**consts, "combine": "mean"})[3]
+    factors = torch.stack([M / M.mean(), F / F.mean(), R / R.mean()])
+    assert float(mean.mean()) == pytest.approx(1.0, rel=1e-6)
+    assert bool((mean >= factors.max(0).values / 3 - 1e-6).all())
+    assert bool((mean <= factors.max(1).values.sum() / 3 + 1e-6).all())
+    assert float(product.max() / product.mean()) > 50 and float(mean.max() / mean.mean()) < 5
+    above = [float((i >= i.mean() + i.std(correction=0)).float().mean()) for i in (product, mean)]
+    assert above[0] < 0.03 and above[1] > 0.1

@@ -107,6 +107,29 @@ def test_topk_auxk_trains_dead_latents_only():
     torch.testing.assert_close(out.losses["aux"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_topk_auxk_engages_on_a_planted_dead_latent_within_its_window():
+    from atmpipe.train import dead_window
+
+    # The window `atmpipe train` gives: a quarter of the run, at most 256 steps, at most 10M tokens.
+    assert dead_window(1024, 200 * 1024) == 50 * 1024  # the demo: 50 of its 200 steps
+    assert dead_window(4096, 512 * 4096) == 128 * 4096  # the reproduction: 128 of 512
+    assert dead_window(4096, 100_000 * 4096) == 256 * 4096
+    sae = make("topk", k=4, dead_tokens=4 * 64)
+    with torch.no_grad():  # latent 5 is planted dead: its pre-activation is tiny, never among the top 4
+        sae.W_enc[:, 5] *= 0.001
+        sae.b_enc[5] = 0.01
+    x = torch.randn(8 * 64, 32)
+    for step in range(6):
+        sae.zero_grad(set_to_none=True)
+        dead_before = bool(sae.dead_mask()[5])
+        out = sae.training_forward(x[step * 64 : (step + 1) * 64], step, 10)
+        assert int(sae.tokens_since_fired[5]) == 64 * (step + 1)  # it never fired
+        assert dead_before == (step >= 4)  # dead once 4 batches of 64 tokens passed without it
+        if step >= 4:
+            out.losses["aux"].backward()  # AuxK trains it: its encoder column gets a gradient
+            assert float(sae.W_enc.grad[:, 5].abs().sum()) > 0
+
+
 def rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 

@@ -123,6 +123,14 @@ def test_lr_schedule_warms_up_holds_and_decays_to_zero():
     assert factors[80:] == pytest.approx([(100 - s) / 20 for s in range(80, 100)])
 
 
+def test_one_schedule_helper_ramps_and_caps_warmups():
+    from atmpipe.schedule import ramp, warmup_length
+
+    assert [ramp(s, 10, 20) for s in (0, 10, 15, 30, 50)] == [0.0, 0.0, 0.25, 1.0, 1.0]
+    assert [ramp(s, 10, 0) for s in (9, 10)] == [0.0, 1.0]  # no length: a step at `start`
+    assert warmup_length(1000, 0.1, 200) == 20 and warmup_length(1000, 0.1, 1_000_000) == 1000
+
+
 # --- resume ---------------------------------------------------------------------------------------
 
 

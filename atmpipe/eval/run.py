@@ -178,6 +178,7 @@ class Context:
     cache: ActivationCache | None = None
     progress: Progress | None = None
     shared: dict = dataclasses.field(default_factory=lambda: {"sizes": {}})  # results.json's "shared"
+    results: dict = dataclasses.field(default_factory=dict)  # per SAE, the sections computed so far
 
     @property
     def seed(self) -> int:
@@ -211,6 +212,7 @@ def run_eval(cfg) -> Path:
         s.sae.to(ctx.lm.device if ctx.lm else "cpu")
 
     results: dict[str, dict] = {s.name: {} for s in saes}
+    ctx.results = results
     with Progress(console) as ctx.progress:
         for m in metrics:
             m.collect(ctx)

@@ -3,8 +3,15 @@ during training, more often the less important a latent has been.
 
 Per-latent EMAs of magnitude (M), frequency (F) and reconstruction share (R) give an importance I; latents
 below θ = mean(I) + c·std(I) are dropped with probability p = 1 − exp(−r(θ − I)/θ) ≤ p_max. No masking for
-the first `warmup_steps` steps (statistics still accumulate), then r ramps from 0 over as many steps.
-Inference never masks: the saved SAE is a plain ReLU SAE plus its final statistics (atm_stats.safetensors).
+the first W steps (W = warmup_steps, capped at warmup_frac of the run; statistics still accumulate), then r
+ramps from 0 over as many steps. Inference never masks: the saved SAE is a plain ReLU SAE plus its final
+statistics (atm_stats.safetensors).
+
+Two controls, defaults unchanged (docs/methods.md):
+- threshold = "log": θ and the distance θ − I are taken on log I, p = 1 − exp(−r(c − z)) for a latent whose
+  log importance has z-score z < c (kernels.atm_probabilities): a heavy tail cannot lift θ above every latent.
+- targeting = "uniform": every latent gets the same p, the mean of the adaptive p of that step: dropout at
+  ATM's rate, the control that says whether the importance scores matter.
 
 R's denominator, mean_t ‖x̂_t − b_dec‖, comes by default from the previous step's reconstruction (the masks
 must exist before this step's x̂; "exact" pays one more dense GEMM for the unmasked reconstruction).
@@ -19,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from atmpipe import schedule
 from atmpipe.errors import UserError
 from atmpipe.sae import kernels
 from atmpipe.sae.base import SAEConfig, TrainOutput, read_tensor_file
@@ -36,7 +44,10 @@ class ATMParams(ReLUParams):
     p_max: float = 0.99
     combine: str = "product"  # "product" | "mean" of the normalised M, F, R
     granularity: str = "token"  # "token": a mask per token and latent | "step": one per latent per step
-    warmup_steps: int = 1000  # no masking for W steps, then r ramps linearly over the next W
+    warmup_steps: int = 1000  # no masking for W steps, then r ramps linearly over the next W ...
+    warmup_frac: float = 0.1  # ... with W capped at this fraction of the run (short runs mask too)
+    threshold: str = "linear"  # "linear": θ on I | "log": θ and θ − I on log I (scale-free)
+    targeting: str = "adaptive"  # "adaptive": p from each latent's importance | "uniform": all get mean(p)
     recon_norm: str = "previous"  # R's denominator: "previous" step's x̂ | "exact" (one more GEMM)
     seed: int = 0  # of the counter-based mask stream
     compile: bool = True  # fused torch.compile kernel; False runs the eager reference
@@ -68,6 +79,15 @@ class ATMSAE(ReLUSAE):
                 f"granularity must be 'token' or 'step' (got {hp.granularity!r})",
             ),
             (hp.warmup_steps >= 0, f"warmup_steps must be non-negative (got {hp.warmup_steps})"),
+            (0 <= hp.warmup_frac <= 1, f"warmup_frac must be in [0, 1] (got {hp.warmup_frac})"),
+            (
+                hp.threshold in ("linear", "log"),
+                f"threshold must be 'linear' or 'log' (got {hp.threshold!r})",
+            ),
+            (
+                hp.targeting in ("adaptive", "uniform"),
+                f"targeting must be 'adaptive' or 'uniform' (got {hp.targeting!r})",
+            ),
             (
                 hp.recon_norm in ("previous", "exact"),
                 f"recon_norm must be 'previous' or 'exact' (got {hp.recon_norm!r})",
@@ -77,12 +97,14 @@ class ATMSAE(ReLUSAE):
             if not ok:
                 raise UserError(f"atm {msg}; fix the ATM options")
 
-    def rate_at(self, step: int) -> float:
-        """The effective r: 0 during warm-up, then a linear ramp to r over the next warmup_steps."""
-        w = self.hp.warmup_steps
-        if w == 0:
-            return self.hp.r
-        return self.hp.r * min(max((step - w) / w, 0.0), 1.0)
+    def masking_warmup(self, total_steps: int) -> int:
+        """W: the steps without masking (and then of r's ramp), capped at warmup_frac of the run."""
+        return schedule.warmup_length(self.hp.warmup_steps, self.hp.warmup_frac, total_steps)
+
+    def rate_at(self, step: int, total_steps: int) -> float:
+        """The effective r: 0 during the W warm-up steps, then a linear ramp to r over the next W."""
+        w = self.masking_warmup(total_steps)
+        return self.hp.r * schedule.ramp(step, w, w)
 
     def update_fn(self):
         return kernels.atm_update_fused() if self.hp.compile else kernels.atm_update
@@ -102,16 +124,17 @@ class ATMSAE(ReLUSAE):
             else:  # first step: the input's norm stands in for its reconstruction's
                 fallback = (x - self.b_dec.detach()).norm(dim=-1).mean()
                 recon_norm = torch.where(torch.isnan(self.atm_recon_norm), fallback, self.atm_recon_norm)
-            r = torch.full((), self.rate_at(step), device=f.device)
+            r = torch.full((), self.rate_at(step, total_steps), device=f.device)
             key = torch.full((), kernels.step_key(hp.seed, step), dtype=torch.int64, device=f.device)
             M, F_, R, imp, theta, p, keep = self.update_fn()(
                 f, dec_norm, self.atm_M, self.atm_F, self.atm_R, recon_norm, r, key,
-                hp.beta, hp.c, hp.p_max, hp.combine, hp.granularity == "token",
+                hp.beta, hp.c, hp.p_max, hp.combine, hp.granularity == "token", hp.threshold == "log",
+                hp.targeting == "uniform",
             )  # fmt: skip
             for name, value in zip(STAT_NAMES, (M, F_, R, imp, p), strict=True):
                 getattr(self, f"atm_{name}").copy_(value)
             self.atm_theta.copy_(theta)
-        masking = step >= hp.warmup_steps and hp.r > 0
+        masking = step >= self.masking_warmup(total_steps) and hp.r > 0
         f_used = f * keep if masking else f
         return f_used, {"masked_frac": p.mean(), "threshold": theta}
 
@@ -141,7 +164,7 @@ class ATMSAE(ReLUSAE):
 
 
 def update_across_ranks(kernel, w, f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max,
-                            combine, per_token):  # fmt: skip
+                        combine, per_token, log_threshold=False, uniform=False):  # fmt: skip
     """ATM's statistics step for the global batch, from this rank's rows, with the SAE's own kernel.
 
     The EMAs are linear in the batch means and every rank starts from the same M, F, R, ‖W_dec‖: so one
@@ -151,10 +174,11 @@ def update_across_ranks(kernel, w, f, dec_norm, M, F_, R, recon_norm, r, key, be
     global rows this rank holds (rank + world·i), so they are the 1-process masks.
     """
     recon_norm = w.mean_(recon_norm.clone())
-    stepped = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max, combine, per_token)
+    controls = (log_threshold, uniform)  # ATM's threshold and targeting options, passed through
+    stepped = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max, combine, per_token, *controls)
     M, F_, R = w.mean_(torch.stack(stepped[:3])).unbind(0)
     M, F_, R, imp, theta, p, keep = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, 1.0, c, p_max, combine,
-                                           per_token)  # fmt: skip
+                                           per_token, *controls)  # fmt: skip
     if per_token:
         rows = torch.arange(f.shape[0], device=f.device, dtype=torch.int64) * w.size + w.rank
         keep = (

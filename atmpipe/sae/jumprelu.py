@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from atmpipe import schedule
 from atmpipe.errors import UserError
 from atmpipe.sae import kernels
 from atmpipe.sae.base import SAE, CommonParams, SAEConfig, TrainOutput
@@ -23,7 +24,8 @@ class JumpReLUParams(CommonParams):
     sparsity: str = "l0"  # "l0": l0_coeff·L0 (warmed up) | "target": l0_coeff·(L0/target_l0 − 1)²
     l0_coeff: float = 0.5
     target_l0: float | None = None  # required for sparsity = "target"
-    sparsity_warmup_steps: int = 10_000  # λ ramps linearly from 0 (sparsity = "l0")
+    sparsity_warmup_steps: int = 10_000  # λ ramps linearly from 0 (sparsity = "l0") over this many steps,
+    sparsity_warmup_frac: float = 0.1  # capped at this fraction of the run
     threshold_init: float = 0.1  # θ0, normalised units
     bandwidth: float = 0.03  # ε, normalised units
     threshold_lr_scale: float = 1.0  # log θ learns at lr × this
@@ -49,6 +51,10 @@ class JumpReLUSAE(SAE):
             raise UserError(f"jumprelu sparsity must be 'l0' or 'target' (got {hp.sparsity!r})")
         if hp.sparsity == "target" and not (hp.target_l0 and hp.target_l0 > 0):
             raise UserError("jumprelu sparsity 'target' needs a positive target_l0; pass --target-l0 64")
+        if not 0 <= hp.sparsity_warmup_frac <= 1:
+            raise UserError(
+                f"jumprelu sparsity_warmup_frac must be in [0, 1] (got {hp.sparsity_warmup_frac})"
+            )
         for name in ("l0_coeff", "threshold_init", "bandwidth", "threshold_lr_scale"):
             if not getattr(hp, name) > 0:
                 raise UserError(f"jumprelu {name} must be positive (got {getattr(hp, name)})")
@@ -79,14 +85,15 @@ class JumpReLUSAE(SAE):
         mse, stats = self.common_stats(x, x_hat, fires)
         l0 = l0_per_token.mean()
         if self.hp.sparsity == "l0":
-            ramp = (
-                min(1.0, step / self.hp.sparsity_warmup_steps) if self.hp.sparsity_warmup_steps > 0 else 1.0
+            w = schedule.warmup_length(
+                self.hp.sparsity_warmup_steps, self.hp.sparsity_warmup_frac, total_steps
             )
-            sparsity = self.hp.l0_coeff * ramp * l0
+            sparsity = self.hp.l0_coeff * schedule.ramp(step, 0, w) * l0
         else:
             sparsity = self.hp.l0_coeff * (l0 / self.hp.target_l0 - 1).pow(2)
         stats["threshold_mean"] = theta.detach().mean()
-        return TrainOutput(x_hat, f, {"mse": mse, "l0": sparsity}, stats)
+        # The loss term has its own name: "l0" is the measured L0 in the stats.
+        return TrainOutput(x_hat, f, {"mse": mse, "sparsity": sparsity}, stats)
 
     def inference_tensors(self) -> dict[str, Tensor]:
         return {"threshold": self.threshold}

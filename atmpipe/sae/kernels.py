@@ -121,6 +121,36 @@ def noise_at(flat_index: Tensor, key: Tensor) -> Tensor:
     return (hash32((flat_index ^ key) & _MASK32) >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
+LOG_FLOOR = 1e-6  # log I is taken of I + this: I is in units of a typical latent, dead latents have I = 0
+
+
+def atm_probabilities(
+    imp: Tensor, r: Tensor, c: float, p_max: float, log_threshold: bool = False, uniform: bool = False
+) -> tuple[Tensor, Tensor]:
+    """ATM's threshold θ (in I's units) and masking probabilities p from the importance I: [d_sae].
+
+    linear: θ = mean(I) + c·std(I) and p = 1 − exp(−r(θ − I)/θ) below θ.
+    log: the same on s = log(I + LOG_FLOOR): θ_s = mean(s) + c·std(s) and p = 1 − exp(−r(θ_s − s)/std(s)),
+    i.e. p = 1 − exp(−r(c − z)) for a latent whose log importance has z-score z < c; scale-free, so a heavy
+    tail of I cannot lift θ above every latent. θ is returned as exp(θ_s) − LOG_FLOOR.
+    p is capped at p_max; uniform gives every latent the mean of these p (dropout with the same rate).
+    Shared by the dense update below and any step that acts on active entries only.
+    """
+    if log_threshold:
+        s = (imp + LOG_FLOOR).log()
+        spread = s.std(correction=0)
+        theta_s = s.mean() + c * spread
+        p = torch.where(s < theta_s, 1 - torch.exp(-r * (theta_s - s) / spread.clamp_min(1e-12)), 0.0)
+        theta = theta_s.exp() - LOG_FLOOR
+    else:
+        theta = imp.mean() + c * imp.std(correction=0)
+        p = torch.where(imp < theta, 1 - torch.exp(-r * (theta - imp) / theta), 0.0)
+    p = p.clamp(0.0, p_max)
+    if uniform:
+        p = p.mean().expand_as(p).contiguous()
+    return theta, p
+
+
 def atm_update(
     f: Tensor,
     dec_norm: Tensor,
@@ -135,6 +165,8 @@ def atm_update(
     p_max: float,
     combine: str,
     per_token: bool,
+    log_threshold: bool = False,
+    uniform: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """ATM's per-step statistics and masks, written plainly (this is also the eager reference).
 
@@ -152,8 +184,7 @@ def atm_update(
     tiny = 1e-30  # all-zero statistics give I = 0 and so p = 0, never NaN
     m, fr, rr = M / M.mean().clamp_min(tiny), F_ / F_.mean().clamp_min(tiny), R / R.mean().clamp_min(tiny)
     imp = m * fr * rr if combine == "product" else (m + fr + rr) / 3
-    theta = imp.mean() + c * imp.std(correction=0)
-    p = torch.where(imp < theta, 1 - torch.exp(-r * (theta - imp) / theta), 0.0).clamp(0.0, p_max)
+    theta, p = atm_probabilities(imp, r, c, p_max, log_threshold, uniform)
     u = uniform_noise(tuple(f.shape) if per_token else (f.shape[1],), key, f.device)
     keep = (u >= p).to(f_dtype)  # in f's dtype: the mask multiplies f with no conversion pass
     return M, F_, R, imp, theta, p, keep

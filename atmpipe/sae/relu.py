@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from atmpipe import schedule
 from atmpipe.errors import UserError
 from atmpipe.sae import kernels
 from atmpipe.sae.base import SAE, CommonParams, SAEConfig, TrainOutput
@@ -56,8 +57,7 @@ class ReLUSAE(SAE):
         f_used, stats = self.mask_latents(x, f, step, total_steps)
         x_hat = self.decode(f_used)
         mse, common = self.common_stats(x, x_hat, kernels.fire_counts_fused(f.detach()))
-        warmup_steps = self.hp.l1_warmup_frac * total_steps
-        ramp = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+        ramp = schedule.ramp(step, 0, self.hp.l1_warmup_frac * total_steps)
         coeff = self.l1_coeff * ramp
         l1 = (f_used @ self.W_dec.norm(dim=1)).mean()  # Σ_i f_i‖W_dec,i‖, mean over tokens
         self.last_l0.copy_(common["l0"])

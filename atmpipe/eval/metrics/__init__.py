@@ -9,6 +9,7 @@ from atmpipe.eval.metric import Metric
 from atmpipe.eval.metrics.absorption import Absorption
 from atmpipe.eval.metrics.bias import Bias
 from atmpipe.eval.metrics.core import Core
+from atmpipe.eval.metrics.masking import Masking
 from atmpipe.eval.metrics.probing import Probing
 from atmpipe.eval.metrics.training import Training
 
@@ -18,4 +19,5 @@ REGISTRY: dict[str, type[Metric]] = {
     "probing": Probing,
     "bias": Bias,
     "training": Training,
+    "masking": Masking,  # after absorption: it reads absorption's main latents
 }

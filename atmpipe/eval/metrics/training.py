@@ -17,15 +17,15 @@ from atmpipe.errors import UserError
 from atmpipe.eval.metric import Metric, option
 
 LOG_FILE = "metrics.jsonl"  # atmpipe.train.METRICS
-# The total and the loss terms the methods log (sae/*.py). JumpReLU's sparsity term is also named "l0" and
-# train.py logs the L0 statistic over it, so that term shows only as loss − mse.
-LOSS_KEYS = ("loss", "mse", "l1", "aux")
+# The total and the loss terms the methods log (sae/*.py), each under its own name.
+LOSS_KEYS = ("loss", "mse", "l1", "sparsity", "aux")
 SPARSITY_KEYS = ("fvu", "l0", "dead")
 ATM_KEYS = ("masked_frac", "threshold")  # ATM's mean mask probability and its threshold θ
 LABELS = {
     "loss": "total loss",
     "mse": "reconstruction (MSE)",
     "l1": "L1 penalty",
+    "sparsity": "sparsity term (JumpReLU)",
     "aux": "AuxK loss",
     "fvu": "FVU",
     "l0": "L0",

@@ -1,0 +1,120 @@
+"""The recipes are what runs: stages/train-*.toml reach their target L0 unaided, layered with a sizes file,
+and a run records the recipe files and every override."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from atmpipe.sae import SAE
+from atmpipe.store import write_arrays_store
+from atmpipe.train import load_train_config, train
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("relu", "topk", "jumprelu", "atm")
+D, N_ATOMS, ACTIVE, TARGET = 32, 256, 12, 16
+# The sizes a small run needs, as a sizes file layered over each recipe (as stages/demo-train.toml is).
+SIZES = """
+d_sae = 256
+batch_size = 256
+tokens = 76_800
+lr = 1e-3
+checkpoint_every = 100
+log_every = 10
+buffer_chunks = 4
+device = "cpu"
+"""
+
+
+def synthetic_acts(n: int, seed: int = 0) -> np.ndarray:
+    """Sparse non-negative codes (~ACTIVE of N_ATOMS a token, heavy-tailed sizes) over unit-norm atoms."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(N_ATOMS, D))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    freq = rng.uniform(0.2, 1.8, N_ATOMS) * ACTIVE / N_ATOMS  # some atoms common, some rare
+    codes = (rng.random((n, N_ATOMS)) < freq) * rng.exponential(1.0, (n, N_ATOMS))
+    return (codes @ atoms + 0.3).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipes") / "syn.zarr"
+    acts = synthetic_acts(8192)
+    positions = np.arange(len(acts)) % 64
+    splits = {
+        "train": {"acts": acts, "positions": positions, "bos": positions == 0},
+        "eval": {"acts": acts[:512]},
+    }
+    return write_arrays_store(path, splits, layer=1, chunk_tokens=256, shard_tokens=2048)
+
+
+def inference_l0(run: Path, store) -> float:
+    sae = SAE.load(run)
+    x = torch.from_numpy(store.read_acts("train", 1))
+    with torch.no_grad():
+        return float((sae.encode(x) > 0).sum(-1).float().mean())
+
+
+# ReLU's and ATM's λ controller (λ ← λ·(L0/target)^0.02 a step, from λ = 0.7) reaches the target at the
+# demo's and the reproduction's sizes on gemma-3-270m, but not here: λ = 0.7 is far below this data's
+# equilibrium, L0 answers λ with a lag of tens of steps, λ winds up to ~35 meanwhile and the SAE collapses
+# (L0 ~7, FVU ~1). A controller with anti-windup is the open fix (issue 13); until then these fail, and say so.
+WINDUP = pytest.mark.xfail(strict=True, reason="λ controller winds up on this store (L0 ~7 for a target 16)")
+
+
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=WINDUP) if m in ("relu", "atm") else m for m in METHODS]
+)
+def test_each_recipe_reaches_its_target_l0_unaided(store, tmp_path, method):
+    sizes = tmp_path / "sizes.toml"
+    sizes.write_text(SIZES)
+    target = {"k": TARGET} if method == "topk" else {"target_l0": float(TARGET)}
+    cfg = load_train_config(
+        [REPO / "stages" / f"train-{method}.toml", sizes],
+        store=str(store.path),
+        out=str(tmp_path / "run"),
+        **target,
+    )
+    run = train(cfg)
+    # The run records what ran: the recipe files in order, and what the command line changed.
+    recorded = json.loads((run / "train_config.json").read_text())["config"]
+    assert recorded["recipe"] == [str(REPO / "stages" / f"train-{method}.toml"), str(sizes)]
+    assert recorded["overrides"] == {"store": str(store.path), "out": str(tmp_path / "run"), **target}
+    assert (
+        json.loads((run / "atmpipe.json").read_text())["metadata"]["train_config"]["recipe"]
+        == recorded["recipe"]
+    )
+    l0 = inference_l0(run, store)
+    assert abs(l0 / TARGET - 1) <= 0.10, f"{method}: L0 {l0:.1f} against the target {TARGET}"
+
+
+def test_recipes_layer_in_order_and_tables_merge(tmp_path):
+    sizes = tmp_path / "sizes.toml"
+    sizes.write_text("tokens = 1024\n[hparams]\nr = 2.0\n")
+    cfg = load_train_config([REPO / "stages" / "train-atm.toml", sizes], hparams={"c": 0.5}, lr=1e-3)
+    assert (
+        cfg.tokens == 1024 and cfg.lr == 1e-3 and cfg.batch_size == 4096
+    )  # the sizes file, a flag, the recipe
+    assert cfg.hparams["r"] == 2.0 and cfg.hparams["c"] == 0.5 and cfg.hparams["beta"] == 0.99
+    assert cfg.overrides == {"lr": 1e-3, "hparams": {"c": 0.5}}
+
+
+def test_no_setting_lives_in_a_shell_array():
+    """The demo, the reproduction and the masking controls pass recipe files, paths and --resume only."""
+    for script in ("demo.sh", "reproduce.sh", "masking-controls.sh"):
+        text = (REPO / "stages" / script).read_text()
+        for flag in (
+            "--hparam",
+            "--l1",
+            "--k ",
+            "--target-l0",
+            "--lr",
+            "--tokens",
+            "--batch-size",
+            "--d-sae",
+        ):
+            assert flag not in text, f"{script} sets {flag} itself"
