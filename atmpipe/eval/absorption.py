@@ -1,12 +1,26 @@
-"""Feature absorption on the first-letter task (Chanin et al.; SAEBench `evals/absorption`).
+"""Feature absorption on the first-letter task, computed the way SAEBench 0.6's absorption eval computes it.
 
-Two halves: `first_letter_dataset` + `word_activations` build the task from the model's vocabulary and run the
-LM (cached per model/layer by the caller); `absorption_metrics` is a pure function of those activations and an
-SAE, so it can be checked on a planted case.
+Two halves. The task (`first_letter_task` + `word_activations`) builds prompts from the model's vocabulary and
+runs the LM; the caller caches it per model and layer. The metric (`absorption_metrics`) is a pure function of
+those activations and an SAE, checked on planted cases and against SAEBench's own functions (tests).
+
+Steps, each as SAEBench's code does it (docs/metrics.md has the full account):
+1. words: every vocabulary token that reads as ASCII letters, with or without a leading space; optionally a
+   random sample at natural letter frequencies (the one deviation, for CPU budget; recorded with its seed);
+2. a shuffled 80/20 word split; each word's prompt is a newline, 10 in-context examples drawn from its own
+   split ("cat has the first letter: C") and "{word} has the first letter:", read at the word's last token;
+3. ground-truth probe: 26 one-vs-rest logistic probes on the raw residual, Adam with class-weighted BCE;
+   a word is positive for a letter when that letter's logit is above 0; letters need test F1 > 0.6;
+4. main latents: an L1-penalised one-vs-rest probe on the SAE latents ranks them; class-balanced logistic
+   regressions on the top k grow k while test F1 rises by more than 0.03;
+5. scoring: every test word the probe gets right, re-prompted with 10 fresh examples from the whole
+   vocabulary, gets an absorption fraction and a full-absorption flag; per letter, sums over its probe true
+   positives; the headline is the mean over letters, with a bootstrap CI over words.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import string
@@ -18,111 +32,147 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
 LETTERS = string.ascii_lowercase
-EPS = 1e-8
+EPS = 1e-8  # a main latent below this counts as silent
+PROTOCOL = "saebench-0.6"
 
 
 @dataclass
 class AbsorptionConfig:
-    words_per_letter: int = (
-        80  # stratified; on gemma-3-270m fewer than ~64 train words a letter fail the gate
-    )
-    min_word_letters: int = 3
-    icl_examples: int = 2
-    # The leading space keeps each word the single vocabulary token it was drawn from ("\n" + " word"
-    # tokenises as "\n", "▁word"); without it "affirmat" splits into "aff" + "irmat" and the read token
-    # no longer carries the first letter.
-    template: str = " {word} has the first letter:"
-    test_fraction: float = 0.2
-    probe_f1_gate: float = 0.6  # letters whose ground-truth probe F1 is not above this are not evaluated
-    min_letters: int = 20  # SAEBench refuses to report with fewer evaluable letters
+    # The word sample: 0 = the whole vocabulary (SAEBench). Otherwise a uniform random sample (natural
+    # letter frequencies), topped up to `min_words_per_letter` for letters the sample leaves short.
+    sample_words: int = 0
+    min_words_per_letter: int = 0
+    icl_examples: int = 10
+    template: str = "{word} has the first letter:"
+    train_fraction: float = 0.8
+    # Ground-truth probe and the L1 ranking probe (SAEBench's train_multi_probe).
+    probe_epochs: int = 50
+    probe_lr: float = 1e-2
+    probe_end_lr: float = 1e-5
+    probe_batch: int = 4096
+    probe_weight_decay: float = 1e-4
+    sparse_l1: float = 0.01
+    sparse_weight_decay: float = 1e-6
+    # Gates and the main-latent rule.
+    probe_f1_gate: float = 0.6  # letters whose ground-truth probe test F1 is not above this are not evaluated
+    min_letters: int = 20  # SAEBench reports nothing with fewer evaluable letters
     max_k: int = 10
-    f1_jump: float = 0.03  # a further latent joins the main latents if it raises F1 by more than this
+    f1_jump: float = 0.03
+    # The per-word calculator.
     absorber_cos: float = 0.1
     full_absorption_cos: float = 0.025
     projection_share: float = 0.4
     max_absorbers: int = 3
+    bootstrap: int = 1000
     seed: int = 0
 
 
-# --- the task: vocabulary, prompts, token positions -----------------------------------------------------
+# --- the task: vocabulary, sample, prompts, token positions --------------------------------------------
 
 
-def alphabetic_vocab(tokenizer, min_letters: int = 3) -> list[str]:
-    """Words that are whole tokens made only of English letters (leading-space tokens, as SAEBench)."""
+def first_letter(word: str) -> str:
+    return word.strip()[0].lower()
+
+
+def alphabetic_vocab(tokenizer) -> list[str]:
+    """Every token whose text is ASCII letters, with or without one leading space (" cat" and "cat")."""
     words = set()
-    for piece in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))):
-        if not piece or piece[0] not in "▁Ġ ":  # sentencepiece / byte-BPE / plain leading space
-            continue
-        word = piece[1:]
-        if len(word) >= min_letters and word.isascii() and word.isalpha():
-            words.add(word)
+    for piece in tokenizer.get_vocab():
+        text = tokenizer.convert_tokens_to_string([piece])
+        if piece.startswith("▁") and not text.startswith(" "):  # tokenizers that drop the marker's space
+            text = " " + text
+        core = text[1:] if text.startswith(" ") else text
+        if core and core.isascii() and core.isalpha():
+            words.add(text)
     return sorted(words)
 
 
-def sample_words(vocab: list[str], per_letter: int, seed: int) -> list[str]:
-    """Up to `per_letter` words for each first letter, so rare letters are not drowned out."""
-    rng = random.Random(seed)
-    by_letter: dict[str, list[str]] = {c: [] for c in LETTERS}
-    for w in vocab:
-        by_letter[w[0].lower()].append(w)
-    chosen = []
-    for c in LETTERS:
-        pool = by_letter[c]
-        chosen += rng.sample(pool, min(per_letter, len(pool)))
-    return chosen
+def sample_vocab(vocab: list[str], n: int, min_per_letter: int, seed: int) -> list[str]:
+    """A uniform random sample of `n` words (natural letter frequencies), topped up per letter to the floor."""
+    if n <= 0 or n >= len(vocab):
+        return list(vocab)
+    order = np.random.default_rng(seed).permutation(len(vocab))
+    chosen = set(order[:n].tolist())
+    counts = {c: 0 for c in LETTERS}
+    for i in chosen:
+        counts[first_letter(vocab[i])] += 1
+    for i in order[n:].tolist():  # the floor draws from the same random order
+        c = first_letter(vocab[i])
+        if counts[c] < min_per_letter:
+            chosen.add(i)
+            counts[c] += 1
+    return [vocab[i] for i in sorted(chosen)]
 
 
 def build_prompt(word: str, examples: list[str], template: str) -> tuple[str, int]:
-    """In-context examples then the word's own line; returns the prompt and the char index where `word` ends."""
-    lines = [template.format(word=e) + " " + e[0].upper() for e in examples]
-    prefix = "\n".join(lines + [""]) if lines else ""
+    """A newline, the in-context examples, then the word's own line; returns it and the char index where
+    `word` ends (the newline in front keeps the first example's tokenisation like the others')."""
+    lines = [template.format(word=e) + " " + first_letter(e).upper() for e in examples]
+    prefix = "\n" + "".join(line + "\n" for line in lines)
     return prefix + template.format(word=word), len(prefix) + template.index("{word}") + len(word)
 
 
-def prompt_tokens(tokenizer, prompt: str, word_end: int) -> tuple[list[int], int] | None:
-    """Token ids of the prompt and the position of the word's last token, read from the tokenisation.
+def draw_examples(rng: random.Random, pool: list[str], word: str, k: int) -> list[str]:
+    """`k` in-context examples from `pool`, redrawn while they contain the word itself."""
+    if len(pool) <= k:  # a tiny sample: every other word (SAEBench cannot draw k here and raises)
+        return [v for v in pool if v != word]
+    while True:
+        examples = rng.sample(pool, k)
+        if word not in examples:
+            return examples
 
-    The position is the last token of the tokenised prefix that ends with the word; this holds only when
-    the prompt's tokens start with the prefix's tokens (a merge across the word's end would break it), so
-    such prompts are dropped (None).
+
+def prompt_tokens(tokenizer, prompt: str, word_end: int) -> tuple[list[int], int] | None:
+    """Token ids of the prompt up to the word, and the position of the word's last token.
+
+    The position comes from the tokenisation (on Gemma 3 it is SAEBench's fixed offset, 6 from the end; a
+    test checks this). A prompt whose tokens merge across the word's end has no such position: None. The
+    ids stop at the word: a causal LM's residual there does not depend on what follows.
     """
     ids = tokenizer(prompt)["input_ids"]
     prefix = tokenizer(prompt[:word_end])["input_ids"]
     if ids[: len(prefix)] != prefix:
         return None
-    return ids, len(prefix) - 1
+    return prefix, len(prefix) - 1
 
 
-def first_letter_dataset(tokenizer, cfg: AbsorptionConfig) -> dict:
-    """Sampled words, their prompts' token ids and word positions, labels and the train/test split."""
-    vocab = alphabetic_vocab(tokenizer, cfg.min_word_letters)
-    words = sample_words(vocab, cfg.words_per_letter, cfg.seed)
-    rng = random.Random(cfg.seed + 1)
-    rows = []
-    for w in words:
-        examples = rng.sample(
-            [v for v in rng.sample(vocab, cfg.icl_examples + 1) if v != w], cfg.icl_examples
-        )
-        prompt, end = build_prompt(w, examples, cfg.template)
-        tok = prompt_tokens(tokenizer, prompt, end)
-        if tok is not None:
-            rows.append((w, tok[0], tok[1]))
-    # Stratified 80/20 split: every letter keeps test words.
-    is_test = np.zeros(len(rows), dtype=bool)
-    labels = np.array([LETTERS.index(w[0].lower()) for w, _, _ in rows])
-    split_rng = np.random.default_rng(cfg.seed)
-    for c in range(26):
-        idx = np.flatnonzero(labels == c)
-        n_test = int(round(len(idx) * cfg.test_fraction))
-        is_test[split_rng.permutation(idx)[:n_test]] = True
-    return {
-        "words": [w for w, _, _ in rows],
-        "input_ids": [ids for _, ids, _ in rows],
-        "positions": [p for _, _, p in rows],
-        "labels": labels,
-        "is_test": is_test,
+def first_letter_task(tokenizer, cfg: AbsorptionConfig) -> dict:
+    """The word sample, its split, and the prompts: one per word from its own split's examples, and for
+    each test word a second, scoring prompt with fresh examples from the whole sample (as SAEBench, where
+    the sample is the vocabulary). A word whose prompt cannot be read at its last token is dropped."""
+    vocab = alphabetic_vocab(tokenizer)
+    words = sample_vocab(vocab, cfg.sample_words, cfg.min_words_per_letter, cfg.seed)
+    rng = random.Random(cfg.seed)
+    shuffled = rng.sample(words, len(words))
+    n_train = int(len(shuffled) * cfg.train_fraction)
+    splits = {"train": shuffled[:n_train], "test": shuffled[n_train:]}
+    pools = {"train": splits["train"], "test": splits["test"], "score": words}
+    out = {k: {"words": [], "input_ids": [], "positions": []} for k in pools}
+    dropped = 0
+    for split, split_words in splits.items():
+        for w in split_words:
+            kinds = ("test", "score") if split == "test" else ("train",)
+            toks = {
+                k: prompt_tokens(
+                    tokenizer,
+                    *build_prompt(w, draw_examples(rng, pools[k], w, cfg.icl_examples), cfg.template),
+                )
+                for k in kinds
+            }
+            if any(t is None for t in toks.values()):
+                dropped += 1
+                continue
+            for k, (ids, pos) in toks.items():
+                out[k]["words"].append(w)
+                out[k]["input_ids"].append(ids)
+                out[k]["positions"].append(pos)
+    for part in out.values():
+        part["labels"] = np.array([LETTERS.index(first_letter(w)) for w in part["words"]], dtype=np.int64)
+    return out | {
         "vocab_size": len(vocab),
-        "dropped": len(words) - len(rows),
+        "n_sampled": len(words),
+        "sample_sha256": hashlib.sha256("\n".join(words).encode()).hexdigest(),
+        "dropped": dropped,
     }
 
 
@@ -151,50 +201,69 @@ def word_activations(
     return torch.cat(out)
 
 
-# --- the pure metric ----------------------------------------------------------------------------------
+# --- probes -----------------------------------------------------------------------------------------
 
 
-class CenteredScale:
-    """Centre the residual and divide by one scalar, the RMS of its per-dimension spread.
+def train_probes(
+    x: np.ndarray,
+    labels: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    end_lr: float,
+    batch: int,
+    weight_decay: float,
+    seed: int,
+    l1: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """26 one-vs-rest logistic probes trained together: Adam, BCE weighted by negatives/positives per letter,
+    learning rate decayed exponentially from `lr` to `end_lr` over the epochs, shuffled mini-batches, and an
+    optional L1 penalty (mean over letters of the summed |weights|). Returns weights [26, d] and biases.
 
-    The residual carries a few huge constant offsets (one dimension averages ~7000 on gemma-3-270m against
-    a typical spread of ~30), so the old scale, the mean norm, shrank every informative dimension ~200-fold
-    and the probe's L2 penalty erased them. One scalar keeps probe weights in residual coordinates; a
-    per-dimension scale would inflate the weights of near-constant dimensions.
+    The seed fixes the initialisation and batch order through torch's global generator, which is restored
+    afterwards: the same consumption as SAEBench's trainer, so both give the same probe on the same seed.
     """
-
-    def __init__(self, x: np.ndarray):
-        self.mean = x.mean(0)
-        self.scale = float(np.sqrt(x.var(0).mean())) or 1.0
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.mean) / self.scale
-
-
-def ground_truth_probe(
-    acts_train: np.ndarray, y_train: np.ndarray, acts_test: np.ndarray, y_test: np.ndarray, seed: int = 0
-) -> dict:
-    """26-way logistic regression on the centred, scaled residual; per-letter test F1 and unit directions."""
-    prep = CenteredScale(acts_train)
-    clf = LogisticRegression(max_iter=2000, random_state=seed).fit(prep(acts_train), y_train)
-    pred = clf.predict(prep(acts_test))
-    letters = list(range(26))
-    f1 = f1_score(y_test, pred, labels=letters, average=None, zero_division=0)
-    directions = np.zeros((26, acts_train.shape[1]))
-    directions[clf.classes_] = clf.coef_ if len(clf.classes_) > 2 else np.vstack([-clf.coef_, clf.coef_])
-    norms = np.linalg.norm(directions, axis=1, keepdims=True)
-    return {
-        "directions": directions / np.where(norms > 0, norms, 1.0),
-        "f1": f1,
-        "pred_test": pred,
-        "accuracy": float((pred == y_test).mean()),
-    }
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.nn.functional.one_hot(torch.as_tensor(labels, dtype=torch.long), len(LETTERS)).float()
+    pos = y.sum(0)
+    pos_weight = torch.where(pos > 0, (len(y) - pos) / pos.clamp(min=1), torch.ones_like(pos))
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small GEMMs: on busy cores, thread hand-offs cost ~10x the arithmetic
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)
+        probe = torch.nn.Linear(xt.shape[1], len(LETTERS))
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xt, y), batch, shuffle=True)
+        opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=math.exp(math.log(end_lr / lr) / epochs))
+        for _ in range(epochs):
+            for xb, yb in loader:
+                opt.zero_grad()
+                loss = loss_fn(probe(xb), yb)
+                if l1:
+                    loss = loss + l1 * probe.weight.abs().sum(-1).mean()
+                loss.backward()
+                opt.step()
+            sched.step()
+    torch.set_num_threads(threads)
+    return probe.weight.detach().numpy().copy(), probe.bias.detach().numpy().copy()
 
 
-def _fit_sparse(F_train, y_train, F_test, y_test, feats, seed):
-    clf = LogisticRegression(max_iter=1000, random_state=seed).fit(F_train[:, feats], y_train)
-    score = clf.decision_function(F_test[:, feats])
-    return f1_score(y_test, score > 0, zero_division=0), score
+def ground_truth_probe(x_train, y_train, x_test, y_test, cfg: AbsorptionConfig) -> dict:
+    """The letter probes on the raw residual, their test logits and per-letter test F1 (logit > 0)."""
+    W, b = train_probes(
+        x_train,
+        y_train,
+        epochs=cfg.probe_epochs,
+        lr=cfg.probe_lr,
+        end_lr=cfg.probe_end_lr,
+        batch=cfg.probe_batch,
+        weight_decay=cfg.probe_weight_decay,
+        seed=cfg.seed,
+    )
+    logits = x_test.astype(np.float32) @ W.T + b
+    f1 = [f1_score(y_test == c, logits[:, c] > 0, zero_division=0) for c in range(len(LETTERS))]
+    return {"weights": W, "bias": b, "test_logits": logits, "f1": np.array(f1)}
 
 
 def main_latents(
@@ -202,38 +271,70 @@ def main_latents(
     F_test: np.ndarray,
     is_pos_train: np.ndarray,
     is_pos_test: np.ndarray,
+    ranking: np.ndarray,
     cfg: AbsorptionConfig,
-) -> tuple[list[int], np.ndarray, list[float]]:
-    """k-sparse probing: rank latents by mean difference, grow k while F1 jumps by more than `f1_jump`.
-
-    Returns the main latents, the chosen probe's test scores, and the F1 for each k tried.
-    """
-    diff = F_train[is_pos_train].mean(0) - F_train[~is_pos_train].mean(0)
-    ranked = np.argsort(-diff, kind="stable")[: cfg.max_k]
-    best, main, main_score, f1s = -math.inf, [], None, []
-    for k in range(1, len(ranked) + 1):
-        f1, score = _fit_sparse(F_train, is_pos_train, F_test, is_pos_test, ranked[:k], cfg.seed)
-        f1s.append(float(f1))
-        if f1 > best + cfg.f1_jump:
-            best, main, main_score = f1, ranked[:k].tolist(), score
-        else:
+) -> tuple[list[int], list[float]]:
+    """Latents of one letter, by k-sparse probing: the top k of the L1 probe's weights (largest first, not
+    by magnitude), a class-balanced logistic regression on them, test F1 of decision > 0; k grows while F1
+    rises by more than `f1_jump`. Returns the main latents and the F1 for each k tried."""
+    w = torch.as_tensor(ranking)
+    main, best, f1s = [], -math.inf, []
+    for k in range(1, cfg.max_k + 1):
+        feats = w.topk(k).indices.numpy()
+        clf = LogisticRegression(max_iter=500, class_weight="balanced")
+        clf.fit(F_train[:, feats], is_pos_train.astype(np.int64))
+        f1 = float(f1_score(is_pos_test, clf.decision_function(F_test[:, feats]) > 0, zero_division=0))
+        f1s.append(f1)
+        if f1 <= best + cfg.f1_jump:
             break
-    return main, main_score, f1s
+        best, main = f1, feats.tolist()
+    return main, f1s
+
+
+def latent_ranking(F_train: np.ndarray, y_train: np.ndarray, cfg: AbsorptionConfig) -> np.ndarray:
+    """Weights [26, d_sae] of the L1-penalised one-vs-rest probe on the latents: they rank the latents."""
+    return train_probes(
+        F_train,
+        y_train,
+        epochs=cfg.probe_epochs,
+        lr=cfg.probe_lr,
+        end_lr=cfg.probe_end_lr,
+        batch=cfg.probe_batch,
+        weight_decay=cfg.sparse_weight_decay,
+        seed=cfg.seed,
+        l1=cfg.sparse_l1,
+    )[0]
+
+
+def probe_cosines(probe: dict, c: int, W_dec) -> tuple[np.ndarray, np.ndarray]:
+    """Letter c's unit probe direction (weights, no bias) and each decoder row's cosine with it."""
+    direction = torch.as_tensor(probe["weights"][c]).float()
+    direction = direction / direction.norm()
+    W = W_dec.detach().float().cpu()
+    return direction.numpy(), torch.nn.functional.cosine_similarity(direction[None], W, dim=-1).numpy()
+
+
+# --- the per-word calculator and the aggregate -------------------------------------------------------
 
 
 def word_absorption(
-    x: np.ndarray, f: np.ndarray, cos: np.ndarray, p: np.ndarray, main: list[int], cfg: AbsorptionConfig
+    a_model: float, f: np.ndarray, cos: np.ndarray, main: list[int], cfg: AbsorptionConfig
 ) -> tuple[float, bool]:
-    """Absorption fraction and full absorption of one word (SAEBench's calculator, docs/metrics.md)."""
-    a_model = float(x @ p)
+    """Absorption fraction and full absorption of one word.
+
+    `a_model` is the residual's projection on the unit probe direction, `f` the SAE latents, `cos` each
+    decoder row's cosine with the probe. SAEBench divides by `a_model`; at exactly 0 (where it would raise)
+    this scores 0 and not full.
+    """
     proj = f * cos
     main_proj = float(proj[main].sum())
     candidates = np.ones(len(f), dtype=bool)
     candidates[main] = False
     candidates &= (cos >= cfg.absorber_cos) & (proj > 0)
-    absorbers = np.sort(proj[candidates])[::-1][: cfg.max_absorbers]
-    absorbed = float(absorbers.sum())
-    if a_model <= 0 or main_proj >= a_model or absorbed / a_model < cfg.projection_share:
+    absorbed = float(np.sort(proj[candidates])[::-1][: cfg.max_absorbers].sum())
+    if a_model == 0:
+        return 0.0, False
+    if main_proj >= a_model or absorbed / a_model < cfg.projection_share:
         fraction = 0.0
     elif main_proj <= 0:
         fraction = 1.0
@@ -242,9 +343,9 @@ def word_absorption(
         fraction = float(np.clip(a / (a + main_proj), 0.0, 1.0))
     top = int(np.argmax(proj))
     full = bool(
-        np.all(np.abs(f[main]) < EPS)
+        np.all(f[main] < EPS)
         and cos[top] >= cfg.full_absorption_cos
-        and a_model > 0
+        and a_model >= 0
         and proj[top] / a_model >= cfg.projection_share
     )
     return fraction, full
@@ -252,79 +353,76 @@ def word_absorption(
 
 @torch.no_grad()
 def encode_all(sae, acts: np.ndarray, batch: int = 4096) -> np.ndarray:
+    device = sae.W_dec.device
     return np.concatenate(
         [
-            sae.encode(torch.as_tensor(acts[i : i + batch]).float()).float().cpu().numpy()
+            sae.encode(torch.as_tensor(acts[i : i + batch]).float().to(device)).float().cpu().numpy()
             for i in range(0, len(acts), batch)
         ]
     )
 
 
-def absorption_metrics(
-    sae,
-    acts_train: np.ndarray,
-    y_train: np.ndarray,
-    acts_test: np.ndarray,
-    y_test: np.ndarray,
-    cfg: AbsorptionConfig,
-    probe: dict | None = None,
-) -> dict:
-    """Mean absorption fraction, full-absorption rate and split features, per letter and over letters.
+def bootstrap_ci(per_letter_words: list[np.ndarray], n: int, seed: int) -> list[float]:
+    """95% interval of the mean over letters of each letter's mean over words, resampling words within each
+    letter (the letters stay fixed: their set is decided by the probe, not sampled)."""
+    if n <= 0 or not per_letter_words:
+        return [math.nan, math.nan]
+    rng = np.random.default_rng(seed)
+    means = np.zeros(n)
+    for values in per_letter_words:
+        means += values[rng.integers(0, len(values), (n, len(values)))].mean(1)
+    means /= len(per_letter_words)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
-    Evaluated words (SAEBench): test words of a letter the ground-truth probe gets right on which the
-    main-latent probe does not fire; each letter's sums are divided by its number of probe true positives.
+
+def absorption_metrics(sae, task: dict, probe: dict, cfg: AbsorptionConfig) -> dict:
+    """Per-letter and mean absorption fraction, full-absorption rate and split features of one SAE.
+
+    `task` holds `x_train`, `y_train`, `x_test`, `y_test` (probe prompts) and `x_score` (the test words'
+    fresh prompts, row for row with `x_test`); `probe` is `ground_truth_probe`'s output.
     """
-    probe = probe or ground_truth_probe(acts_train, y_train, acts_test, y_test, cfg.seed)
-    passed = [c for c in range(26) if probe["f1"][c] > cfg.probe_f1_gate]
-    base = {
-        "n_words_train": int(len(y_train)),
-        "n_words_test": int(len(y_test)),
-        "probe_accuracy": probe["accuracy"],
-        "probe_f1": {LETTERS[c]: float(probe["f1"][c]) for c in range(26)},
-        "letters_passed": len(passed),
-        "letters_required": cfg.min_letters,
-        "probe_f1_gate": cfg.probe_f1_gate,
-    }
+    passed = [c for c in range(len(LETTERS)) if probe["f1"][c] > cfg.probe_f1_gate]
+    base = {"protocol": PROTOCOL, "letters_passed": len(passed), "letters_required": cfg.min_letters}
     if len(passed) < cfg.min_letters:
         return base | {
             "status": "insufficient",
             "reason": f"only {len(passed)} of 26 letters have ground-truth probe F1 > {cfg.probe_f1_gate} "
-            f"(need {cfg.min_letters}); sample more words per letter or lower the gate",
+            f"(need {cfg.min_letters}); sample more words or lower --absorption-min-letters",
         }
-    F_train, F_test = encode_all(sae, acts_train), encode_all(sae, acts_test)
-    W_dec = sae.W_dec.detach().float().cpu().numpy()
-    dec_unit = W_dec / np.maximum(np.linalg.norm(W_dec, axis=1, keepdims=True), 1e-12)
-    per_letter = {}
+    F_train, F_test = encode_all(sae, task["x_train"]), encode_all(sae, task["x_test"])
+    F_score = encode_all(sae, task["x_score"])
+    ranking = latent_ranking(F_train, task["y_train"], cfg)
+    y_tr, y_te = task["y_train"], task["y_test"]
+    per_letter, fractions, fulls = {}, [], []
     for c in passed:
-        p = probe["directions"][c]
-        main, score, f1s = main_latents(F_train, F_test, y_train == c, y_test == c, cfg)
-        true_pos = np.flatnonzero((y_test == c) & (probe["pred_test"] == c))
-        if len(true_pos) == 0:
-            continue
-        cos = dec_unit @ p
-        fractions, fulls = 0.0, 0
-        for i in true_pos:
-            if score[i] > 0:  # the main latents' probe fires: nothing is absorbed
-                continue
-            frac, full = word_absorption(acts_test[i], F_test[i], cos, p, main, cfg)
-            fractions += frac
-            fulls += int(full)
+        main, f1s = main_latents(F_train, F_test, y_tr == c, y_te == c, ranking[c], cfg)
+        true_pos = np.flatnonzero((y_te == c) & (probe["test_logits"][:, c] > 0))
+        direction, cos = probe_cosines(probe, c, sae.W_dec)
+        a_model = task["x_score"][true_pos].astype(np.float32) @ direction
+        scored = [
+            word_absorption(float(a), F_score[i], cos, main, cfg)
+            for a, i in zip(a_model, true_pos, strict=True)
+        ]
+        frac = np.array([s[0] for s in scored], dtype=float)
+        full = np.array([s[1] for s in scored], dtype=float)
+        fractions.append(frac)
+        fulls.append(full)
         per_letter[LETTERS[c]] = {
-            "absorption_fraction": fractions / len(true_pos),
-            "full_absorption": fulls / len(true_pos),
-            "n_full_absorption": fulls,
+            "absorption_fraction": float(frac.mean()),
+            "full_absorption": float(full.mean()),
+            "n_full_absorption": int(full.sum()),
             "n_probe_true_positives": int(len(true_pos)),
             "main_latents": [int(m) for m in main],
             "num_split_features": len(main),
             "sparse_probe_f1": f1s,
         }
-    if not per_letter:
-        return base | {"status": "insufficient", "reason": "no test word was classified right by the probe"}
     rows = per_letter.values()
     return base | {
         "status": "ok",
         "mean_absorption_fraction": float(np.mean([r["absorption_fraction"] for r in rows])),
         "mean_full_absorption": float(np.mean([r["full_absorption"] for r in rows])),
+        "ci95_absorption_fraction": bootstrap_ci(fractions, cfg.bootstrap, cfg.seed),
+        "ci95_full_absorption": bootstrap_ci(fulls, cfg.bootstrap, cfg.seed),
         "mean_num_split_features": float(np.mean([r["num_split_features"] for r in rows])),
         "letters_evaluated": len(per_letter),
         "per_letter": per_letter,

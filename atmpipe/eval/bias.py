@@ -9,7 +9,7 @@ all four (occupation, gender) cells.
 Each text ends with the person's name (the sae-probes format), so a text is read at its last token, and only
 its last `tail_chars` characters are kept: the LM call truncates on the right, and the whole passages
 (~500 characters, 100+ tokens) lost the name at context 64, leaving gender undecodable (probe 0.6) and no
-spurious signal to remove. Probes see the residual centred and divided by one scalar (as absorption's).
+spurious signal to remove. Probes see the residual centred and divided by one scalar.
 
 SCR (SAEBench's dir-1 score): rank latents by |Δmean(latent) between genders × ⟨decoder row, gender probe⟩|,
 zero-ablate the top N keeping the SAE's error term, and re-measure the biased probe on the balanced test:
@@ -25,8 +25,6 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
-
-from atmpipe.eval.absorption import CenteredScale
 
 
 @dataclass
@@ -91,6 +89,23 @@ def scr_dataset(table: pd.DataFrame, cfg: BiasConfig) -> dict:
             "n_test": 4 * n_test,
         },
     }
+
+
+class CenteredScale:
+    """Centre the residual and divide by one scalar, the RMS of its per-dimension spread.
+
+    The residual carries a few huge constant offsets (one dimension averages ~7000 on gemma-3-270m against
+    a typical spread of ~30), so scaling by the mean norm shrank every informative dimension ~200-fold and
+    the probe's L2 penalty erased them. One scalar keeps probe weights in residual coordinates; a
+    per-dimension scale would inflate the weights of near-constant dimensions.
+    """
+
+    def __init__(self, x: np.ndarray):
+        self.mean = x.mean(0)
+        self.scale = float(np.sqrt(x.var(0).mean())) or 1.0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.scale
 
 
 class ResidualProbe:

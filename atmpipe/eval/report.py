@@ -53,7 +53,8 @@ def cell(section: dict | None, key: str) -> str:
         if section.get("status") == "insufficient" and "letters_passed" in section:
             return f"insufficient: {section['letters_passed']}/26 letters passed (need {section['letters_required']})"
         return str(section["status"])
-    return fmt(section.get(key))
+    ci = section.get("ci95_" + key.removeprefix("mean_"))  # a 95% interval, where the metric gives one
+    return fmt(section.get(key)) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
 
 
 # --- figures --------------------------------------------------------------------------------------

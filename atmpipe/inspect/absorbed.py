@@ -72,31 +72,36 @@ def absorbing_latents(f: np.ndarray, cos: np.ndarray, main: list[int], cfg) -> l
     return idx[np.argsort(-proj[idx], kind="stable")][: cfg.max_absorbers].tolist()
 
 
-def compute(sae, inputs: dict, probe: dict, acfg) -> dict[str, LetterRecord]:
-    """Per-letter records for one SAE from the first-letter task's activations (eval.run.absorption_inputs)."""
-    from atmpipe.eval.absorption import LETTERS, encode_all, main_latents, word_absorption
+def compute(sae, task: dict, probe: dict, acfg) -> dict[str, LetterRecord]:
+    """Per-letter records for one SAE from the absorption metric's task (its `Absorption.task`): the same
+    ranking, main latents, scored words and per-word rule as `absorption_metrics`."""
+    from atmpipe.eval.absorption import (
+        LETTERS,
+        encode_all,
+        latent_ranking,
+        main_latents,
+        probe_cosines,
+        word_absorption,
+    )
 
-    F_train, F_test = encode_all(sae, inputs["acts_train"]), encode_all(sae, inputs["acts_test"])
-    W_dec = sae.W_dec.detach().float().cpu().numpy()
-    dec_unit = W_dec / np.maximum(np.linalg.norm(W_dec, axis=1, keepdims=True), 1e-12)
-    y_train, y_test, words = inputs["y_train"], inputs["y_test"], inputs["words_test"]
+    F_train, F_test = encode_all(sae, task["x_train"]), encode_all(sae, task["x_test"])
+    F_score = encode_all(sae, task["x_score"])
+    ranking = latent_ranking(F_train, task["y_train"], acfg)
+    y_train, y_test, words = task["y_train"], task["y_test"], task["words_test"]
     records = {}
     for c in range(26):
         if not probe["f1"][c] > acfg.probe_f1_gate:
             continue
-        main, score, _ = main_latents(F_train, F_test, y_train == c, y_test == c, acfg)
-        cos = dec_unit @ probe["directions"][c]
-        true_pos = np.flatnonzero((y_test == c) & (probe["pred_test"] == c))
+        main, _ = main_latents(F_train, F_test, y_train == c, y_test == c, ranking[c], acfg)
+        direction, cos = probe_cosines(probe, c, sae.W_dec)
+        true_pos = np.flatnonzero((y_test == c) & (probe["test_logits"][:, c] > 0))
         record, total = LetterRecord(main=main), 0.0
         for i in true_pos:
-            if score[i] > 0:  # the main latents' probe fires: nothing absorbed
-                continue
-            frac, full = word_absorption(
-                inputs["acts_test"][i], F_test[i], cos, probe["directions"][c], main, acfg
-            )
+            a_model = float(task["x_score"][i].astype(np.float32) @ direction)
+            frac, full = word_absorption(a_model, F_score[i], cos, main, acfg)
             total += frac
             if frac > 0 or full:
-                for j in absorbing_latents(F_test[i], cos, main, acfg) or [int(np.argmax(F_test[i] * cos))]:
+                for j in absorbing_latents(F_score[i], cos, main, acfg) or [int(np.argmax(F_score[i] * cos))]:
                     record.absorbers.setdefault(j, []).append(words[i])
         record.absorption_fraction = total / len(true_pos) if len(true_pos) else None
         records[LETTERS[c]] = record

@@ -116,30 +116,19 @@ def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[li
     from atmpipe.eval.run import Context, EvalConfig
     from atmpipe.lm import load_lm
 
-    class Recording(Context):  # keeps the cached task tensors: the words' train/test split is one of them
-        def cached(self, kind, key, compute):
-            self.task = super().cached(kind, key, compute)
-            return self.task
-
     lm = load_lm(model)
     ecfg = EvalConfig(sae=cfg.sae, seed=cfg.seed)
     metric = REGISTRY["absorption"].from_config(ecfg)
-    ctx = Recording(ecfg, saes, layer, lm=lm, cache=ActivationCache(lm.config_hash, layer), progress=progress)
+    ctx = Context(ecfg, saes, layer, lm=lm, cache=ActivationCache(lm.config_hash, layer), progress=progress)
     metric.collect(ctx)
-    inputs, acfg = metric.inputs, metric.acfg
-    is_test = ctx.task[0]["is_test"].numpy().astype(bool)
-    words = np.array(inputs["words"])
-    inputs["words_test"] = words[is_test].tolist()
-    probe = metric.probe
-    acts_all = np.concatenate([inputs["acts_train"], inputs["acts_test"]])
-    words_all = words[~is_test].tolist() + inputs["words_test"]
-    source = (
-        f"computed by atmpipe inspect --absorption ({len(words)} words, probe F1 gate {acfg.probe_f1_gate})"
-    )
+    task, acfg, probe = metric.task, metric.acfg, metric.probe
+    acts_all = np.concatenate([task["x_train"], task["x_test"]])
+    words_all = list(task["words_train"]) + list(task["words_test"])
+    source = f"computed by atmpipe inspect --absorption ({len(words_all)} words, probe F1 gate {acfg.probe_f1_gate})"
     views, per_word = [], {}
     phase = Phase(progress, "absorption · SAEs", len(saes))
     for k, s in enumerate(saes):
-        records = absorbed.compute(s.sae, inputs, probe, acfg)
+        records = absorbed.compute(s.sae, task, probe, acfg)
         views.append({"source": source, "letters": {c: r.to_json() for c, r in sorted(records.items())}})
         for w, latents in absorbed.word_latents(s.sae, acts_all, words_all).items():
             per_word.setdefault(w, [[] for _ in saes])[k] = latents

@@ -1,5 +1,5 @@
-"""Feature absorption on the first-letter task as a plug-in (the computations are in
-`atmpipe.eval.absorption`)."""
+"""Feature absorption on the first-letter task, SAEBench 0.6's protocol, as a plug-in (the computations are in
+`atmpipe.eval.absorption`; the definitions in docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from atmpipe.eval.metric import Metric, option
 
 @dataclass
 class AbsorptionOptions:
-    absorption_words_per_letter: int = option(80, "Words sampled per first letter.")
-    # 2 measured best on gemma-3-270m: 0.76 probe accuracy
-    absorption_icl: int = option(2, "In-context examples per absorption prompt.")
+    absorption_sample_words: int = option(
+        4000, "Absorption words sampled from the vocabulary (0 = all, SAEBench's full protocol)."
+    )
+    absorption_min_words_per_letter: int = option(100, "Per-letter floor on that sample.")
+    absorption_icl: int = option(10, "In-context examples per absorption prompt.")
     absorption_f1_gate: float = option(0.6, "Letters need probe F1 above this.")
     absorption_min_letters: int = option(20, "Letters needed to report absorption.")
 
@@ -22,8 +24,8 @@ class Absorption(Metric):
     Options = AbsorptionOptions
     needs = frozenset({"lm"})
     rows = [
-        ("full absorption (mean over letters)", "mean_full_absorption", "absorption"),
-        ("absorption fraction (mean over letters)", "mean_absorption_fraction", None),
+        ("full absorption (SAEBench protocol; 95% CI)", "mean_full_absorption", "absorption"),
+        ("absorption fraction (SAEBench protocol; 95% CI)", "mean_absorption_fraction", None),
         ("split features (mean main latents)", "mean_num_split_features", None),
         ("letters evaluated", "letters_evaluated", None),
     ]
@@ -31,89 +33,69 @@ class Absorption(Metric):
     def collect(self, ctx) -> None:
         from atmpipe.eval import absorption
 
-        self.acfg = absorption.AbsorptionConfig(
-            words_per_letter=self.opts.absorption_words_per_letter,
+        self.acfg = acfg = absorption.AbsorptionConfig(
+            sample_words=self.opts.absorption_sample_words,
+            min_words_per_letter=self.opts.absorption_min_words_per_letter,
             icl_examples=self.opts.absorption_icl,
             probe_f1_gate=self.opts.absorption_f1_gate,
             min_letters=self.opts.absorption_min_letters,
             seed=ctx.seed,
         )
-        self.inputs = inputs = self.word_inputs(ctx)
+        self.task = task = self.word_inputs(ctx)
         self.probe = absorption.ground_truth_probe(
-            inputs["acts_train"], inputs["y_train"], inputs["acts_test"], inputs["y_test"], ctx.seed
+            task["x_train"], task["y_train"], task["x_test"], task["y_test"], acfg
         )
-        ctx.shared["sizes"]["absorption"] = {
-            "vocab_words": inputs["vocab_size"],
-            "words": len(inputs["words"]),
-            "dropped_prompts": inputs["dropped"],
-        }
+        ctx.shared["absorption"] = summary(task, self.probe, acfg)
 
     def word_inputs(self, ctx) -> dict:
-        """The words' residual activations and first letters, split into train and test (cached)."""
+        """Residuals and first letters of the train, test and scoring prompts (cached per model and layer)."""
+        from atmpipe.eval import absorption
+
         acfg = self.acfg
         key = {
-            "words_per_letter": acfg.words_per_letter,
+            "protocol": absorption.PROTOCOL,
+            "sample_words": acfg.sample_words,
+            "min_words_per_letter": acfg.min_words_per_letter,
             "icl": acfg.icl_examples,
             "template": acfg.template,
-            "min_letters_word": acfg.min_word_letters,
-            "test_fraction": acfg.test_fraction,
+            "train_fraction": acfg.train_fraction,
             "seed": acfg.seed,
         }
 
         def compute():
             import torch
 
-            from atmpipe.eval import absorption
-
-            ds = absorption.first_letter_dataset(ctx.lm.tokenizer, acfg)
-            phase = ctx.phase("absorption prompts (LM)", len(ds["words"]))
-            acts = absorption.word_activations(
-                ctx.lm, ctx.layer, ds["input_ids"], ds["positions"], ctx.batch_size, phase
-            )
-            tensors = {
-                "acts": acts,
-                "labels": torch.from_numpy(ds["labels"]),
-                "is_test": torch.from_numpy(ds["is_test"]),
+            task = absorption.first_letter_task(ctx.lm.tokenizer, acfg)
+            parts = ("train", "test", "score")
+            phase = ctx.phase("absorption prompts (LM)", sum(len(task[k]["words"]) for k in parts))
+            tensors = {}
+            for k in parts:
+                tensors[f"x_{k}"] = absorption.word_activations(
+                    ctx.lm, ctx.layer, task[k]["input_ids"], task[k]["positions"], ctx.batch_size, phase
+                )
+                tensors[f"y_{k}"] = torch.from_numpy(task[k]["labels"])
+            extra = {k: task[k] for k in ("vocab_size", "n_sampled", "sample_sha256", "dropped")}
+            return tensors, extra | {
+                "words_train": task["train"]["words"],
+                "words_test": task["test"]["words"],
             }
-            return tensors, {"words": ds["words"], "vocab_size": ds["vocab_size"], "dropped": ds["dropped"]}
 
         tensors, extra = ctx.cached("absorption", key, compute)
-        is_test = tensors["is_test"].numpy().astype(bool)
-        acts, labels = tensors["acts"].numpy(), tensors["labels"].numpy()
-        return {
-            "acts_train": acts[~is_test],
-            "y_train": labels[~is_test],
-            "acts_test": acts[is_test],
-            "y_test": labels[is_test],
-            **extra,
-        }
+        return {k: v.numpy() for k, v in tensors.items()} | extra
 
     def compute(self, ctx, sae) -> dict:
         from atmpipe.eval import absorption
 
-        i = self.inputs
-        return absorption.absorption_metrics(
-            sae.sae, i["acts_train"], i["y_train"], i["acts_test"], i["y_test"], self.acfg, self.probe
-        )
+        return absorption.absorption_metrics(sae.sae, self.task, self.probe, self.acfg)
 
     def blocks(self, names, results, shared) -> list[tuple]:
         from atmpipe.eval.report import fmt, grouped_bars
 
-        blocks: list[tuple] = [("h2", "Absorption per letter")]
+        blocks: list[tuple] = [
+            ("h2", "Absorption per letter"),
+            ("p", paragraph(shared.get("absorption", {}))),
+        ]
         ab = {n: results[n]["absorption"] for n in names if "absorption" in results[n]}
-        size = shared["sizes"].get("absorption", {})
-        first = next(iter(ab.values()))
-        blocks.append(
-            (
-                "p",
-                f"First-letter task on {size.get('words')} words sampled by letter from "
-                f"{size.get('vocab_words')} alphabetic tokens ({size.get('dropped_prompts')} prompts "
-                f"dropped for a tokenisation merge), {first['n_words_train']} train / "
-                f"{first['n_words_test']} test; ground-truth probe accuracy {fmt(first['probe_accuracy'])}, "
-                f"{first['letters_passed']} of 26 letters above F1 {first['probe_f1_gate']} "
-                f"(need {first['letters_required']}).",
-            )
-        )
         for n, a in ab.items():
             if a.get("status") != "ok":
                 blocks.append(("p", f"{n}: not computed — {a.get('reason')}"))
@@ -135,6 +117,55 @@ class Absorption(Metric):
                 + fmt(letter(n, c).get("full_absorption"))
             )
 
-        rows = [[c, *[both(n, c) for n in ab], fmt(first["probe_f1"][c])] for c in letters]
+        probe_f1 = shared.get("absorption", {}).get("probe_f1", {})
+        rows = [[c, *[both(n, c) for n in ab], fmt(probe_f1.get(c))] for c in letters]
         blocks.append(("table", ["letter", *[f"{n} (fraction / full)" for n in ab], "probe F1"], rows))
         return blocks
+
+
+def summary(task: dict, probe: dict, acfg) -> dict:
+    """What the absorption numbers were measured on: protocol, word sample, split and probe quality."""
+    from atmpipe.eval import absorption
+
+    letters = absorption.LETTERS
+    whole = acfg.sample_words <= 0 or task["n_sampled"] == task["vocab_size"]
+    kind = "whole vocabulary" if whole else "uniform random (natural letter frequencies)"
+    if not whole and acfg.min_words_per_letter:
+        kind += f", floor {acfg.min_words_per_letter} a letter"
+    return {
+        "protocol": absorption.PROTOCOL,
+        "vocab_words": task["vocab_size"],
+        "sample": {
+            "words": task["n_sampled"],
+            "requested": acfg.sample_words,
+            "min_words_per_letter": acfg.min_words_per_letter,
+            "seed": acfg.seed,
+            "kind": kind,
+            "sha256": task["sample_sha256"],
+        },
+        "dropped_words": task["dropped"],
+        "n_words_train": int(len(task["y_train"])),
+        "n_words_test": int(len(task["y_test"])),
+        "test_words_per_letter": {c: int((task["y_test"] == i).sum()) for i, c in enumerate(letters)},
+        "probe_f1": {c: float(probe["f1"][i]) for i, c in enumerate(letters)},
+        "probe_f1_gate": acfg.probe_f1_gate,
+        "letters_passed": int((probe["f1"] > acfg.probe_f1_gate).sum()),
+        "letters_required": acfg.min_letters,
+        "icl_examples": acfg.icl_examples,
+        "bootstrap": acfg.bootstrap,
+    }
+
+
+def paragraph(a: dict) -> str:
+    """Protocol, word sample and probe quality, said beside the absorption numbers."""
+    sample = a.get("sample", {})
+    return (
+        f"Protocol {a.get('protocol')} (SAEBench 0.6's absorption eval step by step; docs/metrics.md): "
+        f"{sample.get('words')} words ({sample.get('kind')}, seed {sample.get('seed')}) of "
+        f"{a.get('vocab_words')} alphabetic vocabulary tokens, {a.get('n_words_train')} train / "
+        f"{a.get('n_words_test')} test ({a.get('dropped_words')} dropped: no single word position), "
+        f"{a.get('icl_examples')} in-context examples; {a.get('letters_passed')} of 26 letters have "
+        f"ground-truth probe F1 > {a.get('probe_f1_gate')} (need {a.get('letters_required')}). "
+        f"Intervals: 95% bootstrap over the scored words ({a.get('bootstrap')} resamples, letters fixed); "
+        "they leave out the probes' own randomness."
+    )

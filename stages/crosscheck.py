@@ -1,0 +1,289 @@
+"""`make crosscheck`: atmpipe's absorption against SAEBench's own absorption eval, on the same SAEs and words.
+
+Run with .venv-saebench's python (SAEBench 0.6 and its pins live there; `make saebench`):
+    .venv-saebench/bin/python stages/crosscheck.py --out DIR [--words N --floor F --min-letters G --seeds 0,1,2]
+        SAE_DIR [SAE_DIR ...]
+1. atmpipe: `atmpipe eval --metrics absorption` (the main venv's atmpipe) with the given word sample;
+2. SAEBench: `sae_bench.evals.absorption.main.run_eval` on the same SAE directories (SAELens layout), its
+   vocabulary replaced by atmpipe's word sample (same function, same seed; the sample's sha256 is checked),
+   the model loaded by TransformerLens offline from atmpipe's converted checkpoint through a local
+   Hugging Face cache layout; once per seed, its own randomness (probe init, split, examples) seeded;
+3. both numbers per SAE and per letter, printed and written to DIR/crosscheck.{json,md} with versions and
+   wall times. Pass: |atmpipe - SAEBench mean over seeds| <= max(0.02, SAEBench's spread over seeds) for full
+   absorption and absorption fraction on every SAE, and the same ranking of the SAEs on both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HF_NAME = {"gemma-3-270m": "google/gemma-3-270m"}  # atmpipe's short name -> the name TransformerLens knows
+METRICS = {"full": "mean_full_absorption", "fraction": "mean_absorption_fraction"}
+SAEBENCH_KEYS = {"full": "mean_full_absorption_score", "fraction": "mean_absorption_fraction_score"}
+
+
+def hf_cache_layout(model_dir: Path, hub_name: str, cache: Path) -> Path:
+    """A Hugging Face hub cache holding `hub_name` as links to atmpipe's converted checkpoint files."""
+    repo = cache / "hub" / ("models--" + hub_name.replace("/", "--"))
+    snap = repo / "snapshots" / "atmpipe-local"
+    snap.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if not (snap / f.name).exists():
+            (snap / f.name).symlink_to(f.resolve())
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text("atmpipe-local")
+    return cache
+
+
+def run_atmpipe(args, out: Path) -> dict:
+    cmd = [
+        args.atmpipe,
+        "eval",
+        "--metrics",
+        "absorption",
+        "--seed",
+        str(args.atmpipe_seed),
+        "--out",
+        str(out),
+    ]
+    cmd += [
+        "--absorption-sample-words",
+        str(args.words),
+        "--absorption-min-words-per-letter",
+        str(args.floor),
+    ]
+    cmd += ["--absorption-min-letters", str(args.min_letters)] + [f"--sae={s}" for s in args.saes]
+    cmd += ["--store", args.store] if args.store else []
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    subprocess.run(cmd, check=True)
+    res = json.loads((out / "results.json").read_text())
+    res |= {"wall_s": time.time() - start, "command": " ".join(cmd)}
+    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def word_sample(model_dir: Path, args) -> list[str]:
+    """atmpipe's own sample (its functions, its seed): the words SAEBench is given as its vocabulary."""
+    sys.path.insert(0, str(ROOT))
+    from transformers import AutoTokenizer
+
+    from atmpipe.eval.absorption import alphabetic_vocab, sample_vocab
+
+    vocab = alphabetic_vocab(AutoTokenizer.from_pretrained(model_dir))
+    return sample_vocab(vocab, args.words, args.floor, args.atmpipe_seed)
+
+
+def run_saebench(args, words: list[str], hub_name: str, layer: int, seed: int, work: Path) -> dict:
+    """SAEBench's absorption eval, unchanged but for its vocabulary, on every SAE, with one seed."""
+    import numpy as np
+    import torch
+    from sae_bench.evals.absorption import common, feature_absorption
+    from sae_bench.evals.absorption import main as sb_main
+    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+    if not hasattr(HookedTransformer, "_full_run_with_cache"):
+        # SAEBench reads only layer `layer`'s residual: stopping the forward after it leaves that residual
+        # unchanged (causal, layer by layer) and skips the later layers and the 262k-token unembedding.
+        HookedTransformer._full_run_with_cache = HookedTransformer.run_with_cache
+        HookedTransformer.run_with_cache = lambda self, *a, **kw: self._full_run_with_cache(
+            *a, stop_at_layer=layer + 1, **kw
+        )
+
+    for module in (common, feature_absorption):  # both places SAEBench reads its word list from
+        module.get_alpha_tokens = lambda tokenizer, **kw: list(words)
+    probes = common.PROBES_DIR / hub_name.split("/")[-1] / f"layer_{layer}"
+    shutil.rmtree(probes, ignore_errors=True)  # SAEBench reuses a probe on disk whatever it was trained on
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    cfg = AbsorptionEvalConfig(model_name=hub_name, random_seed=seed, min_feats_for_eval=args.min_letters)
+    cfg.llm_batch_size, cfg.llm_dtype = 16, "float32"
+    saes = [(Path(p).name, SAE.load_from_disk(p, device="cpu")) for p in args.saes]
+    start = time.time()
+    os.chdir(work)  # SAEBench writes artifacts/ under the working directory
+    got = sb_main.run_eval(cfg, saes, "cpu", str(work / f"seed{seed}"), force_rerun=True)
+    raw = Path(args.out).resolve() / f"saebench_seed{seed}.json"  # SAEBench's own output, kept whole
+    raw.write_text(json.dumps(got, indent=2, default=str) + "\n")
+    out = {}
+    for name, _ in saes:
+        r = next((v for k, v in got.items() if k.startswith(name + "_")), None)
+        if r is None:  # SAEBench stops when fewer than min_feats_for_eval letters pass its probe
+            out[name] = {k: float("nan") for k in SAEBENCH_KEYS} | {
+                "per_letter": {},
+                "status": "insufficient",
+            }
+            continue
+        m = r["eval_result_metrics"]["mean"]
+        out[name] = {k: m[v] for k, v in SAEBENCH_KEYS.items()} | {
+            "per_letter": {
+                d["first_letter"]: {
+                    "full": d["full_absorption_rate"],
+                    "fraction": d["mean_absorption_fraction"],
+                }
+                for d in r["eval_result_details"]
+            },
+            "num_split_features": m["mean_num_split_features"],
+        }
+    return {"seed": seed, "wall_s": time.time() - start, "saes": out}
+
+
+def compare(atm: dict, sb_runs: list[dict], names: list[str]) -> dict:
+    rows, ok = {}, True
+    for n in names:
+        a = atm["results"][n]["absorption"]
+        row = {}
+        for m, key in METRICS.items():
+            values = [r["saes"][n][m] for r in sb_runs]
+            mean, spread = sum(values) / len(values), max(values) - min(values)
+            tol = max(0.02, spread)
+            diff = a.get(key, float("nan")) - mean
+            row[m] = {
+                "atmpipe": a.get(key),
+                "atmpipe_ci95": a.get("ci95_" + key.removeprefix("mean_")),
+                "saebench_mean": mean,
+                "saebench_by_seed": values,
+                "saebench_spread": spread,
+                "tolerance": tol,
+                "diff": diff,
+                "pass": abs(diff) <= tol,
+            }
+            ok &= abs(diff) <= tol
+        rows[n] = row
+    ranking = {}
+    for m in METRICS:
+        order_a = sorted(names, key=lambda n: rows[n][m]["atmpipe"])
+        order_s = sorted(names, key=lambda n: rows[n][m]["saebench_mean"])
+        ranking[m] = {"atmpipe": order_a, "saebench": order_s, "same": order_a == order_s}
+    return {"per_sae": rows, "ranking": ranking, "pass": ok and all(r["same"] for r in ranking.values())}
+
+
+def per_letter_table(atm: dict, sb_runs: list[dict], names: list[str]) -> list[str]:
+    lines = [
+        f"| SAE | letter | atmpipe fraction / full | SAEBench fraction / full (seed {sb_runs[0]['seed']}) |"
+    ]
+    lines.append("|---|---|---|---|")
+    for n in names:
+        a = atm["results"][n]["absorption"].get("per_letter", {})
+        s = sb_runs[0]["saes"][n]["per_letter"]
+        for c in sorted(set(a) | set(s)):
+            fa = f"{a[c]['absorption_fraction']:.3f} / {a[c]['full_absorption']:.3f}" if c in a else "—"
+            fs = f"{s[c]['fraction']:.3f} / {s[c]['full']:.3f}" if c in s else "—"
+            lines.append(f"| {n} | {c} | {fa} | {fs} |")
+    return lines
+
+
+def summary_md(result: dict) -> str:
+    cmp, names = result["comparison"], result["saes"]
+    lines = [
+        "# atmpipe vs SAEBench absorption (crosscheck)",
+        "",
+        f"Model {result['model']} layer {result['layer']}; word sample {result['sample']}; SAEBench seeds "
+        f"{result['saebench_seeds']}; versions {json.dumps(result['versions'])}.",
+        f"Wall time: atmpipe {result['atmpipe_wall_s']:.0f} s, SAEBench "
+        + ", ".join(f"{r['wall_s']:.0f} s" for r in result["saebench_runs"])
+        + f"; total {result['total_wall_s']:.0f} s.",
+        "",
+        "| SAE | metric | atmpipe [95% CI] | SAEBench mean (by seed) | diff | tolerance | pass |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        for m, r in cmp["per_sae"][n].items():
+            ci = r["atmpipe_ci95"] or [float("nan")] * 2
+            by_seed = ", ".join(f"{v:.3f}" for v in r["saebench_by_seed"])
+            lines.append(
+                f"| {n} | {m} | {r['atmpipe']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r['saebench_mean']:.3f} "
+                f"({by_seed}) | {r['diff']:+.3f} | {r['tolerance']:.3f} | {'yes' if r['pass'] else 'NO'} |"
+            )
+    lines.append("")
+    for m, r in cmp["ranking"].items():
+        lines.append(f"Ranking by {m} (low to high): atmpipe {r['atmpipe']}, SAEBench {r['saebench']}.")
+    lines += [
+        "",
+        f"**{'PASS' if cmp['pass'] else 'FAIL'}** (tolerance max(0.02, SAEBench's spread over seeds)).",
+        "",
+    ]
+    return "\n".join(lines + per_letter_table(result["atmpipe"], result["saebench_runs"], names)) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("saes", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--atmpipe", default=str(ROOT / ".venv" / "bin" / "atmpipe"))
+    p.add_argument("--words", type=int, default=1000, help="word sample size (0 = whole vocabulary)")
+    p.add_argument("--floor", type=int, default=0, help="per-letter floor on the sample")
+    p.add_argument("--min-letters", type=int, default=20, help="letters that must pass the probe gate")
+    p.add_argument("--seeds", default="0,1,2", help="SAEBench seeds; their spread sets the tolerance")
+    p.add_argument("--atmpipe-seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="reuse DIR/atmpipe/results.json from an earlier run")
+    p.add_argument(
+        "--store", help="the SAEs' activation store, where their recorded path does not resolve here"
+    )
+    args = p.parse_args()
+    args.saes = [str(Path(s).resolve()) for s in args.saes]
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((Path(args.saes[0]) / "cfg.json").read_text())["metadata"]
+    model, layer = meta["model_name"], int(meta["hook_name"].split(".")[1])
+    model_dir = Path(os.environ.get("ATMPIPE_HOME", Path.home() / ".cache" / "atmpipe")) / "models" / model
+    start = time.time()
+    work = Path(tempfile.mkdtemp(prefix="crosscheck-"))
+    # Before anything imports huggingface_hub, which reads these once.
+    os.environ |= {
+        "HF_HOME": str(hf_cache_layout(model_dir, HF_NAME[model], work / "hf")),
+        "HF_HUB_OFFLINE": "1",
+    }
+    reuse = args.reuse and (out / "atmpipe" / "results.json").exists()
+    atm = (
+        json.loads((out / "atmpipe" / "results.json").read_text())
+        if reuse
+        else run_atmpipe(args, out / "atmpipe")
+    )
+    words = word_sample(model_dir, args)
+    sha = hashlib.sha256("\n".join(words).encode()).hexdigest()
+    if sha != atm["shared"]["absorption"]["sample"]["sha256"]:
+        raise SystemExit(
+            "the word sample differs from the one atmpipe eval used; is the same code checked out?"
+        )
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sb_runs = [run_saebench(args, words, HF_NAME[model], layer, s, work) for s in seeds]
+    names = [Path(s).name for s in args.saes]
+    result = {
+        "model": model,
+        "layer": layer,
+        "saes": names,
+        "sample": atm["shared"]["absorption"]["sample"],
+        "saebench_seeds": seeds,
+        "versions": {k: version(k) for k in ("sae-bench", "sae-lens", "transformer-lens", "torch")},
+        "atmpipe": {"results": {n: atm["results"][n] for n in names}, "shared": atm["shared"]},
+        "atmpipe_command": atm["command"],
+        "atmpipe_wall_s": atm["wall_s"],
+        "saebench_runs": sb_runs,
+        "total_wall_s": time.time() - start,
+    }
+    result["comparison"] = compare(result["atmpipe"], sb_runs, names)
+    (out / "crosscheck.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = summary_md(result)
+    (out / "crosscheck.md").write_text(md)
+    print(md)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if result["comparison"]["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""atmpipe's absorption steps equal SAEBench 0.6's own functions on fixed inputs (the planted case).
+
+SAEBench runs in .venv-saebench (`make saebench`; it pins numpy < 2) through tests/saebench_reference.py;
+the test is skipped where that venv is missing. Same seed, same inputs: the probes are trained with the same
+random stream, so weights agree to float rounding, and the main latents, F1s and per-word scores exactly.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atmpipe.eval.absorption import (
+    LETTERS,
+    AbsorptionConfig,
+    encode_all,
+    ground_truth_probe,
+    main_latents,
+    train_probes,
+    word_absorption,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SAEBENCH_PY = ROOT / ".venv-saebench" / "bin" / "python"
+sys.path.insert(0, str(Path(__file__).parent))
+from test_eval_absorption import planted_case  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not SAEBENCH_PY.exists(), reason="no .venv-saebench (make saebench)")
+
+
+def test_probe_selection_and_scoring_equal_saebench(tmp_path):
+    cfg = AbsorptionConfig(probe_batch=64, seed=3)
+    sae, xtr, ytr, xte, yte = planted_case(5, per_letter_train=24, per_letter_test=12)
+    rng = np.random.default_rng(1)
+    x_score = xte + 0.3 * rng.standard_normal(xte.shape)  # the re-prompted words differ from the probe's
+    xtr, xte, x_score = (a.astype(np.float32) for a in (xtr, xte, x_score))
+    letter = 0
+    np.savez(
+        tmp_path / "in.npz",
+        x_train=xtr, y_train=ytr, x_test=xte, y_test=yte, x_score=x_score,
+        W_enc=sae.W_enc.numpy(), b_enc=sae.b_enc.numpy(), W_dec=sae.W_dec.numpy(), b_dec=sae.b_dec.numpy(),
+        seed=cfg.seed, batch=cfg.probe_batch, letter=letter,
+    )  # fmt: skip
+    subprocess.run(
+        [
+            str(SAEBENCH_PY),
+            str(ROOT / "tests" / "saebench_reference.py"),
+            tmp_path / "in.npz",
+            tmp_path / "out.npz",
+        ],
+        check=True,
+        timeout=600,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},  # tiny GEMMs: threads only add hand-off waits
+    )
+    ref = np.load(tmp_path / "out.npz")
+
+    probe = ground_truth_probe(xtr, ytr, xte, yte, cfg)
+    np.testing.assert_allclose(probe["weights"], ref["gt_weights"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probe["bias"], ref["gt_bias"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probe["f1"], ref["f1_probe"], atol=1e-12)
+
+    F_train, F_test = encode_all(sae, xtr), encode_all(sae, xte)
+    ranking, _ = train_probes(
+        F_train, ytr, epochs=cfg.probe_epochs, lr=cfg.probe_lr, end_lr=cfg.probe_end_lr, batch=cfg.probe_batch,
+        weight_decay=cfg.sparse_weight_decay, seed=cfg.seed, l1=cfg.sparse_l1,
+    )  # fmt: skip
+    for c in range(len(LETTERS)):
+        main, f1s = main_latents(F_train, F_test, ytr == c, yte == c, ranking[c], cfg)
+        assert main == [int(m) for m in ref["split_feats"][c] if m >= 0], LETTERS[c]
+        np.testing.assert_allclose(f1s, ref["f1_sparse"][c][: len(f1s)], atol=1e-12)
+
+    main = [int(m) for m in ref["split_feats"][letter] if m >= 0]
+    true_pos = np.flatnonzero((yte == letter) & (probe["test_logits"][:, letter] > 0))
+    np.testing.assert_array_equal(true_pos, ref["true_pos"])
+    direction = probe["weights"][letter] / np.linalg.norm(probe["weights"][letter])
+    W_dec = sae.W_dec.numpy()
+    cos = W_dec @ direction / np.maximum(np.linalg.norm(W_dec, axis=1), 1e-8)
+    F_score = encode_all(sae, x_score)
+    scored = [word_absorption(float(x_score[i] @ direction), F_score[i], cos, main, cfg) for i in true_pos]
+    np.testing.assert_allclose([s[0] for s in scored], ref["fractions"], atol=1e-5)
+    assert [s[1] for s in scored] == ref["fulls"].tolist()
+    assert ref["fulls"].sum() > 0 and ref["fractions"].sum() > 0  # the planted absorbers are found
