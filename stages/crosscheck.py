@@ -117,7 +117,7 @@ def run_saebench(args, words: list[str], hub_name: str, layer: int, seed: int, w
     start = time.time()
     os.chdir(work)  # SAEBench writes artifacts/ under the working directory
     got = sb_main.run_eval(cfg, saes, "cpu", str(work / f"seed{seed}"), force_rerun=True)
-    raw = Path(args.out).resolve() / f"saebench_seed{seed}.json"  # SAEBench's own output, kept whole
+    raw = Path(args.out) / f"saebench_seed{seed}.json"  # SAEBench's own output, kept whole
     raw.write_text(json.dumps(got, indent=2, default=str) + "\n")
     out = {}
     for name, _ in saes:
@@ -237,6 +237,7 @@ def main() -> int:
     args = p.parse_args()
     args.saes = [str(Path(s).resolve()) for s in args.saes]
     out = Path(args.out).resolve()
+    args.out = str(out)  # SAEBench runs in a scratch working directory
     out.mkdir(parents=True, exist_ok=True)
     meta = json.loads((Path(args.saes[0]) / "cfg.json").read_text())["metadata"]
     model, layer = meta["model_name"], int(meta["hook_name"].split(".")[1])
