@@ -29,6 +29,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 HF_NAME = {"gemma-3-270m": "google/gemma-3-270m"}  # atmpipe's short name -> the name TransformerLens knows
 METRICS = {"full": "mean_full_absorption", "fraction": "mean_absorption_fraction"}
 SAEBENCH_KEYS = {"full": "mean_full_absorption_score", "fraction": "mean_absorption_fraction_score"}
@@ -226,7 +227,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--atmpipe", default=str(ROOT / ".venv" / "bin" / "atmpipe"))
     p.add_argument("--words", type=int, default=1000, help="word sample size (0 = whole vocabulary)")
-    p.add_argument("--floor", type=int, default=0, help="per-letter floor on the sample")
+    p.add_argument("--floor", type=int, default=10, help="per-letter floor on the sample")
     p.add_argument("--min-letters", type=int, default=20, help="letters that must pass the probe gate")
     p.add_argument("--seeds", default="0,1,2", help="SAEBench seeds; their spread sets the tolerance")
     p.add_argument("--atmpipe-seed", type=int, default=0)
@@ -249,13 +250,19 @@ def main() -> int:
         "HF_HOME": str(hf_cache_layout(model_dir, HF_NAME[model], work / "hf")),
         "HF_HUB_OFFLINE": "1",
     }
+    words = word_sample(model_dir, args)
+    short = sorted(c for c in LETTERS if sum(w.strip()[0].lower() == c for w in words) < 5)
+    if short:  # SAEBench trains its k-sparse probes only for letters in its train split, then reads all 26
+        raise SystemExit(
+            f"letters {''.join(short)} have < 5 words in the sample: SAEBench fails on a letter "
+            "missing from its train split; pass --floor 10"
+        )
     reuse = args.reuse and (out / "atmpipe" / "results.json").exists()
     atm = (
         json.loads((out / "atmpipe" / "results.json").read_text())
         if reuse
         else run_atmpipe(args, out / "atmpipe")
     )
-    words = word_sample(model_dir, args)
     sha = hashlib.sha256("\n".join(words).encode()).hexdigest()
     if sha != atm["shared"]["absorption"]["sample"]["sha256"]:
         raise SystemExit(
