@@ -5,6 +5,8 @@ experiment.py markdown REPORT_DIR          the same as a Markdown table (the REA
 experiment.py label-demo REPORT_DIR        mark a report's every page as a demonstration
 experiment.py record RECORD_DIR OUT_DIR    commands, wall times, versions and hardware into OUT_DIR
 experiment.py masking REPORT_DIR           ATM's masking controls side by side (Markdown)
+experiment.py frontier RESULTS_DIR         the reproduction's aggregate (stages/frontier.py) from its evals
+experiment.py budget PLAN SECONDS_JSON     the wall time a plan (PLAN_ONLY=1 output) needs, from measured times
 """
 
 from __future__ import annotations
@@ -198,13 +200,21 @@ def masking(report_dir: Path) -> None:
     print(f"\nL0 matched within {L0_TOLERANCE:.0%} of the median: {check['matched']}")
 
 
+def frontier_aggregate(results_dir: Path) -> None:
+    import frontier
+
+    frontier.write(results_dir)
+
+
+def budget(plan: Path, seconds: Path) -> None:
+    import frontier
+
+    frontier.print_budget(plan.read_text(), json.loads(seconds.read_text()))
+
+
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
     verb, *args = sys.argv[1:]
-    verbs = {
-        "table": table,
-        "markdown": markdown,
-        "label-demo": label_demo,
-        "record": record,
-        "masking": masking,
-    }
+    verbs = {"table": table, "markdown": markdown, "label-demo": label_demo, "record": record}
+    verbs |= {"masking": masking, "frontier": frontier_aggregate, "budget": budget}
     verbs[verb](*map(Path, args))
