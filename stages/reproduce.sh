@@ -21,8 +21,17 @@
 # Most informative first: if the budget runs out, what is missing is the least needed. One eval per group:
 # the eval caches the LM's activations per model and layer, so the LM passes are paid once (group 1).
 #
-# Budget on 2 CPU cores (the estimate `experiment.py budget` prints; the run records its real wall times):
-# BUDGET-ESTIMATE (filled in from measured per-SAE times; see experiment.py budget)
+# Budget on 2 CPU cores, ≤ 6 h asked: the estimate adds measured per-SAE times over the stages not yet done,
+#     PLAN_ONLY=1 bash stages/reproduce.sh | .venv/bin/python stages/experiment.py budget - stages/reproduce-budget.json
+# (the inputs and where they were measured: stages/reproduce-budget.json; the run's real wall times go to
+# experiment.json). Minutes per group (train + eval), store reused, eval's LM passes paid once (10 min):
+#                          head  seeds  frontier  controls  long  total
+#   dense steps (measured)   43     65        98       105    56  6.1 h  (TopK 167 s/SAE, ATM 635, ReLU 429)
+#   sparse steps (target)    26     32        48        39    26  2.9 h  (every method near TopK's 167 s/SAE)
+# With the sparse path for ReLU, JumpReLU and ATM the whole issue fits, nothing cut. With dense steps it is
+# ~6 min over: LONG_TIMES=2 (2 passes instead of 4, -28 min) brings it within, and the order above means an
+# over-run loses only the long runs. A fresh harvest adds ~26 min. The word sample of the absorption eval is
+# the eval's (stages/reproduce-eval.toml); its first LM pass is budgeted at 3× the old protocol's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source stages/lib.sh
@@ -49,7 +58,7 @@ declare -A VARIANT_RECIPE=(
 METHODS=(atm topk jumprelu relu)
 CONTROLS=(atm-uniform atm-log atm-r0.5)
 HEAD_L0=64
-LONG_TIMES=4
+LONG_TIMES=${LONG_TIMES:-4} # the longer runs: this many passes over the store
 TRAIN_TOKENS=$(.venv/bin/python -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["tokens"])' \
     "$SIZES")
 
@@ -79,8 +88,9 @@ evaluate() {
         "${GROUP[@]/#/--sae=}" --out "$RESULTS/evals/$group"
     GROUP=()
     [[ ${PLAN_ONLY:-} == 1 ]] && return 0
-    MODEL=$MODEL LAYER=$LAYER .venv/bin/python stages/experiment.py record "$RECORD" "$RESULTS"
     .venv/bin/python stages/experiment.py frontier "$RESULTS"
+    MODEL=$MODEL LAYER=$LAYER STORE=$STORE RUNS=$RUNS LONG_TIMES=$LONG_TIMES \
+        .venv/bin/python stages/experiment.py record "$RECORD" "$RESULTS"
 }
 
 [[ ${PLAN_ONLY:-} == 1 ]] || mkdir -p "$RUNS"
