@@ -189,7 +189,9 @@ def test_aggregate_of_real_evals_matches_hand_computations(evaluated):
     payload = frontier.write(evaluated, head=8)
     fvu, l0 = eval_values(evaluated, "fvu"), eval_values(evaluated, "l0")
     assert set(payload["runs"]) == set(TINY_RUNS)
-    assert payload["runs"]["topk-L8-s0-x4"]["tokens_seen"] == 4 * 128 * 8  # read from the run's metadata
+    long, once = payload["runs"]["topk-L8-s0-x4"], payload["runs"]["topk-L8-s0"]
+    assert long["tokens_seen"] == 4 * once["tokens_seen"] == 4 * 128 * 8  # read from the runs' metadata
+    assert long["epochs"] == pytest.approx(4 * once["epochs"]) and long["epochs"] > 1  # passes over the store
     assert payload["runs"]["relu-L8-s0"]["group"] == "head"
 
     cell = payload["summary"]["topk"]["8"]
