@@ -21,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from atmpipe.eval.report import FIG_DPI, FIG_SIZE, PAPER, ROWS  # noqa: E402
+from atmpipe.eval.metrics import REGISTRY  # noqa: E402
+from atmpipe.eval.report import FIG_DPI, FIG_SIZE, PAPER  # noqa: E402
 
 RUN_NAME = re.compile(r"^(?P<variant>[a-z][a-z0-9.\-]*?)-L(?P<l0>\d+)-s(?P<seed>\d+)(?:-x(?P<times>\d+))?$")
 METHODS = ["atm", "topk", "jumprelu", "relu"]
@@ -182,8 +183,9 @@ def _mean_sd(cell: dict | None, ci: list[float] | None = None) -> str:
 def table(summary: dict, level: int = HEAD_L0) -> str:
     """Markdown: every metric at one L0 level, mean ± sd (seeds) per series, and the paper's own numbers."""
     series = _series_order(s for s in summary if level in summary[s])
-    paper = {f"{sec}.{key}": PAPER[entry] for _, sec, key, entry in ROWS if entry}
-    ordered = [f"{sec}.{key}" for _, sec, key, _ in ROWS]
+    rows = [(f"{name}.{key}", entry) for name, metric in REGISTRY.items() for _, key, entry in metric.rows]
+    paper = {key: PAPER[entry] for key, entry in rows if entry}
+    ordered = [key for key, _ in rows]  # the eval report's order first
     found = {k for s in series for k in summary[s][level]["metrics"]}
     metrics = [k for k in ordered if k in found] + sorted(found - set(ordered))
     lines = [
