@@ -360,14 +360,14 @@ def plan_stages(plan: str) -> list[tuple[str, str, str]]:
 
 def stage_seconds(name: str, command: str, seconds: dict) -> float:
     """A stage's expected wall time from measured ones: `train_s` per method or variant (one pass over the
-    store), `eval_s` = {"first": LM passes + loading, "per_sae": s}, `harvest_s`."""
+    store), `eval_s` = {"first": LM passes + loading, "per_sae": s}, `<stage>_s` (harvest_s, crosscheck_s)."""
     if name.startswith("train-"):
         run = parse_run(name[len("train-") :])
         per_pass = seconds["train_s"].get(run["variant"], seconds["train_s"][run["method"]])
         return per_pass * run["tokens_multiplier"]
     if name.startswith("eval-"):
         return seconds["eval_s"]["per_sae"] * command.count("--sae=")
-    return seconds.get("harvest_s", 0.0)
+    return seconds.get(f"{name}_s", 0.0)
 
 
 def print_budget(plan: str, seconds: dict, limit_h: float = 6.0) -> float:
