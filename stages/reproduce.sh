@@ -21,17 +21,18 @@
 # Most informative first: if the budget runs out, what is missing is the least needed. One eval per group:
 # the eval caches the LM's activations per model and layer, so the LM passes are paid once (group 1).
 #
-# Budget on 2 CPU cores, ≤ 6 h asked: the estimate adds per-stage times over the stages not yet done,
+# Budget on 2 idle CPU cores, ≤ 6 h asked: the estimate adds per-stage times over the stages not yet done,
 #     PLAN_ONLY=1 bash stages/reproduce.sh | .venv/bin/python stages/experiment.py budget - stages/reproduce-budget.json
-# (its inputs, which are measured and which estimated: stages/reproduce-budget.json; the run's real wall
-# times go to experiment.json). Minutes per group (train + eval), the store reused, the eval's LM passes paid
-# once in the head group (~25 min: SAEBench's absorption prompts), make crosscheck ~20 min:
-#                          head  seeds  frontier  controls  long  crosscheck  total
-#   dense steps (measured)   59     69       103       109    56          20  6.9 h  (ATM 635 s/SAE, TopK 167)
-#   sparse steps (target)    43     36        53        42    27          20  3.7 h  (all near TopK's 167 s)
-# With the sparse path for ReLU, JumpReLU and ATM (issue 14) the whole issue fits, nothing cut. With dense
-# steps it is ~55 min over: LONG_TIMES=2 (-27 min) and dropping the r = 0.5 control (-35 min) would bring it
-# within; the order above means an over-run loses the least informative groups. A fresh harvest adds ~26 min.
+# (its inputs, what is measured and what estimated: stages/reproduce-budget.json; the run's real wall times
+# go to experiment.json). Minutes per group (train + eval), the store reused, the eval's LM passes paid once
+# in the head group (~25 min: SAEBench's absorption prompts), make crosscheck ~20 min:
+#                                    head  seeds  frontier  controls  long  crosscheck  total
+#   dense steps (today's wall times)   59     69       103       109    56          20  6.9 h
+#   sparse steps (issue 14's 2.5×)     49     48        72        69    39          20  4.9 h
+# With the sparse path (ReLU, JumpReLU, ATM at ~2.5× at L0 64) the whole issue fits, nothing cut, ~1 h to
+# spare. With dense steps it is ~55 min over: LONG_TIMES=2 (-27 min) and no r = 0.5 control (-35 min) would
+# bring it within; the order above means an over-run loses the least informative groups first. A fresh
+# harvest adds ~26 min; other load on the cores stretches everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source stages/lib.sh
