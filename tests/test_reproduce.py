@@ -267,3 +267,13 @@ def test_absorption_ci_and_masking_diagnostics_are_used_where_present(evaluated,
     )
     assert "absorption_vs_fvu_l0_8.png" in payload["figures"]
     assert png_size(results / "masking_diagnostics.png") == (800, 500)
+
+
+def test_plan_for_gemma_2_2b_on_a_gpu_names_its_own_store_runs_and_results(tmp_path):
+    stages = plan(tmp_path, MODEL="gemma-2-2b", LAYER="12")
+    harvest_cmd = stages[0][2]
+    assert flag(harvest_cmd, "--model") == ["gemma-2-2b"] and flag(harvest_cmd, "--layer") == ["12"]
+    assert flag(harvest_cmd, "--out") == ["cache/reproduce-gemma-2-2b-l12.zarr"]
+    by_name = {n: c for n, _, c in stages}
+    assert flag(by_name["train-atm-L64-s0"], "--out") == ["runs/reproduce/gemma-2-2b-l12/atm-L64-s0"]
+    assert flag(by_name["eval-head"], "--out") == ["results/gemma-2-2b-l12/evals/head"]
