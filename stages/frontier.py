@@ -82,21 +82,24 @@ def _metadata(sae_info: dict) -> dict | None:
     return json.loads(meta_file.read_text()).get("metadata")
 
 
+def eval_groups(results_dir: Path) -> dict[str, dict]:
+    """{group: its eval's results.json} for RESULTS_DIR/evals/<group>/results.json."""
+    files = sorted((results_dir / "evals").glob("*/results.json"))
+    return {f.parent.name: json.loads(f.read_text()) for f in files}
+
+
 def collect(results_dir: Path) -> dict[str, dict]:
     """Every run of every eval group under RESULTS_DIR/evals/<group>/results.json, parsed and flattened."""
     runs = {}
-    for group_file in sorted((results_dir / "evals").glob("*/results.json")):
-        payload = json.loads(group_file.read_text())
+    for group, payload in eval_groups(results_dir).items():
         for name, result in payload["results"].items():
             run = parse_run(name, _metadata(payload.get("saes", {}).get(name, {})))
             if run is None:
                 continue
             if name in runs:
-                raise ValueError(
-                    f"run {name} is in two eval groups ({runs[name]['group']}, {group_file.parent.name})"
-                )
+                raise ValueError(f"run {name} is in two eval groups ({runs[name]['group']}, {group})")
             metrics, ci = scalars(result)
-            runs[name] = {**run, "group": group_file.parent.name, "metrics": metrics, "ci95": ci}
+            runs[name] = {**run, "group": group, "metrics": metrics, "ci95": ci}
     return runs
 
 
@@ -178,6 +181,20 @@ def _mean_sd(cell: dict | None, ci: list[float] | None = None) -> str:
         f"{cell['mean']:.4g}" + (f" ± {cell['sd']:.2g}" if cell["sd"] is not None else "") + f" ({cell['n']})"
     )
     return text + (f" [CI {ci[0]:.3g}–{ci[1]:.3g}]" if ci else "")
+
+
+def absorption_note(groups: dict[str, dict]) -> str:
+    """What absorption was measured on (protocol, word sample), from the first eval that says; "" if none."""
+    for payload in groups.values():
+        a = payload.get("shared", {}).get("absorption", {})
+        if "protocol" in a:
+            sample = a.get("sample", {})
+            return (
+                f"Absorption: protocol {a['protocol']}, {sample.get('words')} words ({sample.get('kind')}, seed "
+                f"{sample.get('seed')}), {a.get('n_words_test')} test words; CI: 95% bootstrap over the scored "
+                "words (word sampling only, not the probes' randomness).\n"
+            )
+    return ""
 
 
 def table(summary: dict, level: int = HEAD_L0) -> str:
@@ -321,7 +338,7 @@ def masking_plot(summary: dict, path: Path, level: int = HEAD_L0) -> bool:
 def write(results_dir: Path, head: int = HEAD_L0) -> dict:
     """results.json, table.md and the figures in RESULTS_DIR, from RESULTS_DIR/evals/*/results.json; `head`
     is the L0 level of the table, the trade-off and the masking figures."""
-    runs = collect(results_dir)
+    groups, runs = eval_groups(results_dir), collect(results_dir)
     summary = summarise(runs)
     figures = {
         file: line_vs_l0(summary, metric, ylabel, title, results_dir / file)
@@ -338,15 +355,18 @@ def write(results_dir: Path, head: int = HEAD_L0) -> dict:
         "l0_match": l0_match(runs),
         "summary": {s: {str(l0): cell for l0, cell in levels.items()} for s, levels in summary.items()},
         "runs": runs,
+        "evals": {
+            g: {"config": p.get("run", {}).get("config"), "shared": p.get("shared")}
+            for g, p in groups.items()
+        },
         "figures": sorted(f for f, drawn in figures.items() if drawn),
         "paper_gemma_2_2b": PAPER,
         "note": "summary: mean and sd (n - 1) over seeds; ci95: absorption's word-bootstrap interval, "
         "mean over seeds",
     }
     (results_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (results_dir / "table.md").write_text(
-        table(summary, head) if any(head in v for v in summary.values()) else ""
-    )
+    has_head = any(head in levels for levels in summary.values())
+    (results_dir / "table.md").write_text(table(summary, head) + absorption_note(groups) if has_head else "")
     return payload
 
 

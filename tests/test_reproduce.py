@@ -252,6 +252,8 @@ def test_absorption_ci_and_masking_diagnostics_are_used_where_present(evaluated,
                                "mean_absorption_fraction": 0.2, "ci95_full_absorption": [0.05, 0.15 + i / 100]}  # fmt: skip
             if name.startswith("atm"):
                 r["masking"] = {"mean_masked_fraction": 0.3, "frac_latents_masked": 0.5}
+        sample = {"words": 8000, "kind": "uniform random", "seed": 0}
+        payload["shared"]["absorption"] = {"protocol": "saebench-0.6", "sample": sample, "n_words_test": 2500}
         (results / "evals" / f.parent.name).mkdir(parents=True)
         (results / "evals" / f.parent.name / "results.json").write_text(json.dumps(payload))
     payload = frontier.write(results, head=8)
@@ -261,6 +263,11 @@ def test_absorption_ci_and_masking_diagnostics_are_used_where_present(evaluated,
     assert cell["ci95"]["absorption.mean_full_absorption"] == pytest.approx([0.05, sum(his) / 3])
     row = next(r for r in (results / "table.md").read_text().splitlines() if "mean_full_absorption" in r)
     assert f"[CI 0.05–{sum(his) / 3:.3g}]" in row
+    assert (
+        "Absorption: protocol saebench-0.6, 8000 words (uniform random, seed 0), 2500 test words"
+        in (results / "table.md").read_text()
+    )
+    assert payload["evals"]["head"]["shared"]["absorption"]["sample"]["words"] == 8000
     assert payload["summary"]["atm-r0.5"]["8"]["metrics"]["masking.mean_masked_fraction"]["mean"] == 0.3
     assert {"full_absorption_vs_l0.png", "absorption_fraction_vs_l0.png", "masking_diagnostics.png"} <= set(
         payload["figures"]
