@@ -2,7 +2,8 @@
 table at L0 64 (mean ± sd over seeds, the paper's numbers beside), one figure per question, and a budget.
 
 A run's name says what it is — VARIANT-L<target L0>-s<seed>[-x<token multiple>], e.g. atm-uniform-L64-s1 or
-topk-L64-s0-x4 — and its atmpipe.json must agree (seed, tokens), or the aggregate refuses to mix them up.
+topk-L64-s0-x4 — and its atmpipe.json must agree on the seed, or the aggregate refuses to mix them up; its
+tokens and passes over the store are read from there.
 A *series* is a variant at one training length (atm, atm-uniform, atm-x4); its points are L0 levels and its
 spread is over seeds. Missing sections (a metric not run, absorption's CI or the masking diagnostics of an
 older eval) are left out, never invented.
