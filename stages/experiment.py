@@ -170,7 +170,7 @@ def record(record_dir: Path, out_dir: Path) -> None:
         "environment": {
             k: v
             for k, v in os.environ.items()
-            if k in ("MODEL", "LAYER", "ATMPIPE_HOME", "STORE", "RUNS", "LONG_TIMES")
+            if k in ("MODEL", "LAYER", "ATMPIPE_HOME", "STORE", "RUNS")
         },
     }
     (out_dir / "experiment.json").write_text(json.dumps(experiment, indent=2) + "\n")

@@ -30,9 +30,9 @@
 #   dense steps (today's wall times)   59     69       103       109    56          20  6.9 h
 #   sparse steps (issue 14's 2.5×)     49     48        72        69    39          20  4.9 h
 # With the sparse path (ReLU, JumpReLU, ATM at ~2.5× at L0 64) the whole issue fits, nothing cut, ~1 h to
-# spare. With dense steps it is ~55 min over: LONG_TIMES=2 (-27 min) and no r = 0.5 control (-35 min) would
-# bring it within; the order above means an over-run loses the least informative groups first. A fresh
-# harvest adds ~26 min; other load on the cores stretches everything.
+# spare. With dense steps it is ~55 min over: 2 passes in stages/reproduce-long.toml (-27 min) and no
+# r = 0.5 control (-35 min) would bring it within; the order above means an over-run loses the least
+# informative groups first. A fresh harvest adds ~26 min; other load on the cores stretches everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source stages/lib.sh
@@ -59,24 +59,26 @@ declare -A VARIANT_RECIPE=(
 METHODS=(atm topk jumprelu relu)
 CONTROLS=(atm-uniform atm-log atm-r0.5)
 HEAD_L0=64
-LONG_TIMES=${LONG_TIMES:-4} # the longer runs: this many passes over the store
-TRAIN_TOKENS=$(.venv/bin/python -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["tokens"])' \
-    "$SIZES")
+LONG=stages/reproduce-long.toml # the longer runs' tokens, layered after $SIZES
+LONG_TIMES=$(.venv/bin/python -c 'import sys, tomllib; a, b = (tomllib.load(open(f, "rb"))["tokens"] for f in sys.argv[1:])
+print(b // a)' "$SIZES" "$LONG")
 
-# sae VARIANT L0 SEED [TIMES]: train one SAE (skipped when done) and add it to the current eval group.
-# Its name says what it is (atm-uniform-L64-s1, topk-L64-s0-x4); stages/experiment.py parses it back.
+# sae VARIANT L0 SEED [long]: train one SAE (skipped when done) and add it to the current eval group. L0
+# and seed are flags (TopK's k, the others' target L0; the seed): the sweep's two variables, recorded
+# in each run's train_config as overrides.
+# Its name says what it is (atm-uniform-L64-s1, topk-L64-s0-x4); stages/frontier.py parses it back.
 GROUP=()
 sae() {
-    local variant=$1 l0=$2 seed=$3 times=${4:-1}
+    local variant=$1 l0=$2 seed=$3 long=${4:-}
     local method=${variant%%-*} name="$1-L$2-s$3"
     local args=(--config "stages/train-$method.toml" --config "$SIZES")
     [[ -n ${VARIANT_RECIPE[$variant]:-} ]] && args+=(--config "${VARIANT_RECIPE[$variant]}")
+    if [[ -n $long ]]; then
+        name+="-x$LONG_TIMES"
+        args+=(--config "$LONG")
+    fi
     if [[ $method == topk ]]; then args+=(--k "$l0"); else args+=(--target-l0 "$l0"); fi
     args+=(--seed "$seed")
-    if ((times > 1)); then
-        name+="-x$times"
-        args+=(--tokens $((times * TRAIN_TOKENS)))
-    fi
     GROUP+=("$RUNS/$name")
     stage "train-$name" "$RUNS/$name/atmpipe.json" -- "$ATMPIPE" train "${args[@]}" --store "$STORE" \
         --out "$RUNS/$name" --resume
@@ -90,7 +92,7 @@ evaluate() {
     GROUP=()
     [[ ${PLAN_ONLY:-} == 1 ]] && return 0
     .venv/bin/python stages/experiment.py frontier "$RESULTS"
-    MODEL=$MODEL LAYER=$LAYER STORE=$STORE RUNS=$RUNS LONG_TIMES=$LONG_TIMES \
+    MODEL=$MODEL LAYER=$LAYER STORE=$STORE RUNS=$RUNS \
         .venv/bin/python stages/experiment.py record "$RECORD" "$RESULTS"
 }
 
@@ -112,7 +114,7 @@ evaluate frontier
 for seed in 0 1 2; do for v in "${CONTROLS[@]}"; do sae "$v" "$HEAD_L0" "$seed"; done; done
 evaluate controls
 
-for m in atm topk; do sae "$m" "$HEAD_L0" 0 "$LONG_TIMES"; done
+for m in atm topk; do sae "$m" "$HEAD_L0" 0 long; done
 evaluate long
 
 # SAEBench's own absorption eval beside atmpipe's on the head SAEs (make crosscheck, stages/crosscheck.py).

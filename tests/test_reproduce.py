@@ -9,6 +9,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,6 @@ def test_plan_lists_every_run_with_its_recipes_and_overrides_in_order(tmp_path):
         assert f"OUT={results / 'crosscheck'}" in stages[-1][2]
 
     by_name = {n: c for n, _, c in stages}
-    tokens = None
     for name, trains in groups:
         evaluated = [w.removeprefix("--sae=") for w in by_name[f"eval-{name}"] if w.startswith("--sae=")]
         assert evaluated == [str(runs / t.removeprefix("train-")) for t in trains]
@@ -76,17 +76,16 @@ def test_plan_lists_every_run_with_its_recipes_and_overrides_in_order(tmp_path):
             cmd = by_name[t]
             recipes = flag(cmd, "--config")
             assert recipes[:2] == [f"stages/train-{run['method']}.toml", "stages/reproduce-train.toml"]
-            assert len(recipes) == (3 if run["variant"] != run["method"] else 2)
+            long = ["stages/reproduce-long.toml"] if run["tokens_multiplier"] > 1 else []
+            assert len(recipes) == 2 + (run["variant"] != run["method"]) + len(long) and recipes[-1:] != [""]
             assert all((REPO / r).is_file() for r in recipes), recipes
+            assert recipes[len(recipes) - len(long) :] == long  # the longer runs' tokens: a recipe too
             l0 = flag(cmd, "--k" if run["method"] == "topk" else "--target-l0")
             assert l0 == [str(run["l0_target"])] and flag(cmd, "--seed") == [str(run["seed"])]
             assert flag(cmd, "--store") == [str(store)] and flag(cmd, "--out") == [str(runs / run_name(run))]
-            assert "--resume" in cmd
-            if run["tokens_multiplier"] > 1:
-                tokens = int(flag(cmd, "--tokens")[0])
-            else:
-                assert flag(cmd, "--tokens") == []  # one pass: the sizes recipe's tokens
-    assert tokens == 4 * 2_097_152
+            assert "--resume" in cmd and flag(cmd, "--tokens") == []
+    tokens = [tomllib.loads((REPO / "stages" / f).read_text())["tokens"] for f in ("reproduce-train.toml", "reproduce-long.toml")]  # fmt: skip
+    assert tokens[1] == 4 * tokens[0] == 4 * 2_097_152  # the -x4 in the names
 
 
 def run_name(run: dict) -> str:
