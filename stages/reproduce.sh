@@ -59,7 +59,7 @@ declare -A VARIANT_RECIPE=(
 METHODS=(atm topk jumprelu relu)
 CONTROLS=(atm-uniform atm-log atm-r0.5)
 HEAD_L0=64
-LONG=stages/reproduce-long.toml # the longer runs' tokens, layered after $SIZES
+LONG=${LONG:-stages/reproduce-long.toml} # the longer runs' tokens, layered after $SIZES
 LONG_TIMES=$(.venv/bin/python -c 'import sys, tomllib; a, b = (tomllib.load(open(f, "rb"))["tokens"] for f in sys.argv[1:])
 print(b // a)' "$SIZES" "$LONG")
 
