@@ -52,7 +52,9 @@ demo: setup
 masking-controls: setup
 	bash stages/masking-controls.sh
 
-# The real experiment (hours on CPU). MODEL=gemma-2-2b LAYER=12 scales it to the paper's setting on a GPU.
+# The real experiment: an L0 frontier of 35 SAEs with seeds and controls (hours on CPU; stages/reproduce.sh
+# gives the plan and the budget). STORE=… RUNS=… keep the store and runs elsewhere; PLAN_ONLY=1 prints the
+# plan and runs nothing. MODEL=gemma-2-2b LAYER=12 scales it to the paper's setting on a GPU.
 reproduce: setup
 	MODEL=$(MODEL) LAYER=$(LAYER) bash stages/reproduce.sh
 

@@ -103,6 +103,8 @@ def method_hparams(cfg: TrainConfig, total_tokens: int) -> dict:
                 f"its hyper-parameters are: {', '.join(sorted(params))}"
             )
         hparams[name] = value
+    if "seed" in params:  # a method's own randomness (ATM's masks) follows --seed unless set apart
+        hparams.setdefault("seed", cfg.seed)
     if "dead_tokens" in params:
         hparams.setdefault("dead_tokens", dead_window(cfg.batch_size, total_tokens))
     return hparams

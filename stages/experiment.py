@@ -5,6 +5,8 @@ experiment.py markdown REPORT_DIR          the same as a Markdown table (the REA
 experiment.py label-demo REPORT_DIR        mark a report's every page as a demonstration
 experiment.py record RECORD_DIR OUT_DIR    commands, wall times, versions and hardware into OUT_DIR
 experiment.py masking REPORT_DIR           ATM's masking controls side by side (Markdown)
+experiment.py frontier RESULTS_DIR         the reproduction's aggregate (stages/frontier.py) from its evals
+experiment.py budget PLAN|- SECONDS_JSON   the wall time a plan (PLAN_ONLY=1 output) needs, from measured times
 """
 
 from __future__ import annotations
@@ -157,14 +159,19 @@ def wall_times(record_dir: Path) -> dict:
 def record(record_dir: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.json"
-    results = json.loads(results_file.read_text())["results"] if results_file.exists() else {}
+    payload = json.loads(results_file.read_text()) if results_file.exists() else {}
     experiment = {
         "commands": (record_dir / "commands.sh").read_text().splitlines(),
         "wall_times": wall_times(record_dir),
         "versions": versions(),
         "hardware": hardware(),
-        "matched_l0": l0_check(results),
-        "environment": {k: v for k, v in os.environ.items() if k in ("MODEL", "LAYER", "ATMPIPE_HOME")},
+        # an eval's results.json (make demo) or the reproduction's aggregate, which has its own L0 check
+        "matched_l0": payload.get("l0_match") or l0_check(payload.get("results", {})),
+        "environment": {
+            k: v
+            for k, v in os.environ.items()
+            if k in ("MODEL", "LAYER", "ATMPIPE_HOME", "STORE", "RUNS")
+        },
     }
     (out_dir / "experiment.json").write_text(json.dumps(experiment, indent=2) + "\n")
     (out_dir / "commands.sh").write_text(
@@ -198,13 +205,22 @@ def masking(report_dir: Path) -> None:
     print(f"\nL0 matched within {L0_TOLERANCE:.0%} of the median: {check['matched']}")
 
 
+def frontier_aggregate(results_dir: Path) -> None:
+    import frontier
+
+    frontier.write(results_dir)
+
+
+def budget(plan: Path, seconds: Path) -> None:
+    import frontier
+
+    text = sys.stdin.read() if str(plan) == "-" else plan.read_text()
+    frontier.print_budget(text, json.loads(seconds.read_text()))
+
+
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
     verb, *args = sys.argv[1:]
-    verbs = {
-        "table": table,
-        "markdown": markdown,
-        "label-demo": label_demo,
-        "record": record,
-        "masking": masking,
-    }
+    verbs = {"table": table, "markdown": markdown, "label-demo": label_demo, "record": record}
+    verbs |= {"masking": masking, "frontier": frontier_aggregate, "budget": budget}
     verbs[verb](*map(Path, args))

@@ -4,7 +4,8 @@
 # and its OUTPUT is still there; otherwise it runs (the commands resume by themselves: a harvest continues
 # from its last committed shard, `atmpipe train --resume` from its last checkpoint), and on success the
 # marker is written. Every run appends the exact command to $RECORD/commands.sh and its wall time to
-# $RECORD/wall_times.tsv, so a report can say what ran and how long each stage took.
+# $RECORD/wall_times.tsv, so a report can say what ran and how long each stage took. With PLAN_ONLY=1 it
+# runs nothing and writes nothing: it prints one line per stage, NAME <tab> done|todo <tab> COMMAND.
 
 ATMPIPE=${ATMPIPE:-.venv/bin/atmpipe}
 
@@ -12,6 +13,12 @@ stage() {
     local name=$1 output=$2
     shift 3 # NAME OUTPUT --
     local marker="$RECORD/done/$name"
+    if [[ ${PLAN_ONLY:-} == 1 ]]; then
+        printf '%s\t%s\t' "$name" "$([[ -e $marker && -e $output ]] && echo done || echo todo)"
+        printf '%q ' "$@"
+        echo
+        return 0
+    fi
     if [[ -e $marker && -e $output ]]; then
         echo "== $name: done already ($output); skipping"
         return 0

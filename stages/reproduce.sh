@@ -1,69 +1,133 @@
 #!/usr/bin/env bash
-# `make reproduce`: the paper's comparison measured by atmpipe — ATM vs TopK vs JumpReLU vs ReLU at matched
-# L0 on one store, plus a small sweep over ATM's c and r, every metric of `atmpipe eval`, and the outcome
-# (report, results.json, exact commands, versions, hardware, wall times) in results/<model>-l<layer>/.
+# `make reproduce`: the verdict on ATM as the field measures it — an L0 frontier with seeds, ATM's masking
+# controls and a longer training run, every metric of `atmpipe eval`, on one store of the embedded
+# gemma-3-270m's layer 9. Outcome in results/<model>-l<layer>/: results.json (every number), table.md (L0 64,
+# mean ± sd over seeds, the paper's numbers beside), one figure per question, experiment.json (commands,
+# versions, hardware, wall times). Every stage is resumable: finished stages are skipped (done-markers), an
+# interrupted harvest continues from its last committed shard and an interrupted training from its last
+# checkpoint; the aggregate is rewritten after every evaluation, so partial results are readable early.
 #
-# Hours on 2 CPU cores (the embedded gemma-3-270m), minutes on a GPU. The same experiment on Gemma-2-2b:
-#     MODEL=gemma-2-2b LAYER=12 bash stages/reproduce.sh
-# An interrupted run resumes where it stopped: finished stages are skipped (done-markers), an interrupted
-# harvest continues from its last committed shard and an interrupted training from its last checkpoint.
+#     bash stages/reproduce.sh                                 # or `make reproduce`
+#     STORE=/big/disk/l9.zarr RUNS=/big/disk/runs bash stages/reproduce.sh   # a long run outside the tree
+#     PLAN_ONLY=1 bash stages/reproduce.sh                     # print every stage and its command; run none
+#     MODEL=gemma-2-2b LAYER=12 bash stages/reproduce.sh       # the paper's model, on a GPU
+#
+# The plan: 35 SAEs, all 8× wide (5120 latents), one pass over the 2^21-token store unless said otherwise:
+#   1. head      atm, topk, jumprelu, relu at L0 64, seed 0                              4 SAEs, then eval
+#   2. seeds     the same at seeds 1 and 2 (error bars at L0 64)                         8 SAEs, then eval
+#   3. frontier  the four methods at L0 16, 32 and 128, seed 0                          12 SAEs, then eval
+#   4. controls  ATM with uniform targeting, the log threshold, r = 0.5; seeds 0-2        9 SAEs, then eval
+#   5. long      atm and topk at L0 64, seed 0, 4× the tokens (4 passes over the store)  2 SAEs, then eval
+# Most informative first: if the budget runs out, what is missing is the least needed. One eval per group:
+# the eval caches the LM's activations per model and layer, so the LM passes are paid once (group 1).
+#
+# Budget on 2 idle CPU cores, ≤ 6 h asked: the estimate adds per-stage times over the stages not yet done,
+#     PLAN_ONLY=1 bash stages/reproduce.sh | .venv/bin/python stages/experiment.py budget - stages/reproduce-budget.json
+# (its inputs, what is measured and what estimated: stages/reproduce-budget.json; the run's real wall times
+# go to experiment.json). Minutes per group (train + eval), the store reused, the eval's LM passes paid once
+# in the head group (~25 min: SAEBench's absorption prompts), make crosscheck ~20 min:
+#                                    head  seeds  frontier  controls  long  crosscheck  total
+#   dense steps (today's wall times)   59     69       103       109    56          20  6.9 h
+#   sparse steps (issue 14's 2.5×)     49     48        72        69    39          20  4.9 h
+# With the sparse path (ReLU, JumpReLU, ATM at ~2.5× at L0 64) the whole issue fits, nothing cut, ~1 h to
+# spare. With dense steps it is ~55 min over: 2 passes in stages/reproduce-long.toml (-27 min) and no
+# r = 0.5 control (-35 min) would bring it within; the order above means an over-run loses the least
+# informative groups first. A fresh harvest adds ~26 min; other load on the cores stretches everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source stages/lib.sh
 
 MODEL=${MODEL:-gemma-3-270m}
 LAYER=${LAYER:-9}
-STORAGE_DTYPE=${STORAGE_DTYPE:-float32}  # bfloat16 halves the store (2M × 2304 × 4 B = 19 GB for Gemma-2-2b)
-
+STORAGE_DTYPE=${STORAGE_DTYPE:-float32} # bfloat16 halves the store (2M × 2304 × 4 B = 19 GB for Gemma-2-2b)
 NAME=${MODEL##*/}-l$LAYER
-STORE=cache/reproduce-$NAME.zarr
-RUNS=runs/reproduce/$NAME
+STORE=${STORE:-cache/reproduce-$NAME.zarr} # an existing store is reused if its configuration matches
+RUNS=${RUNS:-runs/reproduce/$NAME}         # SAEs, done-markers, commands.sh, wall_times.tsv
+RESULTS=${RESULTS:-results/$NAME}          # committed: evals/<group>/ and the aggregate
 RECORD=$RUNS
-RESULTS=results/$NAME
+# The recipes: what every SAE of the experiment shares (stages/reproduce-train.toml: width, tokens, lr,
+# batch) layered over its method's recipe (stages/train-<method>.toml), then a variant's recipe. A run adds
+# only what the experiment varies — L0 (TopK's k, the others' target_l0), seed, tokens — and its paths.
+SIZES=${SIZES:-stages/reproduce-train.toml}
+HARVEST_RECIPE=${HARVEST_RECIPE:-stages/reproduce-harvest.toml}
+EVAL_RECIPE=${EVAL_RECIPE:-stages/reproduce-eval.toml}
+declare -A VARIANT_RECIPE=(
+    [atm-uniform]=stages/masking-controls/uniform.toml # every latent dropped at ATM's mean rate
+    [atm-log]=stages/masking-controls/log.toml         # θ and θ − I on log importance
+    [atm-r0.5]=stages/atm-sweep/r0.5.toml              # half the masking rate
+)
+METHODS=(atm topk jumprelu relu)
+CONTROLS=(atm-uniform atm-log atm-r0.5)
+HEAD_L0=64
+LONG=${LONG:-stages/reproduce-long.toml} # the longer runs' tokens, layered after $SIZES
+LONG_TIMES=$(.venv/bin/python -c 'import sys, tomllib; a, b = (tomllib.load(open(f, "rb"))["tokens"] for f in sys.argv[1:])
+print(b // a)' "$SIZES" "$LONG")
 
-# Every setting is in a recipe: the method's (stages/train-<method>.toml: the four at matched L0 64), layered
-# with the reproduction's sizes (stages/reproduce-train.toml: 8× width, one pass over the 2^21-token store,
-# 512 steps of 4096) and, for ATM's c/r sweep, the one change of each sweep point (stages/atm-sweep/*.toml).
-# Each run records its recipe files and the paths given here (train_config.json, atmpipe.json).
-MAIN=(atm topk jumprelu relu)
-SWEEP=(atm atm-c0.5 atm-c2 atm-r0.5 atm-r2)  # the default ATM again, as the sweep's reference row
-
-train_runs() {
-    local run method recipes
-    for run in "$@"; do
-        method=${run%%-*}
-        recipes=(--config "stages/train-$method.toml" --config stages/reproduce-train.toml)
-        [[ $run == "$method" ]] || recipes+=(--config "stages/atm-sweep/${run#atm-}.toml")
-        stage "train-$run" "$RUNS/$run/atmpipe.json" -- "$ATMPIPE" train "${recipes[@]}" --store "$STORE" \
-            --out "$RUNS/$run" --resume
-    done
+# sae VARIANT L0 SEED [long]: train one SAE (skipped when done) and add it to the current eval group. L0
+# and seed are flags (TopK's k, the others' target L0; the seed): the sweep's two variables, recorded
+# in each run's train_config as overrides.
+# Its name says what it is (atm-uniform-L64-s1, topk-L64-s0-x4); stages/frontier.py parses it back.
+GROUP=()
+sae() {
+    local variant=$1 l0=$2 seed=$3 long=${4:-}
+    local method=${variant%%-*} name="$1-L$2-s$3"
+    local args=(--config "stages/train-$method.toml" --config "$SIZES")
+    [[ -n ${VARIANT_RECIPE[$variant]:-} ]] && args+=(--config "${VARIANT_RECIPE[$variant]}")
+    if [[ -n $long ]]; then
+        name+="-x$LONG_TIMES"
+        args+=(--config "$LONG")
+    fi
+    if [[ $method == topk ]]; then args+=(--k "$l0"); else args+=(--target-l0 "$l0"); fi
+    args+=(--seed "$seed")
+    GROUP+=("$RUNS/$name")
+    stage "train-$name" "$RUNS/$name/atmpipe.json" -- "$ATMPIPE" train "${args[@]}" --store "$STORE" \
+        --out "$RUNS/$name" --resume
 }
 
-# Each report is written only once every SAE in it is evaluated, so results/ never holds a partial table.
-# The comparison comes first and is committed alone; the sweep follows (the evaluation's LM activations are
-# cached, so the second eval pays only for its SAEs).
-finish() {
-    MODEL=$MODEL LAYER=$LAYER .venv/bin/python stages/experiment.py record "$RECORD" "$RESULTS"
-    echo
-    echo "wall time per stage (seconds, summed over re-runs):"
-    wall_summary
-    echo
-    .venv/bin/python stages/experiment.py table "$1"
-    echo
-    echo "results: $1/report.md · report.html · results.json (commands, versions, hardware, wall times: $RESULTS)"
+# evaluate GROUP: one eval of the group's SAEs (once all are trained), then the aggregate is rewritten.
+evaluate() {
+    local group=$1
+    stage "eval-$group" "$RESULTS/evals/$group/results.json" -- "$ATMPIPE" eval --config "$EVAL_RECIPE" \
+        "${GROUP[@]/#/--sae=}" --out "$RESULTS/evals/$group"
+    GROUP=()
+    [[ ${PLAN_ONLY:-} == 1 ]] && return 0
+    .venv/bin/python stages/experiment.py frontier "$RESULTS"
+    MODEL=$MODEL LAYER=$LAYER STORE=$STORE RUNS=$RUNS \
+        .venv/bin/python stages/experiment.py record "$RECORD" "$RESULTS"
 }
 
-mkdir -p "$RUNS"
+[[ ${PLAN_ONLY:-} == 1 ]] || mkdir -p "$RUNS"
 echo "reproduce: $MODEL layer $LAYER → $STORE, runs in $RUNS, results in $RESULTS"
-stage harvest "$STORE" -- "$ATMPIPE" harvest --config stages/reproduce-harvest.toml --model "$MODEL" \
-    --layer "$LAYER" --storage-dtype "$STORAGE_DTYPE" --out "$STORE"
+stage harvest "$STORE" -- "$ATMPIPE" harvest --config "$HARVEST_RECIPE" --model "$MODEL" --layer "$LAYER" \
+    --storage-dtype "$STORAGE_DTYPE" --out "$STORE"
 
-train_runs "${MAIN[@]}"
-stage eval "$RESULTS/report.md" -- "$ATMPIPE" eval --config stages/reproduce-eval.toml \
-    "${MAIN[@]/#/--sae=$RUNS/}" --out "$RESULTS"
-finish "$RESULTS"
+for m in "${METHODS[@]}"; do sae "$m" "$HEAD_L0" 0; done
+HEAD_SAES=("${GROUP[@]}")
+evaluate head
 
-train_runs "${SWEEP[@]}"
-stage eval-sweep "$RESULTS/atm-sweep/report.md" -- "$ATMPIPE" eval --config stages/reproduce-eval.toml \
-    "${SWEEP[@]/#/--sae=$RUNS/}" --out "$RESULTS/atm-sweep"
-finish "$RESULTS/atm-sweep"
+for seed in 1 2; do for m in "${METHODS[@]}"; do sae "$m" "$HEAD_L0" "$seed"; done; done
+evaluate seeds
+
+for l0 in 16 32 128; do for m in "${METHODS[@]}"; do sae "$m" "$l0" 0; done; done
+evaluate frontier
+
+for seed in 0 1 2; do for v in "${CONTROLS[@]}"; do sae "$v" "$HEAD_L0" "$seed"; done; done
+evaluate controls
+
+for m in atm topk; do sae "$m" "$HEAD_L0" 0 long; done
+evaluate long
+
+# SAEBench's own absorption eval beside atmpipe's on the head SAEs (make crosscheck, stages/crosscheck.py).
+if grep -q '^crosscheck:' Makefile; then
+    stage crosscheck "$RESULTS/crosscheck/crosscheck.json" -- make --no-print-directory crosscheck \
+        SAES="${HEAD_SAES[*]}" OUT="$RESULTS/crosscheck"
+fi
+
+[[ ${PLAN_ONLY:-} == 1 ]] && exit 0
+echo
+echo "wall time per stage (seconds, summed over re-runs):"
+wall_summary
+echo
+cat "$RESULTS/table.md"
+echo
+echo "results: $RESULTS/results.json · table.md · *.png · experiment.json (evals: $RESULTS/evals/<group>/)"

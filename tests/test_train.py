@@ -116,6 +116,14 @@ def test_target_l0_controller_is_recorded(store, tmp_path):
     assert json.loads((run / "atmpipe.json").read_text())["metadata"]["target_l0_controller"] is True
 
 
+def test_seed_also_seeds_atm_masks_unless_its_recipe_sets_their_seed(store, tmp_path):
+    hparams = train_module.method_hparams
+    assert hparams(config(store, tmp_path, "atm", seed=5), 128)["seed"] == 5
+    own = config(store, tmp_path, "atm", seed=5, hparams={**METHOD_HPARAMS["atm"], "seed": 7})
+    assert hparams(own, 128)["seed"] == 7
+    assert "seed" not in hparams(config(store, tmp_path, "topk", seed=5), 128)  # TopK has no own seed
+
+
 def test_lr_schedule_warms_up_holds_and_decays_to_zero():
     factors = [lr_factor(s, 100, 10, 0.2) for s in range(100)]
     assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])

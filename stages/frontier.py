@@ -1,0 +1,409 @@
+"""The reproduction's aggregate (stages/reproduce.sh): every eval group's results.json → one results.json, a
+table at L0 64 (mean ± sd over seeds, the paper's numbers beside), one figure per question, and a budget.
+
+A run's name says what it is — VARIANT-L<target L0>-s<seed>[-x<token multiple>], e.g. atm-uniform-L64-s1 or
+topk-L64-s0-x4 — and its atmpipe.json must agree on the seed, or the aggregate refuses to mix them up; its
+tokens and passes over the store are read from there.
+A *series* is a variant at one training length (atm, atm-uniform, atm-x4); its points are L0 levels and its
+spread is over seeds. Missing sections (a metric not run, absorption's CI or the masking diagnostics of an
+older eval) are left out, never invented.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from atmpipe.eval.metrics import REGISTRY  # noqa: E402
+from atmpipe.eval.report import FIG_DPI, FIG_SIZE, PAPER  # noqa: E402
+
+RUN_NAME = re.compile(r"^(?P<variant>[a-z][a-z0-9.\-]*?)-L(?P<l0>\d+)-s(?P<seed>\d+)(?:-x(?P<times>\d+))?$")
+METHODS = ["atm", "topk", "jumprelu", "relu"]
+HEAD_L0 = 64  # the level with seeds, controls and the longer runs
+L0_TOLERANCE = 0.05  # matched sparsity: every SAE's measured L0 within ±5% of its level
+MASKING_SECTION = "masking"  # the eval's masking diagnostics of ATM SAEs
+CI_PREFIX = "ci95_"  # absorption's word-bootstrap 95% intervals: ci95_<metric> = [low, high]
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+
+def parse_run(name: str, meta: dict | None = None) -> dict | None:
+    """(variant, method, series, L0 target, seed, token multiple) from a run's name; None if not ours.
+    `meta` (the run's atmpipe.json "metadata") must agree with the name on the seed."""
+    m = RUN_NAME.match(name)
+    if m is None:
+        return None
+    times = int(m["times"] or 1)
+    run = {
+        "variant": m["variant"],
+        "method": m["variant"].split("-")[0],
+        "series": m["variant"] + (f"-x{times}" if times > 1 else ""),
+        "l0_target": int(m["l0"]),
+        "seed": int(m["seed"]),
+        "tokens_multiplier": times,
+    }
+    train_cfg = (meta or {}).get("train_config", {})
+    if "seed" in train_cfg and train_cfg["seed"] != run["seed"]:
+        raise ValueError(f"run {name} is named seed {run['seed']} but trained with seed {train_cfg['seed']}")
+    for key in ("tokens_seen", "epochs", "steps"):
+        if key in (meta or {}):
+            run[key] = meta[key]
+    return run
+
+
+def scalars(result: dict) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Every numeric scalar of one SAE's eval record as {"section.key": value}, and its 95% intervals."""
+    flat, ci = {}, {}
+    for section, values in result.items():
+        if not isinstance(values, dict) or values.get("status") not in (None, "ok"):
+            continue
+        for key, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                flat[f"{section}.{key}"] = float(v)
+            elif key.startswith(CI_PREFIX) and isinstance(v, list) and len(v) == 2:
+                name = key[len(CI_PREFIX) :]  # ci95_full_absorption bounds mean_full_absorption
+                name = f"mean_{name}" if f"mean_{name}" in values else name
+                ci[f"{section}.{name}"] = [float(x) for x in v]
+    return flat, ci
+
+
+def _metadata(sae_info: dict) -> dict | None:
+    meta_file = Path(sae_info.get("path", "")) / "atmpipe.json"
+    if not meta_file.is_file():
+        return None
+    return json.loads(meta_file.read_text()).get("metadata")
+
+
+def eval_groups(results_dir: Path) -> dict[str, dict]:
+    """{group: its eval's results.json} for RESULTS_DIR/evals/<group>/results.json."""
+    files = sorted((results_dir / "evals").glob("*/results.json"))
+    return {f.parent.name: json.loads(f.read_text()) for f in files}
+
+
+def collect(results_dir: Path) -> dict[str, dict]:
+    """Every run of every eval group under RESULTS_DIR/evals/<group>/results.json, parsed and flattened."""
+    runs = {}
+    for group, payload in eval_groups(results_dir).items():
+        for name, result in payload["results"].items():
+            run = parse_run(name, _metadata(payload.get("saes", {}).get(name, {})))
+            if run is None:
+                continue
+            if name in runs:
+                raise ValueError(f"run {name} is in two eval groups ({runs[name]['group']}, {group})")
+            metrics, ci = scalars(result)
+            runs[name] = {**run, "group": group, "metrics": metrics, "ci95": ci}
+    return runs
+
+
+# --- statistics -----------------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n − 1; none for a single seed)."""
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def summarise(runs: dict[str, dict]) -> dict:
+    """{series: {L0 target: {"seeds", "metrics": {metric: spread}, "ci95": {metric: mean interval}}}}."""
+    cells: dict[str, dict[int, list[dict]]] = {}
+    for run in runs.values():
+        cells.setdefault(run["series"], {}).setdefault(run["l0_target"], []).append(run)
+    summary: dict = {}
+    for series, levels in cells.items():
+        for l0, members in sorted(levels.items()):
+            members.sort(key=lambda r: r["seed"])
+            names = sorted({k for r in members for k in r["metrics"]})
+            cis = sorted({k for r in members for k in r["ci95"]})
+            summary.setdefault(series, {})[l0] = {
+                "seeds": [r["seed"] for r in members],
+                "metrics": {
+                    k: spread([r["metrics"][k] for r in members if k in r["metrics"]]) for k in names
+                },
+                # The word-sampling interval, averaged over seeds: sampling noise of one SAE's number.
+                "ci95": {
+                    k: [statistics.fmean(r["ci95"][k][i] for r in members if k in r["ci95"]) for i in (0, 1)]
+                    for k in cis
+                },
+            }
+    return summary
+
+
+def l0_match(runs: dict[str, dict], tolerance: float = L0_TOLERANCE) -> dict:
+    """Whether every SAE's measured L0 lies within ±tolerance of its level's target."""
+    per_run = {
+        name: {"target": r["l0_target"], "l0": r["metrics"]["core.l0"], "relative": r["metrics"]["core.l0"] / r["l0_target"] - 1}
+        for name, r in runs.items()
+        if "core.l0" in r["metrics"]
+    }  # fmt: skip
+    levels: dict[int, bool] = {}
+    for v in per_run.values():
+        levels[v["target"]] = levels.get(v["target"], True) and abs(v["relative"]) <= tolerance
+    off = sorted(name for name, v in per_run.items() if abs(v["relative"]) > tolerance)
+    return {
+        "tolerance": tolerance,
+        "matched": all(levels.values()) if levels else None,
+        "levels": {str(k): v for k, v in sorted(levels.items())},
+        "outside": off,
+        "runs": per_run,
+    }
+
+
+# --- table ----------------------------------------------------------------------------------------
+
+
+def _series_order(names) -> list[str]:
+    """The four methods first (in METHODS' order), then their variants, then the longer runs."""
+
+    def key(series: str):
+        base = series.rsplit("-x", 1)[0]
+        return ("-x" in series, METHODS.index(base) if base in METHODS else len(METHODS), series)
+
+    return sorted(names, key=key)
+
+
+def _mean_sd(cell: dict | None, ci: list[float] | None = None) -> str:
+    if cell is None:
+        return "—"
+    text = (
+        f"{cell['mean']:.4g}" + (f" ± {cell['sd']:.2g}" if cell["sd"] is not None else "") + f" ({cell['n']})"
+    )
+    return text + (f" [CI {ci[0]:.3g}–{ci[1]:.3g}]" if ci else "")
+
+
+def absorption_note(groups: dict[str, dict]) -> str:
+    """What absorption was measured on (protocol, word sample), from the first eval that says; "" if none."""
+    for payload in groups.values():
+        a = payload.get("shared", {}).get("absorption", {})
+        if "protocol" in a:
+            sample = a.get("sample", {})
+            return (
+                f"Absorption: protocol {a['protocol']}, {sample.get('words')} words ({sample.get('kind')}, seed "
+                f"{sample.get('seed')}), {a.get('n_words_test')} test words; CI: 95% bootstrap over the scored "
+                "words (word sampling only, not the probes' randomness).\n"
+            )
+    return ""
+
+
+def table(summary: dict, level: int = HEAD_L0) -> str:
+    """Markdown: every metric at one L0 level, mean ± sd (seeds) per series, and the paper's own numbers."""
+    series = _series_order(s for s in summary if level in summary[s])
+    rows = [(f"{name}.{key}", entry) for name, metric in REGISTRY.items() for _, key, entry in metric.rows]
+    paper = {key: PAPER[entry] for key, entry in rows if entry}
+    ordered = [key for key, _ in rows]  # the eval report's order first
+    found = {k for s in series for k in summary[s][level]["metrics"]}
+    metrics = [k for k in ordered if k in found] + sorted(found - set(ordered))
+    lines = [
+        f"At target L0 {level}: mean ± sd over seeds (number of seeds) [absorption's word-sampling 95% CI, "
+        "mean over seeds]. The last column is the paper's (Gemma-2-2b, SAEBench), not ours.",
+        "",
+        "| metric | " + " | ".join(series) + " | paper's (Gemma-2-2b) |",
+        "|---" * (len(series) + 2) + "|",
+    ]
+    for k in metrics:
+        row = [
+            _mean_sd(summary[s][level]["metrics"].get(k), summary[s][level]["ci95"].get(k)) for s in series
+        ]
+        lines.append(f"| {k} | " + " | ".join(row) + f" | {paper.get(k, '')} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- figures --------------------------------------------------------------------------------------
+
+LINE_PLOTS = [  # (file, metric, y label, title)
+    ("fvu_vs_l0.png", "core.fvu", "FVU (lower is better)", "Reconstruction across sparsity"),
+    ("ce_score_vs_l0.png", "core.ce_loss_score", "CE loss score (higher is better)", "Downstream loss"),
+    (
+        "absorption_fraction_vs_l0.png",
+        "absorption.mean_absorption_fraction",
+        "absorption fraction (lower is better)",
+        "Absorption fraction across sparsity",
+    ),
+    (
+        "full_absorption_vs_l0.png",
+        "absorption.mean_full_absorption",
+        "full absorption (lower is better)",
+        "Full absorption across sparsity",
+    ),
+]
+CAPTION = "error bars: sd over seeds where there are seeds; shaded: word-sampling 95% CI"
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=FIG_DPI)
+    plt.close(fig)
+
+
+def _point(cell: dict, metric: str):
+    """(mean, sd or 0) of a metric in one summary cell, or None where it was not measured."""
+    m = cell["metrics"].get(metric)
+    return None if m is None else (m["mean"], m["sd"] or 0.0)
+
+
+def line_vs_l0(summary: dict, metric: str, ylabel: str, title: str, path: Path) -> bool:
+    """One line per method over its measured L0 (seed 0 and, where trained, seeds 1-2); False if no data."""
+    fig, ax = plt.subplots(figsize=FIG_SIZE)
+    drawn = False
+    for method in (m for m in METHODS if m in summary):
+        pts = []
+        for cell in summary[method].values():
+            x, y = _point(cell, "core.l0"), _point(cell, metric)
+            if x and y:
+                pts.append((x, y, cell["ci95"].get(metric)))
+        if not pts:
+            continue
+        pts.sort(key=lambda p: p[0][0])
+        xs, ys = [p[0][0] for p in pts], [p[1][0] for p in pts]
+        line = ax.errorbar(xs, ys, yerr=[p[1][1] for p in pts], marker="o", capsize=4, label=method)
+        for (x, _), _, ci in pts:
+            if ci:
+                ax.plot([x, x], ci, color=line[0].get_color(), alpha=0.25, linewidth=8, solid_capstyle="butt")
+        drawn = True
+    if drawn:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("L0 (measured mean active latents per token)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}\n({CAPTION})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        _save(fig, path)
+    else:
+        plt.close(fig)
+    return drawn
+
+
+def tradeoff(summary: dict, path: Path, level: int = HEAD_L0) -> bool:
+    """Absorption against FVU at one L0 for every series (two panels: full absorption, fraction)."""
+    series = _series_order(s for s in summary if level in summary[s])
+    panels = [("absorption.mean_full_absorption", "full absorption"), ("absorption.mean_absorption_fraction", "absorption fraction")]  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=FIG_SIZE)
+    drawn = False
+    for ax, (metric, label) in zip(axes, panels, strict=True):
+        for s in series:
+            x, y = _point(summary[s][level], "core.fvu"), _point(summary[s][level], metric)
+            if x and y:
+                ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], marker="o", capsize=3, label=s)
+                ax.annotate(s, (x[0], y[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                drawn = True
+        ax.set_xlabel("FVU")
+        ax.set_ylabel(f"{label} (lower is better)")
+        ax.grid(alpha=0.3)
+    if drawn:
+        fig.suptitle(f"Absorption vs reconstruction at L0 {level} (error bars: sd over seeds)", fontsize=10)
+        _save(fig, path)
+    else:
+        plt.close(fig)
+    return drawn
+
+
+def masking_plot(summary: dict, path: Path, level: int = HEAD_L0) -> bool:
+    """The eval's masking diagnostics of every ATM series at one L0: one panel per diagnostic."""
+    series = [s for s in _series_order(summary) if s.startswith("atm") and level in summary[s]]
+    prefix = MASKING_SECTION + "."
+    keys = sorted({k for s in series for k in summary[s][level]["metrics"] if k.startswith(prefix)})
+    if not keys:
+        return False
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=FIG_SIZE, squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        pts = [(s, _point(summary[s][level], key)) for s in series]
+        pts = [(s, p) for s, p in pts if p]
+        ax.bar(range(len(pts)), [p[0] for _, p in pts], yerr=[p[1] for _, p in pts], capsize=3)
+        ax.set_xticks(range(len(pts)), [s for s, _ in pts], rotation=45, ha="right", fontsize=7)
+        ax.set_title(key[len(prefix) :], fontsize=8)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.suptitle(f"ATM masking diagnostics at L0 {level} (error bars: sd over seeds)", fontsize=10)
+    _save(fig, path)
+    return True
+
+
+# --- outputs --------------------------------------------------------------------------------------
+
+
+def write(results_dir: Path, head: int = HEAD_L0) -> dict:
+    """results.json, table.md and the figures in RESULTS_DIR, from RESULTS_DIR/evals/*/results.json; `head`
+    is the L0 level of the table, the trade-off and the masking figures."""
+    groups, runs = eval_groups(results_dir), collect(results_dir)
+    summary = summarise(runs)
+    figures = {
+        file: line_vs_l0(summary, metric, ylabel, title, results_dir / file)
+        for file, metric, ylabel, title in LINE_PLOTS
+    }
+    tradeoff_file, masking_file = f"absorption_vs_fvu_l0_{head}.png", "masking_diagnostics.png"
+    figures[tradeoff_file] = tradeoff(summary, results_dir / tradeoff_file, head)
+    figures[masking_file] = masking_plot(summary, results_dir / masking_file, head)
+    for file, drawn in figures.items():  # a figure whose data is gone is not left behind stale
+        if not drawn:
+            (results_dir / file).unlink(missing_ok=True)
+    payload = {
+        "experiment": "L0 frontier with seeds, ATM masking controls and 4x training (stages/reproduce.sh)",
+        "l0_match": l0_match(runs),
+        "summary": {s: {str(l0): cell for l0, cell in levels.items()} for s, levels in summary.items()},
+        "runs": runs,
+        "evals": {
+            g: {"config": p.get("run", {}).get("config"), "shared": p.get("shared")}
+            for g, p in groups.items()
+        },
+        "figures": sorted(f for f, drawn in figures.items() if drawn),
+        "paper_gemma_2_2b": PAPER,
+        "note": "summary: mean and sd (n - 1) over seeds; ci95: absorption's word-bootstrap interval, "
+        "mean over seeds",
+    }
+    (results_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    has_head = any(head in levels for levels in summary.values())
+    (results_dir / "table.md").write_text(table(summary, head) + absorption_note(groups) if has_head else "")
+    return payload
+
+
+# --- budget ---------------------------------------------------------------------------------------
+
+
+def plan_stages(plan: str) -> list[tuple[str, str, str]]:
+    """(name, done|todo, command) of every stage in `PLAN_ONLY=1 bash stages/reproduce.sh`'s output."""
+    return [tuple(line.split("\t", 2)) for line in plan.splitlines() if line.count("\t") >= 2]
+
+
+def stage_seconds(name: str, command: str, seconds: dict) -> float:
+    """A stage's expected wall time from measured ones: `train_s` per method or variant (one pass over the
+    store), `eval_s` = {"first": LM passes + loading, "per_sae": s}, `<stage>_s` (harvest_s, crosscheck_s)."""
+    if name.startswith("train-"):
+        run = parse_run(name[len("train-") :])
+        per_pass = seconds["train_s"].get(run["variant"], seconds["train_s"][run["method"]])
+        return per_pass * run["tokens_multiplier"]
+    if name.startswith("eval-"):
+        return seconds["eval_s"]["per_sae"] * command.count("--sae=")
+    return seconds.get(f"{name}_s", 0.0)
+
+
+def print_budget(plan: str, seconds: dict, limit_h: float = 6.0) -> float:
+    """Per stage and in total, the wall time the unfinished part of a plan needs; returns the hours. The
+    first eval also pays the LM passes (`eval_s["first"]`) that every later eval reads from the cache."""
+    total, first_eval = 0.0, True
+    print(f"{'stage':34} {'status':6} {'minutes':>8}")
+    for name, status, command in plan_stages(plan):
+        s = 0.0 if status == "done" else stage_seconds(name, command, seconds)
+        if name.startswith("eval-") and first_eval:
+            s += 0.0 if status == "done" else seconds["eval_s"]["first"]
+            first_eval = False
+        total += s
+        print(f"{name:34} {status:6} {s / 60:8.1f}")
+    hours = total / 3600
+    verdict = "within" if hours <= limit_h else "OVER"
+    print(f"{'total':34} {'':6} {total / 60:8.1f}  = {hours:.2f} h ({verdict} {limit_h:g} h on these times)")
+    return hours

@@ -1,0 +1,285 @@
+"""`make reproduce`: the driver's plan (PLAN_ONLY=1, nothing run), and the aggregate of real evaluations of tiny
+SAEs trained on a store harvested from a tiny Gemma-3 (mean ± sd, the L0 check, the table, the figures)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from atmpipe.cli import app
+from atmpipe.harvest import HarvestConfig, harvest
+from atmpipe.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "stages"))
+import frontier  # noqa: E402
+
+METHODS = ["atm", "topk", "jumprelu", "relu"]
+
+
+# --- the plan -------------------------------------------------------------------------------------
+
+
+def plan(tmp_path: Path, **env) -> list[tuple[str, str, list[str]]]:
+    run = subprocess.run(
+        ["bash", "stages/reproduce.sh"],
+        cwd=REPO,
+        env={**os.environ, "PLAN_ONLY": "1", **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [(n, s, c.split()) for n, s, c in frontier.plan_stages(run.stdout)]
+
+
+def flag(cmd: list[str], name: str) -> list[str]:
+    return [cmd[i + 1] for i, word in enumerate(cmd) if word == name]
+
+
+def test_plan_lists_every_run_with_its_recipes_and_overrides_in_order(tmp_path):
+    store, runs, results = tmp_path / "s.zarr", tmp_path / "runs", tmp_path / "results"
+    stages = plan(tmp_path, STORE=str(store), RUNS=str(runs), RESULTS=str(results))
+    names = [n for n, _, _ in stages]
+    assert not runs.exists() and not results.exists()  # a plan writes nothing
+    assert names[0] == "harvest" and flag(stages[0][2], "--out") == [str(store)]
+
+    head = [f"train-{m}-L64-s0" for m in METHODS]
+    seeds = [f"train-{m}-L64-s{s}" for s in (1, 2) for m in METHODS]
+    level = [f"train-{m}-L{l0}-s0" for l0 in (16, 32, 128) for m in METHODS]
+    controls = [f"train-atm-{v}-L64-s{s}" for s in (0, 1, 2) for v in ("uniform", "log", "r0.5")]
+    long = ["train-atm-L64-s0-x4", "train-topk-L64-s0-x4"]
+    groups = [("head", head), ("seeds", seeds), ("frontier", level), ("controls", controls), ("long", long)]
+    crosscheck = ["crosscheck"] if "\ncrosscheck:" in (REPO / "Makefile").read_text() else []
+    assert names[1:] == [n for g, trains in groups for n in [*trains, f"eval-{g}"]] + crosscheck
+    assert sum(n.startswith("train-") for n in names) == 35
+    if crosscheck:  # SAEBench's absorption beside ours, on the four head SAEs
+        saes = [str(runs / t.removeprefix("train-")) for t in head]
+        assert "SAES=" + "\\ ".join(saes) in " ".join(stages[-1][2])  # one argument, spaces escaped by %q
+        assert f"OUT={results / 'crosscheck'}" in stages[-1][2]
+
+    by_name = {n: c for n, _, c in stages}
+    for name, trains in groups:
+        evaluated = [w.removeprefix("--sae=") for w in by_name[f"eval-{name}"] if w.startswith("--sae=")]
+        assert evaluated == [str(runs / t.removeprefix("train-")) for t in trains]
+        assert flag(by_name[f"eval-{name}"], "--out") == [str(results / "evals" / name)]
+        for t in trains:
+            run = frontier.parse_run(t.removeprefix("train-"))
+            cmd = by_name[t]
+            recipes = flag(cmd, "--config")
+            assert recipes[:2] == [f"stages/train-{run['method']}.toml", "stages/reproduce-train.toml"]
+            long = ["stages/reproduce-long.toml"] if run["tokens_multiplier"] > 1 else []
+            assert len(recipes) == 2 + (run["variant"] != run["method"]) + len(long) and recipes[-1:] != [""]
+            assert all((REPO / r).is_file() for r in recipes), recipes
+            assert recipes[len(recipes) - len(long) :] == long  # the longer runs' tokens: a recipe too
+            l0 = flag(cmd, "--k" if run["method"] == "topk" else "--target-l0")
+            assert l0 == [str(run["l0_target"])] and flag(cmd, "--seed") == [str(run["seed"])]
+            assert flag(cmd, "--store") == [str(store)] and flag(cmd, "--out") == [str(runs / run_name(run))]
+            assert "--resume" in cmd and flag(cmd, "--tokens") == []
+    tokens = [tomllib.loads((REPO / "stages" / f).read_text())["tokens"] for f in ("reproduce-train.toml", "reproduce-long.toml")]  # fmt: skip
+    assert tokens[1] == 4 * tokens[0] == 4 * 2_097_152  # the -x4 in the names
+
+
+def run_name(run: dict) -> str:
+    times = run["tokens_multiplier"]
+    return f"{run['variant']}-L{run['l0_target']}-s{run['seed']}" + (f"-x{times}" if times > 1 else "")
+
+
+def test_plan_marks_finished_stages_done(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "done").mkdir(parents=True)
+    (runs / "done" / "train-topk-L64-s0").touch()
+    (runs / "topk-L64-s0").mkdir()
+    (runs / "topk-L64-s0" / "atmpipe.json").write_text("{}")
+    (runs / "done" / "train-relu-L64-s0").touch()  # a marker without its output: not done
+    status = {n: s for n, s, _ in plan(tmp_path, RUNS=str(runs), STORE=str(tmp_path / "s.zarr"))}
+    assert status["train-topk-L64-s0"] == "done"
+    assert status["train-relu-L64-s0"] == "todo" and status["train-atm-L64-s0"] == "todo"
+
+
+def test_budget_adds_the_unfinished_stages(tmp_path, capsys):
+    text = "harvest\tdone\tx\ntrain-atm-L64-s0\ttodo\tx\ntrain-atm-uniform-L64-s0\ttodo\tx\n"
+    text += "train-topk-L64-s0-x4\ttodo\tx\neval-head\ttodo\ta --sae=1 --sae=2 --sae=3\n"
+    text += "eval-long\ttodo\ta --sae=1\n"
+    seconds = {
+        "train_s": {"atm": 600, "topk": 150, "atm-uniform": 700},
+        "eval_s": {"first": 300, "per_sae": 60},
+    }
+    hours = frontier.print_budget(text, seconds)
+    assert hours == pytest.approx((600 + 700 + 4 * 150 + 300 + 3 * 60 + 60) / 3600)
+    assert "within 6 h" in capsys.readouterr().out
+
+
+def test_run_names_parse_and_must_agree_with_the_runs_metadata():
+    assert frontier.parse_run("atm-uniform-L64-s1") == {
+        "variant": "atm-uniform",
+        "method": "atm",
+        "series": "atm-uniform",
+        "l0_target": 64,
+        "seed": 1,
+        "tokens_multiplier": 1,
+    }
+    assert frontier.parse_run("atm-r0.5-L64-s2")["variant"] == "atm-r0.5"
+    assert frontier.parse_run("topk-L64-s0-x4")["series"] == "topk-x4"
+    assert frontier.parse_run("topk") is None  # an SAE that is not the experiment's
+    with pytest.raises(ValueError, match="named seed 1 but trained with seed 0"):
+        frontier.parse_run("atm-L64-s1", {"train_config": {"seed": 0}})
+
+
+# --- the aggregate, on real evaluations ------------------------------------------------------------
+
+D_MODEL, LAYER = 32, 1
+TINY_RUNS = {  # name → (method, hparams); L0 levels 4 and 8, head 8
+    "topk-L4-s0": ("topk", {"k": 4}),
+    "topk-L8-s0": ("topk", {"k": 8}),
+    "topk-L8-s1": ("topk", {"k": 8}),
+    "topk-L8-s2": ("topk", {"k": 8}),
+    "relu-L8-s0": ("relu", {"l1": 0.3, "target_l0": 8.0}),
+    "atm-r0.5-L8-s0": ("atm", {"l1": 0.3, "target_l0": 8.0, "r": 0.5, "warmup_steps": 2, "compile": False}),
+    "topk-L8-s0-x4": ("topk", {"k": 8}),
+}
+GROUPS = {"head": ["topk-L8-s0", "relu-L8-s0"], "rest": [n for n in TINY_RUNS if n not in ("topk-L8-s0", "relu-L8-s0")]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_checkpoints, tmp_path_factory):
+    """A results dir whose evals/<group>/results.json come from `atmpipe eval` on SAEs trained for real."""
+    root = tmp_path_factory.mktemp("reproduce")
+    model = str(tiny_checkpoints["gemma3"])
+    store = harvest(
+        HarvestConfig(model=model, layers=[LAYER], tokens=32 * 64, eval_tokens=32 * 8, context_size=32,
+                      batch_size=4, out=str(root / "s.zarr"), chunk_tokens=128, shard_tokens=256)
+    )  # fmt: skip
+    for name, (method, hparams) in TINY_RUNS.items():
+        run = frontier.parse_run(name)
+        train(
+            TrainConfig(store=str(store), method=method, d_sae=8 * D_MODEL, batch_size=128, lr=3e-3,
+                        tokens=128 * 8 * run["tokens_multiplier"], seed=run["seed"], hparams=hparams,
+                        out=str(root / "runs" / name), checkpoint_every=100, device="cpu")
+        )  # fmt: skip
+    results = root / "results"
+    for group, names in GROUPS.items():
+        saes = [f"--sae={root / 'runs' / n}" for n in names]
+        out = results / "evals" / group
+        invoked = CliRunner().invoke(
+            app, ["eval", *saes, "--metrics", "core", "--splice-windows", "2", "--out", str(out)]
+        )
+        assert invoked.exit_code == 0, invoked.output
+    return results
+
+
+def eval_values(results: Path, metric: str) -> dict[str, float]:
+    values = {}
+    for f in (results / "evals").glob("*/results.json"):
+        values |= {n: r["core"][metric] for n, r in json.loads(f.read_text())["results"].items()}
+    return values
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_aggregate_of_real_evals_matches_hand_computations(evaluated):
+    payload = frontier.write(evaluated, head=8)
+    fvu, l0 = eval_values(evaluated, "fvu"), eval_values(evaluated, "l0")
+    assert set(payload["runs"]) == set(TINY_RUNS)
+    long, once = payload["runs"]["topk-L8-s0-x4"], payload["runs"]["topk-L8-s0"]
+    assert long["tokens_seen"] == 4 * once["tokens_seen"] == 4 * 128 * 8  # read from the runs' metadata
+    assert long["epochs"] == pytest.approx(4 * once["epochs"]) and long["epochs"] > 1  # passes over the store
+    assert payload["runs"]["relu-L8-s0"]["group"] == "head"
+
+    cell = payload["summary"]["topk"]["8"]
+    seeds = [fvu[f"topk-L8-s{s}"] for s in (0, 1, 2)]
+    assert cell["seeds"] == [0, 1, 2] and cell["metrics"]["core.fvu"]["n"] == 3
+    assert cell["metrics"]["core.fvu"]["mean"] == pytest.approx(sum(seeds) / 3)
+    mean = sum(seeds) / 3
+    assert cell["metrics"]["core.fvu"]["sd"] == pytest.approx(
+        (sum((v - mean) ** 2 for v in seeds) / 2) ** 0.5
+    )
+    assert cell["metrics"]["core.fvu"]["sd"] == pytest.approx(statistics.stdev(seeds))
+    single = payload["summary"]["atm-r0.5"]["8"]["metrics"]["core.fvu"]
+    assert single == {"mean": fvu["atm-r0.5-L8-s0"], "sd": None, "n": 1, "values": [fvu["atm-r0.5-L8-s0"]]}
+    assert set(payload["summary"]) == {"topk", "relu", "atm-r0.5", "topk-x4"}
+
+    check = payload["l0_match"]
+    for name, v in check["runs"].items():
+        target = frontier.parse_run(name)["l0_target"]
+        assert v["relative"] == pytest.approx(l0[name] / target - 1)
+    outside = sorted(n for n in TINY_RUNS if abs(l0[n] / frontier.parse_run(n)["l0_target"] - 1) > 0.05)
+    assert check["outside"] == outside and check["matched"] == (not outside)
+    assert check["levels"]["4"] == (abs(l0["topk-L4-s0"] / 4 - 1) <= 0.05)
+    assert all(
+        abs(l0[n] / frontier.parse_run(n)["l0_target"] - 1) < 1e-9 for n in TINY_RUNS if n.startswith("topk")
+    )
+
+    table = (evaluated / "table.md").read_text()
+    assert "| metric | topk | relu | atm-r0.5 | topk-x4 | paper's (Gemma-2-2b) |" in table
+    fvu_row = next(line for line in table.splitlines() if line.startswith("| core.fvu |"))
+    assert (
+        f"{mean:.4g} ± {statistics.stdev(seeds):.2g} (3)" in fvu_row
+        and f"{fvu['relu-L8-s0']:.4g} (1)" in fvu_row
+    )
+    assert "| core.cossim |" in table and "ATM 0.9727" in table  # the paper's, in its own column
+
+    # core only: the FVU and CE figures exist; absorption and masking ones are left out, not drawn empty
+    assert payload["figures"] == ["ce_score_vs_l0.png", "fvu_vs_l0.png"]
+    for png in payload["figures"]:
+        assert png_size(evaluated / png) == (800, 500)
+    assert not (evaluated / "full_absorption_vs_l0.png").exists()
+    assert not (evaluated / "absorption_vs_fvu_l0_8.png").exists()
+    assert json.loads((evaluated / "results.json").read_text()) == json.loads(json.dumps(payload))
+
+
+def test_absorption_ci_and_masking_diagnostics_are_used_where_present(evaluated, tmp_path):
+    """Sections a newer eval adds (absorption's CI, ATM's masking diagnostics) flow into the summary and
+    figures; the values are the real eval's, with the two sections added by hand."""
+    results = tmp_path / "results"
+    for f in (evaluated / "evals").glob("*/results.json"):
+        payload = json.loads(f.read_text())
+        for i, (name, r) in enumerate(sorted(payload["results"].items())):
+            r["absorption"] = {"status": "ok", "mean_full_absorption": 0.1 + i / 100,
+                               "mean_absorption_fraction": 0.2, "ci95_full_absorption": [0.05, 0.15 + i / 100]}  # fmt: skip
+            if name.startswith("atm"):
+                r["masking"] = {"mean_masked_fraction": 0.3, "frac_latents_masked": 0.5}
+        sample = {"words": 8000, "kind": "uniform random", "seed": 0}
+        payload["shared"]["absorption"] = {"protocol": "saebench-0.6", "sample": sample, "n_words_test": 2500}
+        (results / "evals" / f.parent.name).mkdir(parents=True)
+        (results / "evals" / f.parent.name / "results.json").write_text(json.dumps(payload))
+    payload = frontier.write(results, head=8)
+    cell = payload["summary"]["topk"]["8"]
+    assert cell["metrics"]["absorption.mean_full_absorption"]["n"] == 3
+    his = [payload["runs"][f"topk-L8-s{s}"]["ci95"]["absorption.mean_full_absorption"][1] for s in (0, 1, 2)]
+    assert cell["ci95"]["absorption.mean_full_absorption"] == pytest.approx([0.05, sum(his) / 3])
+    row = next(r for r in (results / "table.md").read_text().splitlines() if "mean_full_absorption" in r)
+    assert f"[CI 0.05–{sum(his) / 3:.3g}]" in row
+    assert (
+        "Absorption: protocol saebench-0.6, 8000 words (uniform random, seed 0), 2500 test words"
+        in (results / "table.md").read_text()
+    )
+    assert payload["evals"]["head"]["shared"]["absorption"]["sample"]["words"] == 8000
+    assert payload["summary"]["atm-r0.5"]["8"]["metrics"]["masking.mean_masked_fraction"]["mean"] == 0.3
+    assert {"full_absorption_vs_l0.png", "absorption_fraction_vs_l0.png", "masking_diagnostics.png"} <= set(
+        payload["figures"]
+    )
+    assert "absorption_vs_fvu_l0_8.png" in payload["figures"]
+    assert png_size(results / "masking_diagnostics.png") == (800, 500)
+
+
+def test_plan_for_gemma_2_2b_on_a_gpu_names_its_own_store_runs_and_results(tmp_path):
+    stages = plan(tmp_path, MODEL="gemma-2-2b", LAYER="12")
+    harvest_cmd = stages[0][2]
+    assert flag(harvest_cmd, "--model") == ["gemma-2-2b"] and flag(harvest_cmd, "--layer") == ["12"]
+    assert flag(harvest_cmd, "--out") == ["cache/reproduce-gemma-2-2b-l12.zarr"]
+    by_name = {n: c for n, _, c in stages}
+    assert flag(by_name["train-atm-L64-s0"], "--out") == ["runs/reproduce/gemma-2-2b-l12/atm-L64-s0"]
+    assert flag(by_name["eval-head"], "--out") == ["results/gemma-2-2b-l12/evals/head"]
