@@ -116,6 +116,7 @@ def run_saebench(args, words: list[str], hub_name: str, layer: int, seed: int, w
     cfg.llm_batch_size, cfg.llm_dtype = 16, "float32"
     saes = [(Path(p).name, SAE.load_from_disk(p, device="cpu")) for p in args.saes]
     start = time.time()
+    (work / f"seed{seed}").mkdir(parents=True, exist_ok=True)  # SAEBench writes its results there, unmade
     os.chdir(work)  # SAEBench writes artifacts/ under the working directory
     got = sb_main.run_eval(cfg, saes, "cpu", str(work / f"seed{seed}"), force_rerun=True)
     raw = Path(args.out) / f"saebench_seed{seed}.json"  # SAEBench's own output, kept whole
