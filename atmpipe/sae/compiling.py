@@ -30,8 +30,15 @@ def compiling() -> bool:
     return _compile and os.environ.get("ATMPIPE_EAGER", "") in ("", "0")
 
 
+def _compile_fn(fn, dynamic: bool | None):
+    # One graph per dtype and per combination of python constants (ATM's options, DDP's β = 1): a process
+    # that trains several configurations (the test suite, a sweep) needs more than torch's default 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=dynamic, fullgraph=True)
+
+
 def fused(fn, dynamic: bool | None = True):
     """fn compiled on first use (for every shape; dynamic=None: torch's default, specialise then
     generalise), or fn itself while compiling() is off."""
-    compiled = functools.cache(lambda: torch.compile(fn, dynamic=dynamic, fullgraph=True))
+    compiled = functools.cache(lambda: _compile_fn(fn, dynamic))
     return functools.wraps(fn)(lambda *args, **kw: (compiled() if compiling() else fn)(*args, **kw))
