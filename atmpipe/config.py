@@ -150,7 +150,13 @@ class TrainConfig:
     overwrite: bool = option(False, "Replace the run already in --out.")
     allow_partial: bool = option(False, "Train on an unfinished store's committed shards.")
     skip_damaged: bool = option(False, "Skip (and count) chunks that fail their checksum.")
-    compile: bool = option(False, "torch.compile the training step.")
+    no_compile: bool = option(
+        False,
+        "Run the plain eager kernels, not the compiled ones (the one compile switch: sae/compiling.py).",
+    )
+    latents: str = option(
+        "auto", "The step's latents: auto (sparse on CPU below the measured density) | sparse | dense."
+    )
     device: str = option("auto", "cpu | cuda | auto (default auto).")
     # What ran, recorded in the run: the recipe files in the order they were layered, and the flags and
     # --hparam values given on top of them (set by load_train_config).
@@ -186,6 +192,10 @@ class TrainConfig:
             raise UserError(f"l1 must be positive, got {self.l1}; pass e.g. --l1 5")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
+        if self.latents not in ("auto", "sparse", "dense"):  # sae.base.LATENT_PATHS
+            raise UserError(
+                f"latents must be one of auto, sparse, dense (got {self.latents!r}); pass e.g. --latents auto"
+            )
 
 
 @dataclass

@@ -168,11 +168,14 @@ def _recipe_model(recipe: Path) -> str:
 TRAIN = dict(d_sae=64, batch_size=64, tokens=64 * 24, lr=1e-3, checkpoint_every=8, seed=1, device="cpu")
 METHODS = {  # method: (TrainConfig values, the same as CLI flags)
     # ATM with per-token masks from step 3 on: its statistics and masks must be the global batch's.
-    "atm": ({"hparams": {"warmup_steps": 3, "compile": False}},
-            ["--hparam", "warmup_steps=3", "--hparam", "compile=false"]),
+    "atm": ({"hparams": {"warmup_steps": 3}, "no_compile": True},
+            ["--hparam", "warmup_steps=3", "--no-compile"]),
+    # The same on the sparse path: batch means averaged over the ranks, masks drawn at the global rows.
+    "atm-sparse": ({"hparams": {"warmup_steps": 3}, "no_compile": True, "latents": "sparse"},
+                   ["--hparam", "warmup_steps=3", "--no-compile", "--latents", "sparse"]),
     # ATM's controls (log threshold, uniform targeting) pass through the cross-rank statistics step.
-    "atm-controls": ({"hparams": {"warmup_steps": 3, "compile": False, "threshold": "log", "targeting": "uniform"}},
-                     ["--hparam", "warmup_steps=3", "--hparam", "compile=false", "--hparam", "threshold=log",
+    "atm-controls": ({"hparams": {"warmup_steps": 3, "threshold": "log", "targeting": "uniform"}, "no_compile": True},
+                     ["--hparam", "warmup_steps=3", "--no-compile", "--hparam", "threshold=log",
                       "--hparam", "targeting=uniform"]),
     # TopK whose AuxK sees dead latents: the dead-latent clock must count every rank's rows.
     "topk": ({"k": 2, "hparams": {"dead_tokens": 128}}, ["--k", "2", "--hparam", "dead_tokens=128"]),

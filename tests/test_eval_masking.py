@@ -75,7 +75,7 @@ def test_report_of_a_real_eval_holds_the_masking_section(tiny_checkpoints, tmp_p
             batch_size=64,
             tokens=64 * 40,
             lr=3e-3,
-            hparams={"l1": 0.3, "warmup_steps": 4, "compile": False, "targeting": targeting},
+            hparams={"l1": 0.3, "warmup_steps": 4, "targeting": targeting},
             out=str(tmp_path / "atm"),
             checkpoint_every=40,
             buffer_chunks=2,

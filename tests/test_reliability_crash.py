@@ -240,7 +240,7 @@ def train_store(tmp_path_factory):
 def train_argv(store, out) -> list:
     return ["train", "--store", store.path, "--method", "atm", "--d-sae", D_SAE, "--batch-size", 64,
             "--tokens", 64 * STEPS, "--lr", 0.003, "--checkpoint-every", 1, "--out", out, "--device", "cpu",
-            "--hparam", "warmup_steps=20", "--hparam", "compile=false"]  # fmt: skip
+            "--hparam", "warmup_steps=20", "--no-compile"]  # fmt: skip
 
 
 def assert_checkpoint_complete(run: Path) -> int:

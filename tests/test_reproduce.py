@@ -143,7 +143,7 @@ TINY_RUNS = {  # name → (method, hparams); L0 levels 4 and 8, head 8
     "topk-L8-s1": ("topk", {"k": 8}),
     "topk-L8-s2": ("topk", {"k": 8}),
     "relu-L8-s0": ("relu", {"l1": 0.3, "target_l0": 8.0}),
-    "atm-r0.5-L8-s0": ("atm", {"l1": 0.3, "target_l0": 8.0, "r": 0.5, "warmup_steps": 2, "compile": False}),
+    "atm-r0.5-L8-s0": ("atm", {"l1": 0.3, "target_l0": 8.0, "r": 0.5, "warmup_steps": 2}),
     "topk-L8-s0-x4": ("topk", {"k": 8}),
 }
 GROUPS = {"head": ["topk-L8-s0", "relu-L8-s0"], "rest": [n for n in TINY_RUNS if n not in ("topk-L8-s0", "relu-L8-s0")]}  # fmt: skip

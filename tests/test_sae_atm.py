@@ -8,7 +8,7 @@ import pytest
 import torch
 from sae_helpers import make, planted, train
 
-from atmpipe.sae import kernels
+from atmpipe.sae import compiling, kernels
 
 # One shape and one set of constants for every compiled call here, so torch.compile compiles once.
 B, D = 256, 96
@@ -32,7 +32,7 @@ def test_fused_kernel_equals_eager_reference(variant):
     f, dec_norm, (M, F, R) = _inputs()
     recon, r, key = torch.tensor(3.0), torch.tensor(1.0), torch.tensor(kernels.step_key(7, 1234))
     consts = {**CONSTS, **VARIANTS[variant]}
-    fused = kernels.atm_update_fused()(f, dec_norm, M, F, R, recon, r, key, **consts)
+    fused = kernels.atm_update_fused(f, dec_norm, M, F, R, recon, r, key, **consts)
     eager = kernels.atm_update(f, dec_norm, M, F, R, recon, r, key, **consts)
     for name, a, b in zip(("M", "F", "R", "I", "theta", "p"), fused[:6], eager[:6], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
@@ -47,11 +47,12 @@ def test_fused_kernel_equals_eager_reference(variant):
 @pytest.mark.parametrize(
     "controls", [{}, {"threshold": "log", "targeting": "uniform"}], ids=["default", "controls"]
 )
-def test_compiled_training_path_equals_eager(controls):
+def test_compiled_training_path_equals_eager(controls, monkeypatch):
     x, _ = planted(4096)
-    runs = [
-        train(make("atm", l1=1.0, warmup_steps=2, compile=flag, **controls), x, 12) for flag in (True, False)
-    ]
+    runs = []
+    for flag in (True, False):  # the compile switch (compiling.py), as `atmpipe train --no-compile` sets it
+        monkeypatch.setattr(compiling, "_compile", flag)
+        runs.append(train(make("atm", l1=1.0, warmup_steps=2, **controls), x, 12))
     for name in ("W_enc", "W_dec", "b_enc", "atm_M", "atm_F", "atm_R", "atm_p"):
         torch.testing.assert_close(
             getattr(runs[0], name), getattr(runs[1], name), rtol=1e-4, atol=1e-6, msg=name
@@ -131,7 +132,7 @@ def test_masked_fraction_follows_the_formula_in_c_and_r(per_token):
 
 
 def test_no_masking_during_warmup_then_a_linear_ramp():
-    sae = make("atm", warmup_steps=10, r=2.0, compile=False)
+    sae = make("atm", warmup_steps=10, r=2.0)
     assert [sae.rate_at(s, 100) for s in (0, 9, 10, 15, 20, 40)] == [0.0, 0.0, 0.0, 1.0, 2.0, 2.0]
     x = torch.randn(64, 32) * 3
     out = sae.training_forward(x, 5, 100)
@@ -143,7 +144,7 @@ def test_no_masking_during_warmup_then_a_linear_ramp():
 
 
 def test_eval_mode_and_inference_never_mask():
-    sae = make("atm", warmup_steps=0, r=5.0, compile=False)
+    sae = make("atm", warmup_steps=0, r=5.0)
     x = torch.randn(64, 32) * 3
     for step in range(3):
         sae.training_forward(x, step, 10)
@@ -160,7 +161,7 @@ def test_eval_mode_and_inference_never_mask():
 
 
 def test_masking_warmup_is_capped_for_short_runs():
-    sae = make("atm", warmup_steps=1000, r=1.0, compile=False)  # warmup_frac 0.1: W = 20 in a 200-step run
+    sae = make("atm", warmup_steps=1000, r=1.0)  # warmup_frac 0.1: W = 20 in a 200-step run
     assert sae.masking_warmup(200) == 20 and sae.masking_warmup(100_000) == 1000
     assert [sae.rate_at(s, 200) for s in (0, 19, 20, 30, 40, 199)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
     x = torch.randn(64, 32) * 3

@@ -24,7 +24,7 @@ HPARAMS = {  # hyper-parameters that make a short run fire enough latents; a met
     "relu": {"l1": 0.3},
     "topk": {"k": 4},
     "jumprelu": {"l0_coeff": 0.05, "sparsity_warmup_steps": 20},
-    "atm": {"l1": 1.0, "warmup_steps": 5, "compile": False},
+    "atm": {"l1": 1.0, "warmup_steps": 5},
 }
 METHODS = [(m, HPARAMS.get(m, {})) for m in sorted(SAE_METHODS)] + [("topk", {"k": 4, "batch_topk": True})]
 IDS = [*sorted(SAE_METHODS), "batchtopk"]
@@ -226,7 +226,7 @@ def test_saelens_topk_without_k_and_atm_stats_missing_a_key(tmp_path):
     with pytest.raises(UserError, match="cfg.json: key 'k' is missing"):
         SAE.load(d)
     a = tmp_path / "a"
-    make("atm", compile=False).save(a, {})
+    make("atm").save(a, {})
     stats = load_file(a / STATS_FILE)
     stats.pop("R")
     save_file(stats, str(a / STATS_FILE))
@@ -241,3 +241,19 @@ def test_not_a_directory(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize(
+    ("method", "retired"), [("atm", {"compile": False}), ("topk", {"sparse_kernels": True})]
+)
+def test_sae_saved_with_a_retired_training_option_still_loads(tmp_path, method, retired):
+    """`compile` (ATM) and `sparse_kernels` (TopK) were hyper-parameters; now they are train options."""
+    d = tmp_path / method
+    sae = make(method)
+    sae.save(d, {})
+    meta = json.loads((d / "atmpipe.json").read_text())
+    meta["hparams"].update(retired)
+    (d / "atmpipe.json").write_text(json.dumps(meta))
+    loaded = SAE.load(d)
+    assert loaded.cfg.hparams == sae.cfg.hparams
+    torch.testing.assert_close(loaded.W_dec, sae.W_dec)

@@ -3,6 +3,7 @@ atomic checkpoints, signals, NaN batches, and every bad input of `atmpipe train`
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,13 +18,14 @@ import pytest
 import torch
 import zarr
 from reliability_helpers import tree_digest
+from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import atmpipe.train as train_module
 from atmpipe.cli import app
 from atmpipe.errors import UserError
-from atmpipe.sae import SAE, SAE_METHODS
+from atmpipe.sae import SAE, SAE_METHODS, sparse
 from atmpipe.store import acts_name, write_arrays_store
 from atmpipe.train import TrainConfig, latest_checkpoint, lr_factor, train
 
@@ -111,6 +113,26 @@ def test_each_method_trains_end_to_end(store, tmp_path, method):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000140", "step_00000150"]
 
 
+def test_the_latents_path_is_logged_once_per_path(store, tmp_path):
+    console = Console(file=io.StringIO(), width=200)
+    train(config(store, tmp_path / "r", "relu", steps=100, hparams={"l1": 3.0}), console=console)
+    lines = [line for line in console.file.getvalue().splitlines() if line.startswith("latents:")]
+    # Dense while most latents fire (after the random init), sparse once below the crossover.
+    assert len(lines) == 2
+    why = rf"\(auto: sparse below {sparse.CROSSOVER_DENSITY:.0%}\)"
+    assert re.fullmatch(rf"latents: dense path from step 0, latent density [0-9.]+% {why}", lines[0])
+    assert re.fullmatch(rf"latents: sparse path from step \d+, latent density [0-9.]+% {why}", lines[1])
+
+
+def test_latents_option_must_name_a_path(store, tmp_path):
+    result = cli(*common(store, "--latents", "csr", "--out", str(tmp_path / "r")))
+    assert (
+        error_of(result)
+        == "error: latents must be one of auto, sparse, dense (got 'csr'); pass e.g. --latents auto"
+    )
+    assert not (tmp_path / "r").exists()
+
+
 def test_target_l0_controller_is_recorded(store, tmp_path):
     run = train(config(store, tmp_path / "r", "relu", steps=20, target_l0=3.0))
     assert json.loads((run / "atmpipe.json").read_text())["metadata"]["target_l0_controller"] is True
@@ -142,17 +164,20 @@ def test_one_schedule_helper_ramps_and_caps_warmups():
 # --- resume ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", sorted(SAE_METHODS))
-def test_resume_from_a_mid_run_checkpoint_is_bit_identical(store, tmp_path, method):
-    reference = train(config(store, tmp_path / "ref", method))
-    run = train(config(store, tmp_path / "cut", method))
+@pytest.mark.parametrize(
+    ("method", "latents"),
+    [(m, "auto") for m in sorted(SAE_METHODS)] + [(m, "sparse") for m in ("relu", "jumprelu", "atm")],
+)
+def test_resume_from_a_mid_run_checkpoint_is_bit_identical(store, tmp_path, method, latents):
+    reference = train(config(store, tmp_path / "ref", method, latents=latents))
+    run = train(config(store, tmp_path / "cut", method, latents=latents))
     # Roll the run back to its step-40 checkpoint, as if it had died there.
     for name in ("cfg.json", "sae_weights.safetensors", "atmpipe.json"):
         (run / name).unlink(missing_ok=True)
     for stale in ("step_00000060",):
         train_module.shutil.rmtree(run / "checkpoints" / stale)
     assert latest_checkpoint(run).name == "step_00000040"
-    train(config(store, run, method, resume=True))
+    train(config(store, run, method, resume=True, latents=latents))
     assert_same_weights(reference, run)
     assert [m["step"] for m in metrics(run)] == [m["step"] for m in metrics(reference)]
 
@@ -185,7 +210,7 @@ def train_command(store, out, *extra) -> list[str]:
         sys.executable, "-m", "atmpipe", "train", "--store", str(store.path), "--method", "atm",
         "--d-sae", str(D_SAE), "--batch-size", "64", "--tokens", str(64 * 200), "--lr", "0.003",
         "--checkpoint-every", "1", "--out", str(out), "--device", "cpu", "--hparam", "warmup_steps=20",
-        "--hparam", "compile=false", *extra,  # the fused kernel has its own tests; this one is about the run
+        "--no-compile", *extra,  # the fused kernel has its own tests; this one is about the run
     ]  # fmt: skip
 
 

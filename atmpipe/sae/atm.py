@@ -20,6 +20,7 @@ must exist before this step's x̂; "exact" pays one more dense GEMM for the unma
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from torch import Tensor
 
 from atmpipe import schedule
 from atmpipe.errors import UserError
-from atmpipe.sae import kernels
+from atmpipe.sae import kernels, sparse
 from atmpipe.sae.base import SAEConfig, TrainOutput, read_tensor_file
 from atmpipe.sae.relu import ReLUParams, ReLUSAE
+from atmpipe.sae.sparse import Entries
 
 STATS_FILE = "atm_stats.safetensors"
 STAT_NAMES = ("M", "F", "R", "I", "p")
@@ -50,7 +52,6 @@ class ATMParams(ReLUParams):
     targeting: str = "adaptive"  # "adaptive": p from each latent's importance | "uniform": all get mean(p)
     recon_norm: str = "previous"  # R's denominator: "previous" step's x̂ | "exact" (one more GEMM)
     seed: int = 0  # of the counter-based mask stream
-    compile: bool = True  # fused torch.compile kernel; False runs the eager reference
 
 
 class ATMSAE(ReLUSAE):
@@ -65,6 +66,10 @@ class ATMSAE(ReLUSAE):
             self.register_buffer(f"atm_{name}", torch.zeros(cfg.d_sae))
         self.register_buffer("atm_theta", torch.tensor(0.0))
         self.register_buffer("atm_recon_norm", torch.tensor(float("nan")))  # NaN until the first step
+        # Data parallel (distributed.data_parallel sets both): this rank's rows are rows rank::world of
+        # the global batch, and the sparse path's batch means are averaged over the ranks.
+        self.rank, self.world = 0, 1
+        self.mean_over_ranks = lambda t: t
 
     def validate_hparams(self) -> None:
         super().validate_hparams()
@@ -107,11 +112,13 @@ class ATMSAE(ReLUSAE):
         return self.hp.r * schedule.ramp(step, w, w)
 
     def update_fn(self):
-        return kernels.atm_update_fused() if self.hp.compile else kernels.atm_update
+        return kernels.atm_update_fused
 
     def across_ranks(self, world) -> None:
         kernel_of = self.update_fn
         self.update_fn = lambda: functools.partial(update_across_ranks, kernel_of(), world)
+        # The sparse path: batch means averaged over the ranks, masks drawn at the global rows.
+        self.rank, self.world, self.mean_over_ranks = world.rank, world.size, lambda t: world.mean_(t.clone())
 
     def mask_latents(self, x: Tensor, f: Tensor, step: int, total_steps: int) -> tuple[Tensor, dict]:
         if not self.training:  # evaluation never masks and never moves the statistics
@@ -137,6 +144,55 @@ class ATMSAE(ReLUSAE):
         masking = step >= self.masking_warmup(total_steps) and hp.r > 0
         f_used = f * keep if masking else f
         return f_used, {"masked_frac": p.mean(), "threshold": theta}
+
+    def mask_entries(
+        self, x: Tensor, f: Tensor, e: Entries, step: int, total_steps: int
+    ) -> tuple[Tensor, dict]:
+        """mask_latents on the sparse path: the same statistics, from the active entries (a latent that is
+        zero has nothing to mask), and each entry's keep from the same counter-based noise stream."""
+        if not self.training:
+            return f, {}
+        with torch.no_grad():
+            theta, p = self.step_statistics(x, f.detach(), e, step, total_steps)
+            stats = {"masked_frac": p.mean(), "threshold": theta}
+            if not (step >= self.masking_warmup(total_steps) and self.hp.r > 0):
+                return f, stats
+            key = torch.tensor(kernels.step_key(self.hp.seed, step), dtype=torch.int64, device=x.device)
+            rows = e.rows * self.world + self.rank  # the entries' rows in the global batch
+            where = rows * e.d_sae + e.cols if self.hp.granularity == "token" else e.cols
+            keep = (kernels.noise_at(where, key) >= p[e.cols]).to(f.dtype)
+        return f * keep, stats
+
+    def step_statistics(
+        self, x: Tensor, f: Tensor, e: Entries, step: int, total: int
+    ) -> tuple[Tensor, Tensor]:
+        """The EMA step, importance, θ and p from the entries' values f; returns (θ, p)."""
+        hp, n, vals = self.hp, x.shape[0], f.float()
+        means = torch.stack(
+            [sparse.latent_sums(vals, e) / n, sparse.latent_sums(torch.ones_like(vals), e) / n]
+        )
+        mean_f, fired = self.mean_over_ranks(means).unbind(0)
+        M, F_, R = kernels.atm_statistics(
+            mean_f, fired, self.W_dec.norm(dim=1), self.atm_M, self.atm_F, self.atm_R,
+            self.recon_norm(x, lambda: sparse.decode(f, e, self.W_dec)), hp.beta,
+        )  # fmt: skip
+        imp = kernels.atm_importance(M, F_, R, hp.combine)
+        r = torch.tensor(self.rate_at(step, total), device=x.device)
+        theta, p = kernels.atm_probabilities(
+            imp, r, hp.c, hp.p_max, hp.threshold == "log", hp.targeting == "uniform"
+        )
+        for name, value in zip(STAT_NAMES, (M, F_, R, imp, p), strict=True):
+            getattr(self, f"atm_{name}").copy_(value)
+        self.atm_theta.copy_(theta)
+        return theta, p
+
+    def recon_norm(self, x: Tensor, unmasked: Callable[[], Tensor]) -> Tensor:
+        """R's denominator this step, the batch mean of ‖x̂_t − b_dec‖: with recon_norm = "exact" from
+        unmasked() (this step's unmasked x̂ − b_dec), else the previous step's (first step: ‖x − b_dec‖)."""
+        if self.hp.recon_norm == "exact":
+            return self.mean_over_ranks(unmasked().norm(dim=-1).mean())
+        fallback = self.mean_over_ranks((x - self.b_dec.detach()).norm(dim=-1).mean())
+        return torch.where(torch.isnan(self.atm_recon_norm), fallback, self.atm_recon_norm)
 
     def training_forward(self, x: Tensor, step: int, total_steps: int) -> TrainOutput:
         out = super().training_forward(x, step, total_steps)

@@ -7,6 +7,7 @@ Thresholds are learned as log θ. θ0 and the bandwidth ε default to 0.1 and 0.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from atmpipe import schedule
 from atmpipe.errors import UserError
-from atmpipe.sae import kernels
+from atmpipe.sae import kernels, sparse
 from atmpipe.sae.base import SAE, CommonParams, SAEConfig, TrainOutput
 
 
@@ -76,12 +77,24 @@ class JumpReLUSAE(SAE):
 
     def training_forward(self, x: Tensor, step: int, total_steps: int) -> TrainOutput:
         x = x.to(self.W_enc.dtype)
-        pre = self.train_pre_acts(x)
-        theta = self.threshold
-        # f, the L0 of each token and the firing counts in one pass (kernels.JumpReLU: the gradients are
-        # the rectangle-kernel straight-through estimators, also in one pass).
-        f, l0_per_token, fires = kernels.JumpReLU.apply(pre, theta, self.hp.bandwidth)
-        x_hat = self.decode(f)
+        raw, x_c = self.train_pre_acts_parts(x)
+        theta, eps = self.threshold, self.hp.bandwidth
+        e = self.sparse_entries(sparse.jumprelu_support(raw, self.b_enc.detach(), theta.detach(), eps))
+        if e is None:
+            # f, the L0 of each token and the firing counts in one pass (kernels.JumpReLU: the gradients
+            # are the rectangle-kernel straight-through estimators, also in one pass).
+            pre = sparse.pre_acts_dense(raw, x_c, self.W_enc, self.b_enc, self.b_dec)
+            f, l0_per_token, fires = kernels.JumpReLU.apply(pre, theta, eps)
+            x_hat = self.decode(f)
+            latents = f
+        else:  # the same on the entries that are active or inside θ's window
+            pre_e = sparse.pre_acts_at(raw, x_c, self.W_enc, self.b_enc, self.b_dec, e)
+            theta_e = theta[e.cols]
+            f, l0_per_token = sparse.JumpReLUEntries.apply(pre_e, theta_e, e.rows, e.n, eps)
+            x_hat = sparse.decode(f, e, self.W_dec, self.b_dec)
+            active = pre_e.detach() > theta_e.detach()
+            fires = torch.bincount(e.cols[active], minlength=self.cfg.d_sae).to(torch.int32)
+            latents = functools.partial(sparse.to_dense, f.detach(), e)
         mse, stats = self.common_stats(x, x_hat, fires)
         l0 = l0_per_token.mean()
         if self.hp.sparsity == "l0":
@@ -93,7 +106,7 @@ class JumpReLUSAE(SAE):
             sparsity = self.hp.l0_coeff * (l0 / self.hp.target_l0 - 1).pow(2)
         stats["threshold_mean"] = theta.detach().mean()
         # The loss term has its own name: "l0" is the measured L0 in the stats.
-        return TrainOutput(x_hat, f, {"mse": mse, "sparsity": sparsity}, stats)
+        return TrainOutput(x_hat, latents, {"mse": mse, "sparsity": sparsity}, stats)
 
     def inference_tensors(self) -> dict[str, Tensor]:
         return {"threshold": self.threshold}

@@ -1,31 +1,19 @@
 """Fast ops with their plain twins: ATM's fused statistics + masking, JumpReLU's fused forward/backward,
-dense firing counts, and TopK's sparse encoder/decoder.
+dense firing counts, and TopK's sparse encoder/decoder (the other methods' sparse path: sparse.py).
 
 Each fast op has a reference beside it that the tests compare it with (same inputs, same random stream).
 Element-wise passes over [batch, d_sae] cost about as much as a GEMM each on CPU, so they are fused with
-torch.compile; ATMPIPE_EAGER=1 runs the plain references instead (no compiler needed).
+torch.compile, behind the one compile switch (compiling.py).
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def eager() -> bool:
-    """ATMPIPE_EAGER=1 turns every compiled kernel off (debugging, or a machine without a C++ compiler)."""
-    return os.environ.get("ATMPIPE_EAGER", "") not in ("", "0")
-
-
-def fused(fn):
-    """fn compiled once for every shape (dynamic), or fn itself under ATMPIPE_EAGER=1."""
-    compiled = functools.cache(lambda: torch.compile(fn, dynamic=True, fullgraph=True))
-    return functools.wraps(fn)(lambda *args: (fn if eager() else compiled())(*args))
-
+from atmpipe.sae import sparse
+from atmpipe.sae.compiling import fused
 
 # ---------------------------------------------------------------------------------------------------
 # Firing counts of dense latents (f ≥ 0), for the dead-latent clock and L0.
@@ -121,6 +109,22 @@ def noise_at(flat_index: Tensor, key: Tensor) -> Tensor:
     return (hash32((flat_index ^ key) & _MASK32) >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
+def atm_statistics(mean_f, fired, dec_norm, M, F_, R, recon_norm, beta: float):
+    """One EMA step of magnitude M, frequency F and reconstruction share R from the batch means of f
+    (mean_f) and of 1[f > 0] (fired), all [d_sae]; recon_norm is the batch mean of ‖x̂_t − b_dec‖."""
+    M = beta * M + (1 - beta) * mean_f
+    F_ = beta * F_ + (1 - beta) * fired
+    R = beta * R + (1 - beta) * mean_f * dec_norm / recon_norm
+    return M, F_, R
+
+
+def atm_importance(M: Tensor, F_: Tensor, R: Tensor, combine: str) -> Tensor:
+    """I from the statistics, each normalised by its mean: their product or their mean."""
+    tiny = 1e-30  # all-zero statistics give I = 0 and so p = 0, never NaN
+    m, fr, rr = M / M.mean().clamp_min(tiny), F_ / F_.mean().clamp_min(tiny), R / R.mean().clamp_min(tiny)
+    return m * fr * rr if combine == "product" else (m + fr + rr) / 3
+
+
 LOG_FLOOR = 1e-6  # log I is taken of I + this: I is in units of a typical latent, dead latents have I = 0
 
 
@@ -168,7 +172,7 @@ def atm_update(
     log_threshold: bool = False,
     uniform: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """ATM's per-step statistics and masks, written plainly (this is also the eager reference).
+    """ATM's per-step statistics and masks on dense latents (this is also the eager reference).
 
     f: unmasked latents [batch, d_sae]; dec_norm: ‖W_dec,i‖; M, F_, R: EMA buffers; recon_norm: the
     batch mean of ‖x̂_t − b_dec‖ (0-d); r: the effective rate this step (0-d); key: step key (0-d int64).
@@ -177,23 +181,15 @@ def atm_update(
     """
     f_dtype = f.dtype
     f = f.detach().float()
-    mean_f = f.mean(0)
-    M = beta * M + (1 - beta) * mean_f
-    F_ = beta * F_ + (1 - beta) * (f > 0).float().mean(0)
-    R = beta * R + (1 - beta) * mean_f * dec_norm / recon_norm
-    tiny = 1e-30  # all-zero statistics give I = 0 and so p = 0, never NaN
-    m, fr, rr = M / M.mean().clamp_min(tiny), F_ / F_.mean().clamp_min(tiny), R / R.mean().clamp_min(tiny)
-    imp = m * fr * rr if combine == "product" else (m + fr + rr) / 3
+    M, F_, R = atm_statistics(f.mean(0), (f > 0).float().mean(0), dec_norm, M, F_, R, recon_norm, beta)
+    imp = atm_importance(M, F_, R, combine)
     theta, p = atm_probabilities(imp, r, c, p_max, log_threshold, uniform)
     u = uniform_noise(tuple(f.shape) if per_token else (f.shape[1],), key, f.device)
     keep = (u >= p).to(f_dtype)  # in f's dtype: the mask multiplies f with no conversion pass
     return M, F_, R, imp, theta, p, keep
 
 
-@functools.cache
-def atm_update_fused():
-    """atm_update compiled into one fused kernel set (C++ on CPU, Triton on CUDA); compiled on first use."""
-    return torch.compile(atm_update, fullgraph=True)
+atm_update_fused = fused(atm_update, dynamic=None)  # one fused kernel set (C++ on CPU, Triton on CUDA)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,31 +230,15 @@ class TopKEncode(torch.autograd.Function):
         # Through the ReLU, then merge the main and auxiliary selections into one sparse gradient.
         g = torch.cat([g_vals * (vals > 0), g_aux * (aux_vals > 0)], dim=1)
         lat = torch.cat([idx, aux_idx], dim=1)
-        grad_x, grad_W, grad_b_enc, grad_b_dec = sparse_encoder_grads(
-            x_c, W_enc, lat, g, ctx.needs_input_grad[0]
+        tok = torch.arange(lat.shape[0], device=lat.device).unsqueeze(1).expand_as(lat)
+        grad_W, grad_b_enc = sparse.encoder_grads(
+            x_c, tok.reshape(-1), lat.reshape(-1), g.reshape(-1), W_enc.shape[1]
         )
+        grad_b_dec = -(W_enc @ grad_b_enc)  # b_dec enters as x − b_dec: −Σ_t G_t W_encᵀ
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(lat, W_enc.T.contiguous(), per_sample_weights=g, mode="sum")
         return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None
-
-
-def sparse_encoder_grads(
-    x_c: Tensor, W_enc: Tensor, lat: Tensor, g: Tensor, need_x: bool
-) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
-    """Gradients of pre = x_c @ W_enc + b_enc (x_c = x − b_dec) given dL/dpre nonzero only at (t, lat[t, j])."""
-    n, d_in = x_c.shape
-    d_sae = W_enc.shape[1]
-    tok = torch.arange(n, device=x_c.device).unsqueeze(1).expand_as(lat)
-    G_t = torch.sparse_coo_tensor(
-        torch.stack([lat.reshape(-1), tok.reshape(-1)]), g.reshape(-1), (d_sae, n), check_invariants=False
-    )
-    grad_W = torch.sparse.mm(G_t, x_c).T  # [d_in, d_sae] = x_cᵀ G
-    grad_b_enc = torch.zeros(d_sae, device=g.device, dtype=g.dtype).index_add_(
-        0, lat.reshape(-1), g.reshape(-1)
-    )
-    grad_b_dec = -(W_enc @ grad_b_enc)  # b_dec enters as x − b_dec: −Σ_t G_t W_encᵀ
-    grad_x = None
-    if need_x:
-        grad_x = F.embedding_bag(lat, W_enc.T.contiguous(), per_sample_weights=g, mode="sum")
-    return grad_x, grad_W, grad_b_enc, grad_b_dec
 
 
 def topk_encode(x, W_enc, b_enc, b_dec, k, aux_mask=None, k_aux=0):
@@ -277,9 +257,11 @@ def topk_encode_dense(x, W_enc, b_enc, b_dec, k, aux_mask=None, k_aux=0):
 
 
 def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
-    """Σ_j vals[t, j] · W_dec[idx[t, j]] (+ b_dec) as a gather-sum (embedding_bag), never a dense GEMM."""
-    out = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
-    return out if b_dec is None else out + b_dec
+    """Σ_j vals[t, j] · W_dec[idx[t, j]] (+ b_dec) as a gather-sum with a sparse backward, never a dense GEMM."""
+    n, k = idx.shape
+    crow = torch.arange(0, n * k + 1, k, device=idx.device)
+    e = sparse.Entries(None, idx.reshape(-1), crow, n, W_dec.shape[0])
+    return sparse.decode(vals.reshape(-1), e, W_dec, b_dec)
 
 
 def dense_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:

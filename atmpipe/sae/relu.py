@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -10,8 +11,9 @@ from torch import Tensor
 
 from atmpipe import schedule
 from atmpipe.errors import UserError
-from atmpipe.sae import kernels
+from atmpipe.sae import kernels, sparse
 from atmpipe.sae.base import SAE, CommonParams, SAEConfig, TrainOutput
+from atmpipe.sae.sparse import Entries
 
 
 @dataclass
@@ -51,20 +53,41 @@ class ReLUSAE(SAE):
         """The latents the training loss sees (ATM masks them; plain ReLU uses them as they are)."""
         return f, {}
 
+    def mask_entries(
+        self, x: Tensor, f: Tensor, e: Entries, step: int, total_steps: int
+    ) -> tuple[Tensor, dict]:
+        """mask_latents on the sparse path: f holds the values at the entries e."""
+        return f, {}
+
     def training_forward(self, x: Tensor, step: int, total_steps: int) -> TrainOutput:
         x = x.to(self.W_enc.dtype)
-        f = F.relu(self.train_pre_acts(x))
-        f_used, stats = self.mask_latents(x, f, step, total_steps)
-        x_hat = self.decode(f_used)
-        mse, common = self.common_stats(x, x_hat, kernels.fire_counts_fused(f.detach()))
+        raw, x_c = self.train_pre_acts_parts(x)
+        e = self.sparse_entries(sparse.relu_support(raw, self.b_enc.detach()))
+        dec_norm = self.W_dec.norm(dim=1)
+        if e is None:
+            f = F.relu(sparse.pre_acts_dense(raw, x_c, self.W_enc, self.b_enc, self.b_dec))
+            f_used, stats = self.mask_latents(x, f, step, total_steps)
+            x_hat = self.decode(f_used)
+            fires = kernels.fire_counts_fused(f.detach())
+            l1 = (f_used @ dec_norm).mean()  # Σ_i f_i‖W_dec,i‖, mean over tokens
+            latents = f
+        else:  # the same on the active entries (pre > 0) alone
+            f = sparse.pre_acts_at(
+                raw, x_c, self.W_enc, self.b_enc, self.b_dec, e
+            )  # all > 0: ReLU's identity
+            f_used, stats = self.mask_entries(x, f, e, step, total_steps)
+            x_hat = sparse.decode(f_used, e, self.W_dec, self.b_dec)
+            fires = torch.bincount(e.cols, minlength=self.cfg.d_sae).to(torch.int32)
+            l1 = (f_used * dec_norm[e.cols]).sum() / x.shape[0]
+            latents = functools.partial(sparse.to_dense, f.detach(), e)
+        mse, common = self.common_stats(x, x_hat, fires)
         ramp = schedule.ramp(step, 0, self.hp.l1_warmup_frac * total_steps)
         coeff = self.l1_coeff * ramp
-        l1 = (f_used @ self.W_dec.norm(dim=1)).mean()  # Σ_i f_i‖W_dec,i‖, mean over tokens
         self.last_l0.copy_(common["l0"])
         self._controller_on = self.hp.target_l0 is not None and ramp >= 1.0
         stats.update(common)
         stats["l1_coeff"] = coeff.detach()
-        return TrainOutput(x_hat, f, {"mse": mse, "l1": coeff * l1}, stats)
+        return TrainOutput(x_hat, latents, {"mse": mse, "l1": coeff * l1}, stats)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

@@ -20,7 +20,6 @@ class TopKParams(CommonParams):
     aux_coeff: float = 1 / 32  # scaled by min(n_dead / aux_k, 1)
     batch_topk: bool = False  # keep the k·batch largest over the whole batch while training
     threshold_beta: float = 0.99  # BatchTopK: EMA of the smallest kept activation, used at inference
-    sparse_kernels: bool = True  # sparse encoder backward + gather-sum decoder (TopK only)
 
 
 class TopKSAE(SAE):
@@ -63,12 +62,16 @@ class TopKSAE(SAE):
         dead = self.dead_mask()
         # On CPU the check is free; on an accelerator always run AuxK (it is zero without dead latents) to avoid a sync.
         use_aux = self.hp.aux_coeff > 0 and (x.device.type != "cpu" or bool(dead.any()))
-        if self.hp.batch_topk:
+        if self.hp.batch_topk:  # a threshold over the whole batch: dense latents
+            self.path = ("dense", None)
             f, x_hat, aux_vals, aux_idx = self._batch_topk(x, dead if use_aux else None)
             fires = kernels.fire_counts_fused(f.detach())
         else:
-            encode = kernels.topk_encode if self.hp.sparse_kernels else kernels.topk_encode_dense
-            decode = kernels.sparse_decode if self.hp.sparse_kernels else kernels.dense_decode
+            # k of d_sae latents: sparse whatever the device, unless the dense twins are asked for.
+            on = self.latents != "dense"
+            self.path = ("sparse" if on else "dense", self.hp.k / self.cfg.d_sae)
+            encode = kernels.topk_encode if on else kernels.topk_encode_dense
+            decode = kernels.sparse_decode if on else kernels.dense_decode
             vals, idx, aux_vals, aux_idx = encode(
                 x, self.W_enc, self.b_enc, self.b_dec, self.hp.k, dead if use_aux else None, self.aux_k
             )
