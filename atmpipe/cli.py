@@ -10,6 +10,7 @@ from rich.console import Console
 
 from atmpipe.config import EvalConfig, HarvestConfig, TrainConfig
 from atmpipe.errors import UserError
+from atmpipe.inspect.config import InspectConfig
 from atmpipe.options import add_command
 
 APP_HELP = (
@@ -130,41 +131,18 @@ add_command(
 # (section owned by the inspect stage; options and help text live in InspectConfig)
 
 
-def _inspect_help(name: str) -> str:
-    import dataclasses
+def _inspect(config, flags: dict) -> None:
+    from atmpipe.config import load_config
+    from atmpipe.inspect.run import build
 
-    from atmpipe.inspect.config import InspectConfig
-
-    return next(f.metadata["help"] for f in dataclasses.fields(InspectConfig) if f.name == name)
+    build(load_config(InspectConfig, config, **flags))
 
 
-@app.command("inspect")
-def inspect_command(
-    sae: list[str] = typer.Option(..., help=_inspect_help("sae")),
-    store: str | None = typer.Option(None, help=_inspect_help("store")),
-    model: str | None = typer.Option(None, help=_inspect_help("model")),
-    latents: str | None = typer.Option(None, help=_inspect_help("latents")),
-    top: int | None = typer.Option(None, help=_inspect_help("top")),
-    out: str | None = typer.Option(None, help=_inspect_help("out")),
-    eval: str | None = typer.Option(None, "--eval", help=_inspect_help("eval")),
-    absorption: bool = typer.Option(False, "--absorption", help=_inspect_help("absorption")),
-    max_tokens: int | None = typer.Option(None, help=_inspect_help("max_tokens")),
-    seed: int | None = typer.Option(None, help=_inspect_help("seed")),
-) -> None:
-    """Stage four: a feature browser (top contexts, logit effects, absorption, SAEs side by side) as HTML."""
-
-    def go():
-        from atmpipe.config import load_config
-        from atmpipe.inspect.config import InspectConfig
-        from atmpipe.inspect.run import build
-
-        flags = dict(
-            sae=sae, store=store, model=model, latents=latents, top=top, out=out, eval=eval,
-            absorption=absorption or None, max_tokens=max_tokens, seed=seed,
-        )  # fmt: skip
-        build(load_config(InspectConfig, None, **flags))
-
-    run_stage(go)
+add_command(
+    app, "inspect", InspectConfig, lambda config, flags: run_stage(_inspect, config, flags),
+    "Stage four: a feature browser (top contexts, logit effects, absorption, SAEs side by side) as HTML.",
+    "TOML recipe of inspect settings; flags override it.",
+)  # fmt: skip
 
 
 # --- verify -------------------------------------------------------------------------------------

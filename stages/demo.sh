@@ -26,7 +26,7 @@ done
 # The feature browser, before the eval so its report links to it; --absorption runs the LM on the first-letter
 # prompts once, and the eval then reads them from the shared activation cache.
 stage inspect "$REPORT/features/index.html" -- "$ATMPIPE" inspect "${METHODS[@]/#/--sae=$RUNS/}" --store "$STORE" \
-    --absorption --out "$REPORT/features"
+    --absorption --absorption-config stages/demo-eval.toml --out "$REPORT/features"
 stage eval "$REPORT/report.md" -- "$ATMPIPE" eval --config stages/demo-eval.toml \
     "${METHODS[@]/#/--sae=$RUNS/}" --out "$REPORT"
 

@@ -26,5 +26,9 @@ class InspectConfig:
     absorption: bool = field(
         default=False, metadata={"help": "Compute the absorption view (LM on the first-letter prompts)."}
     )
+    absorption_config: str | None = field(
+        default=None,
+        metadata={"help": "An eval recipe whose absorption settings (word sample, ICL) --absorption uses."},
+    )
     max_tokens: int = field(default=65536, metadata={"help": "Held-out tokens to read (default 65,536)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random contexts and the absorption task."})

@@ -109,15 +109,17 @@ def absorption_data(cfg, saes, layer: int, model: str, out: Path, progress) -> t
 
 
 def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[list, dict]:
-    """Run the eval's absorption plug-in (its options' defaults, its cache: after `atmpipe eval` the prompts
-    are not run again), then each SAE's per-letter records and each absorption word's latents."""
+    """Run the eval's absorption plug-in (its options from --absorption-config, else their defaults; its
+    cache: after `atmpipe eval` with the same options the prompts are not run again), then each SAE's
+    per-letter records and each absorption word's latents."""
+    from atmpipe.config import load_config
     from atmpipe.eval.cache import ActivationCache
     from atmpipe.eval.metrics import REGISTRY
     from atmpipe.eval.run import Context, EvalConfig
     from atmpipe.lm import load_lm
 
     lm = load_lm(model)
-    ecfg = EvalConfig(sae=cfg.sae, seed=cfg.seed)
+    ecfg = load_config(EvalConfig, cfg.absorption_config, sae=cfg.sae, seed=cfg.seed)
     metric = REGISTRY["absorption"].from_config(ecfg)
     ctx = Context(ecfg, saes, layer, lm=lm, cache=ActivationCache(lm.config_hash, layer), progress=progress)
     metric.collect(ctx)
