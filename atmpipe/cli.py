@@ -25,6 +25,24 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def config_stage(cls, target: str):
+    """A stage whose body is only: the recipe(s) and flags into `cls`, then `target` ("module:function",
+    imported when the command runs, so `atmpipe --help` stays free of torch) called on that config."""
+
+    def run(config, flags: dict) -> None:
+        def go():
+            from importlib import import_module
+
+            from atmpipe.config import load_config
+
+            module, name = target.split(":")
+            getattr(import_module(module), name)(load_config(cls, config, **flags))
+
+        run_stage(go)
+
+    return run
+
+
 def run_stage(fn, *args, **kwargs):
     """Run a stage function; user errors become a one-line message and exit code 2 (no traceback)."""
     try:
@@ -113,15 +131,8 @@ add_command(
 # (section owned by the eval stage) The flags are the run's options and every registered metric's.
 
 
-def _eval(config, flags: dict) -> None:
-    from atmpipe.config import load_config
-    from atmpipe.eval.run import run_eval
-
-    run_eval(load_config(EvalConfig, config, **flags))
-
-
 add_command(
-    app, "eval", EvalConfig, lambda config, flags: run_stage(_eval, config, flags),
+    app, "eval", EvalConfig, config_stage(EvalConfig, "atmpipe.eval.run:run_eval"),
     "Stage three: measure SAEs side by side (core, absorption, probing, bias, training) and write a report.",
     "TOML recipe of eval settings; flags override it.",
 )  # fmt: skip
@@ -131,15 +142,8 @@ add_command(
 # (section owned by the inspect stage; options and help text live in InspectConfig)
 
 
-def _inspect(config, flags: dict) -> None:
-    from atmpipe.config import load_config
-    from atmpipe.inspect.run import build
-
-    build(load_config(InspectConfig, config, **flags))
-
-
 add_command(
-    app, "inspect", InspectConfig, lambda config, flags: run_stage(_inspect, config, flags),
+    app, "inspect", InspectConfig, config_stage(InspectConfig, "atmpipe.inspect.run:build"),
     "Stage four: a feature browser (top contexts, logit effects, absorption, SAEs side by side) as HTML.",
     "TOML recipe of inspect settings; flags override it.",
 )  # fmt: skip
