@@ -1,4 +1,4 @@
-"""Harvest benchmarks (targets: ../shared/specs/PERF.md), all ratios measured side by side in one run.
+"""Harvest benchmarks (each target is printed beside its figure; benchmarks/README.md), all ratios measured side by side in one run.
 
 1. harvest efficiency: tokens/s of the whole harvest stage (`harvest(cfg, lm)`: corpus, capture, checks,
    storage encoding, statistics, compressed sharded writes, commits) / tokens/s of a bare forward pass of

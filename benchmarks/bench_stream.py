@@ -1,4 +1,4 @@
-"""Shuffled-stream throughput, side by side in one run (targets: ../shared/specs/PERF.md).
+"""Shuffled-stream throughput, side by side in one run (each target is printed beside its figure; benchmarks/README.md).
 
     .venv/bin/python benchmarks/bench_stream.py [--quick]
 

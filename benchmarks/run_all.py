@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/run_all.py --quick    # a smoke run: small shapes, few rounds
 
 Results go to benchmarks/results/<date>-<host>.json (`-quick` appended for a smoke run). Every figure
-is a ratio measured side by side in this run (targets: ../shared/specs/PERF.md).
+is a ratio measured side by side in this run (each target is printed beside its figure; benchmarks/README.md).
 """
 
 from __future__ import annotations
