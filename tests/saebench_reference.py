@@ -3,17 +3,21 @@
 Run with .venv-saebench's python (SAEBench pins numpy < 2, so it lives in its own venv):
     python tests/saebench_reference.py IN.npz OUT.npz
 IN holds the activations (x_train, y_train, x_test, y_test, x_score), a ReLU SAE (W_enc, b_enc, W_dec,
-b_dec), the seed, the probes' batch size and the letter to score. OUT holds SAEBench's ground-truth probe,
+b_dec), the seed and the letter to score. The probes are trained in SAEBench's pipeline batch sizes
+(`train_and_save_probes`' default for the ground-truth probe, the eval config's for the L1 probe). OUT holds SAEBench's ground-truth probe,
 its L1 ranking probe, its main latents and F1s per letter, and its per-word absorption for that letter.
 """
 
+import inspect
 import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import torch
+from sae_bench.evals.absorption import common
 from sae_bench.evals.absorption import k_sparse_probing as ks
+from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
 from sae_bench.evals.absorption.feature_absorption_calculator import FeatureAbsorptionCalculator
 from sae_bench.evals.absorption.probing import train_linear_probe_for_task
 from sae_bench.evals.absorption.vocab import LETTERS
@@ -51,7 +55,9 @@ class FixedActivations:
 
 def main(src: str, dst: str) -> None:
     d = dict(np.load(src))
-    seed, batch, letter = int(d["seed"]), int(d["batch"]), int(d["letter"])
+    seed, letter = int(d["seed"]), int(d["letter"])
+    gt_batch = inspect.signature(common.train_and_save_probes).parameters["batch_size"].default
+    sparse_batch = AbsorptionEvalConfig().k_sparse_probe_batch_size
     words_train = [f"w{i}" for i in range(len(d["y_train"]))]
     words_test = [f"t{i}" for i in range(len(d["y_test"]))]
     torch.manual_seed(seed)
@@ -61,7 +67,7 @@ def main(src: str, dst: str) -> None:
         torch.device("cpu"),
         d["x_train"],
         d["x_test"],
-        batch_size=batch,
+        batch_size=gt_batch,
     )
     sae = ReluSAE(d)
     torch.manual_seed(seed)
@@ -70,7 +76,7 @@ def main(src: str, dst: str) -> None:
         list(zip(words_train, d["y_train"].tolist(), strict=True)),
         torch.as_tensor(d["x_train"]),
         ks=list(range(1, 11)),
-        batch_size=batch,
+        batch_size=sparse_batch,
     )
     raw = ks.eval_probe_and_sae_k_sparse_raw_scores(
         sae,
@@ -100,6 +106,7 @@ def main(src: str, dst: str) -> None:
     res = calc.calculate_absorption(sae, true_pos, probe.weights[letter].detach(), split[c], layer=0)
     np.savez(
         dst,
+        batches=np.array([gt_batch, sparse_batch]),
         gt_weights=probe.weights.detach().numpy(),
         gt_bias=probe.biases.detach().numpy(),
         f1_probe=metrics["f1_probe"].to_numpy(),

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(not SAEBENCH_PY.exists(), reason="no .venv-saebe
 
 
 def test_probe_selection_and_scoring_equal_saebench(tmp_path):
-    cfg = AbsorptionConfig(probe_batch=64, seed=3)
+    cfg = AbsorptionConfig(seed=3)  # the defaults: they must be SAEBench's
     sae, xtr, ytr, xte, yte = planted_case(5, per_letter_train=24, per_letter_test=12)
     rng = np.random.default_rng(1)
     x_score = xte + 0.3 * rng.standard_normal(xte.shape)  # the re-prompted words differ from the probe's
@@ -42,7 +42,7 @@ def test_probe_selection_and_scoring_equal_saebench(tmp_path):
         tmp_path / "in.npz",
         x_train=xtr, y_train=ytr, x_test=xte, y_test=yte, x_score=x_score,
         W_enc=sae.W_enc.numpy(), b_enc=sae.b_enc.numpy(), W_dec=sae.W_dec.numpy(), b_dec=sae.b_dec.numpy(),
-        seed=cfg.seed, batch=cfg.probe_batch, letter=letter,
+        seed=cfg.seed, letter=letter,
     )  # fmt: skip
     subprocess.run(
         [
@@ -56,6 +56,7 @@ def test_probe_selection_and_scoring_equal_saebench(tmp_path):
         env=os.environ | {"OMP_NUM_THREADS": "1"},  # tiny GEMMs: threads only add hand-off waits
     )
     ref = np.load(tmp_path / "out.npz")
+    assert ref["batches"].tolist() == [cfg.probe_batch, cfg.sparse_probe_batch]
 
     probe = ground_truth_probe(xtr, ytr, xte, yte, cfg)
     np.testing.assert_allclose(probe["weights"], ref["gt_weights"], rtol=1e-5, atol=1e-6)
@@ -64,8 +65,8 @@ def test_probe_selection_and_scoring_equal_saebench(tmp_path):
 
     F_train, F_test = encode_all(sae, xtr), encode_all(sae, xte)
     ranking, _ = train_probes(
-        F_train, ytr, epochs=cfg.probe_epochs, lr=cfg.probe_lr, end_lr=cfg.probe_end_lr, batch=cfg.probe_batch,
-        weight_decay=cfg.sparse_weight_decay, seed=cfg.seed, l1=cfg.sparse_l1,
+        F_train, ytr, epochs=cfg.probe_epochs, lr=cfg.probe_lr, end_lr=cfg.probe_end_lr,
+        batch=cfg.sparse_probe_batch, weight_decay=cfg.sparse_weight_decay, seed=cfg.seed, l1=cfg.sparse_l1,
     )  # fmt: skip
     for c in range(len(LETTERS)):
         main, f1s = main_latents(F_train, F_test, ytr == c, yte == c, ranking[c], cfg)

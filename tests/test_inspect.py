@@ -165,7 +165,7 @@ def test_absorption_records_follow_the_absorption_metric():
     is_test = np.random.default_rng(1).random(len(y)) < 0.4
     task = {"x_train": acts[~is_test], "y_train": y[~is_test], "x_test": acts[is_test], "y_test": y[is_test]}
     task |= {"x_score": acts[is_test], "words_test": words[is_test].tolist()}
-    cfg = AbsorptionConfig(min_letters=1, probe_batch=32)  # small data: more optimiser steps than one batch
+    cfg = AbsorptionConfig(min_letters=1, probe_batch=32, sparse_probe_batch=32)  # small data: more steps
     probe = ground_truth_probe(task["x_train"], task["y_train"], task["x_test"], task["y_test"], cfg)
     metric = absorption_metrics(sae, task, probe, cfg)
     records = absorbed.compute(sae, task, probe, cfg)

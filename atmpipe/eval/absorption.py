@@ -49,7 +49,8 @@ class AbsorptionConfig:
     probe_epochs: int = 50
     probe_lr: float = 1e-2
     probe_end_lr: float = 1e-5
-    probe_batch: int = 4096
+    probe_batch: int = 64  # the ground-truth probe: SAEBench's train_and_save_probes trains it in batches of 64
+    sparse_probe_batch: int = 4096  # the L1 ranking probe: SAEBench's k_sparse_probe_batch_size
     probe_weight_decay: float = 1e-4
     sparse_l1: float = 0.01
     sparse_weight_decay: float = 1e-6
@@ -299,7 +300,7 @@ def latent_ranking(F_train: np.ndarray, y_train: np.ndarray, cfg: AbsorptionConf
         epochs=cfg.probe_epochs,
         lr=cfg.probe_lr,
         end_lr=cfg.probe_end_lr,
-        batch=cfg.probe_batch,
+        batch=cfg.sparse_probe_batch,
         weight_decay=cfg.sparse_weight_decay,
         seed=cfg.seed,
         l1=cfg.sparse_l1,
