@@ -49,7 +49,9 @@ class AbsorptionConfig:
     probe_epochs: int = 50
     probe_lr: float = 1e-2
     probe_end_lr: float = 1e-5
-    probe_batch: int = 64  # the ground-truth probe: SAEBench's train_and_save_probes trains it in batches of 64
+    probe_batch: int = (
+        64  # the ground-truth probe: SAEBench's train_and_save_probes trains it in batches of 64
+    )
     sparse_probe_batch: int = 4096  # the L1 ranking probe: SAEBench's k_sparse_probe_batch_size
     probe_weight_decay: float = 1e-4
     sparse_l1: float = 0.01
