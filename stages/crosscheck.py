@@ -144,6 +144,16 @@ def run_saebench(args, words: list[str], hub_name: str, layer: int, seed: int, w
     return {"seed": seed, "wall_s": time.time() - start, "saes": out}
 
 
+def earlier_saebench_runs(path: Path, sha: str, names: list[str]) -> dict[int, dict]:
+    """SAEBench's runs by seed from an earlier crosscheck on the same word sample and SAEs (else none)."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier["sample"]["sha256"] != sha or earlier["saes"] != names:
+        return {}
+    return {r["seed"]: r for r in earlier["saebench_runs"]}
+
+
 def compare(atm: dict, sb_runs: list[dict], names: list[str]) -> dict:
     rows, ok = {}, True
     for n in names:
@@ -232,7 +242,12 @@ def main() -> int:
     p.add_argument("--min-letters", type=int, default=20, help="letters that must pass the probe gate")
     p.add_argument("--seeds", default="0,1,2", help="SAEBench seeds; their spread sets the tolerance")
     p.add_argument("--atmpipe-seed", type=int, default=0)
-    p.add_argument("--reuse", action="store_true", help="reuse DIR/atmpipe/results.json from an earlier run")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse DIR/atmpipe/results.json and the SAEBench seeds of DIR/crosscheck.json from an earlier run "
+        "on the same words and SAEs",
+    )
     p.add_argument(
         "--store", help="the SAEs' activation store, where their recorded path does not resolve here"
     )
@@ -270,8 +285,9 @@ def main() -> int:
             "the word sample differs from the one atmpipe eval used; is the same code checked out?"
         )
     seeds = [int(s) for s in args.seeds.split(",")]
-    sb_runs = [run_saebench(args, words, HF_NAME[model], layer, s, work) for s in seeds]
     names = [Path(s).name for s in args.saes]
+    done = earlier_saebench_runs(out / "crosscheck.json", sha, names) if args.reuse else {}
+    sb_runs = [done.get(s) or run_saebench(args, words, HF_NAME[model], layer, s, work) for s in seeds]
     result = {
         "model": model,
         "layer": layer,

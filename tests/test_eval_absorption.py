@@ -88,6 +88,8 @@ def test_planted_absorber_matches_hand_count():
     assert a["absorption_fraction"] == pytest.approx(n_absorbed / per_letter_test)
     assert a["full_absorption"] == pytest.approx(n_absorbed / per_letter_test)
     assert a["n_full_absorption"] == n_absorbed
+    # each absorbed word (test rows 0…4, unnamed here) was taken by its own token latent 26 + j
+    assert a["absorbers"] == [{"latent": 26 + j, "words": [f"test word {j}"]} for j in range(n_absorbed)]
     for c in LETTERS[1:]:
         assert out["per_letter"][c]["absorption_fraction"] == 0.0
     assert out["mean_absorption_fraction"] == pytest.approx(n_absorbed / per_letter_test / 26)
@@ -123,26 +125,27 @@ CFG = AbsorptionConfig()
     "a_model, f, cos, main, expected",
     [
         # the main latent carries the whole projection: nothing absorbed
-        (2.0, [2.0, 1.0], [1.0, 0.5], [0], (0.0, False)),
+        (2.0, [2.0, 1.0], [1.0, 0.5], [0], (0.0, False, [])),
         # main silent; latent 1 carries 0.5·2 = 1.0 of 2.0 (share 0.5 ≥ 0.4): fraction 1, full
-        (2.0, [0.0, 2.0], [1.0, 0.5], [0], (1.0, True)),
+        (2.0, [0.0, 2.0], [1.0, 0.5], [0], (1.0, True, [1])),
         # main 1.0 of 3.0, absorber 2.0 (share 2/3): a = min(2, 3 - 1) = 2 → 2 / (2 + 1); main fires: not full
-        (3.0, [1.0, 4.0], [1.0, 0.5], [0], (2 / 3, False)),
+        (3.0, [1.0, 4.0], [1.0, 0.5], [0], (2 / 3, False, [1])),
         # absorber share 1/3 < 0.4: not absorption
-        (3.0, [1.0, 2.0], [1.0, 0.5], [0], (0.0, False)),
-        # absorber cosine 0.09 < 0.1: not a candidate for the fraction; full needs only cos ≥ 0.025
-        (1.0, [0.0, 10.0], [1.0, 0.09], [0], (0.0, True)),
-        # four absorbers: only the top three count (0.3 + 0.3 + 0.3 = 0.9 ≥ 0.4·1 → fraction 1)
-        (1.0, [0.0, 3, 3, 3, 3], [1.0, 0.1, 0.1, 0.1, 0.1], [0], (1.0, False)),
+        (3.0, [1.0, 2.0], [1.0, 0.5], [0], (0.0, False, [])),
+        # absorber cosine 0.09 < 0.1: not a candidate for the fraction; full needs only cos ≥ 0.025, and
+        # its absorber is the top-projecting latent
+        (1.0, [0.0, 10.0], [1.0, 0.09], [0], (0.0, True, [1])),
+        # four absorbers: only the top three count (0.3 + 0.3 + 0.3 = 0.9 ≥ 0.4·1 → fraction 1); ties: lowest first
+        (1.0, [0.0, 3, 3, 3, 3], [1.0, 0.1, 0.1, 0.1, 0.1], [0], (1.0, False, [1, 2, 3])),
         # negative probe projection: neither
-        (-1.0, [0.0, 2.0], [1.0, 0.5], [0], (0.0, False)),
+        (-1.0, [0.0, 2.0], [1.0, 0.5], [0], (0.0, False, [])),
         # zero projection (SAEBench divides by it and raises): neither
-        (0.0, [0.0, 2.0], [1.0, 0.5], [0], (0.0, False)),
+        (0.0, [0.0, 2.0], [1.0, 0.5], [0], (0.0, False, [])),
     ],
 )
 def test_word_absorption_hand_checked(a_model, f, cos, main, expected):
-    frac, full = word_absorption(a_model, np.array(f), np.array(cos), main, CFG)
-    assert frac == pytest.approx(expected[0]) and full == expected[1]
+    frac, full, absorbers = word_absorption(a_model, np.array(f), np.array(cos), main, CFG)
+    assert frac == pytest.approx(expected[0]) and full == expected[1] and absorbers == expected[2]
 
 
 def test_main_latents_grow_while_f1_jumps():

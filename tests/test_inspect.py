@@ -173,6 +173,7 @@ def test_absorption_records_follow_the_absorption_metric():
     for letter, rec in records.items():
         assert rec.main == metric["per_letter"][letter]["main_latents"]
         assert np.isclose(rec.absorption_fraction, metric["per_letter"][letter]["absorption_fraction"])
+        assert rec.absorbers == {a["latent"]: a["words"] for a in metric["per_letter"][letter]["absorbers"]}
     # SAEBench's main-latent rule (L1 ranking, k grows while F1 jumps) takes the planted absorber in as a
     # second main latent of a: F1 jumps when it joins. Its words are then not absorbed, by either count.
     assert records["a"].main == [0, 26] and records["a"].absorption_fraction == 0.0

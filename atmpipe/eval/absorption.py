@@ -25,6 +25,7 @@ import math
 import random
 import string
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -320,10 +321,16 @@ def probe_cosines(probe: dict, c: int, W_dec) -> tuple[np.ndarray, np.ndarray]:
 # --- the per-word calculator and the aggregate -------------------------------------------------------
 
 
+class WordScore(NamedTuple):
+    fraction: float
+    full: bool
+    absorbers: list[int]  # the latents that took the word: the fraction's top candidates, else full's top
+
+
 def word_absorption(
     a_model: float, f: np.ndarray, cos: np.ndarray, main: list[int], cfg: AbsorptionConfig
-) -> tuple[float, bool]:
-    """Absorption fraction and full absorption of one word.
+) -> WordScore:
+    """Absorption fraction, full absorption and absorbing latents of one word.
 
     `a_model` is the residual's projection on the unit probe direction, `f` the SAE latents, `cos` each
     decoder row's cosine with the probe. SAEBench divides by `a_model`; at exactly 0 (where it would raise)
@@ -334,9 +341,11 @@ def word_absorption(
     candidates = np.ones(len(f), dtype=bool)
     candidates[main] = False
     candidates &= (cos >= cfg.absorber_cos) & (proj > 0)
-    absorbed = float(np.sort(proj[candidates])[::-1][: cfg.max_absorbers].sum())
+    idx = np.flatnonzero(candidates)
+    top_candidates = idx[np.argsort(-proj[idx], kind="stable")][: cfg.max_absorbers]
+    absorbed = float(proj[top_candidates].sum())
     if a_model == 0:
-        return 0.0, False
+        return WordScore(0.0, False, [])
     if main_proj >= a_model or absorbed / a_model < cfg.projection_share:
         fraction = 0.0
     elif main_proj <= 0:
@@ -351,7 +360,17 @@ def word_absorption(
         and a_model >= 0
         and proj[top] / a_model >= cfg.projection_share
     )
-    return fraction, full
+    absorbers = top_candidates.tolist() if fraction > 0 else [top] if full else []
+    return WordScore(fraction, full, absorbers)
+
+
+def absorbers_by_latent(scored: list[WordScore], words: list[str]) -> list[dict]:
+    """Each absorbing latent with the words it took, most words first (ties: lower latent first)."""
+    taken: dict[int, list[str]] = {}
+    for score, word in zip(scored, words, strict=True):
+        for j in score.absorbers:
+            taken.setdefault(int(j), []).append(word)
+    return [{"latent": j, "words": w} for j, w in sorted(taken.items(), key=lambda t: (-len(t[1]), t[0]))]
 
 
 @torch.no_grad()
@@ -379,10 +398,11 @@ def bootstrap_ci(per_letter_words: list[np.ndarray], n: int, seed: int) -> list[
 
 
 def absorption_metrics(sae, task: dict, probe: dict, cfg: AbsorptionConfig) -> dict:
-    """Per-letter and mean absorption fraction, full-absorption rate and split features of one SAE.
+    """Per-letter and mean absorption fraction, full-absorption rate, split features and absorbers of one SAE.
 
-    `task` holds `x_train`, `y_train`, `x_test`, `y_test` (probe prompts) and `x_score` (the test words'
-    fresh prompts, row for row with `x_test`); `probe` is `ground_truth_probe`'s output.
+    `task` holds `x_train`, `y_train`, `x_test`, `y_test` (probe prompts), `x_score` (the test words'
+    fresh prompts, row for row with `x_test`) and optionally `words_test` (to name the absorbed words);
+    `probe` is `ground_truth_probe`'s output.
     """
     passed = [c for c in range(len(LETTERS)) if probe["f1"][c] > cfg.probe_f1_gate]
     base = {"protocol": PROTOCOL, "letters_passed": len(passed), "letters_required": cfg.min_letters}
@@ -396,6 +416,7 @@ def absorption_metrics(sae, task: dict, probe: dict, cfg: AbsorptionConfig) -> d
     F_score = encode_all(sae, task["x_score"])
     ranking = latent_ranking(F_train, task["y_train"], cfg)
     y_tr, y_te = task["y_train"], task["y_test"]
+    words = task.get("words_test") or [f"test word {i}" for i in range(len(y_te))]
     per_letter, fractions, fulls = {}, [], []
     for c in passed:
         main, f1s = main_latents(F_train, F_test, y_tr == c, y_te == c, ranking[c], cfg)
@@ -406,8 +427,8 @@ def absorption_metrics(sae, task: dict, probe: dict, cfg: AbsorptionConfig) -> d
             word_absorption(float(a), F_score[i], cos, main, cfg)
             for a, i in zip(a_model, true_pos, strict=True)
         ]
-        frac = np.array([s[0] for s in scored], dtype=float)
-        full = np.array([s[1] for s in scored], dtype=float)
+        frac = np.array([s.fraction for s in scored], dtype=float)
+        full = np.array([s.full for s in scored], dtype=float)
         fractions.append(frac)
         fulls.append(full)
         per_letter[LETTERS[c]] = {
@@ -418,6 +439,7 @@ def absorption_metrics(sae, task: dict, probe: dict, cfg: AbsorptionConfig) -> d
             "main_latents": [int(m) for m in main],
             "num_split_features": len(main),
             "sparse_probe_f1": f1s,
+            "absorbers": absorbers_by_latent(scored, [words[i] for i in true_pos]),
         }
     rows = per_letter.values()
     return base | {

@@ -8,6 +8,7 @@ same absorber rule), whose LM activations come from the eval's cache when `atmpi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,12 @@ def from_eval_results(path: Path, sae_name: str) -> dict[str, LetterRecord] | No
         ) from None
     absorption = (payload.get("results", {}).get(sae_name) or {}).get("absorption") or {}
     per_letter = absorption.get("per_letter")
-    if not isinstance(per_letter, dict):
-        return None
+    return from_per_letter(per_letter) if isinstance(per_letter, dict) else None
+
+
+def from_per_letter(per_letter: dict) -> dict[str, LetterRecord]:
+    """Records from the absorption metric's `per_letter` (results written before absorbers were recorded
+    name main latents only)."""
     records = {}
     for letter, row in per_letter.items():
         absorbers = row.get("absorbers")
@@ -61,51 +66,13 @@ def from_eval_results(path: Path, sae_name: str) -> dict[str, LetterRecord] | No
     return records
 
 
-def absorbing_latents(f: np.ndarray, cos: np.ndarray, main: list[int], cfg) -> list[int]:
-    """The latents that took a word from its letter's main latents: the absorption metric's candidates
-    (not main, decoder cosine with the probe ≥ absorber_cos, positive projection), largest first."""
-    proj = f * cos
-    candidates = np.ones(len(f), dtype=bool)
-    candidates[main] = False
-    candidates &= (cos >= cfg.absorber_cos) & (proj > 0)
-    idx = np.flatnonzero(candidates)
-    return idx[np.argsort(-proj[idx], kind="stable")][: cfg.max_absorbers].tolist()
-
-
 def compute(sae, task: dict, probe: dict, acfg) -> dict[str, LetterRecord]:
-    """Per-letter records for one SAE from the absorption metric's task (its `Absorption.task`): the same
-    ranking, main latents, scored words and per-word rule as `absorption_metrics`."""
-    from atmpipe.eval.absorption import (
-        LETTERS,
-        encode_all,
-        latent_ranking,
-        main_latents,
-        probe_cosines,
-        word_absorption,
-    )
+    """Per-letter records for one SAE, computed by the absorption metric itself on its task (its
+    `Absorption.task`) for every letter past the probe gate, however few (the browser shows what there is)."""
+    from atmpipe.eval.absorption import absorption_metrics
 
-    F_train, F_test = encode_all(sae, task["x_train"]), encode_all(sae, task["x_test"])
-    F_score = encode_all(sae, task["x_score"])
-    ranking = latent_ranking(F_train, task["y_train"], acfg)
-    y_train, y_test, words = task["y_train"], task["y_test"], task["words_test"]
-    records = {}
-    for c in range(26):
-        if not probe["f1"][c] > acfg.probe_f1_gate:
-            continue
-        main, _ = main_latents(F_train, F_test, y_train == c, y_test == c, ranking[c], acfg)
-        direction, cos = probe_cosines(probe, c, sae.W_dec)
-        true_pos = np.flatnonzero((y_test == c) & (probe["test_logits"][:, c] > 0))
-        record, total = LetterRecord(main=main), 0.0
-        for i in true_pos:
-            a_model = float(task["x_score"][i].astype(np.float32) @ direction)
-            frac, full = word_absorption(a_model, F_score[i], cos, main, acfg)
-            total += frac
-            if frac > 0 or full:
-                for j in absorbing_latents(F_score[i], cos, main, acfg) or [int(np.argmax(F_score[i] * cos))]:
-                    record.absorbers.setdefault(j, []).append(words[i])
-        record.absorption_fraction = total / len(true_pos) if len(true_pos) else None
-        records[LETTERS[c]] = record
-    return records
+    result = absorption_metrics(sae, task, probe, dataclasses.replace(acfg, min_letters=0))
+    return from_per_letter(result["per_letter"])
 
 
 def word_latents(sae, acts: np.ndarray, words: list[str]) -> dict[str, list]:
