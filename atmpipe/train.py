@@ -1,6 +1,6 @@
 """Stage two: stream a store's training activations into an SAE.
 
-One loop (`train`): normalise, forward, loss, backward, project out the parallel decoder gradient, clip,
+One loop (`Trainer.run`): normalise, forward, loss, backward, project out the parallel decoder gradient, clip,
 schedule the lr, step, renormalise. Around it: checkpoints (atomic, resumable to the bit on CPU),
 metrics.jsonl, a live display, signal handling, and the final save in the SAELens layout.
 """
@@ -334,13 +334,28 @@ def train_step(
     return output, loss, stopping
 
 
-def train(cfg: TrainConfig, console: Console | None = None) -> Path:
-    """Train an SAE as `cfg` says; returns the run directory holding the saved SAE."""
-    world = distributed.world()  # under torchrun: DDP over the ranks (distributed.py)
-    console = console or Console(stderr=True)
-    if not world.is_main:
-        console = Console(stderr=True, quiet=True)
-    cfg.validate()
+# --- one run, step by step ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """What `train` settles before it builds or writes anything."""
+
+    out: Path
+    store: Store
+    layer: int
+    d_in: int
+    d_sae: int
+    total: int  # optimisation steps
+    hparams: dict
+    device: torch.device
+    identity: dict
+    checkpoint: Path | None  # the one to resume from
+    clear: bool  # --overwrite of an existing run: empty the directory first
+
+
+def plan_run(cfg: TrainConfig, world: distributed.World) -> RunPlan:
+    """Check --out, the store, the method's options and the run directory, writing nothing."""
     out = Path(cfg.out or default_out(cfg.store, cfg.method))
     require_writable(out)  # an unwritable --out fails now, not once the store is open and streaming
     store = open_store(cfg.store)
@@ -354,124 +369,208 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         device = torch.device("cuda", world.local_rank)
     identity = run_identity(cfg, d_in, d_sae, layer)
     checkpoint, clear = inspect_run_dir(out, cfg, identity)
-    if (out / META_FILE).exists() and cfg.resume and checkpoint is not None:  # written last by SAE.save
-        if read_checkpoint_state(checkpoint)["step"] >= total:
-            console.print(f"{out} already holds the finished run; nothing to resume")
-            return out
+    return RunPlan(out, store, layer, d_in, d_sae, total, hparams, device, identity, checkpoint, clear)
 
-    resumed = read_checkpoint_state(checkpoint) if checkpoint else None
-    stats = store_stats(store, layer)
-    scale = resumed["norm_scale"] if resumed else math.sqrt(d_in) / stats["mean_norm"]
+
+def finished_already(cfg: TrainConfig, plan: RunPlan) -> bool:
+    """--resume of a run that reached its last step and saved its SAE (SAE.save writes META_FILE last)."""
+    return (
+        (plan.out / META_FILE).exists()
+        and cfg.resume
+        and plan.checkpoint is not None
+        and read_checkpoint_state(plan.checkpoint)["step"] >= plan.total
+    )
+
+
+def build_sae(cfg: TrainConfig, plan: RunPlan, resumed: dict | None) -> tuple[SAE, float]:
+    """The seeded SAE with b_dec at the mean activation, and the scale that normalises the activations
+    (the saved one on resume, so that the run continues on the same inputs)."""
+    stats = store_stats(plan.store, plan.layer)
+    scale = resumed["norm_scale"] if resumed else math.sqrt(plan.d_in) / stats["mean_norm"]
     torch.manual_seed(cfg.seed)
     sae_cfg = SAEConfig(
-        cfg.method, d_in, d_sae, hparams, model_name=store.attrs["model"]["name"], layer=layer,
-        hook_name=hook_name(layer), norm_scale=scale,
-        store=store_provenance(store, layer, 0),
+        cfg.method, plan.d_in, plan.d_sae, plan.hparams, model_name=plan.store.attrs["model"]["name"],
+        layer=plan.layer, hook_name=hook_name(plan.layer), norm_scale=scale,
+        store=store_provenance(plan.store, plan.layer, 0),
     )  # fmt: skip
     compiling.set_compile(not cfg.no_compile)
-    sae = make_sae(sae_cfg).to(device)
+    sae = make_sae(sae_cfg).to(plan.device)
     sae.latents = cfg.latents
     sae.init_b_dec(torch.tensor(stats["mean"], dtype=torch.float32).unsqueeze(0) * scale)
-    opt = make_optimizer(sae, cfg)
-    betas = opt.defaults["betas"]
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    step = 0
-    if resumed:
-        load_checkpoint(checkpoint, sae, opt)
-        step = resumed["step"]
-    stream = ShardStream(
-        store, layer, cfg.batch_size, seed=cfg.seed, buffer_chunks=cfg.buffer_chunks,
-        allow_partial=cfg.allow_partial, skip_damaged=cfg.skip_damaged, device=device,
-        position=resumed["stream"] if resumed else None, log=console.print, rank=world.rank, world=world.size,
-    )  # fmt: skip
-    sae.cfg.store["train_tokens_used"] = stream.n_tokens
+    return sae, scale
 
-    # Everything is validated: only now touch the run directory (rank 0 alone writes it).
-    if clear and world.is_main:
-        shutil.rmtree(out)
-    if world.is_main:
+
+class _Throughput:
+    """Tokens per second since the previous reading, and seconds since the first."""
+
+    def __init__(self, step: int, batch_size: int):
+        self.batch_size = batch_size
+        self.since, self.since_step = time.perf_counter(), step
+        self.started = self.since
+
+    def read(self, step: int) -> tuple[float, float]:
+        now = time.perf_counter()
+        rate = (step - self.since_step) * self.batch_size / max(now - self.since, 1e-9)
+        self.since, self.since_step = now, step
+        return rate, now - self.started
+
+
+@dataclasses.dataclass
+class Trainer:
+    """One run in progress: the SAE, its optimiser and the activation stream, `step` steps in."""
+
+    cfg: TrainConfig
+    plan: RunPlan
+    world: distributed.World
+    console: Console
+    sae: SAE
+    opt: torch.optim.Optimizer
+    base_lrs: list[float]  # what the lr schedule scales (taken before a checkpoint overwrites the lrs)
+    stream: ShardStream
+    scale: float
+    step: int
+    last: dict = dataclasses.field(default_factory=dict)  # the metrics last logged
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, plan: RunPlan, world: distributed.World, console: Console) -> Trainer:
+        """A fresh run, or the one the plan's checkpoint holds, restored with its stream position."""
+        resumed = read_checkpoint_state(plan.checkpoint) if plan.checkpoint else None
+        sae, scale = build_sae(cfg, plan, resumed)
+        opt = make_optimizer(sae, cfg)
+        base_lrs = [g["lr"] for g in opt.param_groups]
+        if resumed:
+            load_checkpoint(plan.checkpoint, sae, opt)
+        stream = ShardStream(
+            plan.store, plan.layer, cfg.batch_size, seed=cfg.seed, buffer_chunks=cfg.buffer_chunks,
+            allow_partial=cfg.allow_partial, skip_damaged=cfg.skip_damaged, device=plan.device,
+            position=resumed["stream"] if resumed else None, log=console.print, rank=world.rank, world=world.size,
+        )  # fmt: skip
+        sae.cfg.store["train_tokens_used"] = stream.n_tokens
+        step = resumed["step"] if resumed else 0
+        return cls(cfg, plan, world, console, sae, opt, base_lrs, stream, scale, step)
+
+    def open_run_dir(self) -> None:
+        """Rank 0 alone writes the run directory: cleared for --overwrite, the run's config, metrics.jsonl
+        cut back to the resumed step, no checkpoint writes left half done by a crash."""
+        if not self.world.is_main:
+            return
+        out = self.plan.out
+        if self.plan.clear:
+            shutil.rmtree(out)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # read-only or not permitted: the user's to fix
             raise cannot_write(out, e) from None
-        (out / RUN_CONFIG).write_text(
-            json.dumps({"identity": identity, "config": to_dict(cfg)}, indent=1) + "\n"
-        )
-    last = _truncate_metrics(out / METRICS, step) if world.is_main else {}
-    for stale in (out / CHECKPOINTS).glob(".tmp-*") if world.is_main else ():  # writes cut short by a crash
-        shutil.rmtree(stale)
-    if resumed:
-        console.print(f"resuming {out} from {checkpoint.name} ({step * cfg.batch_size:,} tokens seen)")
+        config = {"identity": self.plan.identity, "config": to_dict(self.cfg)}
+        (out / RUN_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+        self.last = _truncate_metrics(out / METRICS, self.step)
+        for stale in (out / CHECKPOINTS).glob(".tmp-*"):
+            shutil.rmtree(stale)
 
-    warmup = max(1, schedule.warmup_length(cfg.warmup_steps, cfg.warmup_frac, total))
-    forward = distributed.data_parallel(sae, world, device)
-    paths_logged: set[str] = set()
+    def run(self) -> None:
+        """Step until the token budget is spent; log and checkpoint as configured; on a signal, checkpoint
+        and stop with TrainingInterrupted."""
+        cfg, total, out = self.cfg, self.plan.total, self.plan.out
+        warmup = max(1, schedule.warmup_length(cfg.warmup_steps, cfg.warmup_frac, total))
+        forward = distributed.data_parallel(self.sae, self.world, self.plan.device)
+        paths_logged: set[str] = set()
+        with (
+            self.stream,
+            Interrupts() as stop,  # checked between steps, so a checkpoint is never cut in half
+            Progress(self.console) as progress,
+            open(out / METRICS, "a") if self.world.is_main else open(os.devnull, "w") as log,
+        ):
+            task = progress.add_task("train", total=total, completed=self.step)
+            throughput = _Throughput(self.step, cfg.batch_size)
+            while self.step < total:
+                x = next(self.stream) * self.scale
+                lr_scale = lr_factor(self.step, total, warmup, cfg.decay_frac)
+                try:
+                    output, loss, stopping = train_step(
+                        self.sae, forward, self.opt, self.base_lrs, x, self.step, total, lr_scale,
+                        cfg.grad_clip, self.world, bool(stop),
+                    )  # fmt: skip
+                except NonFiniteLoss as e:
+                    raise _nan_error(self.step, e.loss, x, out) from None
+                self.step += 1
+                progress.update(task, completed=self.step)
+                if self.sae.path[0] not in paths_logged:  # once per path and run: which one, from when, why
+                    paths_logged.add(self.sae.path[0])
+                    self.console.print(_path_line(self.sae, self.step - 1, cfg.latents))
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    rate, elapsed = throughput.read(self.step)
+                    self.last = self.world.mean_metrics(
+                        _metrics(self.step, cfg.batch_size, self.opt, loss, output, rate, elapsed)
+                    )
+                    log.write(json.dumps(self.last) + "\n")
+                    log.flush()
+                    progress.update(task, rate=f"{rate:,.0f} tok/s", info=format_metrics(self.last))
+                if stopping:
+                    raise self.interrupted(stop.names, self.checkpoint())
+                if self.step % cfg.checkpoint_every == 0 and self.step < total:
+                    self.checkpoint()
+            self.checkpoint()
 
-    def checkpoint_now() -> Path:
-        state = {"step": step, "norm_scale": scale, "stream": stream.state_dict(), "identity": identity}
+    def checkpoint(self) -> Path:
+        state = {
+            "step": self.step,
+            "norm_scale": self.scale,
+            "stream": self.stream.state_dict(),
+            "identity": self.plan.identity,
+        }
         # Every rank holds the same state (and the stream position counts global rows): rank 0 saves it.
-        return save_checkpoint(out, step, sae, opt, state) if world.is_main else latest_checkpoint(out)
+        if self.world.is_main:
+            return save_checkpoint(self.plan.out, self.step, self.sae, self.opt, state)
+        return latest_checkpoint(self.plan.out)
 
-    with (
-        stream,
-        Interrupts() as stop,  # checked between steps, so a checkpoint is never cut in half
-        Progress(console) as progress,
-        open(out / METRICS, "a") if world.is_main else open(os.devnull, "w") as log,
-    ):
-        task = progress.add_task("train", total=total, completed=step)
-        clock, clock_step, started = time.perf_counter(), step, time.perf_counter()
-        while step < total:
-            x = next(stream) * scale
-            lr_scale = lr_factor(step, total, warmup, cfg.decay_frac)
-            try:
-                output, loss, stopping = train_step(
-                    sae, forward, opt, base_lrs, x, step, total, lr_scale, cfg.grad_clip, world, bool(stop)
-                )
-            except NonFiniteLoss as e:
-                raise _nan_error(step, e.loss, x, out) from None
-            step += 1
-            progress.update(task, completed=step)
-            if sae.path[0] not in paths_logged:  # once per path and run: which one, from when, why
-                paths_logged.add(sae.path[0])
-                console.print(_path_line(sae, step - 1, cfg.latents))
-            if step % cfg.log_every == 0 or step == total:
-                now = time.perf_counter()
-                rate = (step - clock_step) * cfg.batch_size / max(now - clock, 1e-9)
-                last = world.mean_metrics(
-                    _metrics(step, cfg.batch_size, opt, loss, output, rate, now - started)
-                )
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-                progress.update(task, rate=f"{rate:,.0f} tok/s", info=format_metrics(last))
-                clock, clock_step = now, step
-            if stopping:
-                saved = checkpoint_now()
-                raise TrainingInterrupted(
-                    f"stopped by {(stop.names or ['a signal to another rank'])[0]} at step {step}/{total}; checkpoint saved in {saved}; resume with: "
-                    f"atmpipe train --store {cfg.store} --method {cfg.method} --out {out} --resume"
-                )
-            if step % cfg.checkpoint_every == 0 and step < total:
-                checkpoint_now()
-        checkpoint_now()
+    def interrupted(self, signals: list[str], saved: Path) -> TrainingInterrupted:
+        cfg = self.cfg
+        return TrainingInterrupted(
+            f"stopped by {(signals or ['a signal to another rank'])[0]} at step {self.step}/{self.plan.total}; "
+            f"checkpoint saved in {saved}; resume with: "
+            f"atmpipe train --store {cfg.store} --method {cfg.method} --out {self.plan.out} --resume"
+        )
 
-    metadata = {
-        "tokens_seen": step * cfg.batch_size,
-        "steps": step,
-        "epochs": stream.rows_consumed / stream.rows_per_epoch,
-        "skipped_damaged_chunks": stream.state_dict()["skipped"],
-        "final_metrics": last,
-        "target_l0_controller": hparams.get("target_l0") is not None,
-        "train_config": to_dict(cfg),
-        "hparams": sae.cfg.hparams,
-        "norm_scale": scale,
-        "adam_betas": list(betas),
-        "world_size": world.size,
-    }
+    def metadata(self) -> dict:
+        """What atmpipe.json records about the training next to the saved SAE."""
+        return {
+            "tokens_seen": self.step * self.cfg.batch_size,
+            "steps": self.step,
+            "epochs": self.stream.rows_consumed / self.stream.rows_per_epoch,
+            "skipped_damaged_chunks": self.stream.state_dict()["skipped"],
+            "final_metrics": self.last,
+            "target_l0_controller": self.plan.hparams.get("target_l0") is not None,
+            "train_config": to_dict(self.cfg),
+            "hparams": self.sae.cfg.hparams,
+            "norm_scale": self.scale,
+            "adam_betas": list(self.opt.defaults["betas"]),
+            "world_size": self.world.size,
+        }
+
+
+def train(cfg: TrainConfig, console: Console | None = None) -> Path:
+    """Train an SAE as `cfg` says; returns the run directory holding the saved SAE."""
+    world = distributed.world()  # under torchrun: DDP over the ranks (distributed.py)
+    console = console or Console(stderr=True)
     if not world.is_main:
-        return out
-    sae.save(out, metadata)
-    console.print(f"saved the {cfg.method} SAE to {out}")
-    return out
+        console = Console(stderr=True, quiet=True)
+    cfg.validate()
+    plan = plan_run(cfg, world)
+    if finished_already(cfg, plan):
+        console.print(f"{plan.out} already holds the finished run; nothing to resume")
+        return plan.out
+    trainer = Trainer.start(cfg, plan, world, console)
+    # Everything is validated: only now touch the run directory.
+    trainer.open_run_dir()
+    if plan.checkpoint:
+        console.print(
+            f"resuming {plan.out} from {plan.checkpoint.name} ({trainer.step * cfg.batch_size:,} tokens seen)"
+        )
+    trainer.run()
+    if world.is_main:
+        trainer.sae.save(plan.out, trainer.metadata())
+        console.print(f"saved the {cfg.method} SAE to {plan.out}")
+    return plan.out
 
 
 def _path_line(sae: SAE, step: int, option: str) -> str:

@@ -1,10 +1,15 @@
-"""Shared helpers for the SAE method tests: planted-dictionary data and a minimal training loop."""
+"""Shared helpers for the SAE tests: planted-dictionary data (as tensors, or as a store for the train
+stage) and a minimal training loop."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from atmpipe.sae import SAE, SAEConfig, make_sae
+from atmpipe.store import write_arrays_store
 
 
 def planted(n_tokens: int, d_in: int = 32, n_atoms: int = 48, active: float = 3.0, seed: int = 0):
@@ -15,6 +20,37 @@ def planted(n_tokens: int, d_in: int = 32, n_atoms: int = 48, active: float = 3.
     on = torch.rand(n_tokens, n_atoms, generator=g) < active / n_atoms
     codes = on * (0.5 + torch.rand(n_tokens, n_atoms, generator=g))
     return codes @ atoms, atoms
+
+
+def planted_acts(
+    n: int,
+    d: int,
+    n_atoms: int,
+    active: float,
+    size: float = 1.0,
+    offset: float = 0.0,
+    spread: tuple[float, float] | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Activations made of a known dictionary: sparse non-negative codes (~`active` atoms a token, exponential
+    sizes of mean `size`) over unit-norm atoms, plus `offset` (so that b_dec has work to do). With `spread`
+    = (lo, hi), each atom's frequency is scaled by a uniform draw from it: some atoms common, some rare."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(n_atoms, d))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    freq = active / n_atoms if spread is None else rng.uniform(*spread, n_atoms) * active / n_atoms
+    codes = (rng.random((n, n_atoms)) < freq) * rng.exponential(size, (n, n_atoms))
+    return (codes @ atoms + offset).astype(np.float32)
+
+
+def planted_store(path: Path, acts: np.ndarray, layer: int, shard_tokens: int):
+    """`acts` as a store: the train split in 64-token windows (BOS first), its first 512 rows as eval."""
+    positions = np.arange(len(acts)) % 64
+    splits = {
+        "train": {"acts": acts, "positions": positions, "bos": positions == 0},
+        "eval": {"acts": acts[:512]},
+    }
+    return write_arrays_store(path, splits, layer=layer, chunk_tokens=256, shard_tokens=shard_tokens)
 
 
 def train(sae: SAE, x: torch.Tensor, steps: int, batch: int = 256, lr: float = 3e-3, seed: int = 0) -> SAE:

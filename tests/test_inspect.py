@@ -236,16 +236,20 @@ def test_inspect_refuses_bad_inputs(world, tmp_path):
 
 def test_inspect_refuses_a_model_that_does_not_fit(world, tmp_path):
     """The unembedding must cover the store's token ids and match the SAEs' width."""
+
+    def refusal(model: Path) -> str:
+        result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
+                        "--model", model, "--out", tmp_path / "out")  # fmt: skip
+        return error_of(result)
+
     small_vocab = tmp_path / "small"
     model = tiny_model("gemma3")
     model.resize_token_embeddings(100)
     model.save_pretrained(small_vocab)
     tiny_tokenizer(SAMPLE_TEXT).save_pretrained(small_vocab)
     top = int(np.asarray(world["store"].split("eval").tokens[:]).max())
-    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
-                    "--model", small_vocab, "--out", tmp_path / "out")  # fmt: skip
     assert_message(
-        error_of(result),
+        refusal(small_vocab),
         f"the store holds token id {top} but model {small_vocab} has 100 tokens; pass the store's model with --model",
     )
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
@@ -254,20 +258,16 @@ def test_inspect_refuses_a_model_that_does_not_fit(world, tmp_path):
     cfg = tiny_model("gemma3").config.to_dict() | {"hidden_size": 48}
     Gemma3ForCausalLM(Gemma3TextConfig(**cfg)).save_pretrained(wide)
     tiny_tokenizer(SAMPLE_TEXT).save_pretrained(wide)
-    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
-                    "--model", wide, "--out", tmp_path / "out")  # fmt: skip
     assert_message(
-        error_of(result),
+        refusal(wide),
         f"SAE relu has width d_in=32 but model {wide} has d_model=48; pass the SAE's model with --model",
     )
     headless = tmp_path / "headless"
     headless.mkdir()
     shutil.copy(world["ckpt"] / "config.json", headless / "config.json")
     save_file({"model.layers.0.mlp.down_proj.weight": torch.zeros(2, 2)}, headless / "model.safetensors")
-    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
-                    "--model", headless, "--out", tmp_path / "out")  # fmt: skip
     assert_message(
-        error_of(result),
+        refusal(headless),
         f"checkpoint {headless} holds no lm_head or embed_tokens tensor; pass the SAE's model with --model",
     )
     assert not (tmp_path / "out").exists()

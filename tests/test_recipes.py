@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from sae_helpers import planted_acts, planted_store
 
 from atmpipe.sae import SAE
-from atmpipe.store import write_arrays_store
 from atmpipe.train import load_train_config, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,26 +29,11 @@ device = "cpu"
 """
 
 
-def synthetic_acts(n: int, seed: int = 0) -> np.ndarray:
-    """Sparse non-negative codes (~ACTIVE of N_ATOMS a token, heavy-tailed sizes) over unit-norm atoms."""
-    rng = np.random.default_rng(seed)
-    atoms = rng.normal(size=(N_ATOMS, D))
-    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    freq = rng.uniform(0.2, 1.8, N_ATOMS) * ACTIVE / N_ATOMS  # some atoms common, some rare
-    codes = (rng.random((n, N_ATOMS)) < freq) * rng.exponential(1.0, (n, N_ATOMS))
-    return (codes @ atoms + 0.3).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipes") / "syn.zarr"
-    acts = synthetic_acts(8192)
-    positions = np.arange(len(acts)) % 64
-    splits = {
-        "train": {"acts": acts, "positions": positions, "bos": positions == 0},
-        "eval": {"acts": acts[:512]},
-    }
-    return write_arrays_store(path, splits, layer=1, chunk_tokens=256, shard_tokens=2048)
+    # Some atoms common, some rare: ~ACTIVE of N_ATOMS a token.
+    acts = planted_acts(8192, D, N_ATOMS, active=ACTIVE, offset=0.3, spread=(0.2, 1.8))
+    return planted_store(tmp_path_factory.mktemp("recipes") / "syn.zarr", acts, layer=1, shard_tokens=2048)
 
 
 def inference_l0(run: Path, store) -> float:

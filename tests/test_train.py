@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sae_helpers
 import torch
 import zarr
 from reliability_helpers import tree_digest
 from rich.console import Console
+from sae_helpers import planted_store
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -39,25 +41,16 @@ METHOD_HPARAMS = {
 REPO = Path(__file__).resolve().parents[1]
 
 
-def planted_acts(n: int, seed: int = 0) -> np.ndarray:
-    """Sparse non-negative codes over planted unit-norm atoms, plus an offset (b_dec has work to do)."""
-    rng = np.random.default_rng(seed)
-    atoms = rng.normal(size=(N_ATOMS, D))
-    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    codes = (rng.random((n, N_ATOMS)) < 3 / N_ATOMS) * rng.exponential(2.0, (n, N_ATOMS))
-    return (codes @ atoms + 0.5).astype(np.float32)
+def planted_acts(n: int) -> np.ndarray:
+    """~3 of the planted atoms a token, plus an offset (b_dec has work to do)."""
+    return sae_helpers.planted_acts(n, D, N_ATOMS, active=3, size=2.0, offset=0.5)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("train") / "syn.zarr"
-    acts = planted_acts(6144)
-    positions = np.arange(len(acts)) % 64
-    splits = {
-        "train": {"acts": acts, "positions": positions, "bos": positions == 0},
-        "eval": {"acts": acts[:512]},
-    }
-    return write_arrays_store(path, splits, layer=LAYER, chunk_tokens=256, shard_tokens=1024)
+    return planted_store(
+        tmp_path_factory.mktemp("train") / "syn.zarr", planted_acts(6144), LAYER, shard_tokens=1024
+    )
 
 
 def config(store, out, method="relu", steps=60, **kw) -> TrainConfig:

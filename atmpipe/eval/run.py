@@ -116,6 +116,11 @@ def same_model(a: str, b: str) -> bool:
     return a == b or a.endswith("/" + b) or b.endswith("/" + a)
 
 
+def other_width(saes: list[LoadedSAE], d_model: int) -> LoadedSAE | None:
+    """The first SAE whose input width is not `d_model` (the model's it is evaluated with)."""
+    return next((s for s in saes if s.info["d_in"] != d_model), None)
+
+
 def agreed(saes: list[LoadedSAE], key: str, flag, what: str):
     """The value all SAEs record for `key` (flag wins); SAEs disagreeing with each other or the flag are refused."""
     values = {s.name: s.info[key] for s in saes if s.info[key] not in ("", -1, None)}
@@ -275,12 +280,11 @@ def open_lm(cfg, model_name: str | None, ctx: Context, saes: list[LoadedSAE]):
             f"model {model_name} ({lm.source}) is not the model store {store.path} was harvested "
             "with (config hash differs); pass the store's --model"
         )
-    for s in saes:
-        if s.info["d_in"] != lm.d_model:
-            raise UserError(
-                f"SAE {s.name} has width d_in={s.info['d_in']} but model {model_name} has "
-                f"d_model={lm.d_model}; evaluate it with the model it was trained on"
-            )
+    if s := other_width(saes, lm.d_model):
+        raise UserError(
+            f"SAE {s.name} has width d_in={s.info['d_in']} but model {model_name} has "
+            f"d_model={lm.d_model}; evaluate it with the model it was trained on"
+        )
     if not 0 <= layer < lm.n_layers:
         raise UserError(
             f"layer {layer} is out of range for {model_name} ({lm.n_layers} layers); pass --layer"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from atmpipe.errors import UserError
-from atmpipe.eval.run import Phase, agreed, check_out, console, load_saes, open_eval_store
+from atmpipe.eval.run import Phase, agreed, check_out, console, load_saes, open_eval_store, other_width
 from atmpipe.inspect import absorbed, extract, page, weights
 from atmpipe.inspect.config import InspectConfig
 from atmpipe.progress import Progress
@@ -74,12 +74,11 @@ def check_model(U: torch.Tensor, saes, held, model: str) -> None:
             f"the store holds token id {int(held.tokens.max())} but model {model} has {U.shape[0]} tokens; "
             "pass the store's model with --model"
         )
-    for s in saes:
-        if s.info["d_in"] != U.shape[1]:
-            raise UserError(
-                f"SAE {s.name} has width d_in={s.info['d_in']} but model {model} has d_model={U.shape[1]}; "
-                "pass the SAE's model with --model"
-            )
+    if s := other_width(saes, U.shape[1]):
+        raise UserError(
+            f"SAE {s.name} has width d_in={s.info['d_in']} but model {model} has d_model={U.shape[1]}; "
+            "pass the SAE's model with --model"
+        )
 
 
 def eval_result(cfg: InspectConfig, out: Path) -> Path | None:

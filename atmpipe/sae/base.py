@@ -309,7 +309,7 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
         """Load an atmpipe SAE directory or a plain SAELens-format one (cfg.json + sae_weights.safetensors)."""
-        from atmpipe.sae import SAE_METHODS, make_sae
+        from atmpipe.sae import make_sae
 
         path = Path(path)
         if not path.is_dir():
@@ -318,76 +318,100 @@ class SAE(nn.Module):
             )
         sl_cfg = _read_json(path / CFG_FILE)
         meta = _read_json(path / META_FILE) if (path / META_FILE).exists() else None
-        arch = _get(sl_cfg, "architecture", path / CFG_FILE, str, default="standard")
-        d_in = _get(sl_cfg, "d_in", path / CFG_FILE, int)
-        d_sae = _get(sl_cfg, "d_sae", path / CFG_FILE, int)
-        sl_meta = sl_cfg.get("metadata") if isinstance(sl_cfg.get("metadata"), dict) else {}
-        hook_name = sl_meta.get("hook_name") or sl_cfg.get("hook_name") or ""
-        model_name = sl_meta.get("model_name") or sl_cfg.get("model_name") or ""
-        norm = sl_cfg.get("normalize_activations", "none")
-        if norm not in ("none", None):
-            raise UserError(
-                f"{path / CFG_FILE}: normalize_activations={norm!r} is not supported; "
-                "fold the activation scaling into the weights and set it to 'none'"
-            )
+        arch, shape_and_names = _shape_and_names(sl_cfg, path / CFG_FILE)
         tensors = _read_weights(path / WEIGHTS_FILE)
+        what = _what_was_trained(path, sl_cfg, meta, arch, shape_and_names["hook_name"])
+        sae = make_sae(SAEConfig(**what, **shape_and_names))
+        _check_weight_shapes(path / WEIGHTS_FILE, tensors, sae, arch)
+        sae.load_weights(tensors, apply_b_dec_to_input=sl_cfg.get("apply_b_dec_to_input", True) is not False)
         if meta is not None:
-            method = _get(meta, "method", path / META_FILE, str)
-            hparams = _get(meta, "hparams", path / META_FILE, dict)
-            layer = meta.get("layer", -1)
-            if type(layer) is not int:  # it names cache directories: never anything but a number
-                raise UserError(
-                    f"{path / META_FILE}: key 'layer' has invalid value {layer!r} (expected a layer number); fix it"
-                )
-            store = meta.get("store") or {}
-        else:
-            method, hparams = _method_from_saelens(arch, sl_cfg, path / CFG_FILE), {}
-            layer, store = _layer_from_hook(hook_name), {}
-        if method not in SAE_METHODS:
-            raise UserError(
-                f"{path / (META_FILE if meta else CFG_FILE)}: unknown method {method!r}; "
-                f"known: {', '.join(sorted(SAE_METHODS))}"
-            )
-        hparams = {k: v for k, v in hparams.items() if k not in RETIRED_HPARAMS}
-        if "k" in sl_cfg and method == "topk":
-            hparams = {**hparams, "k": int(sl_cfg["k"])}
-        cfg = SAEConfig(
-            method, d_in, d_sae, hparams, model_name=model_name, layer=layer, hook_name=hook_name, store=store
-        )
-        sae = make_sae(cfg)
-        expected = {
+            sae.load_extra_files(path)
+        return sae.to(device)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor a saved SAE of this method holds, with its shape."""
+        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
+        return {
             "W_enc": (d_in, d_sae),
             "b_enc": (d_sae,),
             "W_dec": (d_sae, d_in),
             "b_dec": (d_in,),
-            **{k: tuple(v.shape) for k, v in sae.inference_tensors().items()},
+            **{k: tuple(v.shape) for k, v in self.inference_tensors().items()},
         }
-        for key, shape in expected.items():
-            if key not in tensors:
-                raise UserError(
-                    f"{path / WEIGHTS_FILE}: missing tensor {key!r} (a {arch} SAE needs {', '.join(expected)}); "
-                    "re-save the SAE"
-                )
-            if tuple(tensors[key].shape) != shape:
-                raise UserError(
-                    f"{path / WEIGHTS_FILE}: tensor {key!r} has shape {list(tensors[key].shape)}, "
-                    f"expected {list(shape)} from {CFG_FILE} (d_in={d_in}, d_sae={d_sae}); re-save the SAE"
-                )
-        with torch.no_grad():
-            b_enc = tensors["b_enc"].float()
-            if sl_cfg.get("apply_b_dec_to_input", True) is False:
-                # x @ W_enc + b_enc == (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
-                b_enc = b_enc + tensors["b_dec"].float() @ tensors["W_enc"].float()
-            sae.W_enc.copy_(tensors["W_enc"])
-            sae.b_enc.copy_(b_enc)
-            sae.W_dec.copy_(tensors["W_dec"])
-            sae.b_dec.copy_(tensors["b_dec"])
-            sae.load_inference_tensors(
-                {k: tensors[k].float() for k in expected if k not in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
+    @torch.no_grad()
+    def load_weights(self, tensors: dict[str, Tensor], apply_b_dec_to_input: bool = True) -> None:
+        """Copy in saved weights (checked by `_check_weight_shapes`). An SAE that does not subtract b_dec
+        from its input gets it folded into b_enc instead."""
+        b_enc = tensors["b_enc"].float()
+        if not apply_b_dec_to_input:
+            # x @ W_enc + b_enc == (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
+            b_enc = b_enc + tensors["b_dec"].float() @ tensors["W_enc"].float()
+        self.W_enc.copy_(tensors["W_enc"])
+        self.b_enc.copy_(b_enc)
+        self.W_dec.copy_(tensors["W_dec"])
+        self.b_dec.copy_(tensors["b_dec"])
+        self.load_inference_tensors({k: tensors[k].float() for k in self.inference_tensors()})
+
+
+def _shape_and_names(sl_cfg: dict, file: Path) -> tuple[str, dict]:
+    """cfg.json's architecture, and the SAEConfig fields it gives for any SAE: its shape and the model and
+    hook it reads. Activation scaling it would have to apply at load time is refused."""
+    arch = _get(sl_cfg, "architecture", file, str, default="standard")
+    d_in = _get(sl_cfg, "d_in", file, int)
+    d_sae = _get(sl_cfg, "d_sae", file, int)
+    sl_meta = sl_cfg.get("metadata") if isinstance(sl_cfg.get("metadata"), dict) else {}
+    hook_name = sl_meta.get("hook_name") or sl_cfg.get("hook_name") or ""
+    model_name = sl_meta.get("model_name") or sl_cfg.get("model_name") or ""
+    norm = sl_cfg.get("normalize_activations", "none")
+    if norm not in ("none", None):
+        raise UserError(
+            f"{file}: normalize_activations={norm!r} is not supported; "
+            "fold the activation scaling into the weights and set it to 'none'"
+        )
+    return arch, {"d_in": d_in, "d_sae": d_sae, "model_name": model_name, "hook_name": hook_name}
+
+
+def _what_was_trained(path: Path, sl_cfg: dict, meta: dict | None, arch: str, hook_name: str) -> dict:
+    """The SAEConfig fields method, hparams, layer and store: from atmpipe.json, or for a plain SAELens
+    SAE from its architecture and hook."""
+    from atmpipe.sae import SAE_METHODS
+
+    if meta is not None:
+        method = _get(meta, "method", path / META_FILE, str)
+        hparams = _get(meta, "hparams", path / META_FILE, dict)
+        layer = meta.get("layer", -1)
+        if type(layer) is not int:  # it names cache directories: never anything but a number
+            raise UserError(
+                f"{path / META_FILE}: key 'layer' has invalid value {layer!r} (expected a layer number); fix it"
             )
-        if meta is not None:
-            sae.load_extra_files(path)
-        return sae.to(device)
+        store = meta.get("store") or {}
+    else:
+        method, hparams = _method_from_saelens(arch, sl_cfg, path / CFG_FILE), {}
+        layer, store = _layer_from_hook(hook_name), {}
+    if method not in SAE_METHODS:
+        raise UserError(
+            f"{path / (META_FILE if meta else CFG_FILE)}: unknown method {method!r}; "
+            f"known: {', '.join(sorted(SAE_METHODS))}"
+        )
+    hparams = {k: v for k, v in hparams.items() if k not in RETIRED_HPARAMS}
+    if "k" in sl_cfg and method == "topk":
+        hparams = {**hparams, "k": int(sl_cfg["k"])}
+    return {"method": method, "hparams": hparams, "layer": layer, "store": store}
+
+
+def _check_weight_shapes(file: Path, tensors: dict[str, Tensor], sae: SAE, arch: str) -> None:
+    expected, d_in, d_sae = sae.weight_shapes(), sae.cfg.d_in, sae.cfg.d_sae
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise UserError(
+                f"{file}: missing tensor {key!r} (a {arch} SAE needs {', '.join(expected)}); re-save the SAE"
+            )
+        if tuple(tensors[key].shape) != shape:
+            raise UserError(
+                f"{file}: tensor {key!r} has shape {list(tensors[key].shape)}, "
+                f"expected {list(shape)} from {CFG_FILE} (d_in={d_in}, d_sae={d_sae}); re-save the SAE"
+            )
 
 
 def _method_from_saelens(arch: str, sl_cfg: dict, file: Path) -> str:
