@@ -18,8 +18,8 @@ from atmpipe.eval.absorption import (
     AbsorptionConfig,
     encode_all,
     ground_truth_probe,
+    latent_ranking,
     main_latents,
-    train_probes,
     word_absorption,
 )
 
@@ -64,10 +64,7 @@ def test_probe_selection_and_scoring_equal_saebench(tmp_path):
     np.testing.assert_allclose(probe["f1"], ref["f1_probe"], atol=1e-12)
 
     F_train, F_test = encode_all(sae, xtr), encode_all(sae, xte)
-    ranking, _ = train_probes(
-        F_train, ytr, epochs=cfg.probe_epochs, lr=cfg.probe_lr, end_lr=cfg.probe_end_lr,
-        batch=cfg.sparse_probe_batch, weight_decay=cfg.sparse_weight_decay, seed=cfg.seed, l1=cfg.sparse_l1,
-    )  # fmt: skip
+    ranking = latent_ranking(F_train, ytr, cfg)
     for c in range(len(LETTERS)):
         main, f1s = main_latents(F_train, F_test, ytr == c, yte == c, ranking[c], cfg)
         assert main == [int(m) for m in ref["split_feats"][c] if m >= 0], LETTERS[c]

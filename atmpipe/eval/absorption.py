@@ -209,24 +209,22 @@ def word_activations(
 
 
 def train_probes(
-    x: np.ndarray,
-    labels: np.ndarray,
-    *,
-    epochs: int,
-    lr: float,
-    end_lr: float,
-    batch: int,
-    weight_decay: float,
-    seed: int,
-    l1: float = 0.0,
+    x: np.ndarray, labels: np.ndarray, cfg: AbsorptionConfig, *, l1_ranking: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """26 one-vs-rest logistic probes trained together: Adam, BCE weighted by negatives/positives per letter,
-    learning rate decayed exponentially from `lr` to `end_lr` over the epochs, shuffled mini-batches, and an
-    optional L1 penalty (mean over letters of the summed |weights|). Returns weights [26, d] and biases.
+    learning rate decayed exponentially from `probe_lr` to `probe_end_lr` over the epochs, shuffled
+    mini-batches. The ground-truth probe (`probe_batch`, `probe_weight_decay`), or with `l1_ranking` the
+    latents' ranking probe (`sparse_probe_batch`, `sparse_weight_decay`, and an L1 penalty: `sparse_l1` ×
+    mean over letters of the summed |weights|). Returns weights [26, d] and biases.
 
     The seed fixes the initialisation and batch order through torch's global generator, which is restored
     afterwards: the same consumption as SAEBench's trainer, so both give the same probe on the same seed.
     """
+    if l1_ranking:
+        batch, weight_decay, l1 = cfg.sparse_probe_batch, cfg.sparse_weight_decay, cfg.sparse_l1
+    else:
+        batch, weight_decay, l1 = cfg.probe_batch, cfg.probe_weight_decay, 0.0
+    epochs, lr, end_lr = cfg.probe_epochs, cfg.probe_lr, cfg.probe_end_lr
     xt = torch.as_tensor(x, dtype=torch.float32)
     y = torch.nn.functional.one_hot(torch.as_tensor(labels, dtype=torch.long), len(LETTERS)).float()
     pos = y.sum(0)
@@ -235,7 +233,7 @@ def train_probes(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small GEMMs: on busy cores, thread hand-offs cost ~10x the arithmetic
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        torch.manual_seed(seed)
+        torch.manual_seed(cfg.seed)
         probe = torch.nn.Linear(xt.shape[1], len(LETTERS))
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xt, y), batch, shuffle=True)
         opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
@@ -255,16 +253,7 @@ def train_probes(
 
 def ground_truth_probe(x_train, y_train, x_test, y_test, cfg: AbsorptionConfig) -> dict:
     """The letter probes on the raw residual, their test logits and per-letter test F1 (logit > 0)."""
-    W, b = train_probes(
-        x_train,
-        y_train,
-        epochs=cfg.probe_epochs,
-        lr=cfg.probe_lr,
-        end_lr=cfg.probe_end_lr,
-        batch=cfg.probe_batch,
-        weight_decay=cfg.probe_weight_decay,
-        seed=cfg.seed,
-    )
+    W, b = train_probes(x_train, y_train, cfg)
     logits = x_test.astype(np.float32) @ W.T + b
     f1 = [f1_score(y_test == c, logits[:, c] > 0, zero_division=0) for c in range(len(LETTERS))]
     return {"weights": W, "bias": b, "test_logits": logits, "f1": np.array(f1)}
@@ -297,17 +286,7 @@ def main_latents(
 
 def latent_ranking(F_train: np.ndarray, y_train: np.ndarray, cfg: AbsorptionConfig) -> np.ndarray:
     """Weights [26, d_sae] of the L1-penalised one-vs-rest probe on the latents: they rank the latents."""
-    return train_probes(
-        F_train,
-        y_train,
-        epochs=cfg.probe_epochs,
-        lr=cfg.probe_lr,
-        end_lr=cfg.probe_end_lr,
-        batch=cfg.sparse_probe_batch,
-        weight_decay=cfg.sparse_weight_decay,
-        seed=cfg.seed,
-        l1=cfg.sparse_l1,
-    )[0]
+    return train_probes(F_train, y_train, cfg, l1_ranking=True)[0]
 
 
 def probe_cosines(probe: dict, c: int, W_dec) -> tuple[np.ndarray, np.ndarray]:
