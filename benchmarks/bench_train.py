@@ -8,6 +8,7 @@ are not timed; medians and min/max are reported. Peers run in .venv-peers, atmpi
     .venv/bin/python benchmarks/run_all.py            # the whole benchmark (make bench)
     .venv/bin/python benchmarks/bench_train.py --quick
     .venv/bin/python benchmarks/bench_train.py --profile topk --d-in 640 --d-sae 5120
+    .venv/bin/python benchmarks/bench_train.py --breakdown relu --d-in 640 --d-sae 5120
 """
 
 from __future__ import annotations
@@ -531,6 +532,57 @@ def profile(method: str, d_in: int, d_sae: int, steps: int = 3) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
+# Profiler op names by where the step's time goes (`breakdown`); the first matching group wins.
+OP_GROUPS = {
+    "dense GEMMs": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "sparse entries (gather, scatter, sparse products)": (
+        "embedding_bag", "index_add", "sparse", "nonzero", "index_select", "gather", "scatter",
+    ),
+    "optimizer (Adam) and gradient clipping": ("adam", "norm", "foreach", "clamp"),
+}  # fmt: skip
+
+
+def breakdown(method: str, d_in: int, d_sae: int, steps: int = 5) -> dict:
+    """Where one atmpipe step's time goes, in units of one dense (batch × d_in) @ (d_in × d_sae) GEMM:
+    torch.profiler's self CPU time per op, summed by `OP_GROUPS`, over `steps` steps after warm-up."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(THREADS)
+    x = torch.from_numpy(np.load(acts_file(d_in, 4 if d_in < 1000 else 2))[:BATCH])
+    torch.manual_seed(0)
+    step, gemm = (
+        atmpipe_step(method, d_in, d_sae, torch.device("cpu")),
+        gemm_step(d_in, d_sae, torch.device("cpu")),
+    )
+    for _ in range(2):
+        step(x), gemm(x)
+    gemm_s = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        gemm(x)
+        gemm_s.append(time.perf_counter() - t)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            step(x)
+        wall = (time.perf_counter() - t) / steps
+    unit = statistics.median(gemm_s)
+    groups, other = dict.fromkeys([*OP_GROUPS, "other ops"], 0.0), {}
+    for ev in prof.key_averages():
+        name, gemms = ev.key.lower(), ev.self_cpu_time_total / 1e6 / steps / unit
+        group = next((g for g, keys in OP_GROUPS.items() if any(k in name for k in keys)), "other ops")
+        groups[group] += gemms
+        if group == "other ops":
+            other[ev.key] = gemms
+    return {
+        "method": method, "d_in": d_in, "d_sae": d_sae, "l0": L0, "batch": BATCH, "gemm_s": unit,
+        "step_s": wall, "step_gemms": wall / unit, "gemms_by_group": groups,
+        "largest_other_ops": dict(sorted(other.items(), key=lambda t: -t[1])[:8]),
+    }  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="atmpipe training-step benchmark")
     p.add_argument("--quick", action="store_true", help="small shape only, few rounds (a smoke run)")
@@ -546,9 +598,14 @@ def main() -> None:
     p.add_argument("--l0", type=int, default=L0, help=argparse.SUPPRESS)
     p.add_argument("--crossover", action="store_true", help="ReLU step, sparse vs dense, over densities")
     p.add_argument(
+        "--breakdown", metavar="METHOD", help="where METHOD's step time goes, in dense-GEMM units (profiler)"
+    )
+    p.add_argument(
         "--ab", metavar="CHECKOUT", help="step time of another checkout vs this one (before/after)"
     )
-    p.add_argument("--json", metavar="FILE", help="with --crossover / --ab: also write the result here")
+    p.add_argument(
+        "--json", metavar="FILE", help="with --crossover / --ab / --breakdown: also write the result here"
+    )
     a = p.parse_args()
     if a.crossover or a.ab:
         import platform
@@ -562,6 +619,14 @@ def main() -> None:
         }
         if a.json:
             Path(a.json).write_text(json.dumps({**meta, "result": result}, indent=1) + "\n")
+        return
+    if a.breakdown:
+        result = breakdown(a.breakdown, a.d_in, a.d_sae)
+        print(json.dumps(result, indent=1))
+        if a.json:
+            Path(a.json).write_text(
+                json.dumps({"load_avg_at_end": os.getloadavg(), **result}, indent=1) + "\n"
+            )
         return
     if a.worker:
         worker_main(a)
