@@ -3,14 +3,17 @@
 Run with .venv-saebench's python (SAEBench 0.6 and its pins live there; `make saebench`):
     .venv-saebench/bin/python stages/crosscheck.py --out DIR [--words N --floor F --min-letters G --seeds 0,1,2]
         SAE_DIR [SAE_DIR ...]
-1. atmpipe: `atmpipe eval --metrics absorption` (the main venv's atmpipe) with the given word sample;
+1. atmpipe: `atmpipe eval --metrics absorption` (the main venv's atmpipe) on the given word sample, once per
+   seed (the sample's own seed fixed: each seed varies split, examples and probes over the same words);
 2. SAEBench: `sae_bench.evals.absorption.main.run_eval` on the same SAE directories (SAELens layout), its
    vocabulary replaced by atmpipe's word sample (same function, same seed; the sample's sha256 is checked),
    the model loaded by TransformerLens offline from atmpipe's converted checkpoint through a local
    Hugging Face cache layout; once per seed, its own randomness (probe init, split, examples) seeded;
 3. both numbers per SAE and per letter, printed and written to DIR/crosscheck.{json,md} with versions and
-   wall times. Pass: |atmpipe - SAEBench mean over seeds| <= max(0.02, SAEBench's spread over seeds) for full
-   absorption and absorption fraction on every SAE, and the same ranking of the SAEs on both.
+   wall times. Pass: |atmpipe mean - SAEBench mean| over the seeds <= max(0.02, SAEBench's spread over its
+   seeds) for full absorption and absorption fraction on every SAE, and the same ranking of the SAEs by
+   the means. (One seed of either side against the other's mean would fold that side's own seed-to-seed
+   spread into the difference.)
 """
 
 from __future__ import annotations
@@ -48,30 +51,22 @@ def hf_cache_layout(model_dir: Path, hub_name: str, cache: Path) -> Path:
     return cache
 
 
-def run_atmpipe(args, out: Path) -> dict:
-    cmd = [
-        args.atmpipe,
-        "eval",
-        "--metrics",
-        "absorption",
-        "--seed",
-        str(args.atmpipe_seed),
-        "--out",
-        str(out),
-    ]
+def run_atmpipe(args, out: Path, seed: int) -> dict:
+    cmd = [args.atmpipe, "eval", "--metrics", "absorption", "--seed", str(seed), "--out", str(out)]
     cmd += [
         "--absorption-sample-words",
         str(args.words),
         "--absorption-min-words-per-letter",
         str(args.floor),
     ]
+    cmd += ["--absorption-sample-seed", str(args.sample_seed)]
     cmd += ["--absorption-min-letters", str(args.min_letters)] + [f"--sae={s}" for s in args.saes]
     cmd += ["--store", args.store] if args.store else []
     print("$", " ".join(cmd), flush=True)
     start = time.time()
     subprocess.run(cmd, check=True)
     res = json.loads((out / "results.json").read_text())
-    res |= {"wall_s": time.time() - start, "command": " ".join(cmd)}
+    res |= {"seed": seed, "wall_s": time.time() - start, "command": " ".join(cmd)}
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
 
@@ -84,7 +79,7 @@ def word_sample(model_dir: Path, args) -> list[str]:
     from atmpipe.eval.absorption import alphabetic_vocab, sample_vocab
 
     vocab = alphabetic_vocab(AutoTokenizer.from_pretrained(model_dir))
-    return sample_vocab(vocab, args.words, args.floor, args.atmpipe_seed)
+    return sample_vocab(vocab, args.words, args.floor, args.sample_seed)
 
 
 def run_saebench(args, words: list[str], hub_name: str, layer: int, seed: int, work: Path) -> dict:
@@ -154,21 +149,22 @@ def earlier_saebench_runs(path: Path, sha: str, names: list[str]) -> dict[int, d
     return {r["seed"]: r for r in earlier["saebench_runs"]}
 
 
-def compare(atm: dict, sb_runs: list[dict], names: list[str]) -> dict:
+def compare(atm_runs: list[dict], sb_runs: list[dict], names: list[str]) -> dict:
     rows, ok = {}, True
     for n in names:
-        a = atm["results"][n]["absorption"]
         row = {}
         for m, key in METRICS.items():
-            values = [r["saes"][n][m] for r in sb_runs]
-            mean, spread = sum(values) / len(values), max(values) - min(values)
-            tol = max(0.02, spread)
-            diff = a.get(key, float("nan")) - mean
+            ours = [r["results"][n]["absorption"].get(key, float("nan")) for r in atm_runs]
+            theirs = [r["saes"][n][m] for r in sb_runs]
+            mean_a, mean_s = sum(ours) / len(ours), sum(theirs) / len(theirs)
+            spread = max(theirs) - min(theirs)
+            tol, diff = max(0.02, spread), mean_a - mean_s
             row[m] = {
-                "atmpipe": a.get(key),
-                "atmpipe_ci95": a.get("ci95_" + key.removeprefix("mean_")),
-                "saebench_mean": mean,
-                "saebench_by_seed": values,
+                "atmpipe_mean": mean_a,
+                "atmpipe_by_seed": ours,
+                "atmpipe_spread": max(ours) - min(ours),
+                "saebench_mean": mean_s,
+                "saebench_by_seed": theirs,
                 "saebench_spread": spread,
                 "tolerance": tol,
                 "diff": diff,
@@ -178,20 +174,20 @@ def compare(atm: dict, sb_runs: list[dict], names: list[str]) -> dict:
         rows[n] = row
     ranking = {}
     for m in METRICS:
-        order_a = sorted(names, key=lambda n: rows[n][m]["atmpipe"])
+        order_a = sorted(names, key=lambda n: rows[n][m]["atmpipe_mean"])
         order_s = sorted(names, key=lambda n: rows[n][m]["saebench_mean"])
         ranking[m] = {"atmpipe": order_a, "saebench": order_s, "same": order_a == order_s}
     return {"per_sae": rows, "ranking": ranking, "pass": ok and all(r["same"] for r in ranking.values())}
 
 
-def per_letter_table(atm: dict, sb_runs: list[dict], names: list[str]) -> list[str]:
+def per_letter_table(atm: dict, sb: dict, names: list[str]) -> list[str]:
     lines = [
-        f"| SAE | letter | atmpipe fraction / full | SAEBench fraction / full (seed {sb_runs[0]['seed']}) |"
+        f"| SAE | letter | atmpipe fraction / full (seed {atm['seed']}) | SAEBench (seed {sb['seed']}) |"
     ]
     lines.append("|---|---|---|---|")
     for n in names:
         a = atm["results"][n]["absorption"].get("per_letter", {})
-        s = sb_runs[0]["saes"][n]["per_letter"]
+        s = sb["saes"][n]["per_letter"]
         for c in sorted(set(a) | set(s)):
             fa = f"{a[c]['absorption_fraction']:.3f} / {a[c]['full_absorption']:.3f}" if c in a else "—"
             fs = f"{s[c]['fraction']:.3f} / {s[c]['full']:.3f}" if c in s else "—"
@@ -204,32 +200,38 @@ def summary_md(result: dict) -> str:
     lines = [
         "# atmpipe vs SAEBench absorption (crosscheck)",
         "",
-        f"Model {result['model']} layer {result['layer']}; word sample {result['sample']}; SAEBench seeds "
-        f"{result['saebench_seeds']}; versions {json.dumps(result['versions'])}.",
-        f"Wall time: atmpipe {result['atmpipe_wall_s']:.0f} s, SAEBench "
+        f"Model {result['model']} layer {result['layer']}; word sample {result['sample']}; seeds "
+        f"{result['seeds']} on both sides; versions {json.dumps(result['versions'])}.",
+        "Wall time: atmpipe "
+        + ", ".join(f"{r['wall_s']:.0f} s" for r in result["atmpipe_runs"])
+        + "; SAEBench "
         + ", ".join(f"{r['wall_s']:.0f} s" for r in result["saebench_runs"])
-        + f"; total {result['total_wall_s']:.0f} s.",
+        + f"; total {result['total_wall_s']:.0f} s (this run; reused seeds keep their own times).",
         "",
-        "| SAE | metric | atmpipe [95% CI] | SAEBench mean (by seed) | diff | tolerance | pass |",
+        "| SAE | metric | atmpipe mean (by seed) | SAEBench mean (by seed) | diff | tolerance | pass |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def by_seed(values):
+        return ", ".join(f"{v:.3f}" for v in values)
+
     for n in names:
         for m, r in cmp["per_sae"][n].items():
-            ci = r["atmpipe_ci95"] or [float("nan")] * 2
-            by_seed = ", ".join(f"{v:.3f}" for v in r["saebench_by_seed"])
             lines.append(
-                f"| {n} | {m} | {r['atmpipe']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r['saebench_mean']:.3f} "
-                f"({by_seed}) | {r['diff']:+.3f} | {r['tolerance']:.3f} | {'yes' if r['pass'] else 'NO'} |"
+                f"| {n} | {m} | {r['atmpipe_mean']:.3f} ({by_seed(r['atmpipe_by_seed'])}) | "
+                f"{r['saebench_mean']:.3f} ({by_seed(r['saebench_by_seed'])}) | {r['diff']:+.3f} | "
+                f"{r['tolerance']:.3f} | {'yes' if r['pass'] else 'NO'} |"
             )
     lines.append("")
     for m, r in cmp["ranking"].items():
         lines.append(f"Ranking by {m} (low to high): atmpipe {r['atmpipe']}, SAEBench {r['saebench']}.")
     lines += [
         "",
-        f"**{'PASS' if cmp['pass'] else 'FAIL'}** (tolerance max(0.02, SAEBench's spread over seeds)).",
+        f"**{'PASS' if cmp['pass'] else 'FAIL'}** (tolerance max(0.02, SAEBench's spread over its seeds)).",
         "",
     ]
-    return "\n".join(lines + per_letter_table(result["atmpipe"], result["saebench_runs"], names)) + "\n"
+    table = per_letter_table(result["atmpipe_runs"][0], result["saebench_runs"][0], names)
+    return "\n".join(lines + table) + "\n"
 
 
 def main() -> int:
@@ -240,13 +242,15 @@ def main() -> int:
     p.add_argument("--words", type=int, default=1000, help="word sample size (0 = whole vocabulary)")
     p.add_argument("--floor", type=int, default=10, help="per-letter floor on the sample")
     p.add_argument("--min-letters", type=int, default=20, help="letters that must pass the probe gate")
-    p.add_argument("--seeds", default="0,1,2", help="SAEBench seeds; their spread sets the tolerance")
-    p.add_argument("--atmpipe-seed", type=int, default=0)
+    p.add_argument(
+        "--seeds", default="0,1,2", help="seeds, run on both sides; SAEBench's spread sets the tolerance"
+    )
+    p.add_argument("--sample-seed", type=int, default=0, help="the word sample's seed")
     p.add_argument(
         "--reuse",
         action="store_true",
-        help="reuse DIR/atmpipe/results.json and the SAEBench seeds of DIR/crosscheck.json from an earlier run "
-        "on the same words and SAEs",
+        help="reuse the seeds of an earlier run on the same words and SAEs (DIR/atmpipe/seed*/results.json, "
+        "DIR/crosscheck.json)",
     )
     p.add_argument(
         "--store", help="the SAEs' activation store, where their recorded path does not resolve here"
@@ -273,35 +277,41 @@ def main() -> int:
             f"letters {''.join(short)} have < 5 words in the sample: SAEBench fails on a letter "
             "missing from its train split; pass --floor 10"
         )
-    reuse = args.reuse and (out / "atmpipe" / "results.json").exists()
-    atm = (
-        json.loads((out / "atmpipe" / "results.json").read_text())
-        if reuse
-        else run_atmpipe(args, out / "atmpipe")
-    )
-    sha = hashlib.sha256("\n".join(words).encode()).hexdigest()
-    if sha != atm["shared"]["absorption"]["sample"]["sha256"]:
-        raise SystemExit(
-            "the word sample differs from the one atmpipe eval used; is the same code checked out?"
-        )
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [Path(s).name for s in args.saes]
+    sha = hashlib.sha256("\n".join(words).encode()).hexdigest()
+    atm_runs = []
+    for seed in seeds:
+        earlier = out / "atmpipe" / f"seed{seed}" / "results.json"
+        run = (
+            json.loads(earlier.read_text())
+            if args.reuse and earlier.exists()
+            else run_atmpipe(args, earlier.parent, seed)
+        )
+        if sha != run["shared"]["absorption"]["sample"]["sha256"]:
+            raise SystemExit(
+                f"the word sample differs from the one atmpipe eval used in {earlier.parent}; "
+                "is the same code checked out? (rerun without --reuse)"
+            )
+        atm_runs.append(run)
     done = earlier_saebench_runs(out / "crosscheck.json", sha, names) if args.reuse else {}
     sb_runs = [done.get(s) or run_saebench(args, words, HF_NAME[model], layer, s, work) for s in seeds]
     result = {
         "model": model,
         "layer": layer,
         "saes": names,
-        "sample": atm["shared"]["absorption"]["sample"],
-        "saebench_seeds": seeds,
+        "sample": atm_runs[0]["shared"]["absorption"]["sample"],
+        "seeds": seeds,
         "versions": {k: version(k) for k in ("sae-bench", "sae-lens", "transformer-lens", "torch")},
-        "atmpipe": {"results": {n: atm["results"][n] for n in names}, "shared": atm["shared"]},
-        "atmpipe_command": atm["command"],
-        "atmpipe_wall_s": atm["wall_s"],
+        "atmpipe_runs": [
+            {"seed": r["seed"], "command": r["command"], "wall_s": r["wall_s"], "shared": r["shared"]}
+            | {"results": {n: r["results"][n] for n in names}}
+            for r in atm_runs
+        ],
         "saebench_runs": sb_runs,
         "total_wall_s": time.time() - start,
     }
-    result["comparison"] = compare(result["atmpipe"], sb_runs, names)
+    result["comparison"] = compare(result["atmpipe_runs"], sb_runs, names)
     (out / "crosscheck.json").write_text(json.dumps(result, indent=2) + "\n")
     md = summary_md(result)
     (out / "crosscheck.md").write_text(md)

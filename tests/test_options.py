@@ -21,7 +21,7 @@ HAND_WRITTEN = {
     "train": "store method config layer d_sae expansion k l1 target_l0 lr batch_size tokens seed checkpoint_every "
     "out resume overwrite allow_partial skip_damaged no_compile latents device hparam",
     "eval": "sae store model layer metrics out config device dtype seed batch_size core_tokens splice_windows "
-    "absorption_sample_words absorption_min_words_per_letter absorption_icl absorption_f1_gate "
+    "absorption_sample_words absorption_min_words_per_letter absorption_sample_seed absorption_icl absorption_f1_gate "
     "absorption_min_letters probing_tasks "
     "probing_train probing_test probing_context probing_data bias_occupations bias_people_per_cell "
     "training_max_points",

@@ -6,7 +6,9 @@ those activations and an SAE, checked on planted cases and against SAEBench's ow
 
 Steps, each as SAEBench's code does it (docs/metrics.md has the full account):
 1. words: every vocabulary token that reads as ASCII letters, with or without a leading space; optionally a
-   random sample at natural letter frequencies (the one deviation, for CPU budget; recorded with its seed);
+   random sample at natural letter frequencies (the one deviation, for CPU budget; recorded with its own
+   seed, so that the protocol's seed varies split, examples and probes over the same words, as SAEBench's
+   seed does over its whole vocabulary);
 2. a shuffled 80/20 word split; each word's prompt is a newline, 10 in-context examples drawn from its own
    split ("cat has the first letter: C") and "{word} has the first letter:", read at the word's last token;
 3. ground-truth probe: 26 one-vs-rest logistic probes on the raw residual, Adam with class-weighted BCE;
@@ -43,6 +45,7 @@ class AbsorptionConfig:
     # letter frequencies), topped up to `min_words_per_letter` for letters the sample leaves short.
     sample_words: int = 0
     min_words_per_letter: int = 0
+    sample_seed: int = 0  # the sample's own seed: `seed` varies the protocol's randomness over fixed words
     icl_examples: int = 10
     template: str = "{word} has the first letter:"
     train_fraction: float = 0.8
@@ -145,7 +148,7 @@ def first_letter_task(tokenizer, cfg: AbsorptionConfig) -> dict:
     each test word a second, scoring prompt with fresh examples from the whole sample (as SAEBench, where
     the sample is the vocabulary). A word whose prompt cannot be read at its last token is dropped."""
     vocab = alphabetic_vocab(tokenizer)
-    words = sample_vocab(vocab, cfg.sample_words, cfg.min_words_per_letter, cfg.seed)
+    words = sample_vocab(vocab, cfg.sample_words, cfg.min_words_per_letter, cfg.sample_seed)
     rng = random.Random(cfg.seed)
     shuffled = rng.sample(words, len(words))
     n_train = int(len(shuffled) * cfg.train_fraction)

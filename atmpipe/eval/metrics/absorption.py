@@ -14,6 +14,9 @@ class AbsorptionOptions:
         4000, "Absorption words sampled from the vocabulary (0 = all, SAEBench's full protocol)."
     )
     absorption_min_words_per_letter: int = option(100, "Per-letter floor on that sample.")
+    absorption_sample_seed: int = option(
+        0, "Seed of that sample (--seed varies split, examples and probes over the same words)."
+    )
     absorption_icl: int = option(10, "In-context examples per absorption prompt.")
     absorption_f1_gate: float = option(0.6, "Letters need probe F1 above this.")
     absorption_min_letters: int = option(20, "Letters needed to report absorption.")
@@ -36,6 +39,7 @@ class Absorption(Metric):
         self.acfg = acfg = absorption.AbsorptionConfig(
             sample_words=self.opts.absorption_sample_words,
             min_words_per_letter=self.opts.absorption_min_words_per_letter,
+            sample_seed=self.opts.absorption_sample_seed,
             icl_examples=self.opts.absorption_icl,
             probe_f1_gate=self.opts.absorption_f1_gate,
             min_letters=self.opts.absorption_min_letters,
@@ -56,6 +60,7 @@ class Absorption(Metric):
             "protocol": absorption.PROTOCOL,
             "sample_words": acfg.sample_words,
             "min_words_per_letter": acfg.min_words_per_letter,
+            "sample_seed": acfg.sample_seed,
             "icl": acfg.icl_examples,
             "template": acfg.template,
             "train_fraction": acfg.train_fraction,
@@ -139,10 +144,11 @@ def summary(task: dict, probe: dict, acfg) -> dict:
             "words": task["n_sampled"],
             "requested": acfg.sample_words,
             "min_words_per_letter": acfg.min_words_per_letter,
-            "seed": acfg.seed,
+            "seed": acfg.sample_seed,
             "kind": kind,
             "sha256": task["sample_sha256"],
         },
+        "seed": acfg.seed,
         "dropped_words": task["dropped"],
         "n_words_train": int(len(task["y_train"])),
         "n_words_test": int(len(task["y_test"])),
@@ -161,11 +167,11 @@ def paragraph(a: dict) -> str:
     sample = a.get("sample", {})
     return (
         f"Protocol {a.get('protocol')} (SAEBench 0.6's absorption eval step by step; docs/metrics.md): "
-        f"{sample.get('words')} words ({sample.get('kind')}, seed {sample.get('seed')}) of "
+        f"{sample.get('words')} words ({sample.get('kind')}, sample seed {sample.get('seed')}) of "
         f"{a.get('vocab_words')} alphabetic vocabulary tokens, {a.get('n_words_train')} train / "
         f"{a.get('n_words_test')} test ({a.get('dropped_words')} dropped: no single word position), "
-        f"{a.get('icl_examples')} in-context examples; {a.get('letters_passed')} of 26 letters have "
-        f"ground-truth probe F1 > {a.get('probe_f1_gate')} (need {a.get('letters_required')}). "
+        f"{a.get('icl_examples')} in-context examples, seed {a.get('seed')}; "
+        f"{a.get('letters_passed')} of 26 letters have ground-truth probe F1 > {a.get('probe_f1_gate')} (need {a.get('letters_required')}). "
         f"Intervals: 95% bootstrap over the scored words ({a.get('bootstrap')} resamples, letters fixed); "
         "they leave out the probes' own randomness."
     )
