@@ -388,7 +388,7 @@ def absorption_metrics(sae, task: dict, probe: dict, cfg: AbsorptionConfig) -> d
     """
     passed = [c for c in range(len(LETTERS)) if probe["f1"][c] > cfg.probe_f1_gate]
     base = {"protocol": PROTOCOL, "letters_passed": len(passed), "letters_required": cfg.min_letters}
-    if len(passed) < cfg.min_letters:
+    if len(passed) < max(cfg.min_letters, 1):  # no letter at all: no mean to take, whatever the gate says
         return base | {
             "status": "insufficient",
             "reason": f"only {len(passed)} of 26 letters have ground-truth probe F1 > {cfg.probe_f1_gate} "

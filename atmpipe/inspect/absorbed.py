@@ -72,7 +72,7 @@ def compute(sae, task: dict, probe: dict, acfg) -> dict[str, LetterRecord]:
     from atmpipe.eval.absorption import absorption_metrics
 
     result = absorption_metrics(sae, task, probe, dataclasses.replace(acfg, min_letters=0))
-    return from_per_letter(result["per_letter"])
+    return from_per_letter(result.get("per_letter", {}))  # none when no letter passes the probe gate
 
 
 def word_latents(sae, acts: np.ndarray, words: list[str]) -> dict[str, list]:
