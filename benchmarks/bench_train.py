@@ -552,12 +552,11 @@ def breakdown(method: str, d_in: int, d_sae: int, steps: int = 5) -> dict:
     torch.set_num_threads(THREADS)
     x = torch.from_numpy(np.load(acts_file(d_in, 4 if d_in < 1000 else 2))[:BATCH])
     torch.manual_seed(0)
-    step, gemm = (
-        atmpipe_step(method, d_in, d_sae, torch.device("cpu")),
-        gemm_step(d_in, d_sae, torch.device("cpu")),
-    )
-    for _ in range(2):
-        step(x), gemm(x)
+    step = atmpipe_step(method, d_in, d_sae, torch.device("cpu"))
+    gemm = gemm_step(d_in, d_sae, torch.device("cpu"))
+    for _ in range(2):  # warm-up
+        step(x)
+        gemm(x)
     gemm_s = []
     for _ in range(steps):
         t = time.perf_counter()

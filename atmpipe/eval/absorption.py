@@ -53,10 +53,10 @@ class AbsorptionConfig:
     probe_epochs: int = 50
     probe_lr: float = 1e-2
     probe_end_lr: float = 1e-5
-    probe_batch: int = (
-        64  # the ground-truth probe: SAEBench's train_and_save_probes trains it in batches of 64
-    )
-    sparse_probe_batch: int = 4096  # the L1 ranking probe: SAEBench's k_sparse_probe_batch_size
+    # SAEBench's train_and_save_probes trains the ground-truth probe in batches of 64; the L1 ranking probe
+    # uses its eval config's k_sparse_probe_batch_size.
+    probe_batch: int = 64
+    sparse_probe_batch: int = 4096
     probe_weight_decay: float = 1e-4
     sparse_l1: float = 0.01
     sparse_weight_decay: float = 1e-6
@@ -387,12 +387,13 @@ def absorption_metrics(sae, task: dict, probe: dict, cfg: AbsorptionConfig) -> d
     `probe` is `ground_truth_probe`'s output.
     """
     passed = [c for c in range(len(LETTERS)) if probe["f1"][c] > cfg.probe_f1_gate]
-    base = {"protocol": PROTOCOL, "letters_passed": len(passed), "letters_required": cfg.min_letters}
-    if len(passed) < max(cfg.min_letters, 1):  # no letter at all: no mean to take, whatever the gate says
+    required = max(cfg.min_letters, 1)  # with no letter at all there is no mean to take, whatever the gate
+    base = {"protocol": PROTOCOL, "letters_passed": len(passed), "letters_required": required}
+    if len(passed) < required:
         return base | {
             "status": "insufficient",
             "reason": f"only {len(passed)} of 26 letters have ground-truth probe F1 > {cfg.probe_f1_gate} "
-            f"(need {cfg.min_letters}); sample more words or lower --absorption-min-letters",
+            f"(need {required}); sample more words or lower --absorption-min-letters",
         }
     F_train, F_test = encode_all(sae, task["x_train"]), encode_all(sae, task["x_test"])
     F_score = encode_all(sae, task["x_score"])

@@ -171,7 +171,8 @@ def paragraph(a: dict) -> str:
         f"{a.get('vocab_words')} alphabetic vocabulary tokens, {a.get('n_words_train')} train / "
         f"{a.get('n_words_test')} test ({a.get('dropped_words')} dropped: no single word position), "
         f"{a.get('icl_examples')} in-context examples, seed {a.get('seed')}; "
-        f"{a.get('letters_passed')} of 26 letters have ground-truth probe F1 > {a.get('probe_f1_gate')} (need {a.get('letters_required')}). "
+        f"{a.get('letters_passed')} of 26 letters have ground-truth probe F1 > {a.get('probe_f1_gate')} "
+        f"(need {a.get('letters_required')}). "
         f"Intervals: 95% bootstrap over the scored words ({a.get('bootstrap')} resamples, letters fixed); "
         "they leave out the probes' own randomness."
     )
