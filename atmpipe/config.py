@@ -155,7 +155,7 @@ class TrainConfig:
         "Run the plain eager kernels, not the compiled ones (the one compile switch: sae/compiling.py).",
     )
     latents: str = option(
-        "auto", "The step's latents: auto (sparse on CPU below the measured density) | sparse | dense."
+        "auto", "The step's latents: auto (sparse below the device's measured density) | sparse | dense."
     )
     device: str = option("auto", "cpu | cuda | auto (default auto).")
     # What ran, recorded in the run: the recipe files in the order they were layered, and the flags and

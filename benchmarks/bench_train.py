@@ -91,11 +91,12 @@ def calibrate_l0(sae, x, l0: int) -> None:
             sae.b_enc.sub_(q)
 
 
-def atmpipe_step(method: str, d_in: int, d_sae: int, device, l0: int = L0) -> Callable:
+def atmpipe_step(method: str, d_in: int, d_sae: int, device, l0: int = L0, autocast: bool = True) -> Callable:
     """One atmpipe training step: `atmpipe.train.train_step` (the loop's body) with the trainer's defaults,
     ReLU / JumpReLU / ATM calibrated to L0 ≈ l0 on the first batch (0: left as initialised).
 
-    On a GPU the forward runs under bf16 autocast (what the peers' GPU paths use too).
+    On a GPU the forward runs under bf16 autocast (what the peers' GPU paths use too) unless autocast is
+    False (fp32, what `atmpipe train` itself runs).
     """
     import torch
 
@@ -111,7 +112,7 @@ def atmpipe_step(method: str, d_in: int, d_sae: int, device, l0: int = L0) -> Ca
     calibrated: list = []
 
     def forward(x, i, total):
-        if device.type != "cuda":
+        if device.type != "cuda" or not autocast:
             return training_forward(x, i, total)
         with torch.autocast("cuda", torch.bfloat16):
             return training_forward(x, i, total)

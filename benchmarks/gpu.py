@@ -2,7 +2,10 @@
 
 1. Harvest: tokens/s of atmpipe's harvest with a randomly initialised Gemma-2-2b-shaped model (same
    architecture, random weights, no download) vs its bare forward stopped at the same layer.
-2. Training steps per method at d_in 2304 / d_sae 65536 / batch 4096 under bf16 autocast, against
+2. ReLU, JumpReLU and ATM on the sparse vs the dense latent path (fp32, as `atmpipe train` runs), at
+   L0 64 and 512 of 65536: whether the sparse step, which wins on CPU, also wins on CUDA (where "auto"
+   picks dense until a measurement says otherwise; this is that measurement).
+3. Training steps per method at d_in 2304 / d_sae 65536 / batch 4096 under bf16 autocast, against
    SAELens and sparsify when they are importable there (carried as wheels), plus the bf16 GEMM floor
    and ATM's fused vs eager statistics-and-mask function.
 
@@ -66,6 +69,59 @@ def run_train(quick: bool) -> dict:
     )
 
 
+def run_latent_paths(quick: bool, device: str = "cuda", l0s=(64, 512), precisions=("fp32", "bf16")) -> dict:
+    """Every method's sparse vs dense step at SHAPE, batch 4096, in fp32 (what `atmpipe train` runs) and
+    under bf16 autocast, interleaved in this process (each pair built, timed and freed before the next:
+    ~5 GB per SAE with Adam). TopK's L0 is its k (32) whatever l0 says."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    d_in, d_sae = SHAPE
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    xs = [
+        torch.from_numpy(b).to(device) for b in np.load(bench_train.acts_file(d_in, 2)).reshape(2, -1, d_in)
+    ]
+    warmup, rounds = (2, 5) if quick else (3, 10)
+    out: dict = {}
+    for precision in precisions:
+        for method in ("topk", "relu", "jumprelu", "atm"):
+            for l0 in l0s[:1] if method == "topk" else l0s:
+                key = f"{method}@L0 {bench_train.K if method == 'topk' else l0} {precision}"
+                steps = {}
+                try:
+                    for path in ("sparse", "dense"):
+                        torch.manual_seed(0)
+                        step = bench_train.atmpipe_step(method, d_in, d_sae, device, l0, precision == "bf16")
+                        bench_train._set_latents(step, path)
+                        steps[path] = step
+                    times: dict = {p: [] for p in steps}
+                    for r in range(warmup + rounds):
+                        for path, step in steps.items():
+                            sync()
+                            t0 = time.perf_counter()
+                            step(xs[r % 2])
+                            sync()
+                            if r >= warmup:
+                                times[path].append(time.perf_counter() - t0)
+                    s, d = (statistics.median(times[p]) for p in ("sparse", "dense"))
+                    out[key] = {"sparse_s": s, "dense_s": d, "dense_over_sparse": d / s, "times": times}
+                    print(
+                        f"[paths] {key}: sparse {s * 1e3:.2f} ms  dense {d * 1e3:.2f} ms  dense/sparse {d / s:.2f}",
+                        flush=True,
+                    )
+                except Exception as e:  # a path that fails on CUDA is itself the answer for that row
+                    out[key] = {"error": f"{type(e).__name__}: {e}"}
+                    print(f"[paths] {key}: FAILED {type(e).__name__}: {e}", flush=True)
+                finally:
+                    steps.clear()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    return out
+
+
 def random_gemma2(tokenizer_dir: Path, out: Path) -> Path:
     """A Gemma-2-2b-shaped model with random weights (bf16) saved with a real tokenizer, for the harvest."""
     import torch
@@ -104,6 +160,7 @@ def run_harvest(quick: bool) -> dict | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--parts", default="paths,harvest,train", help="which of paths, harvest, train to run")
     a = p.parse_args()
     import torch
 
@@ -116,13 +173,23 @@ def main() -> None:
     )
     figures: list[Figure] = []
     raw: dict = {}
-    harvest = run_harvest(a.quick)
+    parts = a.parts.split(",")
+    raw["latent_paths"] = paths = run_latent_paths(a.quick) if "paths" in parts else {}
+    for key, r in paths.items():
+        if "error" not in r:
+            ratio = r["dense_over_sparse"]
+            detail = f"sparse {r['sparse_s'] * 1e3:.2f} ms vs dense {r['dense_s'] * 1e3:.2f} ms"
+            figures.append(
+                Figure(f"dense/sparse step {key} {SHAPE[0]}/{SHAPE[1]}", detail, ratio, "info", None)
+            )
+    harvest = run_harvest(a.quick) if "harvest" in parts else None
     if harvest is not None:
         raw["harvest"] = harvest
         figures += [figure_from_dict(d) for d in harvest.get("figures", [])]
-    train = run_train(a.quick)
-    raw["train"] = train["raw"]
-    figures += train["figures"]
+    if "train" in parts:
+        train = run_train(a.quick)
+        raw["train"] = train["raw"]
+        figures += train["figures"]
     print()
     for fig in figures:
         print(fig.line())

@@ -51,6 +51,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 log=${OUT:-benchmarks/.work}/gpu-bench.log
 mkdir -p "$(dirname "$log")"
 status=0
-timeout 290 python3 benchmarks/gpu.py "$@" 2>&1 | tee "$log" || status=$?
+timeout 420 python3 benchmarks/gpu.py "$@" 2>&1 | tee "$log" || status=$?
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/*-gpu*.json "$OUT/" 2>/dev/null || true; fi
 exit "$status"

@@ -102,8 +102,8 @@ class SAE(nn.Module):
     # (`distributed.sync_state`): "mean" for a mean over tokens, "min" for a value monotone in the batch's
     # minimum, "dead_clock" for tokens-since-fired counts. Unlisted buffers agree on every rank unreduced.
     rank_reductions: ClassVar[dict[str, str]] = {"tokens_since_fired": "dead_clock"}
-    # The training step's latents: "sparse" (active entries only, sparse.py), "dense", or "auto": sparse on
-    # CPU when the batch's density is below sparse.CROSSOVER_DENSITY. A training option, not a
+    # The training step's latents: "sparse" (active entries only, sparse.py), "dense", or "auto": sparse when
+    # the batch's density is below the device's sparse.crossover_density. A training option, not a
     # hyper-parameter (the result is the same to float round-off); `atmpipe train --latents` sets it.
     latents: str = "auto"
 
@@ -231,11 +231,12 @@ class SAE(nn.Module):
     def sparse_entries(self, support: Tensor) -> Entries | None:
         """The entries of `support` ([batch, d_sae] bool: the latents this step needs) when the step takes
         the sparse path, else None (dense). Records the choice and the density in `self.path`."""
-        if self.latents == "dense" or (self.latents == "auto" and support.device.type != "cpu"):
-            self.path = ("dense", None)  # on an accelerator: no density read-back (it would sync)
+        crossover = sparse.crossover_density(support.device)
+        if self.latents == "dense" or (self.latents == "auto" and crossover == 0):
+            self.path = ("dense", None)  # no density read-back (on an accelerator it would sync)
             return None
         density = int(torch.count_nonzero(support)) / support.numel()
-        if self.latents == "auto" and density >= sparse.CROSSOVER_DENSITY:
+        if self.latents == "auto" and density >= crossover:
             self.path = ("dense", density)
             return None
         self.path = ("sparse", density)

@@ -237,7 +237,9 @@ class TopKEncode(torch.autograd.Function):
         grad_b_dec = -(W_enc @ grad_b_enc)  # b_dec enters as x − b_dec: −Σ_t G_t W_encᵀ
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(lat, W_enc.T.contiguous(), per_sample_weights=g, mode="sum")
+            grad_x = F.embedding_bag(
+                lat, W_enc.T.contiguous(), per_sample_weights=g.to(W_enc.dtype), mode="sum"
+            )
         return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None
 
 

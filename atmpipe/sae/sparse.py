@@ -22,6 +22,15 @@ from torch import Tensor
 # dense/sparse 2.58 at 1%, 2.00 at 5%, 1.50 at 10%, 0.93 at 20% (benchmarks/results/*-sparse-crossover.json);
 # the crossover is near 19%, the switch sits a little below it.
 CROSSOVER_DENSITY = 0.15
+# On CUDA (H200, 2304 → 65536, batch 4096, fp32 as `atmpipe train` runs; benchmarks/gpu.py's latent paths,
+# benchmarks/results/2026-11-29-vm-gpu-paths.json) dense/sparse is 2.84 for ReLU, 2.8 for ATM and 1.7 for
+# JumpReLU at densities 0.1% and 0.8%; higher densities were not measured there, so the switch sits at 1%.
+CUDA_CROSSOVER_DENSITY = 0.01
+
+
+def crossover_density(device: torch.device) -> float:
+    """Below this density `--latents auto` takes the sparse path (0 where no measurement says it wins)."""
+    return {"cpu": CROSSOVER_DENSITY, "cuda": CUDA_CROSSOVER_DENSITY}.get(device.type, 0.0)
 
 
 class Entries(NamedTuple):
@@ -59,7 +68,10 @@ def token_sums(vals: Tensor, e: Entries) -> Tensor:
 
 
 def transposed_product(tok: Tensor, lat: Tensor, vals: Tensor, dense: Tensor, d_sae: int) -> Tensor:
-    """Gᵀ @ dense [d_sae, d] for the [n, d_sae] matrix G holding vals at (tok, lat): one sparse-dense product."""
+    """Gᵀ @ dense [d_sae, d] for the [n, d_sae] matrix G holding vals at (tok, lat): one sparse-dense product,
+    in fp32 at least (CUDA's sparse-dense product has no bf16 kernel; the result is a weight's gradient)."""
+    dtype = torch.promote_types(torch.promote_types(vals.dtype, dense.dtype), torch.float32)
+    vals, dense = vals.to(dtype), dense.to(dtype)
     G_t = torch.sparse_coo_tensor(
         torch.stack([lat, tok]), vals, (d_sae, dense.shape[0]), check_invariants=False
     )
@@ -70,7 +82,7 @@ def encoder_grads(x: Tensor, tok: Tensor, lat: Tensor, g: Tensor, d_sae: int) ->
     """Gradients of W and b in pre = x @ W + b, given dL/dpre nonzero only at (tok[j], lat[j]) with value
     g[j]: W's is xᵀG, b's the per-latent sums of g."""
     grad_W = transposed_product(tok, lat, g, x, d_sae).T  # [d_in, d_sae]
-    grad_b = torch.zeros(d_sae, device=g.device, dtype=g.dtype).index_add_(0, lat, g)
+    grad_b = grad_W.new_zeros(d_sae).index_add_(0, lat, g.to(grad_W.dtype))  # in grad_W's dtype, as W's
     return grad_W, grad_b
 
 
@@ -125,6 +137,9 @@ def pre_acts_dense(raw: Tensor, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec
 class _Decode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vals, W_dec, e: Entries):
+        # Under autocast the latents may be bf16 while W_dec stays fp32: every product here takes one
+        # dtype, W_dec's (autograd casts the latents' gradient back to their own dtype).
+        vals = vals.to(W_dec.dtype)
         ctx.save_for_backward(vals, W_dec)
         ctx.e = e
         return F.embedding_bag(e.cols, W_dec, e.crow[:-1], per_sample_weights=vals, mode="sum")
