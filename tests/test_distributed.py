@@ -167,9 +167,10 @@ def _recipe_model(recipe: Path) -> str:
 
 TRAIN = dict(d_sae=64, batch_size=64, tokens=64 * 24, lr=1e-3, checkpoint_every=8, seed=1, device="cpu")
 METHODS = {  # method: (TrainConfig values, the same as CLI flags)
-    # ATM with per-token masks from step 3 on: its statistics and masks must be the global batch's.
-    "atm": ({"hparams": {"warmup_steps": 3}, "no_compile": True},
-            ["--hparam", "warmup_steps=3", "--no-compile"]),
+    # ATM with per-token masks from step 3 on: its statistics and masks must be the global batch's; with the
+    # λ controller on (L0 below the target: λ moves every step), whose inputs are batch means too.
+    "atm": ({"hparams": {"warmup_steps": 3}, "no_compile": True, "target_l0": 40.0},
+            ["--hparam", "warmup_steps=3", "--no-compile", "--target-l0", "40"]),
     # The same on the sparse path: batch means averaged over the ranks, masks drawn at the global rows.
     "atm-sparse": ({"hparams": {"warmup_steps": 3}, "no_compile": True, "latents": "sparse"},
                    ["--hparam", "warmup_steps=3", "--no-compile", "--latents", "sparse"]),
@@ -216,6 +217,11 @@ def test_two_rank_ddp_matches_one_rank_and_resumes_on_one_rank(reference, tmp_pa
     two = tmp_path / "two"
     torchrun(2, "train", "--store", reference, "--method", method, "--out", two, *_flags(TRAIN), *flags)
     _assert_same_weights(one, two)
+    last = Path("checkpoints") / "step_00000024" / "model.safetensors"  # every buffer (λ, EMAs, clocks)
+    state_one, state_two = load_file(str(one / last)), load_file(str(two / last))
+    assert state_one.keys() == state_two.keys()
+    for name in state_one:
+        torch.testing.assert_close(state_two[name], state_one[name], rtol=1e-5, atol=1e-5, msg=name)
     meta = json.loads((two / "atmpipe.json").read_text())["metadata"]
     assert meta["world_size"] == 2 and meta["tokens_seen"] == TRAIN["tokens"]
 

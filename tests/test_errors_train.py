@@ -91,7 +91,12 @@ def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
         "unknown hyper-parameter": (
             ["--method", "relu", "--hparam", "gamma=2"],
             "unknown hyper-parameter(s) gamma for method relu; "
-            "known: dead_tokens, l0_controller_rate, l1, l1_warmup_frac, target_l0",
+            "known: dead_tokens, l0_controller_push, l0_controller_rate, l1, l1_warmup_frac, target_l0",
+        ),
+        "l0 controller option out of range": (
+            ["--method", "relu", "--hparam", "l0_controller_rate=0"],
+            "l0_controller_rate must be positive and l0_controller_push non-negative (got 0.0 and 2.0); "
+            "pass e.g. --hparam l0_controller_rate=0.08",
         ),
         "atm option out of range": (
             ["--method", "atm", "--hparam", "beta=1.5"],

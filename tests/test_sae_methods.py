@@ -184,17 +184,77 @@ def test_jumprelu_uses_beta1_zero_and_its_threshold_lr():
     assert sum(len(g["params"]) for g in groups) == len(list(sae.parameters()))
 
 
-def test_relu_l1_warms_up_and_controller_moves_lambda():
+def test_relu_l1_warms_up_without_control():
     sae = make("relu", l1=2.0, l1_warmup_frac=0.1, target_l0=1.0, l0_controller_rate=0.5)
     x = torch.randn(64, 32)
     out = sae.training_forward(x, 5, 100)  # half-way through the 10-step warm-up
     assert float(out.stats["l1_coeff"]) == pytest.approx(1.0)
     sae.after_optimizer_step()
     assert float(sae.l1_coeff) == pytest.approx(2.0)  # no control during warm-up
+
+
+@pytest.mark.parametrize("latents", ["dense", "sparse"])
+def test_l1_balance_is_where_the_loss_is_flat_along_the_latent_scale(latents):
+    """λ_bal against autograd: scale every latent by s; d/ds at s = 1 of the MSE and of the L1 term are the
+    recorded slopes, and mse + λ_bal·l1 is flat there."""
+    sae = make("relu", l1=0.5, target_l0=4.0)
+    sae.latents = latents
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.5)  # a sparse code, so that the sparse path is a real one
+    x = torch.randn(128, 32) + 0.3
     out = sae.training_forward(x, 50, 100)
-    l0 = float(out.stats["l0"])
+    assert sae.path[0] == latents
+    f = sae.encode(x).detach()
+    s = torch.ones((), requires_grad=True)
+    x_hat = (s * f) @ sae.W_dec + sae.b_dec
+    mse = (x_hat - x).pow(2).sum(-1).mean()
+    l1 = ((s * f) @ sae.W_dec.norm(dim=1)).mean()
+    slopes = torch.stack([torch.autograd.grad(term, s, retain_graph=True)[0] for term in (mse, l1)])
+    torch.testing.assert_close(sae.last_slopes, slopes.detach(), rtol=1e-4, atol=1e-5)
+    balance = float(out.stats["l1_balance"])
+    assert balance == pytest.approx(float(-slopes[0] / slopes[1]), rel=1e-4)
+    assert float(torch.autograd.grad(mse + balance * l1, s)[0]) == pytest.approx(0.0, abs=1e-3)
+
+
+def controlled_step(sae, x: torch.Tensor) -> tuple[float, dict]:
+    """One training step with the controller on from step 0; (λ's factor, the step's stats)."""
+    before = float(sae.l1_coeff)
+    out = sae.training_forward(x, 0, 100)
     sae.after_optimizer_step()
-    assert float(sae.l1_coeff) == pytest.approx(2.0 * (l0 / 1.0) ** 0.5, rel=1e-5)
+    return float(sae.l1_coeff) / before, {k: float(v) for k, v in out.stats.items()}
+
+
+def test_l1_controller_steps_while_the_push_is_short():
+    """After one step the slopes' EMA is 0.1·the batch's, so λ_bal is the batch's: the factor by hand."""
+    x = torch.randn(256, 32) + 0.3
+    for l1, target in ((1e-3, 1.0), (50.0, 80.0)):  # too weak a shrink (L0 high); too strong (L0 low)
+        sae = make("relu", l1=l1, l1_warmup_frac=0.0, target_l0=target, l0_controller_rate=0.5)
+        with torch.no_grad():
+            sae.W_enc.mul_(0.2)  # reconstructions too small: the MSE asks the latents to grow (λ_bal > 0)
+        factor, stats = controlled_step(sae, x)
+        gap = math.log(stats["l0"] / target)
+        asked = stats["l1_balance"] * max(1 + 2.0 * gap, 0.0)
+        assert stats["l1_balance"] > 0 and (asked - l1) * gap > 0  # the push is short
+        assert factor == pytest.approx(math.exp(0.5 * gap), rel=1e-5)
+        assert (factor > 1) == (gap > 0)
+
+
+def test_l1_controller_holds_while_the_sae_already_gets_the_push():
+    x = torch.randn(256, 32) + 0.3
+    # A fresh SAE's reconstructions are too large: the MSE alone shrinks its latents (λ_bal < 0), so λ holds
+    # although L0 is far above the target (a plain integrator would raise it: windup).
+    sae = make("relu", l1=0.5, l1_warmup_frac=0.0, target_l0=1.0)
+    with torch.no_grad():
+        sae.W_enc.mul_(3.0)
+    factor, stats = controlled_step(sae, x)
+    assert stats["l1_balance"] < 0 and stats["l0"] > 10 and factor == 1.0
+    # λ far above λ_bal: the shrink push exceeds 1 + push·ln(L0/target), so λ holds too.
+    sae = make("relu", l1=1e3, l1_warmup_frac=0.0, target_l0=1.0)
+    with torch.no_grad():
+        sae.W_enc.mul_(0.2)
+    factor, stats = controlled_step(sae, x)
+    gap = math.log(stats["l0"] / 1.0)
+    assert 0 < stats["l1_balance"] * (1 + 2.0 * gap) < 1e3 and gap > 0 and factor == 1.0
 
 
 def test_relu_l1_term_weights_by_decoder_norm():

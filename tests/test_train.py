@@ -158,21 +158,31 @@ def test_one_schedule_helper_ramps_and_caps_warmups():
 
 
 @pytest.mark.parametrize(
-    ("method", "latents"),
-    [(m, "auto") for m in sorted(SAE_METHODS)] + [(m, "sparse") for m in ("relu", "jumprelu", "atm")],
+    ("method", "latents", "target_l0"),
+    [(m, "auto", None) for m in sorted(SAE_METHODS)]
+    + [(m, "sparse", None) for m in ("relu", "jumprelu", "atm")]
+    + [("relu", "auto", 40.0), ("atm", "sparse", 40.0)],  # the λ controller's state: λ and the slopes' EMAs
 )
-def test_resume_from_a_mid_run_checkpoint_is_bit_identical(store, tmp_path, method, latents):
-    reference = train(config(store, tmp_path / "ref", method, latents=latents))
-    run = train(config(store, tmp_path / "cut", method, latents=latents))
+def test_resume_from_a_mid_run_checkpoint_is_bit_identical(store, tmp_path, method, latents, target_l0):
+    kw = {"latents": latents, "target_l0": target_l0}
+    reference = train(config(store, tmp_path / "ref", method, **kw))
+    run = train(config(store, tmp_path / "cut", method, **kw))
     # Roll the run back to its step-40 checkpoint, as if it had died there.
     for name in ("cfg.json", "sae_weights.safetensors", "atmpipe.json"):
         (run / name).unlink(missing_ok=True)
     for stale in ("step_00000060",):
         train_module.shutil.rmtree(run / "checkpoints" / stale)
     assert latest_checkpoint(run).name == "step_00000040"
-    train(config(store, run, method, resume=True, latents=latents))
+    train(config(store, run, method, resume=True, **kw))
     assert_same_weights(reference, run)
     assert [m["step"] for m in metrics(run)] == [m["step"] for m in metrics(reference)]
+    # Every buffer too (λ and the controller's EMAs with target_l0), in the last checkpoint.
+    last = Path("checkpoints") / "step_00000060" / "model.safetensors"
+    ref_state, state = load_file(str(reference / last)), load_file(str(run / last))
+    assert ref_state.keys() == state.keys()
+    assert all(torch.equal(state[k], ref_state[k]) for k in state)
+    if target_l0 is not None:  # λ moved after the cut
+        assert len({m["l1_coeff"] for m in metrics(run)[-4:]}) > 1
 
 
 def test_checkpoint_write_cut_short_leaves_the_previous_one_usable(store, tmp_path, monkeypatch):

@@ -1,4 +1,14 @@
-"""ReLU + L1 (the "standard" SAE): λ·Σ f_i‖W_dec,i‖, λ warmed up, optionally steered toward a target L0."""
+"""ReLU + L1 (the "standard" SAE): λ·Σ f_i‖W_dec,i‖, λ warmed up, optionally steered toward a target L0.
+
+The λ controller (`target_l0`, docs/methods.md) integrates log λ by rate·ln(L0/target) per step, but only
+while the SAE is pushed too weakly toward the target. The push is read from the loss itself: scaling every
+latent by s, the MSE's slope at s = 1 over the L1 term's slope is −λ_bal, the λ at which the two balance.
+λ > λ_bal shrinks the latents (and L0), λ < λ_bal grows them. The controller asks for λ/λ_bal =
+1 + push·ln(L0/target) and holds λ once the SAE gets at least that. Why: with Adam, L0 moves at a bounded
+speed, tens of steps behind λ, so a plain integrator keeps raising λ while L0 is still on its way and
+overshoots into a collapse (windup). Early in a run the reconstructions are too large and shrink the
+latents by themselves (λ_bal < 0): λ then holds instead of winding up against a push it does not need.
+"""
 
 from __future__ import annotations
 
@@ -15,26 +25,32 @@ from atmpipe.sae import kernels, sparse
 from atmpipe.sae.base import SAE, CommonParams, SAEConfig, TrainOutput
 from atmpipe.sae.sparse import Entries
 
+BALANCE_DECAY = 0.9  # EMA of the two slopes: ~10 steps, shorter than L0's lag, long enough for batch noise
+
 
 @dataclass
 class ReLUParams(CommonParams):
     l1: float = 5.0  # λ (initial λ when target_l0 is set)
     l1_warmup_frac: float = 0.05  # λ ramps linearly from 0 over this fraction of the steps
-    target_l0: float | None = None  # if set, a multiplicative controller adapts λ toward this L0
-    l0_controller_rate: float = 0.01  # per step, after warm-up: λ ← λ·(L0/target)^rate
+    target_l0: float | None = None  # if set, a controller adapts λ toward this L0 (module docstring)
+    l0_controller_rate: float = 0.08  # after warm-up, while the push is short: λ ← λ·(L0/target)^rate
+    l0_controller_push: float = 2.0  # the push it asks for: λ/λ_bal = 1 + push·ln(L0/target)
 
 
 class ReLUSAE(SAE):
     method = "relu"
     architecture = "standard"
     Params = ReLUParams
-    rank_reductions = {**SAE.rank_reductions, "last_l0": "mean"}  # last_l0 steers the L0 controller
+    # last_l0 and last_slopes (batch means) steer the L0 controller
+    rank_reductions = {**SAE.rank_reductions, "last_l0": "mean", "last_slopes": "mean"}
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
-        # λ lives on device so the controller never syncs; it is part of the state (resume).
+        # λ and the controller's inputs live on device so it never syncs; they are state (resume).
         self.register_buffer("l1_coeff", torch.tensor(float(self.hp.l1)))
         self.register_buffer("last_l0", torch.tensor(0.0))
+        self.register_buffer("last_slopes", torch.zeros(2))  # this batch's MSE and L1 slopes along s
+        self.register_buffer("slopes_ema", torch.zeros(2))  # their EMAs (the ratio needs no bias correction)
         self._controller_on = False
 
     def validate_hparams(self) -> None:
@@ -45,6 +61,11 @@ class ReLUSAE(SAE):
             raise UserError(f"l1_warmup_frac must be in [0, 1] (got {hp.l1_warmup_frac})")
         if hp.target_l0 is not None and not hp.target_l0 > 0:
             raise UserError(f"target_l0 must be positive (got {hp.target_l0}); pass e.g. --target-l0 64")
+        if not hp.l0_controller_rate > 0 or not hp.l0_controller_push >= 0:
+            raise UserError(
+                f"l0_controller_rate must be positive and l0_controller_push non-negative (got "
+                f"{hp.l0_controller_rate} and {hp.l0_controller_push}); pass e.g. --hparam l0_controller_rate=0.08"
+            )
 
     def encode(self, x: Tensor) -> Tensor:
         return F.relu(self.pre_acts(x))
@@ -84,14 +105,37 @@ class ReLUSAE(SAE):
         ramp = schedule.ramp(step, 0, self.hp.l1_warmup_frac * total_steps)
         coeff = self.l1_coeff * ramp
         self.last_l0.copy_(common["l0"])
+        self.last_slopes.copy_(self.scale_slopes(x, x_hat.detach(), l1.detach()))
         self._controller_on = self.hp.target_l0 is not None and ramp >= 1.0
         stats.update(common)
         stats["l1_coeff"] = coeff.detach()
+        stats["l1_balance"] = balance(self.last_slopes)
         return TrainOutput(x_hat, latents, {"mse": mse, "l1": coeff * l1}, stats)
+
+    @torch.no_grad()
+    def scale_slopes(self, x: Tensor, x_hat: Tensor, l1: Tensor) -> Tensor:
+        """d/ds at s = 1 of the MSE and of the L1 term (without λ) when every latent the loss sees is
+        scaled by s: 2·mean⟨x̂ − x, x̂ − b_dec⟩ and the L1 term itself."""
+        return torch.stack([2 * ((x_hat - x) * (x_hat - self.b_dec)).sum(-1).mean(), l1])
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         super().after_optimizer_step()
+        if self.hp.target_l0 is None:
+            return
+        self.slopes_ema.lerp_(self.last_slopes, 1 - BALANCE_DECAY)
         if self._controller_on:
-            ratio = self.last_l0.clamp_min(1e-3) / self.hp.target_l0
-            self.l1_coeff.mul_(ratio.pow(self.hp.l0_controller_rate))
+            self.l1_coeff.mul_(self.l1_factor())
+
+    def l1_factor(self) -> Tensor:
+        """This step's factor on λ: (L0/target)^rate while the push λ/λ_bal is short of
+        1 + push·ln(L0/target) (or points the wrong way), else 1."""
+        gap = (self.last_l0.clamp_min(1e-3) / self.hp.target_l0).log()
+        asked = balance(self.slopes_ema).clamp_min(0) * (1 + self.hp.l0_controller_push * gap).clamp_min(0)
+        short = (asked - self.l1_coeff) * gap > 0
+        return torch.where(short, gap * self.hp.l0_controller_rate, 0.0).exp()
+
+
+def balance(slopes: Tensor) -> Tensor:
+    """λ_bal: the λ at which the loss is flat along a common scaling of the latents (−MSE slope / L1)."""
+    return -slopes[0] / slopes[1].clamp_min(1e-12)
