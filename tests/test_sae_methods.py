@@ -216,6 +216,16 @@ def test_l1_balance_is_where_the_loss_is_flat_along_the_latent_scale(latents):
     assert float(torch.autograd.grad(mse + balance * l1, s)[0]) == pytest.approx(0.0, abs=1e-3)
 
 
+def test_a_checkpoint_without_the_controllers_slopes_still_loads():
+    sae = make("relu", target_l0=4.0)
+    sae.training_forward(torch.randn(64, 32), 0, 10)
+    sae.after_optimizer_step()
+    state = {k: v for k, v in sae.state_dict().items() if k not in ("last_slopes", "slopes_ema")}
+    fresh = make("relu", target_l0=4.0)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.l1_coeff, sae.l1_coeff) and not fresh.slopes_ema.any()
+
+
 def controlled_step(sae, x: torch.Tensor) -> tuple[float, dict]:
     """One training step with the controller on from step 0; (λ's factor, the step's stats)."""
     before = float(sae.l1_coeff)

@@ -53,6 +53,12 @@ class ReLUSAE(SAE):
         self.register_buffer("slopes_ema", torch.zeros(2))  # their EMAs (the ratio needs no bias correction)
         self._controller_on = False
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint from before the slopes existed resumes with fresh EMAs (λ itself is in it).
+        for name in ("last_slopes", "slopes_ema"):
+            state_dict.setdefault(prefix + name, torch.zeros(2))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def validate_hparams(self) -> None:
         hp = self.hp
         if not hp.l1 > 0:
