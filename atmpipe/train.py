@@ -326,12 +326,17 @@ def train_step(
     loss.backward()
     distributed.sync_state(sae, world, x.shape[0])
     sae.remove_parallel_grads()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
     for group, base in zip(opt.param_groups, base_lrs, strict=True):
         group["lr"] = base * lr_scale
     opt.step()
-    sae.after_optimizer_step()
+    sae.after_optimizer_step(clip_scale(grad_norm, grad_clip))
     return output, loss, stopping
+
+
+def clip_scale(grad_norm: torch.Tensor, grad_clip: float) -> torch.Tensor:
+    """The factor clip_grad_norm_ put on the gradient (its own formula; on the device, no sync)."""
+    return (grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
 
 
 # --- one run, step by step ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from sae_helpers import fvu, make, planted, recovered, train
 
 from atmpipe.errors import UserError
 from atmpipe.sae import SAE_METHODS, SAEConfig, kernels, make_sae
+from atmpipe.sae.relu import balance
 
 # method, hyper-parameters, steps, FVU bound (on normalised activations), fraction of atoms recovered
 PLANTED = [
@@ -265,6 +266,20 @@ def test_l1_controller_holds_while_the_sae_already_gets_the_push():
     factor, stats = controlled_step(sae, x)
     gap = math.log(stats["l0"] / 1.0)
     assert 0 < stats["l1_balance"] * (1 + 2.0 * gap) < 1e3 and gap > 0 and factor == 1.0
+
+
+def test_l1_balance_weighs_each_batch_as_the_clipped_gradient_does():
+    """Clipping scales a batch's gradient by c, so the optimizer's balance weighs that batch's slopes by c:
+    λ_bal of the EMA is −Σ w·c·m / Σ w·c·L1 over the batches (EMA weights w)."""
+    sae = make("relu", l1=0.5, l1_warmup_frac=0.0, target_l0=4.0)
+    batches = [torch.randn(128, 32) + 0.3, 3.0 * torch.randn(128, 32)]  # the second: outlier-sized tokens
+    weighted = torch.zeros(2)
+    for x, c in zip(batches, (1.0, 0.1), strict=True):
+        sae.training_forward(x, 50, 100)
+        weighted = 0.9 * weighted + 0.1 * c * sae.last_slopes
+        sae.after_optimizer_step(torch.tensor(c))
+    torch.testing.assert_close(sae.slopes_ema, weighted)
+    assert float(balance(sae.slopes_ema)) == pytest.approx(float(-weighted[0] / weighted[1]), rel=1e-6)
 
 
 def test_relu_l1_term_weights_by_decoder_norm():

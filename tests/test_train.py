@@ -146,6 +146,17 @@ def test_lr_schedule_warms_up_holds_and_decays_to_zero():
     assert factors[80:] == pytest.approx([(100 - s) / 20 for s in range(80, 100)])
 
 
+def test_clip_scale_is_the_factor_clipping_put_on_the_gradient():
+    """The λ controller weighs each batch's slopes by it (docs/methods.md), so it must be clipping's own."""
+    for size in (0.05, 40.0):  # under the clip (factor 1) and over it
+        p = torch.nn.Parameter(torch.zeros(7))
+        p.grad = size * torch.randn(7)
+        before = p.grad.clone()
+        norm = torch.nn.utils.clip_grad_norm_([p], 1.0)
+        torch.testing.assert_close(p.grad, before * train_module.clip_scale(norm, 1.0))
+        assert (float(train_module.clip_scale(norm, 1.0)) < 1) == (size > 1)
+
+
 def test_one_schedule_helper_ramps_and_caps_warmups():
     from atmpipe.schedule import ramp, warmup_length
 

@@ -203,7 +203,8 @@ class SAE(nn.Module):
         g.addcmul_(w, coef.unsqueeze(1), value=-1)
 
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, grad_scale: Tensor | float = 1.0) -> None:
+        """After each optimizer step; grad_scale: the factor gradient clipping put on this step's gradient."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     # ----- helpers for training_forward -----

@@ -8,6 +8,10 @@ latent by s, the MSE's slope at s = 1 over the L1 term's slope is −λ_bal, the
 speed, tens of steps behind λ, so a plain integrator keeps raising λ while L0 is still on its way and
 overshoots into a collapse (windup). Early in a run the reconstructions are too large and shrink the
 latents by themselves (λ_bal < 0): λ then holds instead of winding up against a push it does not need.
+λ_bal is the balance of the gradient the optimizer is fed: each batch's slopes are weighted by the factor
+gradient clipping put on that batch. Unweighted, the rare batches of outlier tokens (gradients ~10× the
+others', clipped to their size; MSE slope of the other sign) pull λ_bal far below the optimizer's balance,
+and λ holds while L0 drifts above the target (ATM's demo run ended 7% high that way).
 """
 
 from __future__ import annotations
@@ -125,11 +129,13 @@ class ReLUSAE(SAE):
         return torch.stack([2 * ((x_hat - x) * (x_hat - self.b_dec)).sum(-1).mean(), l1])
 
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        super().after_optimizer_step()
+    def after_optimizer_step(self, grad_scale: Tensor | float = 1.0) -> None:
+        super().after_optimizer_step(grad_scale)
         if self.hp.target_l0 is None:
             return
-        self.slopes_ema.lerp_(self.last_slopes, 1 - BALANCE_DECAY)
+        # Weighted as the optimizer weighs the batch: clipping scales a batch of outlier tokens (slopes
+        # ~10× the others', often the other sign) down to the others' size, and so must λ_bal.
+        self.slopes_ema.lerp_(self.last_slopes * grad_scale, 1 - BALANCE_DECAY)
         if self._controller_on:
             self.l1_coeff.mul_(self.l1_factor())
 
