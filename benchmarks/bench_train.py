@@ -275,7 +275,7 @@ def run_group(workers: list[Worker], warmup: int, rounds: int, log: Callable[[st
 
 @dataclass
 class Figure:
-    """One printed line: a measured ratio against its target (ok is None where PERF.md sets no target)."""
+    """One printed line: a measured ratio against its target (ok is None where no target is set)."""
 
     name: str
     detail: str
