@@ -100,3 +100,36 @@ def test_no_setting_lives_in_a_shell_array():
             "--d-sae",
         ):
             assert flag not in text, f"{script} sets {flag} itself"
+
+
+def _stage_recipes():
+    """Every TOML under stages/ with the config it feeds: (path, layers before it, kind)."""
+    for path in sorted((REPO / "stages").rglob("*.toml")):
+        name = path.relative_to(REPO / "stages").as_posix()
+        if name.endswith("eval.toml"):
+            yield pytest.param(path, [], "eval", id=name)
+        elif "harvest" in name:
+            yield pytest.param(path, [], "harvest", id=name)
+        elif name.startswith("train-"):
+            yield pytest.param(path, [], "train", id=name)
+        elif name.startswith(("masking-controls/", "atm-sweep/")):  # layered over ATM's recipe
+            yield pytest.param(path, [REPO / "stages/train-atm.toml"], "train", id=name)
+        else:  # sizes files, layered over a method's recipe
+            yield pytest.param(path, [REPO / "stages/train-atm.toml"], "train", id=name)
+
+
+@pytest.mark.parametrize(("path", "under", "kind"), list(_stage_recipes()))
+def test_every_stage_recipe_loads(path, under, kind):
+    """A key a config no longer has fails here, not hours into `make reproduce` or `make masking-controls`."""
+    from atmpipe.config import EvalConfig, HarvestConfig, load_config
+    from atmpipe.eval.metrics import REGISTRY
+    from atmpipe.sae import SAEConfig, make_sae
+
+    if kind == "eval":
+        cfg = load_config(EvalConfig, path, sae=["runs/x"])
+        assert set(cfg.metrics.split(",")) <= set(REGISTRY), cfg.metrics
+    elif kind == "harvest":
+        load_config(HarvestConfig, path)
+    else:
+        cfg = load_train_config([*under, path])
+        make_sae(SAEConfig(cfg.method, 8, 1024, cfg.hparams)).validate_hparams()  # method options too
