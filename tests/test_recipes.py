@@ -112,9 +112,7 @@ def _stage_recipes():
             yield pytest.param(path, [], "harvest", id=name)
         elif name.startswith("train-"):
             yield pytest.param(path, [], "train", id=name)
-        elif name.startswith(("masking-controls/", "atm-sweep/")):  # layered over ATM's recipe
-            yield pytest.param(path, [REPO / "stages/train-atm.toml"], "train", id=name)
-        else:  # sizes files, layered over a method's recipe
+        else:  # sizes files and ATM's variants, layered over ATM's recipe
             yield pytest.param(path, [REPO / "stages/train-atm.toml"], "train", id=name)
 
 
