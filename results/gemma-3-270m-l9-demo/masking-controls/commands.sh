@@ -1,7 +1,5 @@
-.venv/bin/atmpipe train --config stages/train-atm.toml --config stages/demo-train.toml --store /work/main/cache/demo-l9.zarr --out runs/masking-controls/atm --resume 
-.venv/bin/atmpipe train --config stages/train-atm.toml --config stages/demo-train.toml --config stages/masking-controls/log.toml --store /work/main/cache/demo-l9.zarr --out runs/masking-controls/atm-log --resume 
-.venv/bin/atmpipe train --config stages/train-atm.toml --config stages/demo-train.toml --config stages/masking-controls/uniform.toml --store /work/main/cache/demo-l9.zarr --out runs/masking-controls/atm-uniform --resume 
-.venv/bin/atmpipe train --config stages/train-atm.toml --config stages/demo-train.toml --config stages/masking-controls/uniform.toml --store /work/main/cache/demo-l9.zarr --out runs/masking-controls/atm-uniform --resume 
-.venv/bin/atmpipe train --config stages/train-atm.toml --config stages/demo-train.toml --config stages/masking-controls/log.toml --store /work/main/cache/demo-l9.zarr --out runs/masking-controls/atm-log --resume 
-.venv/bin/atmpipe train --config stages/train-atm.toml --config stages/demo-train.toml --store /work/main/cache/demo-l9.zarr --out runs/masking-controls/atm --resume 
+.venv/bin/atmpipe train --config stages/train-atm.toml --config stages/demo-train.toml --store cache/demo-l9.zarr --out runs/masking-controls/atm --resume 
+.venv/bin/atmpipe train --config stages/train-atm.toml --config stages/demo-train.toml --config stages/masking-controls/uniform.toml --store cache/demo-l9.zarr --out runs/masking-controls/atm-uniform --resume 
+.venv/bin/atmpipe train --config stages/train-atm.toml --config stages/demo-train.toml --config stages/masking-controls/log.toml --store cache/demo-l9.zarr --out runs/masking-controls/atm-log --resume 
+.venv/bin/atmpipe eval --config stages/masking-controls-eval.toml --sae=runs/masking-controls/atm --sae=runs/masking-controls/atm-uniform --sae=runs/masking-controls/atm-log --out results/gemma-3-270m-l9-demo/masking-controls 
 .venv/bin/atmpipe eval --config stages/masking-controls-eval.toml --sae=runs/masking-controls/atm --sae=runs/masking-controls/atm-uniform --sae=runs/masking-controls/atm-log --out results/gemma-3-270m-l9-demo/masking-controls 
