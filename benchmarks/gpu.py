@@ -2,9 +2,9 @@
 
 1. Harvest: tokens/s of atmpipe's harvest with a randomly initialised Gemma-2-2b-shaped model (same
    architecture, random weights, no download) vs its bare forward stopped at the same layer.
-2. ReLU, JumpReLU and ATM on the sparse vs the dense latent path (fp32, as `atmpipe train` runs), at
-   L0 64 and 512 of 65536: whether the sparse step, which wins on CPU, also wins on CUDA (where "auto"
-   picks dense until a measurement says otherwise; this is that measurement).
+2. Latent paths: every method's sparse vs dense step at d_in 2304 / d_sae 65536 / batch 4096, in fp32
+   (as `atmpipe train` runs) and under bf16 autocast, at L0 64 and 512: where the sparse step wins on
+   CUDA (`sparse.CUDA_CROSSOVER_DENSITY` rests on this measurement).
 3. Training steps per method at d_in 2304 / d_sae 65536 / batch 4096 under bf16 autocast, against
    SAELens and sparsify when they are importable there (carried as wheels), plus the bf16 GEMM floor
    and ATM's fused vs eager statistics-and-mask function.
@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import itertools
 import os
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -73,53 +75,57 @@ def run_latent_paths(quick: bool, device: str = "cuda", l0s=(64, 512), precision
     """Every method's sparse vs dense step at SHAPE, batch 4096, in fp32 (what `atmpipe train` runs) and
     under bf16 autocast, interleaved in this process (each pair built, timed and freed before the next:
     ~5 GB per SAE with Adam). TopK's L0 is its k (32) whatever l0 says."""
-    import statistics
-
     import numpy as np
     import torch
 
     d_in, d_sae = SHAPE
     device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    xs = [
-        torch.from_numpy(b).to(device) for b in np.load(bench_train.acts_file(d_in, 2)).reshape(2, -1, d_in)
-    ]
-    warmup, rounds = (2, 5) if quick else (3, 10)
+    batches = np.load(bench_train.acts_file(d_in, 2)).reshape(2, -1, d_in)
+    xs = [torch.from_numpy(b).to(device) for b in batches]
     out: dict = {}
-    for precision in precisions:
-        for method in ("topk", "relu", "jumprelu", "atm"):
-            for l0 in l0s[:1] if method == "topk" else l0s:
-                key = f"{method}@L0 {bench_train.K if method == 'topk' else l0} {precision}"
+    for precision, method in itertools.product(precisions, ("topk", "relu", "jumprelu", "atm")):
+        for l0 in l0s[:1] if method == "topk" else l0s:
+            key = f"{method}@L0 {bench_train.K if method == 'topk' else l0} {precision}"
+            try:
                 steps = {}
-                try:
-                    for path in ("sparse", "dense"):
-                        torch.manual_seed(0)
-                        step = bench_train.atmpipe_step(method, d_in, d_sae, device, l0, precision == "bf16")
-                        bench_train._set_latents(step, path)
-                        steps[path] = step
-                    times: dict = {p: [] for p in steps}
-                    for r in range(warmup + rounds):
-                        for path, step in steps.items():
-                            sync()
-                            t0 = time.perf_counter()
-                            step(xs[r % 2])
-                            sync()
-                            if r >= warmup:
-                                times[path].append(time.perf_counter() - t0)
-                    s, d = (statistics.median(times[p]) for p in ("sparse", "dense"))
-                    out[key] = {"sparse_s": s, "dense_s": d, "dense_over_sparse": d / s, "times": times}
-                    print(
-                        f"[paths] {key}: sparse {s * 1e3:.2f} ms  dense {d * 1e3:.2f} ms  dense/sparse {d / s:.2f}",
-                        flush=True,
+                for path in ("sparse", "dense"):
+                    torch.manual_seed(0)
+                    steps[path] = bench_train.atmpipe_step(
+                        method, d_in, d_sae, device, l0, precision == "bf16"
                     )
-                except Exception as e:  # a path that fails on CUDA is itself the answer for that row
-                    out[key] = {"error": f"{type(e).__name__}: {e}"}
-                    print(f"[paths] {key}: FAILED {type(e).__name__}: {e}", flush=True)
-                finally:
-                    steps.clear()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    bench_train._set_latents(steps[path], path)
+                out[key] = time_pair(steps, xs, (2, 5) if quick else (3, 10))
+                s, d = out[key]["sparse_s"], out[key]["dense_s"]
+                print(
+                    f"[paths] {key}: sparse {s * 1e3:.2f} ms  dense {d * 1e3:.2f} ms  dense/sparse {d / s:.2f}"
+                )
+            except Exception as e:  # a path that fails on CUDA is itself the answer for that row
+                out[key] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"[paths] {key}: FAILED {type(e).__name__}: {e}")
+            finally:
+                steps = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return out
+
+
+def time_pair(steps: dict, xs: list, plan: tuple[int, int]) -> dict:
+    """The sparse and the dense step, one each per round after the warm-up rounds, synchronised."""
+    import torch
+
+    sync = torch.cuda.synchronize if xs[0].is_cuda else lambda: None
+    warmup, rounds = plan
+    times: dict = {path: [] for path in steps}
+    for r in range(warmup + rounds):
+        for path, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            step(xs[r % 2])
+            sync()
+            if r >= warmup:
+                times[path].append(time.perf_counter() - t0)
+    s, d = (statistics.median(times[p]) for p in ("sparse", "dense"))
+    return {"sparse_s": s, "dense_s": d, "dense_over_sparse": d / s, "times": times}
 
 
 def random_gemma2(tokenizer_dir: Path, out: Path) -> Path:
