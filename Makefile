@@ -83,8 +83,8 @@ crosscheck: setup saebench
 	$(SAEBENCH)/bin/python stages/crosscheck.py --atmpipe $(BIN)/atmpipe --out $(OUT) $(CROSSCHECK_ARGS) $(SAES)
 
 lint: setup
-	$(BIN)/ruff check atmpipe tests benchmarks
-	$(BIN)/ruff format --check atmpipe tests benchmarks
+	$(BIN)/ruff check atmpipe tests benchmarks stages
+	$(BIN)/ruff format --check atmpipe tests benchmarks stages
 
 clean:
 	rm -rf $(VENV) $(PEERS) $(SAEBENCH) runs reports/demo cache/*.zarr

@@ -168,9 +168,7 @@ def record(record_dir: Path, out_dir: Path) -> None:
         # an eval's results.json (make demo) or the reproduction's aggregate, which has its own L0 check
         "matched_l0": payload.get("l0_match") or l0_check(payload.get("results", {})),
         "environment": {
-            k: v
-            for k, v in os.environ.items()
-            if k in ("MODEL", "LAYER", "ATMPIPE_HOME", "STORE", "RUNS")
+            k: v for k, v in os.environ.items() if k in ("MODEL", "LAYER", "ATMPIPE_HOME", "STORE", "RUNS")
         },
     }
     (out_dir / "experiment.json").write_text(json.dumps(experiment, indent=2) + "\n")
