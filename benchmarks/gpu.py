@@ -8,8 +8,9 @@
 3. Training steps per method at d_in 2304 / d_sae 65536 / batch 4096 under bf16 autocast, against
    SAELens and sparsify when they are importable there (carried as wheels), plus the bf16 GEMM floor
    and ATM's fused vs eager statistics-and-mask function.
+4. Profile (only with --parts profile): the device time per op of TopK's and ReLU's fp32 steps.
 
-Workers are the same as on CPU (bench_train.py / peers.py), with BENCH_DEVICE=cuda and the machine's
+`--parts` picks among paths, harvest, train (the default: all three) and profile. Workers are the same as on CPU (bench_train.py / peers.py), with BENCH_DEVICE=cuda and the machine's
 python for both atmpipe and the peers. Results: benchmarks/results/<date>-<host>-gpu.json.
 """
 
@@ -128,6 +129,40 @@ def time_pair(steps: dict, xs: list, plan: tuple[int, int]) -> dict:
     return {"sparse_s": s, "dense_s": d, "dense_over_sparse": d / s, "times": times}
 
 
+def run_profile(quick: bool, device: str = "cuda", methods=("topk", "relu")) -> dict:
+    """Where each method's fp32 step spends its device time at SHAPE, L0 64: torch.profiler's self time per
+    op over 3 steps after warm-up, the largest 12 ops, in ms a step."""
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    d_in, d_sae = SHAPE
+    device = torch.device(device)
+    x = torch.from_numpy(np.load(bench_train.acts_file(d_in, 2))[: bench_train.BATCH]).to(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out: dict = {}
+    for method in methods:
+        torch.manual_seed(0)
+        step = bench_train.atmpipe_step(method, d_in, d_sae, device, autocast=False)
+        for _ in range(3):
+            step(x)
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                step(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        attr = "self_cpu_time_total"
+        if device.type == "cuda":  # named self_cuda_time_total before torch 2.4
+            attr = next(
+                a for a in ("self_device_time_total", "self_cuda_time_total") if hasattr(prof.events()[0], a)
+            )
+        ops = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr))[:12]
+        out[method] = {e.key: getattr(e, attr) / 3e3 for e in ops}
+        print(f"[profile] {method}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in out[method].items()))
+        del step
+    return out
+
+
 def random_gemma2(tokenizer_dir: Path, out: Path) -> Path:
     """A Gemma-2-2b-shaped model with random weights (bf16) saved with a real tokenizer, for the harvest."""
     import torch
@@ -166,7 +201,9 @@ def run_harvest(quick: bool) -> dict | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--parts", default="paths,harvest,train", help="which of paths, harvest, train to run")
+    p.add_argument(
+        "--parts", default="paths,harvest,train", help="which of paths, harvest, train, profile to run"
+    )
     a = p.parse_args()
     import torch
 
@@ -188,6 +225,8 @@ def main() -> None:
             figures.append(
                 Figure(f"dense/sparse step {key} {SHAPE[0]}/{SHAPE[1]}", detail, ratio, "info", None)
             )
+    if "profile" in parts:
+        raw["profile"] = run_profile(a.quick)
     harvest = run_harvest(a.quick) if "harvest" in parts else None
     if harvest is not None:
         raw["harvest"] = harvest
