@@ -465,19 +465,31 @@ def crossover(
             )
     for (_, path), step in steps.items():
         _set_latents(step, path)
-        step(x)  # calibrates, warms up
-    times: dict = {key: [] for key in steps}
-    for _ in range(rounds):
-        for key, step in steps.items():
-            t0 = time.perf_counter()
-            step(x)
-            times[key].append(time.perf_counter() - t0)
+    times = interleaved_times(steps, [x], warmup=1, rounds=rounds)  # the warm-up round calibrates
     out = {}
     for density in densities:
         s, d = (statistics.median(times[(density, p)]) for p in ("sparse", "dense"))
         out[f"{density:.2f}"] = {"sparse_s": s, "dense_s": d, "dense_over_sparse": d / s}
         print(f"density {density:5.1%}: sparse {s:.3f}s dense {d:.3f}s  dense/sparse {d / s:.2f}", flush=True)
     return out
+
+
+def interleaved_times(steps: dict, xs: list, warmup: int, rounds: int) -> dict[object, list[float]]:
+    """Every step once a round, in the same order, after `warmup` untimed rounds, on batches xs in turn
+    (synchronised on CUDA): {key: the seconds of its timed rounds}."""
+    import torch
+
+    sync = torch.cuda.synchronize if xs[0].is_cuda else lambda: None
+    times: dict = {key: [] for key in steps}
+    for r in range(warmup + rounds):
+        for key, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            step(xs[r % len(xs)])
+            sync()
+            if r >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    return times
 
 
 def _set_latents(step: Callable, path: str) -> None:

@@ -111,20 +111,8 @@ def run_latent_paths(quick: bool, device: str = "cuda", l0s=(64, 512), precision
 
 
 def time_pair(steps: dict, xs: list, plan: tuple[int, int]) -> dict:
-    """The sparse and the dense step, one each per round after the warm-up rounds, synchronised."""
-    import torch
-
-    sync = torch.cuda.synchronize if xs[0].is_cuda else lambda: None
-    warmup, rounds = plan
-    times: dict = {path: [] for path in steps}
-    for r in range(warmup + rounds):
-        for path, step in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            step(xs[r % 2])
-            sync()
-            if r >= warmup:
-                times[path].append(time.perf_counter() - t0)
+    """The sparse and the dense step, interleaved (bench_train.interleaved_times); medians and their ratio."""
+    times = bench_train.interleaved_times(steps, xs, *plan)
     s, d = (statistics.median(times[p]) for p in ("sparse", "dense"))
     return {"sparse_s": s, "dense_s": d, "dense_over_sparse": d / s, "times": times}
 
