@@ -209,11 +209,12 @@ def test_under_bf16_autocast_the_sparse_step_matches_the_dense_step(method):
         "topk": {"k": 4},
         "relu": {"l1": 1.0},
         "jumprelu": {"threshold_init": 0.5, "sparsity_warmup_steps": 0},
+        "atm": {"l1": 1.0, "warmup_steps": 0, "r": 3.0},
     }
     grads = {}
     for latents in ("sparse", "dense"):
         torch.manual_seed(0)
-        sae = make(method, **hp.get(method, {"l1": 1.0, "warmup_steps": 0, "r": 3.0}))
+        sae = make(method, **hp[method])
         sae.latents = latents
         opt = make_optimizer(sae, TrainConfig(lr=1e-3))
 
