@@ -139,11 +139,7 @@ def run_profile(quick: bool, device: str = "cuda", methods=("topk", "relu")) -> 
                 step(x)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        attr = "self_cpu_time_total"
-        if device.type == "cuda":  # named self_cuda_time_total before torch 2.4
-            attr = next(
-                a for a in ("self_device_time_total", "self_cuda_time_total") if hasattr(prof.events()[0], a)
-            )
+        attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         ops = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr))[:12]
         out[method] = {e.key: getattr(e, attr) / 3e3 for e in ops}
         print(f"[profile] {method}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in out[method].items()))
