@@ -78,9 +78,11 @@ OUT  ?= results/gemma-3-270m-l9-demo/crosscheck
 # The demo's sample (stages/demo-eval.toml), so atmpipe's side reuses the demo's cached LM activations;
 # three seeds a side (two leave SAEBench's spread, the tolerance, at the mercy of one pair), seeds already run
 # on the same words and SAEs reused.
+# REPORT_ONLY=1: a disagreement is written and printed but exits 0 (make reproduce reports it and goes on).
 CROSSCHECK_ARGS ?= --words 1000 --floor 10 --min-letters 1 --seeds 0,1,2 --reuse
 crosscheck: setup saebench
-	$(SAEBENCH)/bin/python stages/crosscheck.py --atmpipe $(BIN)/atmpipe --out $(OUT) $(CROSSCHECK_ARGS) $(SAES)
+	$(SAEBENCH)/bin/python stages/crosscheck.py --atmpipe $(BIN)/atmpipe --out $(OUT) $(CROSSCHECK_ARGS) \
+		$(if $(REPORT_ONLY),--report-only) $(SAES)
 
 lint: setup
 	$(BIN)/ruff check atmpipe tests benchmarks stages

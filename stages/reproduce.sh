@@ -105,6 +105,12 @@ for m in "${METHODS[@]}"; do sae "$m" "$HEAD_L0" 0; done
 HEAD_SAES=("${GROUP[@]}")
 evaluate head
 
+# SAEBench's own absorption eval beside atmpipe's on the head SAEs (make crosscheck, stages/crosscheck.py),
+# right after them: it checks the metric every later group is read with. A disagreement beyond tolerance is
+# written to $RESULTS/crosscheck/crosscheck.md as a finding and the experiment goes on (REPORT_ONLY).
+stage crosscheck "$RESULTS/crosscheck/crosscheck.json" -- make --no-print-directory crosscheck \
+    SAES="${HEAD_SAES[*]}" OUT="$RESULTS/crosscheck" REPORT_ONLY=1
+
 for seed in 1 2; do for m in "${METHODS[@]}"; do sae "$m" "$HEAD_L0" "$seed"; done; done
 evaluate seeds
 
@@ -116,12 +122,6 @@ evaluate controls
 
 for m in atm topk; do sae "$m" "$HEAD_L0" 0 long; done
 evaluate long
-
-# SAEBench's own absorption eval beside atmpipe's on the head SAEs (make crosscheck, stages/crosscheck.py).
-if grep -q '^crosscheck:' Makefile; then
-    stage crosscheck "$RESULTS/crosscheck/crosscheck.json" -- make --no-print-directory crosscheck \
-        SAES="${HEAD_SAES[*]}" OUT="$RESULTS/crosscheck"
-fi
 
 [[ ${PLAN_ONLY:-} == 1 ]] && exit 0
 echo

@@ -58,13 +58,16 @@ def test_plan_lists_every_run_with_its_recipes_and_overrides_in_order(tmp_path):
     controls = [f"train-atm-{v}-L64-s{s}" for s in (0, 1, 2) for v in ("uniform", "log", "r0.5")]
     long = ["train-atm-L64-s0-x4", "train-topk-L64-s0-x4"]
     groups = [("head", head), ("seeds", seeds), ("frontier", level), ("controls", controls), ("long", long)]
-    crosscheck = ["crosscheck"] if "\ncrosscheck:" in (REPO / "Makefile").read_text() else []
-    assert names[1:] == [n for g, trains in groups for n in [*trains, f"eval-{g}"]] + crosscheck
+    # SAEBench's absorption beside ours on the four head SAEs, right after their eval: it checks the metric
+    # every later group is read with
+    expected = [n for g, trains in groups for n in [*trains, f"eval-{g}"]]
+    expected.insert(expected.index("eval-head") + 1, "crosscheck")
+    assert names[1:] == expected
     assert sum(n.startswith("train-") for n in names) == 35
-    if crosscheck:  # SAEBench's absorption beside ours, on the four head SAEs
-        saes = [str(runs / t.removeprefix("train-")) for t in head]
-        assert "SAES=" + "\\ ".join(saes) in " ".join(stages[-1][2])  # one argument, spaces escaped by %q
-        assert f"OUT={results / 'crosscheck'}" in stages[-1][2]
+    crosscheck = dict((n, c) for n, _, c in stages)["crosscheck"]
+    saes = [str(runs / t.removeprefix("train-")) for t in head]
+    assert "SAES=" + "\\ ".join(saes) in " ".join(crosscheck)  # one argument, spaces escaped by %q
+    assert f"OUT={results / 'crosscheck'}" in crosscheck and "REPORT_ONLY=1" in crosscheck
 
     by_name = {n: c for n, _, c in stages}
     for name, trains in groups:
