@@ -1,5 +1,6 @@
 """The reproduction's aggregate (stages/reproduce.sh): every eval group's results.json → one results.json, a
-table at L0 64 (mean ± sd over seeds, the paper's numbers beside), one figure per question, and a budget.
+table at L0 64 (mean ± sd over seeds, the paper's numbers beside), one figure per question, the verdict's
+comparisons (stages/verdict.py: verdict.md) and a budget.
 
 A run's name says what it is — VARIANT-L<target L0>-s<seed>[-x<token multiple>], e.g. atm-uniform-L64-s1 or
 topk-L64-s0-x4 — and its atmpipe.json must agree on the seed, or the aggregate refuses to mix them up; its
@@ -21,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import verdict  # noqa: E402  (stages/, beside this file)
 
 from atmpipe.eval.metrics import REGISTRY  # noqa: E402
 from atmpipe.eval.report import FIG_DPI, FIG_SIZE, PAPER  # noqa: E402
@@ -351,10 +353,13 @@ def write(results_dir: Path, head: int = HEAD_L0) -> dict:
     for file, drawn in figures.items():  # a figure whose data is gone is not left behind stale
         if not drawn:
             (results_dir / file).unlink(missing_ok=True)
+    by_level = {s: {str(l0): cell for l0, cell in levels.items()} for s, levels in summary.items()}
+    comparisons = verdict.comparisons(by_level, head)
     payload = {
         "experiment": "L0 frontier with seeds, ATM masking controls and 4x training (stages/reproduce.sh)",
         "l0_match": l0_match(runs),
-        "summary": {s: {str(l0): cell for l0, cell in levels.items()} for s, levels in summary.items()},
+        "summary": by_level,
+        "comparisons": comparisons,
         "runs": runs,
         "evals": {
             g: {"config": p.get("run", {}).get("config"), "shared": p.get("shared")}
@@ -368,6 +373,7 @@ def write(results_dir: Path, head: int = HEAD_L0) -> dict:
     (results_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     has_head = any(head in levels for levels in summary.values())
     (results_dir / "table.md").write_text(table(summary, head) + absorption_note(groups) if has_head else "")
+    (results_dir / "verdict.md").write_text(verdict.markdown(comparisons))
     return payload
 
 
