@@ -15,7 +15,8 @@ list, into a buffer of those chunks alone. Each global batch is the single-proce
 rows of it that lie in its own chunks, with their positions in the global batch (`positions`). Shares are
 therefore uneven (about batch/world each, none when a round has fewer chunks than there are ranks). The rule
 depends only on the round's chunk list and the world size, and the position still counts global rows, so a
-run resumes on any number of processes.
+run resumes on any number of processes. A chunk found damaged then cannot be skipped (--skip-damaged): only
+its own rank reads it, the others would still count its rows.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ class _Failure:
 
 
 class ShardStream:
-    """Iterate shuffled [batch_size, d_model] float32 batches of one layer's training activations.
+    """Iterate shuffled [batch_size, d_model] float32 batches of one layer's training activations (on rank
+    `rank` of `world` processes: [rows, d_model], this rank's rows of each global batch; `positions`).
 
     `position` is a `state_dict()` of an earlier stream of the same store: the new stream continues with
     exactly the batches the old one would have produced next.
