@@ -8,10 +8,14 @@ torch.distributed does the work; this module only says how atmpipe's stages spli
   counters and the running statistics, the same merges in the same order a single process makes, so a
   finished store is byte-identical to a single-process harvest. Each rank resumes its own unfinished
   shards, with any number of ranks.
-* train: DDP. Every rank forms the same shuffled global batch sequence and takes rows rank::world of
-  each batch (stream.py), so the global batch is the 1-process one; gradients are averaged by DDP, and
-  the state a method keeps from batch statistics is reduced across ranks as the method declares
-  (`SAE.rank_reductions`, `SAE.across_ranks`), so every rank holds the same state as the 1-process run.
+* train: DDP. Every rank forms the same shuffled global batch sequence, but reads and decodes only its own
+  chunks of each shuffle round and takes the batch's rows that lie in them (stream.py): the global batch
+  is the 1-process one, split unevenly. `BatchShare` says which rows a rank holds; with it each rank's
+  loss counts by its rows (so DDP's equal-weight gradient average is the global batch's gradient), the
+  state a method keeps from batch statistics is reduced across ranks as the method declares
+  (`SAE.rank_reductions`, weighted by rows), and a method that needs the whole batch inside its forward
+  (ATM's statistics and masks, JumpReLU's target L0) reduces through `SAE.share`, so every rank holds the
+  same state as the 1-process run.
 """
 
 from __future__ import annotations
@@ -61,25 +65,54 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return tuple(bool(v) for v in t.tolist())
 
-    def mean_(self, t: Tensor) -> Tensor:
-        """Average `t` over the ranks, in place."""
-        if self.size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= self.size
-        return t
-
     def min_(self, t: Tensor) -> Tensor:
         if self.size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return t
 
+
+@dataclass(frozen=True)
+class BatchShare:
+    """The rows of one global batch that this process holds, and the reductions over the whole batch.
+
+    Under DDP, rank r holds the batch's rows that lie in its own chunks (stream.py): an uneven share,
+    possibly none. The default is one process holding the whole batch, where every reduction is the
+    identity and `rows`, `total` are not read.
+    """
+
+    world: World = World()
+    rows: int = 0  # this rank's rows of the batch
+    total: int = 0  # the global batch's rows, all ranks together
+    positions: Tensor | None = None  # the global batch positions of this rank's rows (int64, on device)
+
+    @property
+    def loss_weight(self) -> float:
+        """This rank's factor on its loss, a mean over its rows: DDP averages the ranks' gradients with
+        equal weights, so rank r's counts rows·world/total and the average is the global batch's gradient."""
+        return 1.0 if self.world.size == 1 else self.rows * self.world.size / self.total
+
+    def mean(self, t: Tensor) -> Tensor:
+        """The global batch's mean of a per-token quantity from `t`, its mean over this rank's rows (a new
+        tensor when there are several ranks; a collective). Each rank counts by its rows; one without
+        rows adds nothing (its mean over no rows is NaN)."""
+        if self.world.size == 1:
+            return t
+        weighted = t * self.rows if self.rows else torch.zeros_like(t)
+        dist.all_reduce(weighted, op=dist.ReduceOp.SUM)
+        return weighted / self.total
+
+    def global_rows(self, rows: Tensor) -> Tensor:
+        """The global batch positions of some of this rank's rows (given by their local indices)."""
+        return rows if self.positions is None else self.positions[rows]
+
     def mean_metrics(self, values: dict) -> dict:
-        """Average logged numbers over the ranks (a collective; every rank logs at the same steps)."""
-        if self.size == 1:
+        """Logged numbers over the global batch (a collective; every rank logs at the same steps): means over
+        this rank's rows become the global means; a value that is the same on every rank stays as it is."""
+        if self.world.size == 1:
             return values
-        same = ("lr", "tokens_per_s", "elapsed_s")  # equal on every rank, or this rank's own clock
-        keys = [k for k, v in values.items() if isinstance(v, float) and k not in same]
-        t = self.mean_(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+        own = ("lr", "tokens_per_s", "elapsed_s")  # equal on every rank, or this rank's own clock
+        keys = [k for k, v in values.items() if isinstance(v, float) and k not in own]
+        t = self.mean(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
         return {**values, **dict(zip(keys, t.tolist(), strict=True))}
 
 
@@ -217,35 +250,44 @@ def data_parallel(sae: nn.Module, w: World, device: torch.device):
     """The callable that runs one training forward: the SAE's own, or through DDP across the ranks.
 
     Buffers are not broadcast from rank 0 (DDP's default): `sync_state` reduces them exactly instead, as
-    each method's `rank_reductions` says; `across_ranks` sets up whatever more the method needs.
+    each method's `rank_reductions` says.
     """
     if w.size == 1:
         return sae.training_forward
-    sae.across_ranks(w)
     ids = [device.index if device.index is not None else w.local_rank] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(TrainingStep(sae), device_ids=ids, broadcast_buffers=False)
 
 
 @torch.no_grad()
-def sync_state(sae: nn.Module, w: World, local_rows: int) -> None:
+def sync_state(sae: nn.Module, share: BatchShare) -> None:
     """Reduce the buffers a training forward updated from this rank's rows alone (after backward, before
     the optimiser step), so every rank holds what a single process would after the whole global batch."""
-    if w.size == 1:
+    if share.world.size == 1:
         return
     buffers = dict(sae.named_buffers())
     for name, how in sae.rank_reductions.items():
-        REDUCE[how](buffers[name], w, local_rows)
+        REDUCE[how](buffers[name], share)
 
 
-def _dead_clock(t: Tensor, w: World, local_rows: int) -> None:
-    """Each rank added its own rows and zeroed the latents that fired in them. Globally: zero if the
-    latent fired on any rank, else the count plus the rows of all ranks."""
-    low = w.min_(t.clone())
-    t.copy_(torch.where(low > 0, low + (w.size - 1) * local_rows, 0))
+def _mean(t: Tensor, share: BatchShare) -> None:
+    """A mean over tokens: each rank's mean weighted by its rows."""
+    t.copy_(share.mean(t))
 
 
-REDUCE = {  # the reductions a method's `rank_reductions` may name
-    "mean": lambda t, w, rows: w.mean_(t),  # a mean over tokens: the mean of the rank means
-    "min": lambda t, w, rows: w.min_(t),
-    "dead_clock": _dead_clock,
-}
+def _min(t: Tensor, share: BatchShare) -> None:
+    """The smallest over the ranks that had rows (one without rows saw nothing: it holds the largest value)."""
+    if not share.rows:
+        t.fill_(torch.finfo(t.dtype).max if t.is_floating_point() else torch.iinfo(t.dtype).max)
+    share.world.min_(t)
+
+
+def _dead_clock(t: Tensor, share: BatchShare) -> None:
+    """Each rank added its rows to every latent's count and zeroed the latents that fired in them (a zero
+    after adding rows: fired here). Globally: zero if the latent fired on any rank, else the count before
+    the step plus the global batch."""
+    fired = (t == 0) & (share.rows > 0)
+    before = share.world.min_(torch.where(fired, -1, t - share.rows))  # the same count on every rank, or -1
+    t.copy_(torch.where(before < 0, 0, before + share.total))
+
+
+REDUCE = {"mean": _mean, "min": _min, "dead_clock": _dead_clock}  # what a method's `rank_reductions` may name

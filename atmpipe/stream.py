@@ -8,6 +8,15 @@ The sequence of rows is a pure function of (seed, extent, chunk size, buffer siz
 So the position is one number, the rows consumed, and a resumed stream recomputes exactly where it was from
 the per-chunk row counts. A background thread decodes the next round and cuts batches into a bounded queue
 while the trainer works on the current one.
+
+Data parallel (rank r of `world` processes): every rank knows the whole recipe (the row counts come from the
+small `bos` array), but reads and decodes only the chunks at slots i ≡ r (mod world) of each round's chunk
+list, into a buffer of those chunks alone. Each global batch is the single-process one; a rank delivers the
+rows of it that lie in its own chunks, with their positions in the global batch (`positions`). Shares are
+therefore uneven (about batch/world each, none when a round has fewer chunks than there are ranks). The rule
+depends only on the round's chunk list and the world size, and the position still counts global rows, so a
+run resumes on any number of processes. A chunk found damaged then cannot be skipped (--skip-damaged): only
+its own rank reads it, the others would still count its rows.
 """
 
 from __future__ import annotations
@@ -138,7 +147,8 @@ class _Failure:
 
 
 class ShardStream:
-    """Iterate shuffled [batch_size, d_model] float32 batches of one layer's training activations.
+    """Iterate shuffled [batch_size, d_model] float32 batches of one layer's training activations (on rank
+    `rank` of `world` processes: [rows, d_model], this rank's rows of each global batch; `positions`).
 
     `position` is a `state_dict()` of an earlier stream of the same store: the new stream continues with
     exactly the batches the old one would have produced next.
@@ -164,14 +174,10 @@ class ShardStream:
     ):
         if batch_size <= 0:
             raise UserError(f"batch size must be positive, got {batch_size}; pass e.g. --batch-size 4096")
-        if batch_size % world:
-            raise UserError(
-                f"batch size {batch_size} does not split over {world} processes; pass a --batch-size that "
-                f"is a multiple of {world}"
-            )
-        # Data parallel: every rank forms the same global batches and keeps rows rank::world of each
-        # (batch_size stays the global size; the position counts global rows, whatever the world size).
+        # Data parallel: every rank forms the same global batches and keeps their rows that lie in its own
+        # chunks (batch_size stays the global size; the position counts global rows, whatever the world).
         self.rank, self.world = rank, world
+        self.positions = torch.zeros(0, dtype=torch.int64)  # of the rows __next__ returned last
         check_store(store, layer, allow_partial)
         self.store, self.layer, self.batch_size = store, layer, batch_size
         self.split = store.split(SPLIT)
@@ -317,6 +323,12 @@ class ShardStream:
                     f"chunk {chunk} (tokens {start}-{stop - 1}) of {self.store.path}/{SPLIT}/{array.basename} "
                     f"is damaged ({e}); re-harvest the store, or pass --skip-damaged to train without it"
                 ) from None
+            if array is self.acts and self.world > 1:  # the other ranks never read it, so cannot skip it
+                raise UserError(
+                    f"damaged chunk {chunk} (tokens {start}-{stop - 1}) of {self.store.path}/{SPLIT}/"
+                    f"{array.basename} ({e}), which only this one of {self.world} processes reads; train past it "
+                    "on one process with --skip-damaged (--resume continues on any number), or re-harvest"
+                ) from None
             with self._skip_lock:
                 self.skipped.add(chunk)
             return None
@@ -335,39 +347,50 @@ class ShardStream:
         dest[:] = decode_acts(acts)
         return True
 
+    def _own_slots(self, chunks: np.ndarray) -> list[tuple[int, int]]:
+        """(chunk, slot i in the round) of the round's chunks this rank loads: i ≡ rank (mod world)."""
+        return [(int(c), i) for i, c in enumerate(chunks) if i % self.world == self.rank]
+
     def _load_round(
         self, chunks: np.ndarray, buffer: np.ndarray
     ) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
-        """Start decoding a round's chunks into `buffer` (chunk i at row i·chunk_tokens) on the pool; the
-        returned function waits for them and gives (buffer, its non-BOS rows in chunk order)."""
-        slots = [
-            (int(c), i * self.chunk_tokens, self._chunk_span(int(c)))
-            for i, c in enumerate(chunks)
-            if self.chunk_rows[c] > 0
-        ]
-        futures = [
-            self._pool.submit(self._load_chunk, c, buffer[at : at + stop - start])
-            for c, at, (start, stop) in slots
-        ]
+        """Start decoding this rank's chunks of a round into `buffer` (its j-th at row j·chunk_tokens) on the
+        pool; the returned function waits for them and gives (buffer, the round's non-BOS rows in chunk
+        order). Rows are numbered slot·chunk_tokens + offset over the whole round, every rank's chunks."""
+        ct = self.chunk_tokens
+        futures = {}
+        for c, i in self._own_slots(chunks):
+            if self.chunk_rows[c] > 0:
+                start, stop = self._chunk_span(c)
+                at = i // self.world * ct
+                futures[c] = self._pool.submit(self._load_chunk, c, buffer[at : at + stop - start])
 
         def assemble() -> tuple[np.ndarray, np.ndarray]:
             rows = []
-            for (c, at, _), future in zip(slots, futures, strict=True):
-                if future.result():
-                    rows.append(self._kept_rows(c) + at)
-                else:
+            for i, c in enumerate(map(int, chunks)):
+                if c in futures and not futures[c].result():
                     self.chunk_rows[c] = 0  # skipped: later positions are counted without it
+                if self.chunk_rows[c] > 0:
+                    rows.append(self._kept_rows(c) + i * ct)
             return buffer, np.concatenate(rows) if rows else np.zeros(0, np.int64)
 
         return assemble
+
+    def _own_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of some round rows (slot·chunk_tokens + offset), those in this rank's chunks: (their rows in this
+        rank's buffer, their places in `rows`)."""
+        slot, offset = np.divmod(rows, self.chunk_tokens)
+        mine = np.flatnonzero(slot % self.world == self.rank)
+        return slot[mine] // self.world * self.chunk_tokens + offset[mine], mine
 
     def _shuffled_rounds(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(round buffer, its non-BOS rows, permutation of those still to deliver), forever; the next round
         loads ahead.
 
-        Two buffers, allocated once: one is cut into batches while the next round decodes into the other.
+        Two buffers, allocated once, each for this rank's chunks of a round: one is cut into batches while
+        the next round decodes into the other.
         """
-        rows = min(self.buffer_chunks, self.n_chunks) * self.chunk_tokens
+        rows = -(-min(self.buffer_chunks, self.n_chunks) // self.world) * self.chunk_tokens
         buffers = [np.empty((rows, self.store.d_model), np.float32) for _ in range(2)]
         epoch, round_index, offset = self._locate(self.rows_consumed)
         rounds = self._rounds(epoch)
@@ -384,35 +407,41 @@ class ShardStream:
             epoch, round_index, rounds, pending, offset = next_epoch, next_round, next_rounds, following, 0
             slot = 1 - slot
 
-    def _batches(self) -> Iterator[torch.Tensor]:
-        pin = self.device.type == "cuda"
-        batch, filled = None, 0
-        local_size = self.batch_size // self.world
+    def _batches(self) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        """This rank's rows of each global batch, and their positions in it."""
+        parts, positions, filled = [], [], 0
         for acts, kept, order in self._shuffled_rounds():
             done = 0
             while done < len(order):
-                if batch is None:
-                    batch = torch.empty((local_size, acts.shape[1]), dtype=torch.float32, pin_memory=pin)
                 take = min(self.batch_size - filled, len(order) - done)
                 # Rows of one batch in buffer order: the same set, gathered with far better locality.
-                rows = np.sort(kept[order[done : done + take]])
-                # mode="clip" (rows are always in range): with the default "raise", numpy gathers into a
-                # temporary and copies it into `out`, twice the time.
-                if self.world > 1:  # this rank's rows: global batch positions ≡ rank (mod world)
-                    first = (self.rank - filled) % self.world
-                    rows, at = rows[first :: self.world], (filled + first) // self.world
-                    np.take(acts, rows, axis=0, out=batch.numpy()[at : at + len(rows)], mode="clip")
-                else:
-                    np.take(acts, rows, axis=0, out=batch.numpy()[filled : filled + take], mode="clip")
+                local, mine = self._own_rows(np.sort(kept[order[done : done + take]]))
+                positions.append(filled + mine)
                 filled, done = filled + take, done + take
-                if filled == self.batch_size:
-                    yield batch
-                    batch, filled = None, 0
+                if filled < self.batch_size:  # gather now: the round after next decodes into this buffer
+                    parts.append(np.take(acts, local, axis=0))
+                    continue
+                yield self._gather(parts, acts, local), np.concatenate(positions)
+                parts, positions, filled = [], [], 0
+
+    def _gather(self, parts: list[np.ndarray], acts: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        """One batch: the rows gathered from earlier rounds, then `rows` of `acts`, into one (pinned) tensor."""
+        size = sum(len(p) for p in parts) + len(rows)
+        batch = torch.empty((size, acts.shape[1]), dtype=torch.float32, pin_memory=self.device.type == "cuda")
+        out = batch.numpy()
+        at = 0
+        for part in parts:
+            out[at : at + len(part)] = part
+            at += len(part)
+        # mode="clip" (rows are always in range): with the default "raise", numpy gathers into a temporary
+        # and copies it into `out`, twice the time.
+        np.take(acts, rows, axis=0, out=out[at:], mode="clip")
+        return batch
 
     def _produce(self) -> None:
         try:
-            for batch in self._batches():
-                if not self._put(batch):
+            for item in self._batches():
+                if not self._put(item):
                     return
         except BaseException as e:  # handed to the trainer, which raises it
             self._put(_Failure(e))
@@ -432,9 +461,13 @@ class ShardStream:
         return self
 
     def __next__(self) -> torch.Tensor:
+        """This rank's rows of the next global batch (all of it in a single process); `positions` then holds
+        their positions in the global batch."""
         item = self._queue.get()
         if isinstance(item, _Failure):
             raise item.error
+        item, positions = item
+        self.positions = torch.from_numpy(positions).to(self.device, non_blocking=True)
         before, self.rows_consumed = self.rows_consumed, self.rows_consumed + self.batch_size
         epoch_of_last = (self.rows_consumed - 1) // self.rows_per_epoch
         if epoch_of_last > (max(before, 1) - 1) // self.rows_per_epoch:

@@ -308,23 +308,29 @@ def train_step(
     total: int,
     lr_scale: float,
     grad_clip: float,
-    world: distributed.World = distributed.World(),
+    share: distributed.BatchShare = distributed.BatchShare(),
     stop: bool = False,
 ) -> tuple[Any, torch.Tensor, bool]:
     """One optimisation step on the (normalised) batch x; the loop's body, also what the benchmark times.
 
-    forward: sae.training_forward, or its DDP wrapper. Returns (TrainOutput, loss, whether a
-    stop was requested on any rank); raises NonFiniteLoss (on every rank) before touching the weights.
+    forward: sae.training_forward, or its DDP wrapper; share: which rows of the global batch x holds (all of
+    them in a single process). Returns (TrainOutput, loss over x's rows, whether a stop was requested on any
+    rank); raises NonFiniteLoss (on every rank) before touching the weights.
     """
+    sae.share = share
     output = forward(x, step, total)
     loss = sum(output.losses.values())
-    # One collective answers both for every rank, so all ranks stop at the same step.
-    not_finite, stopping = world.any(not torch.isfinite(loss), stop)
+    # One collective answers both for every rank, so all ranks stop at the same step. (A rank without rows
+    # has means over nothing, NaN, which count for nothing.)
+    not_finite, stopping = share.world.any(len(x) > 0 and not torch.isfinite(loss), stop)
     if not_finite:
         raise NonFiniteLoss(loss)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    distributed.sync_state(sae, world, x.shape[0])
+    if len(x):
+        (loss * share.loss_weight).backward()
+    else:  # still a backward through every parameter, for DDP's gradient all-reduce: zero gradients
+        (sum(p.sum() for p in sae.parameters()) * 0.0).backward()
+    distributed.sync_state(sae, share)
     sae.remove_parallel_grads()
     grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
     for group, base in zip(opt.param_groups, base_lrs, strict=True):
@@ -489,11 +495,12 @@ class Trainer:
             throughput = _Throughput(self.step, cfg.batch_size)
             while self.step < total:
                 x = next(self.stream) * self.scale
+                share = distributed.BatchShare(self.world, len(x), cfg.batch_size, self.stream.positions)
                 lr_scale = lr_factor(self.step, total, warmup, cfg.decay_frac)
                 try:
                     output, loss, stopping = train_step(
                         self.sae, forward, self.opt, self.base_lrs, x, self.step, total, lr_scale,
-                        cfg.grad_clip, self.world, bool(stop),
+                        cfg.grad_clip, share, bool(stop),
                     )  # fmt: skip
                 except NonFiniteLoss as e:
                     raise _nan_error(self.step, e.loss, x, out) from None
@@ -504,7 +511,7 @@ class Trainer:
                     self.console.print(_path_line(self.sae, self.step - 1, cfg.latents))
                 if self.step % cfg.log_every == 0 or self.step == total:
                     rate, elapsed = throughput.read(self.step)
-                    self.last = self.world.mean_metrics(
+                    self.last = share.mean_metrics(
                         _metrics(self.step, cfg.batch_size, self.opt, loss, output, rate, elapsed)
                     )
                     log.write(json.dumps(self.last) + "\n")

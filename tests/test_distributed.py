@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 from atmpipe.distributed import COMMITS
-from atmpipe.errors import UserError
 from atmpipe.harvest import HarvestConfig, harvest
 from atmpipe.store import open_store, write_arrays_store
 from atmpipe.stream import ShardStream
@@ -85,7 +84,7 @@ def reference(tiny_checkpoints, tmp_path_factory) -> Path:
 # --- the stream's share of a global batch ---------------------------------------------------------
 
 
-def test_ranks_take_interleaved_rows_of_the_single_process_batches(tmp_path):
+def test_ranks_decode_only_their_chunks_and_deliver_the_single_process_batches(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     n = 700
     store = write_arrays_store(
@@ -94,26 +93,59 @@ def test_ranks_take_interleaved_rows_of_the_single_process_batches(tmp_path):
          "eval": {"acts": rng.normal(size=(64, 4)), "tokens": np.arange(64) + 1, "bos": np.arange(64) % 32 == 0}},
         layer=0, chunk_tokens=50, shard_tokens=100,
     )  # fmt: skip
-    # 12-row batches across 3-chunk shuffle rounds of ~135 rows: batches straddle rounds and epochs.
-    kw = dict(seed=3, buffer_chunks=3, log=lambda _: None)
+    # 12-row batches across 3-chunk shuffle rounds of ~135 rows (the last of an epoch 2 chunks): batches
+    # straddle rounds and epochs. One decode worker: chunks decode in the order they are asked for.
+    kw = dict(seed=3, buffer_chunks=3, workers=1, log=lambda _: None)
+    decoded: dict[tuple[int, int], list[int]] = {}
+    load_chunk = ShardStream._load_chunk
+
+    def counted(self, chunk, dest):
+        decoded.setdefault((self.rank, self.world), []).append(chunk)
+        return load_chunk(self, chunk, dest)
+
+    monkeypatch.setattr(ShardStream, "_load_chunk", counted)
 
     def batches(rank, world, count=70, position=None):
+        decoded.pop((rank, world), None)
         with ShardStream(store, 0, 12, rank=rank, world=world, position=position, **kw) as s:
-            return [next(s).clone() for _ in range(count)], s.state_dict()
+            got = [(next(s).clone(), s.positions.clone()) for _ in range(count)]
+            return got, s.state_dict(), s
 
-    single, state = batches(0, 1)
+    single, state, stream = batches(0, 1)
+    rounds = [r for epoch in range(3) for r in stream._rounds(epoch)]  # 70 batches span 2 epochs
+    delivered = int(np.searchsorted(np.cumsum([stream.chunk_rows[r].sum() for r in rounds]), 70 * 12)) + 1
+    empty_shares = 0
     for world in (2, 3):
         shares = [batches(rank, world)[0] for rank in range(world)]
-        for step, whole in enumerate(single):
+        for step, (whole, _) in enumerate(single):
+            # Each rank's rows are the single-process batch's rows at its positions, bit for bit ...
             for rank in range(world):
-                torch.testing.assert_close(shares[rank][step], whole[rank::world], rtol=0, atol=0)
+                rows, positions = shares[rank][step]
+                torch.testing.assert_close(
+                    rows, whole[positions], rtol=0, atol=0, msg=f"{world} {rank} {step}"
+                )
+                empty_shares += len(rows) == 0
+            # ... and together the ranks hold every position of the batch once.
+            placed = torch.cat([shares[rank][step][1] for rank in range(world)])
+            assert sorted(placed.tolist()) == list(range(12))
+        for rank in range(world):
+            # Rank r decoded the chunks at slots i ≡ r (mod world) of each round, those alone, in order (the
+            # stream runs ahead: a prefix of what the coming rounds hold, at least the rounds it delivered).
+            own = [
+                [int(c) for i, c in enumerate(r) if i % world == rank and stream.chunk_rows[c]]
+                for r in rounds
+            ]
+            got = decoded[(rank, world)]
+            assert got == sum(own, [])[: len(got)] and len(got) >= len(sum(own[:delivered], []))
+            first_epoch = [c for r in rounds[:5] for i, c in enumerate(r) if i % world == rank]
+            assert abs(len(first_epoch) - 14 / world) <= 5  # 1/world of the 14 chunks, ± one per round
+    assert empty_shares > 0  # world 3 on a 2-chunk round: some batches have no rows on some rank
+
     # The position counts global rows: a 2-rank stream resumes a 1-rank one (and the other way round).
-    after, _ = batches(0, 1, count=5, position=state)
-    resumed, _ = batches(1, 2, count=5, position=state)
-    for a, b in zip(after, resumed, strict=True):
-        torch.testing.assert_close(b, a[1::2], rtol=0, atol=0)
-    with pytest.raises(UserError, match="batch size 12 does not split over 5 processes"):
-        ShardStream(store, 0, 12, rank=0, world=5, **kw)
+    after, _, _ = batches(0, 1, count=5, position=state)
+    resumed, _, _ = batches(1, 2, count=5, position=state)
+    for (whole, _), (rows, positions) in zip(after, resumed, strict=True):
+        torch.testing.assert_close(rows, whole[positions], rtol=0, atol=0)
 
 
 # --- harvest --------------------------------------------------------------------------------------
@@ -166,20 +198,31 @@ def _recipe_model(recipe: Path) -> str:
 # --- training -------------------------------------------------------------------------------------
 
 TRAIN = dict(d_sae=64, batch_size=64, tokens=64 * 24, lr=1e-3, checkpoint_every=8, seed=1, device="cpu")
-METHODS = {  # method: (TrainConfig values, the same as CLI flags)
+MASKED = ("masks really were drawn", lambda log: max(m["masked_frac"] for m in log) > 0.05)
+METHODS = {  # case: (TrainConfig values, the same as CLI flags, what the 1-rank log shows really happened)
     # ATM with per-token masks from step 3 on: its statistics and masks must be the global batch's; with the
     # λ controller on (L0 below the target: λ moves every step), whose inputs are batch means too.
     "atm": ({"hparams": {"warmup_steps": 3}, "no_compile": True, "target_l0": 40.0},
-            ["--hparam", "warmup_steps=3", "--no-compile", "--target-l0", "40"]),
+            ["--hparam", "warmup_steps=3", "--no-compile", "--target-l0", "40"], MASKED),
     # The same on the sparse path: batch means averaged over the ranks, masks drawn at the global rows.
     "atm-sparse": ({"hparams": {"warmup_steps": 3}, "no_compile": True, "latents": "sparse"},
-                   ["--hparam", "warmup_steps=3", "--no-compile", "--latents", "sparse"]),
+                   ["--hparam", "warmup_steps=3", "--no-compile", "--latents", "sparse"], MASKED),
     # ATM's controls (log threshold, uniform targeting) pass through the cross-rank statistics step.
     "atm-controls": ({"hparams": {"warmup_steps": 3, "threshold": "log", "targeting": "uniform"}, "no_compile": True},
                      ["--hparam", "warmup_steps=3", "--no-compile", "--hparam", "threshold=log",
-                      "--hparam", "targeting=uniform"]),
+                      "--hparam", "targeting=uniform"], MASKED),
     # TopK whose AuxK sees dead latents: the dead-latent clock must count every rank's rows.
-    "topk": ({"k": 2, "hparams": {"dead_tokens": 128}}, ["--k", "2", "--hparam", "dead_tokens=128"]),
+    "topk": ({"k": 2, "hparams": {"dead_tokens": 128}}, ["--k", "2", "--hparam", "dead_tokens=128"],
+             ("AuxK had dead latents to work on", lambda log: max(m["dead"] for m in log) > 0)),
+    # ReLU with the λ controller on rounds of one chunk: rank 1 holds no row of any batch, yet joins every
+    # collective (with zero weight, and NaN means over no rows that must count for nothing).
+    "relu-target": ({"target_l0": 40.0, "buffer_chunks": 1}, ["--target-l0", "40"],
+                    ("the controller moved λ", lambda log: len({m["l1_coeff"] for m in log}) > 1)),
+    # JumpReLU's target-L0 penalty, not linear in the batch's L0 (taken at the global one), on rounds of
+    # three chunks: shares of about 2:1.
+    "jumprelu-target": ({"target_l0": 20.0, "hparams": {"sparsity": "target"}, "buffer_chunks": 3},
+                        ["--target-l0", "20", "--hparam", "sparsity=target"],
+                        ("the penalty was on", lambda log: min(m["sparsity"] for m in log) > 0)),
 }  # fmt: skip
 
 
@@ -203,19 +246,18 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("case", list(METHODS))
 def test_two_rank_ddp_matches_one_rank_and_resumes_on_one_rank(reference, tmp_path, case):
-    values, flags = METHODS[case]
+    values, flags, (what, happened) = METHODS[case]
     method = case.split("-")[0]
     one = tmp_path / "one"
     cfg = TrainConfig(store=str(reference), method=method, out=str(one), **TRAIN, **values)
     train(cfg)
     log = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
-    if method == "atm":
-        assert max(m["masked_frac"] for m in log) > 0.05  # masks really were drawn
-    else:
-        assert max(m["dead"] for m in log) > 0  # AuxK really had dead latents to work on
+    assert happened(log), what
 
     two = tmp_path / "two"
-    torchrun(2, "train", "--store", reference, "--method", method, "--out", two, *_flags(TRAIN), *flags)
+    recipe = write_recipe(tmp_path / "train.toml", buffer_chunks=cfg.buffer_chunks)  # no flag for it
+    torchrun(2, "train", "--config", recipe, "--store", reference, "--method", method, "--out", two,
+             *_flags(TRAIN), *flags)  # fmt: skip
     _assert_same_weights(one, two)
     last = Path("checkpoints") / "step_00000024" / "model.safetensors"  # every buffer (λ, EMAs, clocks)
     state_one, state_two = load_file(str(one / last)), load_file(str(two / last))
@@ -224,6 +266,10 @@ def test_two_rank_ddp_matches_one_rank_and_resumes_on_one_rank(reference, tmp_pa
         torch.testing.assert_close(state_two[name], state_one[name], rtol=1e-5, atol=1e-5, msg=name)
     meta = json.loads((two / "atmpipe.json").read_text())["metadata"]
     assert meta["world_size"] == 2 and meta["tokens_seen"] == TRAIN["tokens"]
+    # The logged loss and L0 are the global batch's, whatever each rank's share.
+    log_two = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "mse", "l0"):
+        assert [m[key] for m in log_two] == pytest.approx([m[key] for m in log], rel=1e-5), key
 
     # A 2-rank run killed after its step-16 checkpoint, resumed on 1 rank: the 1-rank result again.
     resumed = tmp_path / "resumed"

@@ -199,6 +199,27 @@ def test_damaged_chunk_is_named_or_skipped(tmp_path):
     np.testing.assert_array_equal(np.sort(delivered[: expected.size]), expected)
 
 
+def test_damaged_chunk_cannot_be_skipped_by_one_of_several_processes(tmp_path):
+    splits = {"train": labelled(5000), "eval": labelled(300, sign=-1.0)}
+    store = write_arrays_store(
+        tmp_path / "d.zarr", splits, layer=LAYER, chunk_tokens=CHUNK, shard_tokens=SHARD
+    )
+    damage_chunk(store, 6)
+    failures = []
+    for rank in range(2):  # one round of all 20 chunks: the rank that owns chunk 6 decodes it, the other not
+        with ShardStream(store, LAYER, 4000, skip_damaged=True, buffer_chunks=20, rank=rank, world=2) as s:
+            try:
+                next(s)
+            except UserError as e:
+                failures.append(str(e))
+    assert len(failures) == 1
+    assert failures[0].startswith(f"damaged chunk 6 (tokens 1536-1791) of {store.path}/train/acts_l3 (")
+    assert failures[0].endswith(
+        "), which only this one of 2 processes reads; train past it on one process with --skip-damaged "
+        "(--resume continues on any number), or re-harvest"
+    )
+
+
 # --- the direct chunk reader: the same bits as zarr, the same checks --------------------------------
 
 

@@ -66,10 +66,6 @@ class ATMSAE(ReLUSAE):
             self.register_buffer(f"atm_{name}", torch.zeros(cfg.d_sae))
         self.register_buffer("atm_theta", torch.tensor(0.0))
         self.register_buffer("atm_recon_norm", torch.tensor(float("nan")))  # NaN until the first step
-        # Data parallel (distributed.data_parallel sets both): this rank's rows are rows rank::world of
-        # the global batch, and the sparse path's batch means are averaged over the ranks.
-        self.rank, self.world = 0, 1
-        self.mean_over_ranks = lambda t: t
 
     def validate_hparams(self) -> None:
         super().validate_hparams()
@@ -112,13 +108,10 @@ class ATMSAE(ReLUSAE):
         return self.hp.r * schedule.ramp(step, w, w)
 
     def update_fn(self):
+        """The dense statistics step: the fused kernel, or, on several ranks, its global-batch form."""
+        if self.share.world.size > 1:
+            return functools.partial(update_across_ranks, kernels.atm_update_fused, self.share)
         return kernels.atm_update_fused
-
-    def across_ranks(self, world) -> None:
-        kernel_of = self.update_fn
-        self.update_fn = lambda: functools.partial(update_across_ranks, kernel_of(), world)
-        # The sparse path: batch means averaged over the ranks, masks drawn at the global rows.
-        self.rank, self.world, self.mean_over_ranks = world.rank, world.size, lambda t: world.mean_(t.clone())
 
     def mask_latents(self, x: Tensor, f: Tensor, step: int, total_steps: int) -> tuple[Tensor, dict]:
         if not self.training:  # evaluation never masks and never moves the statistics
@@ -158,7 +151,7 @@ class ATMSAE(ReLUSAE):
             if not (step >= self.masking_warmup(total_steps) and self.hp.r > 0):
                 return f, stats
             key = torch.tensor(kernels.step_key(self.hp.seed, step), dtype=torch.int64, device=x.device)
-            rows = e.rows * self.world + self.rank  # the entries' rows in the global batch
+            rows = self.share.global_rows(e.rows)  # the entries' rows in the global batch
             where = rows * e.d_sae + e.cols if self.hp.granularity == "token" else e.cols
             keep = (kernels.noise_at(where, key) >= p[e.cols]).to(f.dtype)
         return f * keep, stats
@@ -171,7 +164,7 @@ class ATMSAE(ReLUSAE):
         means = torch.stack(
             [sparse.latent_sums(vals, e) / n, sparse.latent_sums(torch.ones_like(vals), e) / n]
         )
-        mean_f, fired = self.mean_over_ranks(means).unbind(0)
+        mean_f, fired = self.share.mean(means).unbind(0)
         M, F_, R = kernels.atm_statistics(
             mean_f, fired, self.W_dec.norm(dim=1), self.atm_M, self.atm_F, self.atm_R,
             self.recon_norm(x, lambda: sparse.decode(f, e, self.W_dec)), hp.beta,
@@ -190,8 +183,8 @@ class ATMSAE(ReLUSAE):
         """R's denominator this step, the batch mean of ‖x̂_t − b_dec‖: with recon_norm = "exact" from
         unmasked() (this step's unmasked x̂ − b_dec), else the previous step's (first step: ‖x − b_dec‖)."""
         if self.hp.recon_norm == "exact":
-            return self.mean_over_ranks(unmasked().norm(dim=-1).mean())
-        fallback = self.mean_over_ranks((x - self.b_dec.detach()).norm(dim=-1).mean())
+            return self.share.mean(unmasked().norm(dim=-1).mean())
+        fallback = self.share.mean((x - self.b_dec.detach()).norm(dim=-1).mean())
         return torch.where(torch.isnan(self.atm_recon_norm), fallback, self.atm_recon_norm)
 
     def training_forward(self, x: Tensor, step: int, total_steps: int) -> TrainOutput:
@@ -219,26 +212,26 @@ class ATMSAE(ReLUSAE):
             self.atm_theta.copy_(tensors["theta"][0])
 
 
-def update_across_ranks(kernel, w, f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max,
+def update_across_ranks(kernel, share, f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max,
                         combine, per_token, log_threshold=False, uniform=False):  # fmt: skip
-    """ATM's statistics step for the global batch, from this rank's rows, with the SAE's own kernel.
+    """ATM's statistics step for the global batch, from this rank's rows (`share`), with the SAE's kernel.
 
     The EMAs are linear in the batch means and every rank starts from the same M, F, R, ‖W_dec‖: so one
-    kernel step on the local rows, averaged over the ranks, is the global-batch step (recon_norm, a mean
-    over tokens, is averaged first). A second kernel call with β = 1 leaves the EMAs as they are and
-    gives importance, threshold and probabilities from them. Per-token masks are then drawn for the
-    global rows this rank holds (rank + world·i), so they are the 1-process masks.
+    kernel step on the local rows, averaged over the ranks by their rows, is the global-batch step
+    (recon_norm, a mean over tokens, is reduced first; a rank without rows adds nothing). Importance,
+    threshold and probabilities then follow from the global EMAs, and each rank draws the masks of its
+    rows at their global positions, so they are the 1-process masks.
     """
-    recon_norm = w.mean_(recon_norm.clone())
-    controls = (log_threshold, uniform)  # ATM's threshold and targeting options, passed through
-    stepped = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max, combine, per_token, *controls)
-    M, F_, R = w.mean_(torch.stack(stepped[:3])).unbind(0)
-    M, F_, R, imp, theta, p, keep = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, 1.0, c, p_max, combine,
-                                           per_token, *controls)  # fmt: skip
+    recon_norm = share.mean(recon_norm)
+    stepped = kernel(f, dec_norm, M, F_, R, recon_norm, r, key, beta, c, p_max, combine, per_token,
+                     log_threshold, uniform)  # fmt: skip
+    M, F_, R = share.mean(torch.stack(stepped[:3])).unbind(0)
+    imp = kernels.atm_importance(M, F_, R, combine)
+    theta, p = kernels.atm_probabilities(imp, r, c, p_max, log_threshold, uniform)
+    latents = torch.arange(f.shape[1], device=f.device)
     if per_token:
-        rows = torch.arange(f.shape[0], device=f.device, dtype=torch.int64) * w.size + w.rank
-        keep = (
-            kernels.noise_at(rows[:, None] * f.shape[1] + torch.arange(f.shape[1], device=f.device), key) >= p
-        )
-        keep = keep.to(f.dtype)
-    return M, F_, R, imp, theta, p, keep
+        rows = share.global_rows(torch.arange(f.shape[0], device=f.device))
+        keep = kernels.noise_at(rows[:, None] * f.shape[1] + latents, key) >= p
+    else:
+        keep = kernels.noise_at(latents, key) >= p
+    return M, F_, R, imp, theta, p, keep.to(f.dtype)

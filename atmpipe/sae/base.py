@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from atmpipe.atomic import atomic_file
+from atmpipe.distributed import BatchShare
 from atmpipe.errors import UserError
 from atmpipe.sae import sparse
 from atmpipe.sae.sparse import Entries
@@ -99,9 +100,14 @@ class SAE(nn.Module):
     Params: ClassVar[type] = CommonParams
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     # How data-parallel training reduces each buffer a training forward updates from one rank's rows
-    # (`distributed.sync_state`): "mean" for a mean over tokens, "min" for a value monotone in the batch's
-    # minimum, "dead_clock" for tokens-since-fired counts. Unlisted buffers agree on every rank unreduced.
+    # (`distributed.sync_state`): "mean" for a mean over tokens (weighted by each rank's rows), "min" for a
+    # value monotone in the batch's minimum, "dead_clock" for tokens-since-fired counts. Unlisted buffers
+    # agree on every rank unreduced.
     rank_reductions: ClassVar[dict[str, str]] = {"tokens_since_fired": "dead_clock"}
+    # This step's rows of the global batch (`train.train_step` sets it): a forward that needs a statistic of
+    # the whole batch (ATM's, JumpReLU's target L0) or the global position of a row asks it. The default is
+    # a single process holding the whole batch.
+    share: BatchShare = BatchShare()
     # The training step's latents: "sparse" (active entries only, sparse.py), "dense", or "auto": sparse when
     # the batch's density is below the device's sparse.crossover_density. A training option, not a
     # hyper-parameter (the result is the same to float round-off); `atmpipe train --latents` sets it.
@@ -153,10 +159,6 @@ class SAE(nn.Module):
     def param_groups(self, lr: float) -> list[dict]:
         """Optimiser parameter groups (a method may give some parameters their own lr)."""
         return [{"params": list(self.parameters()), "lr": lr}]
-
-    def across_ranks(self, world) -> None:
-        """Called once before data-parallel training on `world` (a `distributed.World`): a method whose
-        forward needs more than `rank_reductions` (ATM reduces its statistics step) sets that up here."""
 
     # ----- the shared body -----
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -236,7 +238,10 @@ class SAE(nn.Module):
         if self.latents == "dense" or (self.latents == "auto" and crossover == 0):
             self.path = ("dense", None)  # no density read-back (on an accelerator it would sync)
             return None
-        density = int(torch.count_nonzero(support)) / support.numel()
+        density = int(torch.count_nonzero(support)) / max(support.numel(), 1)
+        # On several ranks the global density decides: every rank must take the same path (their collectives).
+        if self.share.world.size > 1:
+            density = float(self.share.mean(torch.tensor(density, dtype=torch.float64)))
         if self.latents == "auto" and density >= crossover:
             self.path = ("dense", density)
             return None

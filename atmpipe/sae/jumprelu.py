@@ -103,7 +103,7 @@ class JumpReLUSAE(SAE):
             )
             sparsity = self.hp.l0_coeff * schedule.ramp(step, 0, w) * l0
         else:
-            sparsity = self.hp.l0_coeff * (l0 / self.hp.target_l0 - 1).pow(2)
+            sparsity = self.hp.l0_coeff * target_penalty(l0, self.share.mean(l0.detach()), self.hp.target_l0)
         stats["threshold_mean"] = theta.detach().mean()
         # The loss term has its own name: "l0" is the measured L0 in the stats.
         return TrainOutput(x_hat, latents, {"mse": mse, "sparsity": sparsity}, stats)
@@ -114,3 +114,15 @@ class JumpReLUSAE(SAE):
     def load_inference_tensors(self, tensors: dict[str, Tensor]) -> None:
         # SAELens computes relu(pre)·1[pre > θ]: a θ ≤ 0 acts as θ = 0.
         self.log_threshold.data.copy_(tensors["threshold"].clamp_min(0).log())
+
+
+def target_penalty(l0: Tensor, l0_global: Tensor, target: float) -> Tensor:
+    """(L0/target − 1)² of the global batch's L0, with the gradient a rank's own rows give it.
+
+    The penalty is not linear in L0, so ranks cannot each take it of their own L0: its value is taken at the
+    global L0 (the same on every rank), and its gradient is the slope there times this rank's L0, which the
+    rows-weighted gradient average then sums into the slope times the global L0's gradient. On one process
+    l0_global is l0: the plain penalty and its gradient.
+    """
+    gap = l0_global / target - 1
+    return gap.pow(2) + (2 * gap / target) * (l0 - l0.detach())

@@ -104,7 +104,9 @@ class TopKSAE(SAE):
         vals, flat = acts.flatten().topk(self.hp.k * n, sorted=False)
         f = torch.zeros_like(acts).flatten().scatter(0, flat, vals).view_as(acts)
         with torch.no_grad():
-            kept_min = torch.where(vals > 0, vals, torch.inf).min()
+            kept = torch.where(vals > 0, vals, torch.inf)
+            # A rank with no rows of this batch has nothing kept (and min() of nothing is an error).
+            kept_min = kept.min() if kept.numel() else self.running_threshold.new_tensor(torch.inf)
             kept_min = torch.where(torch.isfinite(kept_min), kept_min, self.running_threshold)
             b = self.hp.threshold_beta
             new = torch.where(
