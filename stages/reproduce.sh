@@ -13,7 +13,7 @@
 #     MODEL=gemma-2-2b LAYER=12 bash stages/reproduce.sh       # the paper's model, on a GPU
 #
 # The plan: 35 SAEs, all 8× wide (5120 latents), one pass over the 2^21-token store unless said otherwise:
-#   1. head      atm, topk, jumprelu, relu at L0 64, seed 0                              4 SAEs, then eval
+#   1. head      atm, topk, jumprelu, relu at L0 64, seed 0         4 SAEs, then eval and make crosscheck
 #   2. seeds     the same at seeds 1 and 2 (error bars at L0 64)                         8 SAEs, then eval
 #   3. frontier  the four methods at L0 16, 32 and 128, seed 0                          12 SAEs, then eval
 #   4. controls  ATM with uniform targeting, the log threshold, r = 0.5; seeds 0-2        9 SAEs, then eval
@@ -25,14 +25,13 @@
 #     PLAN_ONLY=1 bash stages/reproduce.sh | .venv/bin/python stages/experiment.py budget - stages/reproduce-budget.json
 # (its inputs, what is measured and what estimated: stages/reproduce-budget.json; the run's real wall times
 # go to experiment.json). Minutes per group (train + eval), the store reused, the eval's LM passes paid once
-# in the head group (~25 min: SAEBench's absorption prompts), make crosscheck ~20 min:
-#                                    head  seeds  frontier  controls  long  crosscheck  total
-#   dense steps (today's wall times)   59     69       103       109    56          20  6.9 h
-#   sparse steps (issue 14's 2.5×)     49     48        72        69    39          20  4.9 h
-# With the sparse path (ReLU, JumpReLU, ATM at ~2.5× at L0 64) the whole issue fits, nothing cut, ~1 h to
-# spare. With dense steps it is ~55 min over: 2 passes in stages/reproduce-long.toml (-27 min) and no
-# r = 0.5 control (-35 min) would bring it within; the order above means an over-run loses the least
-# informative groups first. A fresh harvest adds ~26 min; other load on the cores stretches everything.
+# in the head group (~25 min: SAEBench's absorption prompts), make crosscheck ~45 min (5 seeds a side):
+#                                        head  crosscheck  seeds  frontier  controls  long  total
+#   dense steps (2026-11-29 wall times)    59          45     69       103       109    56  7.4 h
+#   sparse steps (measured 2026-11-30)     47          45     44        66        52    34  4.8 h
+# With the sparse path the whole issue fits, nothing cut: 4.8 h, 5.2 h with a fresh harvest (~26 min). The
+# order above means an over-run loses the least informative groups first; other load on the cores stretches
+# everything (this run's own wall times, on shared cores, are in experiment.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source stages/lib.sh
