@@ -1,7 +1,7 @@
 """`make crosscheck`: atmpipe's absorption against SAEBench's own absorption eval, on the same SAEs and words.
 
 Run with .venv-saebench's python (SAEBench 0.6 and its pins live there; `make saebench`):
-    .venv-saebench/bin/python stages/crosscheck.py --out DIR [--words N --floor F --min-letters G --seeds 0,1,2]
+    .venv-saebench/bin/python stages/crosscheck.py --out DIR [--words N --floor F --min-letters G --seeds 0,1,2,3,4]
         SAE_DIR [SAE_DIR ...]
 1. atmpipe: `atmpipe eval --metrics absorption` (the main venv's atmpipe) on the given word sample, once per
    seed (the sample's own seed fixed: each seed varies split, examples and probes over the same words);
@@ -243,7 +243,7 @@ def main() -> int:
     p.add_argument("--floor", type=int, default=10, help="per-letter floor on the sample")
     p.add_argument("--min-letters", type=int, default=20, help="letters that must pass the probe gate")
     p.add_argument(
-        "--seeds", default="0,1,2", help="seeds, run on both sides; SAEBench's spread sets the tolerance"
+        "--seeds", default="0,1,2,3,4", help="seeds, run on both sides; SAEBench's spread sets the tolerance"
     )
     p.add_argument("--sample-seed", type=int, default=0, help="the word sample's seed")
     p.add_argument(
