@@ -618,6 +618,13 @@ def main() -> None:
     p.add_argument(
         "--json", metavar="FILE", help="with --crossover / --ab / --breakdown: also write the result here"
     )
+    p.add_argument(
+        "--large-only",
+        type=int,
+        metavar="ROUNDS",
+        help="the step figures at the large shape alone, atmpipe's steps and the GEMM only (no peers), over "
+        "ROUNDS timed rounds: a closer look at a ratio the default 2 rounds there leave noisy",
+    )
     a = p.parse_args()
     if a.crossover or a.ab:
         import platform
@@ -644,6 +651,14 @@ def main() -> None:
         worker_main(a)
     elif a.profile:
         profile(a.profile, a.d_in, a.d_sae)
+    elif a.large_only:
+        result = run(shapes=[SHAPES["large"]], plan=[(1, a.large_only)], with_peers=False)
+        for fig in result["figures"]:
+            print(fig.line())
+        if a.json:
+            Path(a.json).write_text(
+                json.dumps({"load_avg_at_end": os.getloadavg(), **result}, indent=1, default=vars) + "\n"
+            )
     else:
         for fig in run(quick=a.quick)["figures"]:
             print(fig.line())
