@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 HF_NAME = {"gemma-3-270m": "google/gemma-3-270m"}  # atmpipe's short name -> the name TransformerLens knows
 METRICS = {"full": "mean_full_absorption", "fraction": "mean_absorption_fraction"}
+WEIGHTS = "sae_weights.safetensors"  # an SAE directory's weights (SAELens layout)
 SAEBENCH_KEYS = {"full": "mean_full_absorption_score", "fraction": "mean_absorption_fraction_score"}
 
 
@@ -51,7 +52,7 @@ def hf_cache_layout(model_dir: Path, hub_name: str, cache: Path) -> Path:
     return cache
 
 
-def run_atmpipe(args, out: Path, seed: int) -> dict:
+def run_atmpipe(args, out: Path, seed: int, ident: dict) -> dict:
     cmd = [args.atmpipe, "eval", "--metrics", "absorption", "--seed", str(seed), "--out", str(out)]
     cmd += [
         "--absorption-sample-words",
@@ -66,7 +67,7 @@ def run_atmpipe(args, out: Path, seed: int) -> dict:
     start = time.time()
     subprocess.run(cmd, check=True)
     res = json.loads((out / "results.json").read_text())
-    res |= {"seed": seed, "wall_s": time.time() - start, "command": " ".join(cmd)}
+    res |= {"seed": seed, "wall_s": time.time() - start, "command": " ".join(cmd), "identity": ident}
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
 
@@ -82,7 +83,9 @@ def word_sample(model_dir: Path, args) -> list[str]:
     return sample_vocab(vocab, args.words, args.floor, args.sample_seed)
 
 
-def run_saebench(args, words: list[str], hub_name: str, layer: int, seed: int, work: Path) -> dict:
+def run_saebench(
+    args, words: list[str], hub_name: str, layer: int, seed: int, work: Path, ident: dict
+) -> dict:
     """SAEBench's absorption eval, unchanged but for its vocabulary, on every SAE, with one seed."""
     import numpy as np
     import torch
@@ -114,8 +117,6 @@ def run_saebench(args, words: list[str], hub_name: str, layer: int, seed: int, w
     (work / f"seed{seed}").mkdir(parents=True, exist_ok=True)  # SAEBench writes its results there, unmade
     os.chdir(work)  # SAEBench writes artifacts/ under the working directory
     got = sb_main.run_eval(cfg, saes, "cpu", str(work / f"seed{seed}"), force_rerun=True)
-    raw = Path(args.out) / f"saebench_seed{seed}.json"  # SAEBench's own output, kept whole
-    raw.write_text(json.dumps(got, indent=2, default=str) + "\n")
     out = {}
     for name, _ in saes:
         r = next((v for k, v in got.items() if k.startswith(name + "_")), None)
@@ -136,17 +137,28 @@ def run_saebench(args, words: list[str], hub_name: str, layer: int, seed: int, w
             },
             "num_split_features": m["mean_num_split_features"],
         }
-    return {"seed": seed, "wall_s": time.time() - start, "saes": out}
+    run = {"seed": seed, "wall_s": time.time() - start, "saes": out}
+    record = {"identity": ident, "run": run, "saebench_output": got}  # SAEBench's own output, kept whole
+    (Path(args.out) / f"saebench_seed{seed}.json").write_text(
+        json.dumps(record, indent=2, default=str) + "\n"
+    )
+    return run
 
 
-def earlier_saebench_runs(path: Path, sha: str, names: list[str]) -> dict[int, dict]:
-    """SAEBench's runs by seed from an earlier crosscheck on the same word sample and SAEs (else none)."""
+def identity(sha: str, saes: list[str]) -> dict:
+    """What a seed's result depends on besides the seed: the word sample and the SAEs' weights (by hash, so
+    an SAE retrained under the same name is never matched with an old result)."""
+    weights = {Path(p).name: hashlib.sha256((Path(p) / WEIGHTS).read_bytes()).hexdigest() for p in saes}
+    return {"sample_sha256": sha, "sae_sha256": weights}
+
+
+def reusable(path: Path, ident: dict) -> dict | None:
+    """An earlier seed's saved record (atmpipe's results.json, SAEBench's saebench_seed<N>.json) if it was
+    made on the same words and weights."""
     if not path.exists():
-        return {}
-    earlier = json.loads(path.read_text())
-    if earlier["sample"]["sha256"] != sha or earlier["saes"] != names:
-        return {}
-    return {r["seed"]: r for r in earlier["saebench_runs"]}
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.get("identity") == ident else None
 
 
 def compare(atm_runs: list[dict], sb_runs: list[dict], names: list[str]) -> dict:
@@ -255,8 +267,8 @@ def main() -> int:
     p.add_argument(
         "--reuse",
         action="store_true",
-        help="reuse the seeds of an earlier run on the same words and SAEs (DIR/atmpipe/seed*/results.json, "
-        "DIR/crosscheck.json)",
+        help="reuse each seed an earlier run made on the same words and the same SAE weights (by sha256; "
+        "DIR/atmpipe/seed*/results.json, DIR/saebench_seed*.json)",
     )
     p.add_argument(
         "--store", help="the SAEs' activation store, where their recorded path does not resolve here"
@@ -286,28 +298,29 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [Path(s).name for s in args.saes]
     sha = hashlib.sha256("\n".join(words).encode()).hexdigest()
-    atm_runs = []
+    ident = identity(sha, args.saes)
+    atm_runs, sb_runs = [], []
     for seed in seeds:
-        earlier = out / "atmpipe" / f"seed{seed}" / "results.json"
-        run = (
-            json.loads(earlier.read_text())
-            if args.reuse and earlier.exists()
-            else run_atmpipe(args, earlier.parent, seed)
-        )
+        earlier = reusable(out / "atmpipe" / f"seed{seed}" / "results.json", ident) if args.reuse else None
+        run = earlier or run_atmpipe(args, out / "atmpipe" / f"seed{seed}", seed, ident)
         if sha != run["shared"]["absorption"]["sample"]["sha256"]:
             raise SystemExit(
-                f"the word sample differs from the one atmpipe eval used in {earlier.parent}; "
-                "is the same code checked out? (rerun without --reuse)"
+                f"atmpipe eval scored another word sample than this script drew (seed {seed}); is the same "
+                "code checked out in both venvs?"
             )
         atm_runs.append(run)
-    done = earlier_saebench_runs(out / "crosscheck.json", sha, names) if args.reuse else {}
-    sb_runs = [done.get(s) or run_saebench(args, words, HF_NAME[model], layer, s, work) for s in seeds]
+    for seed in seeds:
+        earlier = reusable(out / f"saebench_seed{seed}.json", ident) if args.reuse else None
+        sb_runs.append(
+            earlier["run"] if earlier else run_saebench(args, words, HF_NAME[model], layer, seed, work, ident)
+        )
     result = {
         "model": model,
         "layer": layer,
         "saes": names,
         "sample": atm_runs[0]["shared"]["absorption"]["sample"],
         "seeds": seeds,
+        "identity": ident,
         "versions": {k: version(k) for k in ("sae-bench", "sae-lens", "transformer-lens", "torch")},
         "atmpipe_runs": [
             {"seed": r["seed"], "command": r["command"], "wall_s": r["wall_s"], "shared": r["shared"]}
