@@ -245,7 +245,8 @@ CAPTION = "error bars: sd over seeds where there are seeds; shaded: word-samplin
 
 
 def _save(fig, path: Path) -> None:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure with a legend outside its axes lays itself out
+        fig.tight_layout()
     fig.savefig(path, dpi=FIG_DPI)
     plt.close(fig)
 
@@ -292,19 +293,25 @@ def tradeoff(summary: dict, path: Path, level: int = HEAD_L0) -> bool:
     """Absorption against FVU at one L0 for every series (two panels: full absorption, fraction)."""
     series = _series_order(s for s in summary if level in summary[s])
     panels = [("absorption.mean_full_absorption", "full absorption"), ("absorption.mean_absorption_fraction", "absorption fraction")]  # fmt: skip
-    fig, axes = plt.subplots(1, 2, figsize=FIG_SIZE)
+    fig, axes = plt.subplots(1, 2, figsize=FIG_SIZE, layout="constrained")
     drawn = False
+    # One colour per series in both panels and a shared legend: labels beside the points overlapped where
+    # variants land close together. A longer run is a square; FVU on a log axis, as the controls span ×10.
+    colours = {s: f"C{i % 10}" for i, s in enumerate(series)}
     for ax, (metric, label) in zip(axes, panels, strict=True):
         for s in series:
             x, y = _point(summary[s][level], "core.fvu"), _point(summary[s][level], metric)
             if x and y:
-                ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], marker="o", capsize=3, label=s)
-                ax.annotate(s, (x[0], y[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                marker = "s" if "-x" in s else "o"
+                ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], marker=marker, color=colours[s], capsize=3, label=s)  # fmt: skip
                 drawn = True
-        ax.set_xlabel("FVU")
+        ax.set_xscale("log")
+        ax.set_xlabel("FVU (log scale)")
         ax.set_ylabel(f"{label} (lower is better)")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
     if drawn:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center", fontsize=8)
         fig.suptitle(f"Absorption vs reconstruction at L0 {level} (error bars: sd over seeds)", fontsize=10)
         _save(fig, path)
     else:
