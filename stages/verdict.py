@@ -99,6 +99,9 @@ def comparisons(summary: dict, head: int) -> list[dict]:
             rows += compare(summary, "atm", other, level, h, "ATM against each method at matched L0")
     for control in CONTROLS:
         rows += compare(summary, control, "atm", h, h, "ATM's masking controls against ATM")
+    # ATM is ReLU + L1 with masking on top: each control against that base says what masking alone buys
+    for control in CONTROLS:
+        rows += compare(summary, control, "relu", h, h, "ATM's masking controls against ReLU + L1")
     for times in sorted({int(s.rsplit("-x", 1)[1]) for s in summary if "-x" in s}):
         rows += compare(summary, f"atm-x{times}", "atm", h, h, f"ATM at ×{times} tokens against ×1")
         rows += gap_change(summary, h, times)

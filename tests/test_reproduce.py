@@ -306,6 +306,8 @@ def test_verdict_differences_and_intervals_follow_the_stated_rule():
         "topk": {"8": cell([0.40, 0.50, 0.45], [0.35, 0.55], frac)},
         "atm-x4": {"8": cell([0.08], None, frac)},
         "topk-x4": {"8": cell([0.41], None, frac)},
+        "relu": {"8": cell([0.30, 0.25, 0.35], [0.2, 0.4], frac)},
+        "atm-uniform": {"8": cell([0.05, 0.04, 0.06], [0.02, 0.08], frac)},
     }
     rows = verdict.comparisons(summary, head=8)
     head = next(r for r in rows if r.get("a") == "atm" and r["b"] == "topk")
@@ -325,6 +327,11 @@ def test_verdict_differences_and_intervals_follow_the_stated_rule():
     gap = next(r for r in rows if r["question"].startswith("ATM − TopK gap"))
     assert gap["diff"] == pytest.approx((0.08 - 0.41) - (0.12 - 0.45))
     assert gap["separated"] == (gap["ci95"][0] > 0 or gap["ci95"][1] < 0)
+    # each control against ATM and against its ReLU + L1 base; a control not trained is skipped
+    controls = [(r["a"], r["b"]) for r in rows if r["question"].startswith("ATM's masking controls")]
+    assert controls == [("atm-uniform", "atm"), ("atm-uniform", "relu")]
+    uniform_relu = next(r for r in rows if r.get("a") == "atm-uniform" and r["b"] == "relu")
+    assert uniform_relu["diff"] == pytest.approx(0.05 - 0.30)
     text = verdict.markdown(rows)
     assert f"| 8 | absorption fraction | atm 0.120 ± {1.96 * se_atm:.3f} (n 3) |" in text
     assert "(n 1, sd from L0 8)" in text
