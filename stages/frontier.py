@@ -394,9 +394,12 @@ def plan_stages(plan: str) -> list[tuple[str, str, str]]:
 
 def stage_seconds(name: str, command: str, seconds: dict) -> float:
     """A stage's expected wall time from measured ones: `train_s` per method or variant (one pass over the
-    store), `eval_s` = {"first": LM passes + loading, "per_sae": s}, `<stage>_s` (harvest_s, crosscheck_s)."""
+    store) or per longer series (atm-x4: the whole run, where passes do not cost alike), `eval_s` =
+    {"first": LM passes + loading, "per_sae": s}, `<stage>_s` (harvest_s, crosscheck_s)."""
     if name.startswith("train-"):
         run = parse_run(name[len("train-") :])
+        if run["tokens_multiplier"] > 1 and run["series"] in seconds["train_s"]:
+            return seconds["train_s"][run["series"]]
         per_pass = seconds["train_s"].get(run["variant"], seconds["train_s"][run["method"]])
         return per_pass * run["tokens_multiplier"]
     if name.startswith("eval-"):

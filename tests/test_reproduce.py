@@ -114,13 +114,13 @@ def test_plan_marks_finished_stages_done(tmp_path):
 def test_budget_adds_the_unfinished_stages(tmp_path, capsys):
     text = "harvest\tdone\tx\ntrain-atm-L64-s0\ttodo\tx\ntrain-atm-uniform-L64-s0\ttodo\tx\n"
     text += "train-topk-L64-s0-x4\ttodo\tx\neval-head\ttodo\ta --sae=1 --sae=2 --sae=3\n"
-    text += "eval-long\ttodo\ta --sae=1\n"
+    text += "train-atm-L64-s0-x4\ttodo\tx\neval-long\ttodo\ta --sae=1 --sae=2\n"
     seconds = {
-        "train_s": {"atm": 600, "topk": 150, "atm-uniform": 700},
+        "train_s": {"atm": 600, "topk": 150, "atm-uniform": 700, "atm-x4": 2000},  # atm-x4: its whole run
         "eval_s": {"first": 300, "per_sae": 60},
     }
     hours = frontier.print_budget(text, seconds)
-    assert hours == pytest.approx((600 + 700 + 4 * 150 + 300 + 3 * 60 + 60) / 3600)
+    assert hours == pytest.approx((600 + 700 + 4 * 150 + 300 + 3 * 60 + 2000 + 2 * 60) / 3600)
     assert "within 6 h" in capsys.readouterr().out
 
 
@@ -239,7 +239,10 @@ def test_aggregate_of_real_evals_matches_hand_computations(evaluated):
 
     # core only: the FVU and CE figures exist; absorption and masking ones are left out, not drawn empty
     assert payload["figures"] == ["ce_score_vs_l0.png", "fvu_vs_l0.png"]
-    assert payload["comparisons"] == [] and (evaluated / "verdict.md").is_file()  # no ATM series here
+    # no plain ATM series here: only the r = 0.5 control against its ReLU + L1 base, on the core metrics
+    pairs = {(r["a"], r["b"], r["metric"]) for r in payload["comparisons"]}
+    assert pairs == {("atm-r0.5", "relu", "core.fvu"), ("atm-r0.5", "relu", "core.ce_loss_score")}
+    assert (evaluated / "verdict.md").is_file()
     for png in payload["figures"]:
         assert png_size(evaluated / png) == (800, 500)
     assert not (evaluated / "full_absorption_vs_l0.png").exists()
