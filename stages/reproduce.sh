@@ -28,8 +28,8 @@
 # in the head group (~25 min: SAEBench's absorption prompts), make crosscheck ~45 min (5 seeds a side):
 #                                        head  crosscheck  seeds  frontier  controls  long  total
 #   dense steps (2026-11-29 wall times)    59          45     69       103       109    56  7.4 h
-#   sparse steps (measured 2026-11-30)     47          45     44        66        52    34  4.8 h
-# With the sparse path the whole issue fits, nothing cut: 4.8 h, 5.2 h with a fresh harvest (~26 min). The
+#   sparse steps (measured 2026-11-30)     48          45     45        68        53    37  4.9 h
+# With the sparse path the whole issue fits, nothing cut: 4.9 h, 5.3 h with a fresh harvest (~26 min). The
 # order above means an over-run loses the least informative groups first; other load on the cores stretches
 # everything (this run's own wall times, on shared cores, are in experiment.json).
 set -euo pipefail
