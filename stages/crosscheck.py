@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 HF_NAME = {"gemma-3-270m": "google/gemma-3-270m"}  # atmpipe's short name -> the name TransformerLens knows
 METRICS = {"full": "mean_full_absorption", "fraction": "mean_absorption_fraction"}
-WEIGHTS = "sae_weights.safetensors"  # an SAE directory's weights (SAELens layout)
+# An SAE directory's weights: atmpipe.sae.base.WEIGHTS_FILE, repeated because that module needs the main
+# venv's packages (zarr) and this script runs in .venv-saebench; tests/test_crosscheck.py keeps them equal.
+WEIGHTS = "sae_weights.safetensors"
 SAEBENCH_KEYS = {"full": "mean_full_absorption_score", "fraction": "mean_absorption_fraction_score"}
 
 

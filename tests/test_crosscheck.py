@@ -11,6 +11,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "stages"))
 import crosscheck  # noqa: E402
 
+from atmpipe.sae.base import WEIGHTS_FILE  # noqa: E402
+
+
+def test_the_weights_it_hashes_are_the_file_atmpipe_writes():
+    assert crosscheck.WEIGHTS == WEIGHTS_FILE
+
 
 def test_a_seed_is_reused_only_on_the_same_words_and_weights(tmp_path):
     saes = []
