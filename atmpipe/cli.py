@@ -8,8 +8,9 @@ import sys
 import typer
 from rich.console import Console
 
-from atmpipe.config import EvalConfig, HarvestConfig, TrainConfig
+from atmpipe.config import HarvestConfig, TrainConfig
 from atmpipe.errors import UserError
+from atmpipe.eval.config import EvalConfig
 from atmpipe.inspect.config import InspectConfig
 from atmpipe.options import add_command
 

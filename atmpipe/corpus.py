@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from atmpipe.errors import UserError
+from atmpipe.hub import hub_reachable
 
 EMBEDDED = "embedded"
 # sae-probes datasets whose prompts are real web / news prose (docs/data.md); the rest are short or synthetic.
@@ -192,8 +193,6 @@ def _local_documents(path: Path, text_column: str) -> list[Document]:
 
 
 def _hub_documents(spec: str, text_column: str) -> list[Document]:
-    from atmpipe.lm import hub_reachable
-
     name, _, config = spec.partition(":")
     if not hub_reachable():
         raise UserError(

@@ -17,7 +17,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from rich.console import Console
@@ -30,10 +29,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from atmpipe.config import EMBEDDED_MODEL
 from atmpipe.device import resolve_device
 from atmpipe.errors import UserError
 from atmpipe.home import atmpipe_home
+from atmpipe.hub import EMBEDDED_MODEL, hub_reachable
 
 EMBEDDED = EMBEDDED_MODEL
 SHORT_NAMES = {"gemma-2-2b": "google/gemma-2-2b"}
@@ -147,20 +146,6 @@ def _hub_cached(hub_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect instead of transformers' retry loop (25 s offline)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def embedded_checkpoint() -> Path:

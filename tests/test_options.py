@@ -11,7 +11,8 @@ import typer
 from typer.testing import CliRunner
 
 from atmpipe.cli import app
-from atmpipe.config import EvalConfig, HarvestConfig, TrainConfig
+from atmpipe.config import HarvestConfig, TrainConfig
+from atmpipe.eval.config import EvalConfig
 from atmpipe.options import add_command, option
 
 # The flags atmpipe harvest and train had when they were written by hand: generating them keeps every one.

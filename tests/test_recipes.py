@@ -119,7 +119,8 @@ def _stage_recipes():
 @pytest.mark.parametrize(("path", "under", "kind"), list(_stage_recipes()))
 def test_every_stage_recipe_loads(path, under, kind):
     """A key a config no longer has fails here, not hours into `make reproduce` or `make masking-controls`."""
-    from atmpipe.config import EvalConfig, HarvestConfig, load_config
+    from atmpipe.config import HarvestConfig, load_config
+    from atmpipe.eval.config import EvalConfig
     from atmpipe.eval.metrics import REGISTRY
     from atmpipe.sae import SAEConfig, make_sae
 

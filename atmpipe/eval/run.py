@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from atmpipe.config import EvalConfig, config_class  # noqa: F401  (config_class: for plug-in tests)
 from atmpipe.errors import UserError
 from atmpipe.eval.cache import ActivationCache
+from atmpipe.eval.config import EvalConfig, config_class  # noqa: F401  (config_class: for plug-in tests)
 from atmpipe.eval.metric import Metric
 from atmpipe.eval.metrics import REGISTRY
 from atmpipe.progress import Progress
@@ -241,7 +241,7 @@ def run_eval(cfg) -> Path:
         "cache_dir": str(ctx.cache.dir),
     }
     try:
-        out = write_report(Path(cfg.out), saes, results, ctx.shared, run_info)
+        out = write_report(Path(cfg.out), saes, results, ctx.shared, run_info, metrics)
     except OSError as e:  # checked at the start, but the disk may have filled or changed since
         raise cannot_write(Path(cfg.out), e) from None
     console.print(f"report written to {out}")
