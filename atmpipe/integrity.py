@@ -9,15 +9,23 @@ is checked separately. Activations must also be finite, or training stops on a N
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from atmpipe import remote
-from atmpipe.errors import UserError
-from atmpipe.store import Store, acts_name, decode_acts, first_line, open_store
+from atmpipe.store import (  # noqa: F401  (check_no_missing_shards, missing_shards: re-exported)
+    Store,
+    array_names,
+    check_no_missing_shards,
+    decode_acts,
+    first_line,
+    missing_shards,
+    open_store,
+    shard_key,
+)
 
 # zarr's LocalStore writes `<name>.<uuid4 hex>.partial` and renames it into place; a kill leaves it behind.
 _ZARR_TEMP = re.compile(r".*\.[0-9a-f]{32}\.partial")
@@ -44,39 +52,6 @@ class Verification:
     chunks_checked: int = 0
     damaged: list[Damage] = field(default_factory=list)
     uncommitted_tokens: dict[str, int] = field(default_factory=dict)  # not written yet by the harvest
-
-
-def array_names(store: Store) -> list[str]:
-    return [acts_name(layer) for layer in store.layers] + ["tokens", "positions", "bos"]
-
-
-def shard_key(store: Store, split: str, array: str, shard: int) -> str:
-    """The shard's object key inside the store, e.g. train/acts_l12/c/3/0."""
-    arr = store.group[f"{split}/{array}"]
-    return f"{split}/{array}/" + arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
-
-
-def missing_shards(store: Store) -> Iterator[tuple[str, str, int, int, int]]:
-    """(split, array, shard, first token, stop token) of each committed activation shard whose file is gone.
-
-    Only activations: Zarr writes no file for a shard that is all fill value (zeros), which token, position
-    and BOS shards can legitimately be; real activations never are.
-    """
-    for split, meta in store.attrs["splits"].items():
-        for array in array_names(store)[: len(store.layers)]:
-            for shard in range(meta["shards_committed"]):
-                if not remote.has_file(store.path, shard_key(store, split, array, shard)):
-                    start = shard * meta["shard_tokens"]
-                    yield split, array, shard, start, min(start + meta["shard_tokens"], meta["n_tokens"])
-
-
-def check_no_missing_shards(store: Store) -> None:
-    """Refuse a store with a committed shard file gone (training would read zeros in its place)."""
-    for split, array, shard, start, stop in missing_shards(store):
-        raise UserError(
-            f"store {store.path} is damaged: {split}/{array} shard {shard} (tokens {start}-{stop - 1}) is "
-            f"missing; re-harvest it (`atmpipe verify {store.path}` lists every damaged chunk)"
-        )
 
 
 def count_chunks(store: Store) -> int:

@@ -17,6 +17,7 @@ import copy
 import math
 import queue
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -258,8 +259,6 @@ def open_store(path: str | Path, *, check_files: bool = True) -> Store:
         )
     check_layout(store)
     if check_files:
-        from atmpipe.integrity import check_no_missing_shards
-
         check_no_missing_shards(store)
     return store
 
@@ -267,6 +266,39 @@ def open_store(path: str | Path, *, check_files: bool = True) -> Store:
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def array_names(store: Store) -> list[str]:
+    return [acts_name(layer) for layer in store.layers] + ["tokens", "positions", "bos"]
+
+
+def shard_key(store: Store, split: str, array: str, shard: int) -> str:
+    """The shard's object key inside the store, e.g. train/acts_l12/c/3/0."""
+    arr = store.group[f"{split}/{array}"]
+    return f"{split}/{array}/" + arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+
+
+def missing_shards(store: Store) -> Iterator[tuple[str, str, int, int, int]]:
+    """(split, array, shard, first token, stop token) of each committed activation shard whose file is gone.
+
+    Only activations: Zarr writes no file for a shard that is all fill value (zeros), which token, position
+    and BOS shards can legitimately be; real activations never are.
+    """
+    for split, meta in store.attrs["splits"].items():
+        for array in array_names(store)[: len(store.layers)]:
+            for shard in range(meta["shards_committed"]):
+                if not remote.has_file(store.path, shard_key(store, split, array, shard)):
+                    start = shard * meta["shard_tokens"]
+                    yield split, array, shard, start, min(start + meta["shard_tokens"], meta["n_tokens"])
+
+
+def check_no_missing_shards(store: Store) -> None:
+    """Refuse a store with a committed shard file gone (training would read zeros in its place)."""
+    for split, array, shard, start, stop in missing_shards(store):
+        raise UserError(
+            f"store {store.path} is damaged: {split}/{array} shard {shard} (tokens {start}-{stop - 1}) is "
+            f"missing; re-harvest it (`atmpipe verify {store.path}` lists every damaged chunk)"
+        )
 
 
 def check_layout(store: Store) -> None:
