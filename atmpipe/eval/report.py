@@ -101,12 +101,10 @@ def grouped_bars(categories: list[str], series: dict[str, list[float]], ylabel: 
 # --- document -------------------------------------------------------------------------------------
 
 
-def build_blocks(saes, results: dict, shared: dict, run: dict) -> list[tuple]:
-    """The whole document: the run, every metric side by side, each metric's own section, provenance."""
-    from atmpipe.eval.metrics import REGISTRY  # imported here: the metrics use this module's helpers
-
+def build_blocks(saes, results: dict, shared: dict, run: dict, metrics) -> list[tuple]:
+    """The whole document: the run, every metric side by side, each metric's own section, provenance.
+    `metrics` are the Metric objects that ran (given, not looked up: the metrics import this module)."""
     names = [s.name for s in saes]
-    metrics = [REGISTRY[m].from_config(run["config"]) for m in run["metrics"]]
     blocks: list[tuple] = [("h1", "atmpipe evaluation report")]
     blocks.append(
         (
@@ -232,9 +230,9 @@ def _jsonable(o):
 BROWSER = "features/index.html"  # where `atmpipe inspect` writes beside a report
 
 
-def write_report(out: Path, saes, results: dict, shared: dict, run: dict) -> Path:
+def write_report(out: Path, saes, results: dict, shared: dict, run: dict, metrics=()) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    blocks = build_blocks(saes, results, shared, run)
+    blocks = build_blocks(saes, results, shared, run, metrics)
     if (out / BROWSER).is_file():  # `atmpipe inspect --out <this report>/features` was run
         blocks.insert(
             2, ("link", BROWSER, "Feature browser: each latent's contexts, logit effects and absorption")
