@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import json
 import sys
+from importlib import import_module
 
 import typer
 from rich.console import Console
 
-from atmpipe.config import HarvestConfig, TrainConfig
+from atmpipe.config import HarvestConfig, TrainConfig, load_config
 from atmpipe.errors import UserError
 from atmpipe.eval.config import EvalConfig
 from atmpipe.inspect.config import InspectConfig
@@ -32,10 +34,6 @@ def config_stage(cls, target: str):
 
     def run(config, flags: dict) -> None:
         def go():
-            from importlib import import_module
-
-            from atmpipe.config import load_config
-
             module, name = target.split(":")
             getattr(import_module(module), name)(load_config(cls, config, **flags))
 
@@ -59,8 +57,7 @@ def run_stage(fn, *args, **kwargs):
 
 
 def _harvest(config, flags: dict) -> None:
-    from atmpipe import distributed
-    from atmpipe.config import load_config
+    from atmpipe import distributed  # the stages import torch: only when their command runs, not for --help
     from atmpipe.harvest import harvest
 
     path = harvest(load_config(HarvestConfig, config, **flags))
@@ -86,7 +83,7 @@ def info_command(
     """Show a store's provenance, size, tokens, completion and statistics."""
 
     def go():
-        from atmpipe.store import info_table, open_store
+        from atmpipe.store import info_table, open_store  # zarr and torch: only when the command runs
 
         Console().print(info_table(open_store(store)))
 
@@ -99,8 +96,6 @@ def info_command(
 
 def _parse_hparams(pairs: list[str] | None) -> dict:
     """`--hparam key=value` (repeatable); values are JSON (numbers, true/false, null) or plain strings."""
-    import json
-
     parsed = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -114,7 +109,7 @@ def _parse_hparams(pairs: list[str] | None) -> dict:
 
 
 def _train(config, flags: dict, hparam: list[str] | None) -> None:
-    from atmpipe.train import load_train_config, train
+    from atmpipe.train import load_train_config, train  # torch: only when the command runs
 
     train(load_train_config(config, hparams=_parse_hparams(hparam), **flags))
 
@@ -159,7 +154,7 @@ def verify_command(store: str = typer.Argument(..., help="A store written by `at
     """Read every chunk of a store and report damaged ones; exit code 1 if any is damaged."""
 
     def go():
-        from atmpipe.integrity import count_chunks, verify_store
+        from atmpipe.integrity import count_chunks, verify_store  # zarr and torch: only when it runs
         from atmpipe.progress import Progress
         from atmpipe.store import open_store
 

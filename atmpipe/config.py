@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from atmpipe.corpus import EMBEDDED
+from atmpipe.corpus import EMBEDDED, check_context_size
 from atmpipe.errors import UserError
 from atmpipe.hub import EMBEDDED_MODEL
 from atmpipe.options import option
@@ -100,8 +100,9 @@ class HarvestConfig:
     )
 
     def validate(self) -> None:
-        from atmpipe.corpus import check_context_size
-        from atmpipe.store import STORAGE_DTYPES
+        from atmpipe.store import (
+            STORAGE_DTYPES,  # zarr and torch: this module builds the flags, keep it light
+        )
 
         check_context_size(self.context_size)
         if self.tokens < self.context_size:
@@ -161,7 +162,7 @@ class TrainConfig:
     overrides: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        from atmpipe.sae import SAE_METHODS
+        from atmpipe.sae import SAE_METHODS  # torch: this module builds the flags, keep it light
 
         if not self.store:
             raise UserError(

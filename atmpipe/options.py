@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import typer
+
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
            factory: Callable[[], Any] | None = None) -> Any:  # fmt: skip
@@ -33,8 +35,6 @@ def flag_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
 
 
 def _parameter(f: dataclasses.Field, kind: Any) -> inspect.Parameter:
-    import typer
-
     name = f.metadata.get("flag", f.name)
     dashed = "--" + name.replace("_", "-")
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -54,8 +54,6 @@ def add_command(app, name: str, cls: type, run: Callable[..., None], doc: str,
                 recipe_help: str, extra: tuple[inspect.Parameter, ...] = ()) -> None:  # fmt: skip
     """Add `atmpipe <name>`: a flag per option of `cls`, `--config` for a recipe, and `extra` parameters;
     `run(config, overrides, **extra)` gets the recipe path, the given flags by field name, and the extras."""
-    import typer
-
     fields = flag_fields(cls)
     params = [_parameter(f, kind) for f, kind in fields]
     params.append(

@@ -39,7 +39,7 @@ def location(path: str | Path) -> Location:
 
 def _check_protocol(url: str) -> None:
     """An unknown scheme, or one whose fsspec package is missing, is the user's to fix: say how."""
-    from fsspec import get_filesystem_class
+    from fsspec import get_filesystem_class  # optional: only for URLs
 
     scheme = url.split("://", 1)[0]
     try:
@@ -60,7 +60,7 @@ def is_remote(loc: Location) -> bool:
 
 def _fs(url: str):
     """(filesystem, path inside it); listings are re-read, since other processes write the same store."""
-    from fsspec.core import url_to_fs
+    from fsspec.core import url_to_fs  # optional: only for URLs
 
     fs, path = url_to_fs(url)
     fs.invalidate_cache()

@@ -14,6 +14,7 @@ the root attributes (also atomic). A re-run resumes after the last committed sha
 from __future__ import annotations
 
 import copy
+import json
 import math
 import queue
 import threading
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from rich.table import Table
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from atmpipe import remote
@@ -383,7 +385,6 @@ def config_view(attrs: dict) -> dict:
 
 def _normalise(attrs: dict) -> dict:
     """JSON round trip, so a fresh config compares equal to one read back from zarr.json."""
-    import json
 
     return json.loads(json.dumps(attrs))
 
@@ -627,8 +628,6 @@ def write_arrays_store(
 
 def info_table(store: Store):
     """A rich table: provenance, size, tokens, completion and statistics."""
-    from rich.table import Table
-
     a = store.attrs
     table = Table(title=f"activation store {store.path}", show_header=False, title_justify="left")
     table.add_column(style="bold cyan")

@@ -34,6 +34,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
+from atmpipe.lm import capture
+
 LETTERS = string.ascii_lowercase
 EPS = 1e-8  # a main latent below this counts as silent
 PROTOCOL = "saebench-0.6"
@@ -188,8 +190,6 @@ def word_activations(
     lm, layer: int, input_ids: list[list[int]], positions: list[int], batch_size: int = 32, progress=None
 ) -> torch.Tensor:
     """Residual at `layer` on each prompt's word position: [n_prompts, d_model] float32."""
-    from atmpipe.lm import capture
-
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     out = []
     for start in range(0, len(input_ids), batch_size):

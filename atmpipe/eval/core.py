@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from atmpipe.lm import forward_with_splice
+
 DENSE_FIRING_RATE = 0.1  # a latent firing on more than 10% of tokens is "dense"
 DUPLICATE_COSINE = 0.8  # two live latents with decoder cosine above this are duplicates
 
@@ -153,8 +155,6 @@ def keep_special(fn, input_ids: Tensor, special_ids: Iterable[int]):
 @torch.no_grad()
 def baseline_losses(lm, layer: int, windows: Tensor, special_ids: list[int], progress=None) -> dict:
     """CE of the clean run and of the zero-ablated run and their KL: independent of the SAE, so cached."""
-    from atmpipe.lm import forward_with_splice
-
     ce_clean, ce_zero, kl_zero, n = 0.0, 0.0, 0.0, 0
     for i in range(windows.shape[0]):
         ids = windows[i : i + 1].to(lm.device)
@@ -179,8 +179,6 @@ def reconstruct(sae, resid: Tensor) -> Tensor:
 @torch.no_grad()
 def spliced_losses(lm, layer: int, windows: Tensor, special_ids: list[int], sae, progress=None) -> dict:
     """CE and KL (vs clean) with the SAE's reconstruction replacing the layer-`layer` residual."""
-    from atmpipe.lm import forward_with_splice
-
     ce_sae, kl_sae, n = 0.0, 0.0, 0
     for i in range(windows.shape[0]):
         ids = windows[i : i + 1].to(lm.device)

@@ -17,7 +17,7 @@ import numpy as np
 from atmpipe.errors import UserError
 
 if TYPE_CHECKING:
-    import pandas as pd
+    import pandas as pd  # heavy: only for parquet files
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def occupation_gender_table(data_dir: Path | None = None) -> pd.DataFrame:
     holds texts about people too; a text present in both names one person with both attributes. People
     who are positive for more than one occupation are dropped.
     """
-    import pandas as pd
+    import pandas as pd  # heavy: only for parquet files
 
     gender = read_dataset("56_wikidatasex_or_gender", data_dir)[["prompt", "target"]].drop_duplicates(
         "prompt"

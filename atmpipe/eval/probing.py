@@ -12,6 +12,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from atmpipe.lm import capture
+
 K_VALUES = (1, 2, 5)
 
 
@@ -20,8 +22,6 @@ def text_activations(
     lm, layer: int, texts: list[str], context: int, batch_size: int = 8, progress=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer-`layer` residual of every non-pad, non-BOS token: (acts [n_tokens, d], offsets [n_texts + 1])."""
-    from atmpipe.lm import capture
-
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     special = {t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None}

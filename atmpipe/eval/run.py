@@ -22,7 +22,10 @@ from atmpipe.eval.cache import ActivationCache
 from atmpipe.eval.config import EvalConfig, config_class  # noqa: F401  (config_class: for plug-in tests)
 from atmpipe.eval.metric import Metric
 from atmpipe.eval.metrics import REGISTRY
+from atmpipe.eval.report import write_report
 from atmpipe.progress import Progress
+from atmpipe.sae import SAE
+from atmpipe.store import open_store
 from atmpipe.writable import cannot_write, require_writable
 
 console = Console(stderr=True)
@@ -67,8 +70,6 @@ def parse_metrics(spec: str) -> list[str]:
 
 
 def load_saes(paths: list[str]) -> list[LoadedSAE]:
-    from atmpipe.sae import SAE
-
     if not paths:
         raise UserError("no SAE given; pass --sae DIR (one or more times)")
     loaded, names = [], set()
@@ -142,8 +143,6 @@ def agreed(saes: list[LoadedSAE], key: str, flag, what: str):
 
 
 def open_eval_store(cfg: EvalConfig, saes: list[LoadedSAE], layer: int | None):
-    from atmpipe.store import open_store
-
     path = cfg.store or next((s.info["store"].get("path") for s in saes if s.info["store"].get("path")), None)
     if path is None:
         return None
@@ -228,8 +227,6 @@ def run_eval(cfg) -> Path:
                     results[s.name][m.name] = section
                 phase()
 
-    from atmpipe.eval.report import write_report
-
     run_info = {
         "model": model_name,
         "model_source": ctx.lm.source if ctx.lm else None,
@@ -269,7 +266,7 @@ def open_inputs(cfg, saes: list[LoadedSAE], metrics: list[Metric]) -> tuple[Cont
 
 def open_lm(cfg, model_name: str | None, ctx: Context, saes: list[LoadedSAE]):
     """The model, refused when it is not the store's or does not fit the SAEs and the layer."""
-    from atmpipe.lm import load_lm
+    from atmpipe.lm import load_lm  # transformers: only when a metric needs the model
 
     if model_name is None:
         raise UserError("the SAEs do not record their model; pass --model")

@@ -14,11 +14,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atmpipe.config import load_config
 from atmpipe.errors import UserError
-from atmpipe.eval.run import Phase, agreed, check_out, console, load_saes, open_eval_store, other_width
+from atmpipe.eval.cache import ActivationCache
+from atmpipe.eval.metrics import REGISTRY
+from atmpipe.eval.run import (
+    Context,
+    EvalConfig,
+    Phase,
+    agreed,
+    check_out,
+    console,
+    load_saes,
+    open_eval_store,
+    other_width,
+)
 from atmpipe.inspect import absorbed, extract, page, weights
 from atmpipe.inspect.config import InspectConfig
+from atmpipe.lm import load_lm
 from atmpipe.progress import Progress
+from atmpipe.sae.atm import STAT_NAMES, STATS_FILE
 
 
 def parse_latents(spec: str | None, top: int | None, d_sae: int, name: str) -> list[int] | None:
@@ -111,12 +126,6 @@ def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[li
     """Run the eval's absorption plug-in (its options from --absorption-config, else their defaults; its
     cache: after `atmpipe eval` with the same options the prompts are not run again), then each SAE's
     per-letter records and each absorption word's latents."""
-    from atmpipe.config import load_config
-    from atmpipe.eval.cache import ActivationCache
-    from atmpipe.eval.metrics import REGISTRY
-    from atmpipe.eval.run import Context, EvalConfig
-    from atmpipe.lm import load_lm
-
     lm = load_lm(model)
     ecfg = load_config(EvalConfig, cfg.absorption_config, sae=cfg.sae, seed=cfg.seed)
     metric = REGISTRY["absorption"].from_config(ecfg)
@@ -208,15 +217,11 @@ def write_details(out, k, sae, fr, held, U: tuple, nn, latents, rng, used_tokens
 
 
 def atm_stat_names() -> tuple:
-    from atmpipe.sae.atm import STAT_NAMES
-
     return STAT_NAMES
 
 
 def atm_stats(s) -> dict | None:
     """An ATM SAE's final M, F, R, I and p (None for other methods, or when the SAE was saved without)."""
-    from atmpipe.sae.atm import STAT_NAMES, STATS_FILE
-
     if s.info["method"] != "atm" or not (s.path / STATS_FILE).exists():
         return None
     return {name: getattr(s.sae, f"atm_{name}").detach().cpu().numpy() for name in STAT_NAMES}

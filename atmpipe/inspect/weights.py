@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from atmpipe.errors import UserError
+from atmpipe.lm import resolve_model
 
 N_LOGITS = 10  # promoted and suppressed tokens per latent
 N_NEIGHBOURS = 8  # nearest latents by decoder cosine
@@ -21,12 +22,11 @@ N_NEIGHBOURS = 8  # nearest latents by decoder cosine
 
 def checkpoint_dir(model: str) -> Path:
     """The local directory of `model`'s checkpoint (converted once for the embedded model and GGUFs)."""
-    from atmpipe.lm import resolve_model
 
     _, source, _ = resolve_model(model)
     if Path(source).is_dir():
         return Path(source)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # only for a hub model
 
     return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model"]))
 
@@ -116,11 +116,11 @@ def token_strings(ckpt: Path, ids: list[int]) -> dict[int, str]:
     The fast `tokenizers` file when the checkpoint has one (a second, where transformers' wrapper takes
     several); otherwise transformers' tokenizer."""
     if (ckpt / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # heavy: only when reading tokenizer files
 
         tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
         return {i: tok.decode([i], skip_special_tokens=False) for i in ids}
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only as the fallback
 
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
     return {i: tokenizer.decode([i]) for i in ids}

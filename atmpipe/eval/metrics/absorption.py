@@ -34,7 +34,7 @@ class Absorption(Metric):
     ]
 
     def collect(self, ctx) -> None:
-        from atmpipe.eval import absorption
+        from atmpipe.eval import absorption  # lazy (eval/metric.py)
 
         self.acfg = acfg = absorption.AbsorptionConfig(
             sample_words=self.opts.absorption_sample_words,
@@ -53,7 +53,7 @@ class Absorption(Metric):
 
     def word_inputs(self, ctx) -> dict:
         """Residuals and first letters of the train, test and scoring prompts (cached per model and layer)."""
-        from atmpipe.eval import absorption
+        from atmpipe.eval import absorption  # lazy (eval/metric.py)
 
         acfg = self.acfg
         key = {
@@ -68,7 +68,7 @@ class Absorption(Metric):
         }
 
         def compute():
-            import torch
+            import torch  # lazy (eval/metric.py)
 
             task = absorption.first_letter_task(ctx.lm.tokenizer, acfg)
             parts = ("train", "test", "score")
@@ -89,12 +89,12 @@ class Absorption(Metric):
         return {k: v.numpy() for k, v in tensors.items()} | extra
 
     def compute(self, ctx, sae) -> dict:
-        from atmpipe.eval import absorption
+        from atmpipe.eval import absorption  # lazy (eval/metric.py)
 
         return absorption.absorption_metrics(sae.sae, self.task, self.probe, self.acfg)
 
     def blocks(self, names, results, shared) -> list[tuple]:
-        from atmpipe.eval.report import fmt, grouped_bars
+        from atmpipe.eval.report import fmt, grouped_bars  # lazy (eval/metric.py)
 
         blocks: list[tuple] = [
             ("h2", "Absorption per letter"),
@@ -130,7 +130,7 @@ class Absorption(Metric):
 
 def summary(task: dict, probe: dict, acfg) -> dict:
     """What the absorption numbers were measured on: protocol, word sample, split and probe quality."""
-    from atmpipe.eval import absorption
+    from atmpipe.eval import absorption  # lazy (eval/metric.py)
 
     letters = absorption.LETTERS
     whole = acfg.sample_words <= 0 or task["n_sampled"] == task["vocab_size"]

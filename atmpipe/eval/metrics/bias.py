@@ -30,7 +30,7 @@ class Bias(Metric):
             raise UserError(f"--bias-occupations needs two of {known}, got {got!r}")
 
     def prepare(self, ctx) -> None:
-        from atmpipe.eval import bias
+        from atmpipe.eval import bias  # lazy (eval/metric.py)
 
         self.bias_cfg = bias.BiasConfig(
             occupation_a=self.occupations[0],
@@ -47,12 +47,12 @@ class Bias(Metric):
         self.inputs = {k: v for k, v in self.data.items() if k != "texts"} | got
 
     def compute(self, ctx, sae) -> dict:
-        from atmpipe.eval import bias
+        from atmpipe.eval import bias  # lazy (eval/metric.py)
 
         return bias.scr_metrics(sae.sae, self.inputs, self.bias_cfg)
 
     def blocks(self, names, results, shared) -> list[tuple]:
-        from atmpipe.eval.report import fmt
+        from atmpipe.eval.report import fmt  # lazy (eval/metric.py)
 
         bi = {n: results[n]["bias"] for n in names if "bias" in results[n]}
         con = next(iter(bi.values())).get("construction", {})

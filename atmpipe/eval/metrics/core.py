@@ -13,7 +13,7 @@ from atmpipe.errors import UserError
 from atmpipe.eval.metric import Metric, option
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # lazy (eval/metric.py)
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Core(Metric):
         }
 
         def compute_base():
-            from atmpipe.eval import core
+            from atmpipe.eval import core  # lazy (eval/metric.py)
 
             phase = ctx.phase("splice baselines (LM)", self.windows.shape[0])
             return {}, core.baseline_losses(ctx.lm, ctx.layer, self.windows, self.special, phase)
@@ -69,7 +69,7 @@ class Core(Metric):
         }
 
     def compute(self, ctx, sae) -> dict:
-        from atmpipe.eval import core
+        from atmpipe.eval import core  # lazy (eval/metric.py)
 
         phase = ctx.phase(f"core · {sae.name}", self.windows.shape[0] + 1)
         rec = core.reconstruction_metrics(sae.sae, core_batches(ctx.store, ctx.layer, self.opts.core_tokens))
@@ -78,7 +78,7 @@ class Core(Metric):
         return rec | core.downstream_scores(self.base, spliced)
 
     def blocks(self, names, results, shared) -> list[tuple]:
-        from atmpipe.eval.report import frontier_plot
+        from atmpipe.eval.report import frontier_plot  # lazy (eval/metric.py)
 
         blocks: list[tuple] = [("h2", "Sparsity vs reconstruction")]
         png = frontier_plot(names, results)
@@ -99,7 +99,7 @@ class Core(Metric):
 
 def core_batches(store, layer: int, max_tokens: int, batch: int = 4096):
     """Held-out store activations with BOS removed, up to `max_tokens` rows."""
-    import torch
+    import torch  # lazy (eval/metric.py)
 
     split = store.split("eval")
     n = min(split.n_committed_tokens, max_tokens)
@@ -112,7 +112,7 @@ def core_batches(store, layer: int, max_tokens: int, batch: int = 4096):
 
 def splice_windows(store, n_windows: int) -> torch.Tensor:
     """The first `n_windows` whole context windows of the eval split's tokens."""
-    import torch
+    import torch  # lazy (eval/metric.py)
 
     split = store.split("eval")
     ctx = int(store.attrs["context_size"])

@@ -112,7 +112,7 @@ class Masking(Metric):
 
 def report_blocks(names: list[str], results: dict) -> list[tuple]:
     """The "ATM masking" section: a table per ATM SAE, and histograms of log10 I and p."""
-    from atmpipe.eval.report import png
+    from atmpipe.eval.report import png  # lazy (eval/metric.py)
 
     masked = {n: results[n]["masking"] for n in names if results[n].get("masking", {}).get("status") == "ok"}
     if not masked:
@@ -171,7 +171,7 @@ def _main(m: dict) -> str:
 
 
 def _figure(masked: dict):
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy (eval/metric.py)
 
     from atmpipe.eval.report import FIG_DPI, FIG_SIZE  # imported here: the report imports the registry
 

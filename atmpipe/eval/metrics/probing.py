@@ -14,7 +14,7 @@ from atmpipe.eval import data
 from atmpipe.eval.metric import Metric, option
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # lazy (eval/metric.py)
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Probing(Metric):
         }
 
     def collect(self, ctx) -> None:
-        from atmpipe.eval import probing
+        from atmpipe.eval import probing  # lazy (eval/metric.py)
 
         ctx.shared["probing_baselines"], self.task_data = {}, {}
         for t, sp in self.splits.items():
@@ -87,7 +87,7 @@ class Probing(Metric):
         }
 
     def compute(self, ctx, sae) -> dict:
-        from atmpipe.eval import probing
+        from atmpipe.eval import probing  # lazy (eval/metric.py)
 
         per_task = {
             t: probing.sae_task_accuracies(sae.sae, td, seed=ctx.seed) for t, td in self.task_data.items()
@@ -95,7 +95,7 @@ class Probing(Metric):
         return summarise_probing(per_task)
 
     def blocks(self, names, results, shared) -> list[tuple]:
-        from atmpipe.eval.report import fmt, grouped_bars
+        from atmpipe.eval.report import fmt, grouped_bars  # lazy (eval/metric.py)
 
         pr = {n: results[n]["probing"]["per_task"] for n in names if "probing" in results[n]}
         tasks = list(next(iter(pr.values())))
@@ -128,7 +128,7 @@ def text_inputs(ctx, kind: str, texts: list[str], context: int, key: dict) -> di
     """Each text's residual activations (ragged: `acts` rows and `offsets`), cached per model and layer."""
 
     def compute():
-        from atmpipe.eval import probing
+        from atmpipe.eval import probing  # lazy (eval/metric.py)
 
         phase = ctx.phase(f"{kind} texts (LM)", len(texts))
         acts, offsets = probing.text_activations(
@@ -143,7 +143,7 @@ def text_inputs(ctx, kind: str, texts: list[str], context: int, key: dict) -> di
 def split_ragged(
     acts: torch.Tensor, offsets: torch.Tensor, idx: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
+    import torch  # lazy (eval/metric.py)
 
     rows = [acts[offsets[i] : offsets[i + 1]] for i in idx]
     new = torch.zeros(len(idx) + 1, dtype=torch.long)
@@ -153,7 +153,7 @@ def split_ragged(
 
 def summarise_probing(per_task: dict) -> dict:
     """Per-task accuracies plus their means over all tasks and over the sentiment tasks."""
-    from atmpipe.eval import probing
+    from atmpipe.eval import probing  # lazy (eval/metric.py)
 
     out = {"per_task": per_task}
     for k in probing.K_VALUES:

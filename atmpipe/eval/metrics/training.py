@@ -133,7 +133,7 @@ def is_number(v) -> bool:
 
 
 def last_row(name: str, section: dict) -> list[str]:
-    from atmpipe.eval.report import fmt
+    from atmpipe.eval.report import fmt  # lazy (eval/metric.py)
 
     last = section["last"]
     keys = (*LOSS_KEYS, *SPARSITY_KEYS, *ATM_KEYS)
@@ -150,7 +150,7 @@ def curve_panels(
     curves: dict[str, dict], keys: list[str], title: str, colors: dict, log_scale: bool
 ) -> bytes:
     """One panel per key, one line per SAE, against training tokens (steps when tokens were not logged)."""
-    from atmpipe.eval.report import FIG_SIZE, plt, png
+    from atmpipe.eval.report import FIG_SIZE, plt, png  # lazy (eval/metric.py)
 
     fig, axes = plt.subplots(1, len(keys), figsize=FIG_SIZE, squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
