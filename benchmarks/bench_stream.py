@@ -42,7 +42,7 @@ from numcodecs import Blosc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atmpipe.sae import SAEConfig, make_sae  # noqa: E402
-from atmpipe.store import compressors, write_arrays_store  # noqa: E402
+from atmpipe.store import compressors, open_store, write_arrays_store  # noqa: E402
 from atmpipe.stream import ChunkReader, ShardStream  # noqa: E402
 from atmpipe.train import train_step  # noqa: E402
 
@@ -105,86 +105,89 @@ def line(f: dict) -> str:
     )
 
 
-def run(
-    quick: bool = False, trainer_tokens_per_s: float | None = None, log: Callable[[str], None] = print
-) -> dict:
-    # The stream is timed from its creation to the last batch of `epochs` epochs (each two or more shuffle
-    # buffers): nothing it prepared while other figures were measured can flatter it, and its start-up
-    # weighs on the rate as it would early in a training run, not more.
-    n_chunks, buffer_chunks, epochs, rounds, steps = (16, 8, 2, 3, 2) if quick else (64, 32, 4, 5, 4)
+def stream_batch_times(
+    store, seed: int, direct: bool, n_batches: int, buffer_chunks: int
+) -> tuple[float, float]:
+    """(wall, process CPU) seconds per batch of a stream timed from its creation; `direct=False`: every chunk
+    read through zarr instead of ChunkReader. CPU time counts all the stream's threads: on a loaded machine
+    it tells the cost of a read path where wall time mostly tells the scheduler's share."""
+    no_reader = classmethod(lambda cls, root, array: None)
+    with mock.patch.object(ChunkReader, "for_array", ChunkReader.for_array if direct else no_reader):
+        start, cpu = time.perf_counter(), time.process_time()
+        with ShardStream(store, 0, BATCH, seed=seed, buffer_chunks=buffer_chunks, log=lambda m: None) as s:
+            for _ in range(n_batches):
+                next(s)
+        return (time.perf_counter() - start) / n_batches, (time.process_time() - cpu) / n_batches
+
+
+def decode_timer(raw: np.ndarray) -> tuple[Callable[[], float], Callable[[], bool]]:
+    """What one chunk costs to decode, alone: the store's own Blosc settings on the same activations, then
+    the crc32c check; one Blosc thread, as in the stream's decode workers. Returns (CPU seconds per chunk,
+    whether the last decode gave the activations back)."""
+    blosc = compressors()[0]
+    codec = Blosc(blosc.cname.value, blosc.clevel, getattr(Blosc, blosc.shuffle.value.upper()))
+    encoded = np.frombuffer(codec.encode(np.ascontiguousarray(raw[:CHUNK])), np.uint8)
+    decoded = np.empty((CHUNK, D_IN), np.float32)
+
+    def decode_chunk() -> None:
+        google_crc32c.value(encoded)
+        codec.decode(encoded, out=decoded)
+
+    def timed_decode() -> float:
+        threads, numcodecs.blosc.use_threads = numcodecs.blosc.use_threads, False
+        try:
+            return timed_cpu(decode_chunk, 8)
+        finally:
+            numcodecs.blosc.use_threads = threads
+
+    return timed_decode, lambda: np.array_equal(decoded, raw[:CHUNK])
+
+
+def measure(root: Path, n_chunks: int, buffer_chunks: int, epochs: int, rounds: int, steps: int) -> dict:
+    """Every timing, in alternating rounds: the stream (direct and zarr reads), the memmap baseline, one
+    chunk's decoding, then the trainer fed by the stream or by one fixed batch."""
+    store_path, raw_path = make_data(root, n_chunks)
+    store = open_store(store_path)
+    raw = np.load(raw_path, mmap_mode="r")
+    rng = np.random.default_rng(1)
+    raw[:].sum()  # warm the page cache for the baseline, as the store's writes warmed it for the stream
+
+    def memmap_batch() -> None:  # gathered exactly as the stream gathers a batch from its buffer
+        rows = np.sort(rng.choice(len(raw), BATCH, replace=False))
+        np.take(raw, rows, axis=0, out=torch.empty((BATCH, D_IN)).numpy(), mode="clip")
+
+    timed_decode, decoded_right = decode_timer(raw)
+    names = ("stream_s", "zarr_s", "stream_cpu", "zarr_cpu", "memmap_s", "memmap_cpu", "decode_cpu")
+    t: dict[str, list[float]] = {name: [] for name in (*names, "fed_s", "fixed_s")}
     n_batches = epochs * (n_chunks - 1)  # BOS tokens removed: a little under n_chunks batches per epoch
-    with tempfile.TemporaryDirectory(prefix="atmpipe-bench-stream-") as tmp:
-        store_path, raw_path = make_data(Path(tmp), n_chunks)
-        from atmpipe.store import open_store
+    for r in range(rounds):
+        for kind, direct in (("stream", True), ("zarr", False)):
+            wall, cpu = stream_batch_times(store, r, direct, n_batches, buffer_chunks)
+            t[f"{kind}_s"].append(wall)
+            t[f"{kind}_cpu"].append(cpu)
+        cpu = time.process_time()
+        t["memmap_s"].append(timed(memmap_batch, n_chunks - 1))  # one thread: its CPU time is its cost
+        t["memmap_cpu"].append((time.process_time() - cpu) / (n_chunks - 1))
+        t["decode_cpu"].append(timed_decode())
+    assert decoded_right()
+    # Then the trainer, fed by the stream (whose thread decodes beside it) or by one fixed batch.
+    step = trainer_step()
+    fixed = torch.from_numpy(np.array(raw[:BATCH]))
+    step(fixed)  # allocator and kernels warmed
+    with ShardStream(store, 0, BATCH, seed=99, buffer_chunks=buffer_chunks) as feed:
+        for _ in range(rounds):
+            t["fed_s"].append(timed(lambda: step(next(feed)), steps))
+            t["fixed_s"].append(timed(lambda: step(fixed), steps))
+    return t
 
-        store = open_store(store_path)
-        raw = np.load(raw_path, mmap_mode="r")
-        rng = np.random.default_rng(1)
-        raw[:].sum()  # warm the page cache for the baseline, as the store's writes warmed it for the stream
 
-        def memmap_batch() -> None:  # gathered exactly as the stream gathers a batch from its buffer
-            rows = np.sort(rng.choice(len(raw), BATCH, replace=False))
-            np.take(raw, rows, axis=0, out=torch.empty((BATCH, D_IN)).numpy(), mode="clip")
-
-        def stream_epochs(seed: int, direct: bool = True) -> tuple[float, float]:
-            """(wall, process CPU) seconds per batch; `direct=False`: every chunk read through zarr instead
-            of ChunkReader. CPU time counts all the stream's threads: on a loaded machine it tells the cost
-            of a read path where wall time mostly tells the scheduler's share."""
-            no_reader = classmethod(lambda cls, root, array: None)
-            with mock.patch.object(ChunkReader, "for_array", ChunkReader.for_array if direct else no_reader):
-                start, cpu = time.perf_counter(), time.process_time()
-                with ShardStream(
-                    store, 0, BATCH, seed=seed, buffer_chunks=buffer_chunks, log=lambda m: None
-                ) as s:
-                    for _ in range(n_batches):
-                        next(s)
-                return (time.perf_counter() - start) / n_batches, (time.process_time() - cpu) / n_batches
-
-        # What one chunk costs to decode, alone: the store's own Blosc settings on the same activations,
-        # then the crc32c check; one Blosc thread, as in the stream's decode workers.
-        blosc = compressors()[0]
-        codec = Blosc(blosc.cname.value, blosc.clevel, getattr(Blosc, blosc.shuffle.value.upper()))
-        encoded = np.frombuffer(codec.encode(np.ascontiguousarray(raw[:CHUNK])), np.uint8)
-        decoded = np.empty((CHUNK, D_IN), np.float32)
-
-        def decode_chunk() -> None:
-            google_crc32c.value(encoded)
-            codec.decode(encoded, out=decoded)
-
-        def timed_decode() -> float:
-            threads, numcodecs.blosc.use_threads = numcodecs.blosc.use_threads, False
-            try:
-                return timed_cpu(decode_chunk, 8)
-            finally:
-                numcodecs.blosc.use_threads = threads
-
-        stream_s, zarr_s, stream_cpu, zarr_cpu, memmap_s, memmap_cpu, decode_cpu, fed_s, fixed_s = (
-            [] for _ in range(9)
-        )
-        for r in range(rounds):
-            for walls, cpus, direct in ((stream_s, stream_cpu, True), (zarr_s, zarr_cpu, False)):
-                wall, cpu = stream_epochs(r, direct)
-                walls.append(wall)
-                cpus.append(cpu)
-            cpu = time.process_time()
-            memmap_s.append(timed(memmap_batch, n_chunks - 1))  # one thread: its CPU time is its cost
-            memmap_cpu.append((time.process_time() - cpu) / (n_chunks - 1))
-            decode_cpu.append(timed_decode())
-        assert np.array_equal(decoded, raw[:CHUNK])
-        # Then the trainer, fed by the stream (whose thread decodes beside it) or by one fixed batch.
-        step = trainer_step()
-        fixed = torch.from_numpy(np.array(raw[:BATCH]))
-        step(fixed)  # allocator and kernels warmed
-        with ShardStream(store, 0, BATCH, seed=99, buffer_chunks=buffer_chunks) as feed:
-            for _ in range(rounds):
-                fed_s.append(timed(lambda: step(next(feed)), steps))
-                fixed_s.append(timed(lambda: step(fixed), steps))
-    stream_rate = BATCH / statistics.median(stream_s)
-    memmap_rate = BATCH / statistics.median(memmap_s)
-    measured_trainer = BATCH / statistics.median(fixed_s)
-    trainer = trainer_tokens_per_s or measured_trainer
+def figures_of(t: dict, n_chunks: int, trainer_tokens_per_s: float | None) -> tuple[list[dict], dict]:
+    """The figures, and the raw numbers they come from."""
+    med = {name: statistics.median(values) for name, values in t.items()}
+    stream_rate, memmap_rate = BATCH / med["stream_s"], BATCH / med["memmap_s"]
+    trainer = trainer_tokens_per_s or BATCH / med["fixed_s"]
     # The bound in CPU time (single-threaded pieces: what they cost, whatever share the scheduler gives).
-    gather, decode, cores = statistics.median(memmap_cpu), statistics.median(decode_cpu), os.cpu_count() or 1
+    gather, decode, cores = med["memmap_cpu"], med["decode_cpu"], os.cpu_count() or 1
     raw_out = {
         "stream_tokens_per_s": stream_rate,
         "memmap_tokens_per_s": memmap_rate,
@@ -192,15 +195,15 @@ def run(
         "trainer_source": "bench_train (fastest atmpipe method)"
         if trainer_tokens_per_s
         else "measured here (TopK)",
-        "fed_step_s": fed_s,
-        "fixed_step_s": fixed_s,
-        "stream_batch_s": stream_s,
-        "stream_zarr_reads_batch_s": zarr_s,
-        "stream_batch_cpu_s": stream_cpu,
-        "stream_zarr_reads_batch_cpu_s": zarr_cpu,
-        "memmap_batch_s": memmap_s,
-        "memmap_batch_cpu_s": memmap_cpu,
-        "decode_chunk_cpu_s": decode_cpu,
+        "fed_step_s": t["fed_s"],
+        "fixed_step_s": t["fixed_s"],
+        "stream_batch_s": t["stream_s"],
+        "stream_zarr_reads_batch_s": t["zarr_s"],
+        "stream_batch_cpu_s": t["stream_cpu"],
+        "stream_zarr_reads_batch_cpu_s": t["zarr_cpu"],
+        "memmap_batch_s": t["memmap_s"],
+        "memmap_batch_cpu_s": t["memmap_cpu"],
+        "decode_chunk_cpu_s": t["decode_cpu"],
         "cores": cores,
         "store_tokens": n_chunks * CHUNK,
     }
@@ -215,16 +218,16 @@ def run(
         figure(
             "stream: shuffled batches vs raw memmap random read",
             f"stream {stream_rate:,.0f} tok/s vs memmap random rows {memmap_rate:,.0f} tok/s ("
-            f"CPU {statistics.median(stream_cpu) * 1e3:.1f} vs {statistics.median(memmap_cpu) * 1e3:.1f} ms/batch)",
+            f"CPU {med['stream_cpu'] * 1e3:.1f} vs {med['memmap_cpu'] * 1e3:.1f} ms/batch)",
             stream_rate / memmap_rate,
             "≥ 0.5×",
             stream_rate / memmap_rate >= 0.5,
         ),
         figure(
             "stream: direct chunk reads vs zarr's reads",
-            f"CPU {statistics.median(stream_cpu) * 1e3:.1f} vs {statistics.median(zarr_cpu) * 1e3:.1f} ms per batch "
-            f"through zarr (wall {statistics.median(stream_s) * 1e3:.1f} vs {statistics.median(zarr_s) * 1e3:.1f})",
-            statistics.median(zarr_cpu) / statistics.median(stream_cpu),
+            f"CPU {med['stream_cpu'] * 1e3:.1f} vs {med['zarr_cpu'] * 1e3:.1f} ms per batch "
+            f"through zarr (wall {med['stream_s'] * 1e3:.1f} vs {med['zarr_s'] * 1e3:.1f})",
+            med["zarr_cpu"] / med["stream_cpu"],
             "info",
             None,
         ),
@@ -237,12 +240,25 @@ def run(
         ),
         figure(
             "stream: train step fed by the stream vs in-memory",
-            f"step {statistics.median(fed_s):.3f}s fed vs {statistics.median(fixed_s):.3f}s on a fixed batch",
-            statistics.median(fed_s) / statistics.median(fixed_s),
+            f"step {med['fed_s']:.3f}s fed vs {med['fixed_s']:.3f}s on a fixed batch",
+            med["fed_s"] / med["fixed_s"],
             "≈ 1× (info)",
             None,
         ),
     ]
+    return figures, raw_out
+
+
+def run(
+    quick: bool = False, trainer_tokens_per_s: float | None = None, log: Callable[[str], None] = print
+) -> dict:
+    # The stream is timed from its creation to the last batch of `epochs` epochs (each two or more shuffle
+    # buffers): nothing it prepared while other figures were measured can flatter it, and its start-up
+    # weighs on the rate as it would early in a training run, not more.
+    n_chunks, buffer_chunks, epochs, rounds, steps = (16, 8, 2, 3, 2) if quick else (64, 32, 4, 5, 4)
+    with tempfile.TemporaryDirectory(prefix="atmpipe-bench-stream-") as tmp:
+        t = measure(Path(tmp), n_chunks, buffer_chunks, epochs, rounds, steps)
+    figures, raw_out = figures_of(t, n_chunks, trainer_tokens_per_s)
     for f in figures:
         log(line(f))
     return {"figures": figures, "raw": raw_out}
