@@ -1,4 +1,5 @@
-"""The `atmpipe` command line: parses flags, then calls one stage function. Nothing imports this module."""
+"""The `atmpipe` command line: parses flags, then calls one stage function, importing the stage only when its
+command runs (so `atmpipe --help` stays free of torch). No other atmpipe module imports this one."""
 
 from __future__ import annotations
 
@@ -53,7 +54,6 @@ def run_stage(fn, *args, **kwargs):
 
 
 # --- harvest ------------------------------------------------------------------------------------
-# (section owned by the harvest stage)
 
 
 def _harvest(config, flags: dict) -> None:
@@ -73,7 +73,6 @@ add_command(
 
 
 # --- info ---------------------------------------------------------------------------------------
-# (section owned by the harvest stage)
 
 
 @app.command("info")
@@ -91,7 +90,6 @@ def info_command(
 
 
 # --- train --------------------------------------------------------------------------------------
-# (section owned by the train stage)
 
 
 def _parse_hparams(pairs: list[str] | None) -> dict:
@@ -124,7 +122,6 @@ add_command(
 
 
 # --- eval ---------------------------------------------------------------------------------------
-# (section owned by the eval stage) The flags are the run's options and every registered metric's.
 
 
 add_command(
@@ -135,7 +132,6 @@ add_command(
 
 
 # --- inspect ------------------------------------------------------------------------------------
-# (section owned by the inspect stage; options and help text live in InspectConfig)
 
 
 add_command(
@@ -146,7 +142,6 @@ add_command(
 
 
 # --- verify -------------------------------------------------------------------------------------
-# (section owned by the reliability work)
 
 
 @app.command("verify")

@@ -286,7 +286,7 @@ def format_metrics(m: dict) -> str:
 
 
 def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam with the method's betas (or --adam-beta1), fused: one pass per parameter instead of ~10
+    """Adam with the method's betas (β1 replaced by a recipe's `adam_beta1`), fused: one pass per parameter instead of ~10
     element-wise passes (on CPU it cost a third of a GEMM per step at 640 → 5120)."""
     betas = (cfg.adam_beta1, sae.adam_betas[1]) if cfg.adam_beta1 is not None else sae.adam_betas
     return torch.optim.Adam(sae.param_groups(cfg.lr), betas=betas, fused=True)

@@ -143,7 +143,7 @@ def atm_kernel_step(fused: bool, d_in: int, d_sae: int, device) -> Callable:
 
     from atmpipe.sae import SAEConfig, compiling, make_sae
 
-    compiling.set_compile(fused)  # the compile switch, as `atmpipe train --compile/--no-compile` sets it
+    compiling.set_compile(fused)  # the compile switch, as `atmpipe train --no-compile` sets it
     sae = make_sae(SAEConfig("atm", d_in, d_sae, {})).to(device).train()
     counter = iter(range(STEP_OFFSET, TOTAL_STEPS))
     latents: dict = {}

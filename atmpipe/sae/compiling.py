@@ -1,7 +1,7 @@
 """The compile switch: the one place that decides whether atmpipe runs compiled kernels.
 
 Every compiled function is made with `fused` and asks `compiling()` at each call. On by default; off with
-`atmpipe train --no-compile` (TrainConfig.compile, which calls `set_compile`) or with the environment
+`atmpipe train --no-compile` (TrainConfig.no_compile; the trainer calls `set_compile`) or with the environment
 variable ATMPIPE_EAGER=1, which wins over everything (a machine without a C++ compiler, debugging). Off,
 each function's plain eager twin runs: the same results to float round-off, without torch.compile.
 

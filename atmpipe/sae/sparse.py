@@ -62,11 +62,6 @@ def latent_sums(vals: Tensor, e: Entries) -> Tensor:
     return vals.new_zeros(e.d_sae).index_add_(0, e.cols, vals)
 
 
-def token_sums(vals: Tensor, e: Entries) -> Tensor:
-    """Σ over latents per token [n] (a row sum of the dense latents)."""
-    return vals.new_zeros(e.n).index_add_(0, e.rows, vals)
-
-
 def transposed_product(tok: Tensor, lat: Tensor, vals: Tensor, dense: Tensor, d_sae: int) -> Tensor:
     """Gᵀ @ dense [d_sae, d] for the [n, d_sae] matrix G holding vals at (tok, lat): one sparse-dense product,
     in fp32 at least (CUDA's sparse-dense product has no bf16 kernel; the result is a weight's gradient)."""
