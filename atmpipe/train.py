@@ -551,7 +551,7 @@ class Trainer:
             "epochs": self.stream.rows_consumed / self.stream.rows_per_epoch,
             "skipped_damaged_chunks": self.stream.state_dict()["skipped"],
             "final_metrics": self.last,
-            "target_l0_controller": self.plan.hparams.get("target_l0") is not None,
+            "target_l0_controller": self.sae.steers_l0,  # the method says whether it steers L0
             "train_config": to_dict(self.cfg),
             "hparams": self.sae.cfg.hparams,
             "norm_scale": self.scale,

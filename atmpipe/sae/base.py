@@ -131,6 +131,11 @@ class SAE(nn.Module):
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
 
     # ----- what a method may override -----
+    @property
+    def steers_l0(self) -> bool:
+        """Whether training steers L0 toward a target (recorded in the run as `target_l0_controller`)."""
+        return False
+
     def validate_hparams(self) -> None:
         """Raise UserError for impossible hyper-parameters (called at construction)."""
 

@@ -46,12 +46,21 @@ class JumpReLUSAE(SAE):
     def adam_betas(self) -> tuple[float, float]:  # type: ignore[override]
         return (self.hp.adam_beta1, 0.999)
 
+    @property
+    def steers_l0(self) -> bool:
+        return self.hp.sparsity == "target"
+
     def validate_hparams(self) -> None:
         hp = self.hp
         if hp.sparsity not in ("l0", "target"):
             raise UserError(f"jumprelu sparsity must be 'l0' or 'target' (got {hp.sparsity!r})")
         if hp.sparsity == "target" and not (hp.target_l0 and hp.target_l0 > 0):
             raise UserError("jumprelu sparsity 'target' needs a positive target_l0; pass --target-l0 64")
+        if hp.sparsity == "l0" and hp.target_l0 is not None:  # the l0 penalty never reads it
+            raise UserError(
+                f"jumprelu ignores target_l0 ({hp.target_l0}) with its default sparsity 'l0'; "
+                "add --hparam sparsity=target to steer L0 toward it, or drop --target-l0"
+            )
         if not 0 <= hp.sparsity_warmup_frac <= 1:
             raise UserError(
                 f"jumprelu sparsity_warmup_frac must be in [0, 1] (got {hp.sparsity_warmup_frac})"

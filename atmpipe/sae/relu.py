@@ -63,6 +63,10 @@ class ReLUSAE(SAE):
             state_dict.setdefault(prefix + name, torch.zeros(2))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @property
+    def steers_l0(self) -> bool:
+        return self.hp.target_l0 is not None
+
     def validate_hparams(self) -> None:
         hp = self.hp
         if not hp.l1 > 0:
