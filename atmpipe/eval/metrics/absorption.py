@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from atmpipe.eval.absorption_config import AbsorptionConfig
 from atmpipe.eval.metric import Metric, option
+
+PROTOCOL = AbsorptionConfig()  # the defaults below are the protocol's own (SAEBench 0.6), declared there
 
 
 @dataclass
@@ -17,9 +20,9 @@ class AbsorptionOptions:
     absorption_sample_seed: int = option(
         0, "Seed of that sample (--seed varies split, examples and probes over the same words)."
     )
-    absorption_icl: int = option(10, "In-context examples per absorption prompt.")
-    absorption_f1_gate: float = option(0.6, "Letters need probe F1 above this.")
-    absorption_min_letters: int = option(20, "Letters needed to report absorption.")
+    absorption_icl: int = option(PROTOCOL.icl_examples, "In-context examples per absorption prompt.")
+    absorption_f1_gate: float = option(PROTOCOL.probe_f1_gate, "Letters need probe F1 above this.")
+    absorption_min_letters: int = option(PROTOCOL.min_letters, "Letters needed to report absorption.")
 
 
 class Absorption(Metric):
