@@ -203,7 +203,7 @@ def test_train_refuses_a_setting_the_method_would_ignore(store, tmp_path, case):
     )
     atm = (
         "beta, c, combine, dead_tokens, granularity, l0_controller_push, l0_controller_rate, l1, l1_warmup_frac, "
-        "p_max, r, recon_norm, seed, target_l0, targeting, threshold, warmup_frac, warmup_steps"
+        "mask_warmup_frac, mask_warmup_steps, p_max, r, recon_norm, seed, target_l0, targeting, threshold"
     )
     args, expected = {
         "relu k": (

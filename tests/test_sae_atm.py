@@ -8,7 +8,8 @@ import pytest
 import torch
 from sae_helpers import make, planted, train
 
-from atmpipe.sae import compiling, kernels
+from atmpipe.errors import UserError
+from atmpipe.sae import SAE, compiling, kernels
 
 # One shape and one set of constants for every compiled call here, so torch.compile compiles once.
 B, D = 256, 96
@@ -132,7 +133,7 @@ def test_masked_fraction_follows_the_formula_in_c_and_r(per_token):
 
 
 def test_no_masking_during_warmup_then_a_linear_ramp():
-    sae = make("atm", warmup_steps=10, r=2.0)
+    sae = make("atm", mask_warmup_steps=10, r=2.0)
     assert [sae.rate_at(s, 100) for s in (0, 9, 10, 15, 20, 40)] == [0.0, 0.0, 0.0, 1.0, 2.0, 2.0]
     x = torch.randn(64, 32) * 3
     out = sae.training_forward(x, 5, 100)
@@ -144,7 +145,7 @@ def test_no_masking_during_warmup_then_a_linear_ramp():
 
 
 def test_eval_mode_and_inference_never_mask():
-    sae = make("atm", warmup_steps=0, r=5.0)
+    sae = make("atm", mask_warmup_steps=0, r=5.0)
     x = torch.randn(64, 32) * 3
     for step in range(3):
         sae.training_forward(x, step, 10)
@@ -161,7 +162,7 @@ def test_eval_mode_and_inference_never_mask():
 
 
 def test_masking_warmup_is_capped_for_short_runs():
-    sae = make("atm", warmup_steps=1000, r=1.0)  # warmup_frac 0.1: W = 20 in a 200-step run
+    sae = make("atm", mask_warmup_steps=1000, r=1.0)  # mask_warmup_frac 0.1: W = 20 in a 200-step run
     assert sae.masking_warmup(200) == 20 and sae.masking_warmup(100_000) == 1000
     assert [sae.rate_at(s, 200) for s in (0, 19, 20, 30, 40, 199)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
     x = torch.randn(64, 32) * 3
@@ -236,3 +237,21 @@ def test_combine_mean_bounds_the_tail():
     assert float(product.max() / product.mean()) > 50 and float(mean.max() / mean.mean()) < 5
     above = [float((i >= i.mean() + i.std(correction=0)).float().mean()) for i in (product, mean)]
     assert above[0] < 0.03 and above[1] > 0.1
+
+
+def test_the_mask_warmup_old_names_still_read(tmp_path):
+    """`warmup_steps` / `warmup_frac` (the mask warm-up's names before it got its own) are read as
+    `mask_warmup_*`, in a saved SAE's hparams too; given with the new name as well, they are refused."""
+    old = make("atm", warmup_steps=7, warmup_frac=0.5)
+    assert (old.hp.mask_warmup_steps, old.hp.mask_warmup_frac) == (7, 0.5)
+    path = old.save(tmp_path / "sae")
+    meta = tmp_path / "sae" / "atmpipe.json"
+    saved = meta.read_text()
+    assert '"mask_warmup_steps": 7' in saved
+    meta.write_text(
+        saved.replace('"mask_warmup_steps"', '"warmup_steps"')
+    )  # as an SAE saved before the rename
+    assert SAE.load(path).hp.mask_warmup_steps == 7
+    with pytest.raises(UserError) as e:
+        make("atm", warmup_steps=7, mask_warmup_steps=8)
+    assert str(e.value) == "warmup_steps is the old name of mask_warmup_steps; pass only mask_warmup_steps"

@@ -3,7 +3,7 @@ during training, more often the less important a latent has been.
 
 Per-latent EMAs of magnitude (M), frequency (F) and reconstruction share (R) give an importance I; latents
 below θ = mean(I) + c·std(I) are dropped with probability p = 1 − exp(−r(θ − I)/θ) ≤ p_max. No masking for
-the first W steps (W = warmup_steps, capped at warmup_frac of the run; statistics still accumulate), then r
+the first W steps (W = mask_warmup_steps, capped at mask_warmup_frac of the run; statistics still accumulate), then r
 ramps from 0 over as many steps. Inference never masks: the saved SAE is a plain ReLU SAE plus its final
 statistics (atm_stats.safetensors).
 
@@ -46,8 +46,8 @@ class ATMParams(ReLUParams):
     p_max: float = 0.99
     combine: str = "product"  # "product" | "mean" of the normalised M, F, R
     granularity: str = "token"  # "token": a mask per token and latent | "step": one per latent per step
-    warmup_steps: int = 1000  # no masking for W steps, then r ramps linearly over the next W ...
-    warmup_frac: float = 0.1  # ... with W capped at this fraction of the run (short runs mask too)
+    mask_warmup_steps: int = 1000  # no masking for W steps, then r ramps linearly over the next W ...
+    mask_warmup_frac: float = 0.1  # ... with W capped at this fraction of the run (short runs mask too)
     threshold: str = "linear"  # "linear": θ on I | "log": θ and θ − I on log I (scale-free)
     targeting: str = "adaptive"  # "adaptive": p from each latent's importance | "uniform": all get mean(p)
     recon_norm: str = "previous"  # R's denominator: "previous" step's x̂ | "exact" (one more GEMM)
@@ -59,6 +59,8 @@ class ATMSAE(ReLUSAE):
     architecture = "standard"
     Params = ATMParams
     rank_reductions = {**ReLUSAE.rank_reductions, "atm_recon_norm": "mean"}
+    # The mask warm-up was `warmup_steps` / `warmup_frac`, the names of the lr warm-up too.
+    renamed_hparams = {"warmup_steps": "mask_warmup_steps", "warmup_frac": "mask_warmup_frac"}
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -79,8 +81,14 @@ class ATMSAE(ReLUSAE):
                 hp.granularity in ("token", "step"),
                 f"granularity must be 'token' or 'step' (got {hp.granularity!r})",
             ),
-            (hp.warmup_steps >= 0, f"warmup_steps must be non-negative (got {hp.warmup_steps})"),
-            (0 <= hp.warmup_frac <= 1, f"warmup_frac must be in [0, 1] (got {hp.warmup_frac})"),
+            (
+                hp.mask_warmup_steps >= 0,
+                f"mask_warmup_steps must be non-negative (got {hp.mask_warmup_steps})",
+            ),
+            (
+                0 <= hp.mask_warmup_frac <= 1,
+                f"mask_warmup_frac must be in [0, 1] (got {hp.mask_warmup_frac})",
+            ),
             (
                 hp.threshold in ("linear", "log"),
                 f"threshold must be 'linear' or 'log' (got {hp.threshold!r})",
@@ -99,8 +107,8 @@ class ATMSAE(ReLUSAE):
                 raise UserError(f"atm {msg}; fix the ATM options")
 
     def masking_warmup(self, total_steps: int) -> int:
-        """W: the steps without masking (and then of r's ramp), capped at warmup_frac of the run."""
-        return schedule.warmup_length(self.hp.warmup_steps, self.hp.warmup_frac, total_steps)
+        """W: the steps without masking (and then of r's ramp), capped at mask_warmup_frac of the run."""
+        return schedule.warmup_length(self.hp.mask_warmup_steps, self.hp.mask_warmup_frac, total_steps)
 
     def rate_at(self, step: int, total_steps: int) -> float:
         """The effective r: 0 during the W warm-up steps, then a linear ramp to r over the next W."""

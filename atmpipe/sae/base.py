@@ -79,7 +79,15 @@ class TrainOutput:
         return self._f
 
 
-def parse_hparams(params_cls: type, hparams: dict, method: str) -> Any:
+def parse_hparams(params_cls: type, hparams: dict, method: str, renamed: dict[str, str] | None = None) -> Any:
+    """The method's Params from a dict; a hyper-parameter's old name (`renamed`: old → new, as SAEs saved
+    before the rename hold it) is read as the new one."""
+    hparams = dict(hparams)
+    for old, new in (renamed or {}).items():
+        if old in hparams:
+            if new in hparams:
+                raise UserError(f"{old} is the old name of {new}; pass only {new}")
+            hparams[new] = hparams.pop(old)
     known = {f.name for f in dataclasses.fields(params_cls)}
     unknown = sorted(set(hparams) - known)
     if unknown:
@@ -99,6 +107,8 @@ class SAE(nn.Module):
     # value monotone in the batch's minimum, "dead_clock" for tokens-since-fired counts. Unlisted buffers
     # agree on every rank unreduced.
     rank_reductions: ClassVar[dict[str, str]] = {"tokens_since_fired": "dead_clock"}
+    # Hyper-parameters renamed since SAEs were saved with them, old name → new (read as the new one).
+    renamed_hparams: ClassVar[dict[str, str]] = {}
     # This step's rows of the global batch (`train.train_step` sets it): a forward that needs a statistic of
     # the whole batch (ATM's, JumpReLU's target L0) or the global position of a row asks it. The default is
     # a single process holding the whole batch.
@@ -117,7 +127,7 @@ class SAE(nn.Module):
             )
         if not cfg.norm_scale > 0:
             raise UserError(f"norm_scale must be positive (got {cfg.norm_scale}); check the store statistics")
-        self.hp = parse_hparams(self.Params, dict(cfg.hparams), self.method)
+        self.hp = parse_hparams(self.Params, dict(cfg.hparams), self.method, self.renamed_hparams)
         self.cfg = dataclasses.replace(cfg, method=self.method, hparams=asdict(self.hp))
         self.validate_hparams()
         d_in, d_sae = cfg.d_in, cfg.d_sae
