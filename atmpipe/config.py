@@ -76,21 +76,21 @@ class HarvestConfig:
     """`atmpipe harvest`: each field with help is a flag; every field is a key of a harvest recipe."""
 
     model: str = option(
-        EMBEDDED_MODEL, "gemma-3-270m (embedded, default), gemma-2-2b, a hub id, a local checkpoint or .gguf."
+        EMBEDDED_MODEL, "gemma-3-270m (embedded), gemma-2-2b, a hub id, a local checkpoint or .gguf."
     )
     layers: list[int] = option(  # empty: the model's middle layer
         help="Layer to capture (repeatable; default: middle).", flag="layer", factory=list
     )
-    dataset: str = option(EMBEDDED, "'embedded' (default), local files or a hub name.")
+    dataset: str = option(EMBEDDED, "'embedded', local files or a hub name.")
     text_column: str | None = option(None, "Column holding the text (default 'text').")
-    tokens: int = option(100_000, "Training tokens to harvest (default 100,000).")  # whole windows
-    eval_tokens: int = option(10_240, "Held-out evaluation tokens (default 10,240).")  # unseen documents
-    context_size: int = option(128, "Tokens per window, BOS included (default 128).")
-    batch_size: int = option(32, "Windows per forward pass (default 32).")
+    tokens: int = option(100_000, "Training tokens to harvest.")  # whole windows
+    eval_tokens: int = option(10_240, "Held-out evaluation tokens.")  # unseen documents
+    context_size: int = option(128, "Tokens per window, BOS included.")
+    batch_size: int = option(32, "Windows per forward pass.")
     seed: int = option(0, "Seed of the document split and the window order.")
     dtype: str | None = option(None, "Compute dtype (default float32 on CPU, bfloat16 on CUDA).")
     device: str | None = option(None, "cpu | cuda (default: cuda when available).")
-    storage_dtype: str = option("float32", "float32 (default) | float16 | bfloat16.")
+    storage_dtype: str = option("float32", "float32 | float16 | bfloat16.")
     out: str | None = option(None, "Store path (default cache/l{L}.zarr).")
     overwrite: bool = option(False, "Replace a store of another configuration.")
     chunk_tokens: int | None = None  # default: one batch
@@ -122,17 +122,17 @@ class TrainConfig:
     """`atmpipe train`: each field with help is a flag; every field is a key of a train recipe."""
 
     store: str = option("", "Activation store written by `atmpipe harvest`.")
-    method: str = option("atm", "relu | topk | jumprelu | atm (default atm).")
+    method: str = option("atm", "relu | topk | jumprelu | atm.")
     layer: int | None = option(None, "Layer to train on (default: the store's first).")
     d_sae: int | None = option(None, "Number of latents (default: expansion × d_model).")
-    expansion: int = option(8, "d_sae as a multiple of d_model (default 8).")
+    expansion: int = option(8, "d_sae as a multiple of d_model.")
     # Shortcuts for the method hyper-parameters of the same name (see atmpipe/sae/<method>.py):
     k: int | None = option(None, "TopK: active latents per token.")
     l1: float | None = option(None, "ReLU/ATM: sparsity coefficient λ.")
     target_l0: float | None = option(None, "Adapt the sparsity coefficient toward this L0.")
     hparams: dict = field(default_factory=dict)  # any other method hyper-parameter (--hparam KEY=VALUE)
-    lr: float = option(3e-4, "Adam learning rate (default 3e-4).")
-    batch_size: int = option(4096, "Tokens per step (default 4096).")
+    lr: float = option(3e-4, "Adam learning rate.")
+    batch_size: int = option(4096, "Tokens per step.")
     tokens: int = option(20_000_000, "Training tokens in total.")
     seed: int = option(0, "Seed of the initialisation, the shuffle and the masks.")
     warmup_steps: int = 1000  # linear lr warm-up, capped at warmup_frac of the run
@@ -155,7 +155,7 @@ class TrainConfig:
     latents: str = option(
         "auto", "The step's latents: auto (sparse below the device's measured density) | sparse | dense."
     )
-    device: str = option("auto", "cpu | cuda | auto (default auto).")
+    device: str = option("auto", "cpu | cuda | auto.")
     # What ran, recorded in the run: the recipe files in the order they were layered, and the flags and
     # --hparam values given on top of them (set by load_train_config).
     recipe: list = field(default_factory=list)

@@ -34,6 +34,17 @@ def flag_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("help")]
 
 
+def help_text(f: dataclasses.Field) -> str:
+    """The flag's help: the field's, then "(default X)" from the field's own default, so that the default
+    is written once. A default of None, False or empty is no value to show (what None means, such as
+    "default: the SAEs' layer", is the help's to say); neither is one the help already names."""
+    text, value = f.metadata["help"], f.default
+    if value in (None, False, "", dataclasses.MISSING) or "default" in text:
+        return text
+    shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+    return f"{text} (default {shown})"
+
+
 def _parameter(f: dataclasses.Field, kind: Any) -> inspect.Parameter:
     name = f.metadata.get("flag", f.name)
     dashed = "--" + name.replace("_", "-")
@@ -41,7 +52,7 @@ def _parameter(f: dataclasses.Field, kind: Any) -> inspect.Parameter:
     if kind is bool:
         default = typer.Option(False, dashed, help=f.metadata["help"])
     else:
-        default = typer.Option(... if required else None, dashed, help=f.metadata["help"])
+        default = typer.Option(... if required else None, dashed, help=help_text(f))
         kind = kind if required or _optional(kind) else kind | None
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
 

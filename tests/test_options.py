@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from atmpipe.cli import app
 from atmpipe.config import HarvestConfig, TrainConfig
 from atmpipe.eval.config import EvalConfig
-from atmpipe.options import add_command, option
+from atmpipe.options import add_command, help_text, option
 
 # The flags atmpipe harvest and train had when they were written by hand: generating them keeps every one.
 HAND_WRITTEN = {
@@ -40,7 +40,7 @@ def test_the_stage_flags_are_the_hand_written_ones_with_the_configs_help():
         for f in dataclasses.fields(cls):
             flag = f.metadata.get("flag", f.name)
             if f.metadata.get("help"):
-                assert params[flag].help == f.metadata["help"]
+                assert params[flag].help == help_text(f)
                 # a flag not given leaves the recipe's value (--sae has no default: it is required)
                 assert params[flag].default in (None, False) or params[flag].required
             else:
@@ -82,3 +82,18 @@ def test_building_the_command_line_imports_no_heavy_library():
     code = f"import sys, atmpipe.cli; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_help_shows_each_default_from_the_field():
+    """ "(default X)" is generated from the field's default, never written by hand beside it."""
+    assert help_text(dataclasses.fields(Settings)[0]) == "The name. (default a)"
+    params = _params("train")
+    assert params["lr"].help == "Adam learning rate. (default 0.0003)"
+    assert params["batch_size"].help == "Tokens per step. (default 4,096)"
+    assert params["out"].help == "Run directory (default runs/<store>-<method>)."  # None: the help says it
+    assert _params("harvest")["tokens"].help == "Training tokens to harvest. (default 100,000)"
+    for cls in (HarvestConfig, TrainConfig, EvalConfig):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("help") and f.default not in (None, False, dataclasses.MISSING):
+                shown = f"{f.default:,}" if isinstance(f.default, int) else str(f.default)
+                assert f"default {shown}" not in f.metadata["help"], f"{f.name}: its default written by hand"

@@ -16,11 +16,11 @@ class RunOptions:
     """The options of the run itself; each metric adds its own (`config_class`)."""
 
     sae: list[str] = option(help="SAE directory (atmpipe or SAELens format); repeat for several.")
-    out: str = option("reports/eval", "Report directory (default reports/eval).")
+    out: str = option("reports/eval", "Report directory.")
     store: str | None = option(None, "Activation store (default: the one the SAEs were trained on).")
     model: str | None = option(None, "Model (default: the SAEs' model).")
     layer: int | None = option(None, "Layer (default: the SAEs' layer).")
-    metrics: str = option(",".join(REGISTRY), f"Comma list of {', '.join(REGISTRY)} (default all).")
+    metrics: str = option(",".join(REGISTRY), "Comma list of metrics.")
     device: str | None = option(None, "cpu | cuda (default auto).")
     dtype: str | None = option(None, "LM dtype: float32 | bfloat16 | float16.")
     seed: int = option(0, "Seed of every sample and probe.")
