@@ -89,7 +89,7 @@ class HarvestConfig:
     batch_size: int = option(32, "Windows per forward pass.")
     seed: int = option(0, "Seed of the document split and the window order.")
     dtype: str | None = option(None, "Compute dtype (default float32 on CPU, bfloat16 on CUDA).")
-    device: str | None = option(None, "cpu | cuda (default: cuda when available).")
+    device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
     storage_dtype: str = option("float32", "float32 | float16 | bfloat16.")
     out: str | None = option(None, "Store path (default cache/l{L}.zarr).")
     overwrite: bool = option(False, "Replace a store of another configuration.")
@@ -155,7 +155,7 @@ class TrainConfig:
     latents: str = option(
         "auto", "The step's latents: auto (sparse below the device's measured density) | sparse | dense."
     )
-    device: str = option("auto", "cpu | cuda | auto.")
+    device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
     # What ran, recorded in the run: the recipe files in the order they were layered, and the flags and
     # --hparam values given on top of them (set by load_train_config).
     recipe: list = field(default_factory=list)

@@ -21,7 +21,7 @@ class RunOptions:
     model: str | None = option(None, "Model (default: the SAEs' model).")
     layer: int | None = option(None, "Layer (default: the SAEs' layer).")
     metrics: str = option(",".join(REGISTRY), "Comma list of metrics.")
-    device: str | None = option(None, "cpu | cuda (default auto).")
+    device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
     dtype: str | None = option(None, "LM dtype: float32 | bfloat16 | float16.")
     seed: int = option(0, "Seed of every sample and probe.")
     batch_size: int = option(16, "LM batch size (prompts).")
