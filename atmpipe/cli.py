@@ -3,6 +3,7 @@ command runs (so `atmpipe --help` stays free of torch). No other atmpipe module 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import sys
@@ -11,7 +12,7 @@ from importlib import import_module
 import typer
 from rich.console import Console
 
-from atmpipe.config import HarvestConfig, TrainConfig, load_config
+from atmpipe.config import HarvestConfig, TrainConfig, load_config, load_recorded
 from atmpipe.errors import UserError
 from atmpipe.eval.config import EvalConfig
 from atmpipe.inspect.config import InspectConfig
@@ -36,7 +37,12 @@ def config_stage(cls, target: str):
     def run(config, flags: dict) -> None:
         def go():
             module, name = target.split(":")
-            getattr(import_module(module), name)(load_config(cls, config, **flags))
+            load = (
+                load_recorded
+                if {"recipe", "overrides"} <= {f.name for f in dataclasses.fields(cls)}
+                else load_config
+            )
+            getattr(import_module(module), name)(load(cls, config, **flags))
 
         run_stage(go)
 
@@ -60,7 +66,7 @@ def _harvest(config, flags: dict) -> None:
     from atmpipe import distributed  # the stages import torch: only when their command runs, not for --help
     from atmpipe.harvest import harvest
 
-    path = harvest(load_config(HarvestConfig, config, **flags))
+    path = harvest(load_recorded(HarvestConfig, config, **flags))
     if distributed.world().is_main:  # under torchrun, said once
         err.print(f"store: {path}  (inspect with `atmpipe info {path}`)", highlight=False)
 

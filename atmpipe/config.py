@@ -37,6 +37,17 @@ def load_config(
     return cls(**values)
 
 
+def load_recorded(
+    cls: type[C], toml_path: str | Path | Sequence[str | Path] | None = None, **flags: Any
+) -> C:
+    """`load_config`, then what ran recorded in the config, as train records it: the recipe files in the order
+    they were layered, and the flags given on top of them."""
+    cfg = load_config(cls, toml_path, **flags)
+    cfg.recipe = [str(p) for p in recipe_paths(toml_path)]  # type: ignore[attr-defined]
+    cfg.overrides = {k: v for k, v in flags.items() if v is not None}  # type: ignore[attr-defined]
+    return cfg
+
+
 def recipe_paths(toml_path: str | Path | Sequence[str | Path] | None) -> list[Path]:
     """One recipe, several, or none, as a list of paths."""
     if toml_path is None:
@@ -98,6 +109,9 @@ class HarvestConfig:
     trust_remote_code: bool = option(  # runs Python code shipped with the model: only with an explicit flag
         False, "RISK: runs Python code from the model's repository. Only for models you trust."
     )
+    # What ran, recorded in the store: the recipe files in order and the flags given (set by load_recorded).
+    recipe: list = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         from atmpipe.store import (

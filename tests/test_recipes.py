@@ -132,3 +132,25 @@ def test_every_stage_recipe_loads(path, under, kind):
     else:
         cfg = load_train_config([*under, path])
         make_sae(SAEConfig(cfg.method, 8, 1024, cfg.hparams)).validate_hparams()  # method options too
+
+
+def test_eval_and_harvest_record_their_recipes_as_train_does(tmp_path):
+    """The recipe files in order and the flags given: eval keeps them in its config (results.json's
+    run.config), harvest in the store's attributes, where a resumed harvest under another recipe is not
+    refused for it (what ran is not what is stored)."""
+    from atmpipe.config import HarvestConfig, load_recorded
+    from atmpipe.eval.config import EvalConfig
+    from atmpipe.store import config_view
+
+    sizes = tmp_path / "sizes.toml"
+    sizes.write_text("batch_size = 4\n")
+    recipes = [REPO / "stages" / "demo-eval.toml", sizes]
+    cfg = load_recorded(EvalConfig, recipes, sae=["runs/x"], seed=3, out=None)
+    assert cfg.recipe == [str(p) for p in recipes] and cfg.batch_size == 4
+    assert cfg.overrides == {"sae": ["runs/x"], "seed": 3}
+    harvest = load_recorded(HarvestConfig, [REPO / "stages" / "demo-harvest.toml"], tokens=4096)
+    assert harvest.recipe == [str(REPO / "stages" / "demo-harvest.toml")] and harvest.overrides == {
+        "tokens": 4096
+    }
+    attrs = {"layers": [9], "recipe": {"files": harvest.recipe, "overrides": harvest.overrides}}
+    assert config_view(attrs) == config_view({**attrs, "recipe": {"files": [], "overrides": {}}})

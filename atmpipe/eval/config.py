@@ -25,6 +25,9 @@ class RunOptions:
     dtype: str | None = option(None, "LM dtype: float32 | bfloat16 | float16.")
     seed: int = option(0, "Seed of every sample and probe.")
     batch_size: int = option(16, "LM batch size (prompts).")
+    # What ran, recorded in results.json: the recipe files in order and the flags given (config.load_recorded).
+    recipe: list = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)
 
 
 def config_class(registry: dict[str, type[Metric]] | None = None) -> type:
