@@ -16,6 +16,7 @@ from atmpipe.config import load_config
 from atmpipe.eval.metric import Metric, option
 from atmpipe.eval.metrics import REGISTRY
 from atmpipe.eval.run import EvalConfig, config_class, run_eval
+from atmpipe.options import help_text
 from atmpipe.sae import SAE, SAEConfig, make_sae
 from atmpipe.store import write_arrays_store
 from atmpipe.train import TrainConfig, train
@@ -168,4 +169,4 @@ def test_eval_flags_mirror_the_metric_options():
     """The eval flags and their help are the config's fields (the CLI is generated from them)."""
     command = typer.main.get_command(app).commands["eval"]
     flags = {p.name: p.help for p in command.params if p.name != "config"}
-    assert flags == {f.name: f.metadata["help"] for f in dataclasses.fields(EvalConfig)}
+    assert flags == {f.name: help_text(f) for f in dataclasses.fields(EvalConfig) if f.metadata.get("help")}
