@@ -589,8 +589,8 @@ def _path_line(sae: SAE, step: int, option: str) -> str:
     path, density = sae.path
     at = "" if density is None else f", latent density {density:.2%}"
     why = f"--latents {option}"
-    if option == "auto" and sae.method == "topk":
-        why = "auto: TopK's k of d_sae, BatchTopK dense"
+    if option == "auto" and sae.auto_path_reason():
+        why = sae.auto_path_reason()
     elif option == "auto" and density is not None:
         why = f"auto: sparse below {sparse.crossover_density(sae.W_enc.device):.0%}"
     elif option == "auto":

@@ -146,6 +146,11 @@ class SAE(nn.Module):
         """Whether training steers L0 toward a target (recorded in the run as `target_l0_controller`)."""
         return False
 
+    def auto_path_reason(self) -> str | None:
+        """Why `--latents auto` takes the path it takes, for a method that decides it itself (None: the
+        device's measured crossover density decides)."""
+        return None
+
     def validate_hparams(self) -> None:
         """Raise UserError for impossible hyper-parameters (called at construction)."""
 

@@ -39,6 +39,9 @@ class TopKSAE(SAE):
     def aux_k(self) -> int:
         return min(self.hp.aux_k or self.cfg.d_in // 2, self.cfg.d_sae)
 
+    def auto_path_reason(self) -> str | None:
+        return "auto: TopK's k of d_sae, BatchTopK dense"
+
     def validate_hparams(self) -> None:
         k, d_sae = self.hp.k, self.cfg.d_sae
         if not (isinstance(k, int) and 0 < k < d_sae):
