@@ -202,10 +202,11 @@ class ATMSAE(ReLUSAE):
                 self.atm_recon_norm.copy_((out.x_hat.detach() - self.b_dec.detach()).norm(dim=-1).mean())
         return out
 
+    def masking_statistics(self) -> dict[str, Tensor]:
+        return {**{name: getattr(self, f"atm_{name}") for name in STAT_NAMES}, "theta": self.atm_theta}
+
     def extra_files(self) -> dict[str, dict[str, Tensor]]:
-        stats = {name: getattr(self, f"atm_{name}") for name in STAT_NAMES}
-        stats["theta"] = self.atm_theta.reshape(1)
-        return {STATS_FILE: stats}
+        return {STATS_FILE: {**self.masking_statistics(), "theta": self.atm_theta.reshape(1)}}
 
     def load_extra_files(self, path: Path) -> None:
         file = path / STATS_FILE

@@ -146,6 +146,11 @@ class SAE(nn.Module):
         """Whether training steers L0 toward a target (recorded in the run as `target_l0_controller`)."""
         return False
 
+    def masking_statistics(self) -> dict[str, Tensor] | None:
+        """A masking method's per-latent statistics at the end of training (ATM's M, F, R, I, p and θ), read by
+        the eval's masking metric; None for a method that masks nothing."""
+        return None
+
     def auto_path_reason(self) -> str | None:
         """Why `--latents auto` takes the path it takes, for a method that decides it itself (None: the
         device's measured crossover density decides)."""

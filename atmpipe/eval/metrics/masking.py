@@ -27,13 +27,12 @@ LOG_FLOOR = 1e-12  # log10 I of a latent with I = 0 is drawn at this floor
 
 
 def stats_of(sae) -> dict[str, np.ndarray] | None:
-    """The ATM statistics an SAE holds (loaded from atm_stats.safetensors), or None for another method."""
-    if getattr(sae, "method", None) != "atm":
+    """The masking statistics an SAE holds (ATM's, loaded from atm_stats.safetensors; the method says which,
+    `SAE.masking_statistics`), or None for a method without them."""
+    stats = sae.masking_statistics()
+    if stats is None:
         return None
-    names = ("M", "F", "R", "I", "p")
-    stats = {n: getattr(sae, f"atm_{n}").detach().double().cpu().numpy() for n in names}
-    stats["theta"] = float(sae.atm_theta)
-    return stats
+    return {n: (float(v) if n == "theta" else v.detach().double().cpu().numpy()) for n, v in stats.items()}
 
 
 def diagnostics(stats: dict, hparams: dict, absorption: dict | None = None) -> dict:
