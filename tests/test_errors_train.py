@@ -125,7 +125,7 @@ def test_train_refuses_an_impossible_hyper_parameter(store, tmp_path, case):
         ),
         "l0 controller option out of range": (
             ["--method", "relu", "--hparam", "l0_controller_rate=0"],
-            "l0_controller_rate must be positive and l0_controller_push non-negative (got 0.0 and 2.0); "
+            "l0_controller_rate must be positive and l0_controller_push non-negative (got 0 and 2.0); "
             "pass e.g. --hparam l0_controller_rate=0.08",
         ),
         "atm option out of range": (
