@@ -91,19 +91,56 @@ def eval_groups(results_dir: Path) -> dict[str, dict]:
     return {f.parent.name: json.loads(f.read_text()) for f in files}
 
 
+def eval_seed(payload: dict) -> int:
+    """The eval seed a group ran with (its config's seed; 0 where an older eval did not record it)."""
+    return int((payload.get("run", {}).get("config") or {}).get("seed") or 0)
+
+
 def collect(results_dir: Path) -> dict[str, dict]:
-    """Every run of every eval group under RESULTS_DIR/evals/<group>/results.json, parsed and flattened."""
-    runs = {}
+    """Every run of every eval group under RESULTS_DIR/evals/<group>/results.json, parsed and flattened. A run
+    evaluated at several eval seeds (one group per seed: head, head-e1, ...) gets `by_eval_seed` and, as its
+    metrics and word intervals, their means over those seeds."""
+    runs: dict[str, dict] = {}
     for group, payload in eval_groups(results_dir).items():
+        seed = eval_seed(payload)
         for name, result in payload["results"].items():
             run = parse_run(name, _metadata(payload.get("saes", {}).get(name, {})))
             if run is None:
                 continue
-            if name in runs:
-                raise ValueError(f"run {name} is in two eval groups ({runs[name]['group']}, {group})")
             metrics, ci = scalars(result)
-            runs[name] = {**run, "group": group, "metrics": metrics, "ci95": ci}
+            entry = runs.setdefault(name, {**run, "name": name, "group": group, "by_eval_seed": {}})
+            if seed in entry["by_eval_seed"]:
+                earlier = entry["by_eval_seed"][seed]["group"]
+                raise ValueError(f"run {name} is in two eval groups at eval seed {seed} ({earlier}, {group})")
+            entry["by_eval_seed"][seed] = {"group": group, "metrics": metrics, "ci95": ci}
+    for entry in runs.values():
+        evals = [entry["by_eval_seed"][s] for s in sorted(entry["by_eval_seed"])]
+        keys = sorted({k for e in evals for k in e["metrics"]})
+        entry["metrics"] = {
+            k: statistics.fmean(e["metrics"][k] for e in evals if k in e["metrics"]) for k in keys
+        }
+        entry["eval_seeds"] = {k: sum(k in e["metrics"] for e in evals) for k in keys}
+        cis = sorted({k for e in evals for k in e["ci95"]})
+        entry["ci95"] = {k: [statistics.fmean(e["ci95"][k][i] for e in evals if k in e["ci95"]) for i in (0, 1)] for k in cis}  # fmt: skip
+        # one eval seed: its numbers are the run's own, not repeated
+        one = len(evals) == 1
+        entry["by_eval_seed"] = {str(s): {"group": e["group"]} if one else e for s, e in sorted(entry["by_eval_seed"].items())}  # fmt: skip
     return runs
+
+
+def word_scores(results_dir: Path) -> dict[str, dict]:
+    """{run: {eval seed: {letter: {"words", "word_fraction", "word_full"}}}} from the evals that recorded each
+    scored word (stages/verdict.py pairs two SAEs' words with it); runs without them are left out."""
+    out: dict[str, dict] = {}
+    for payload in eval_groups(results_dir).values():
+        seed = eval_seed(payload)
+        for name, result in payload["results"].items():
+            letters = (result.get("absorption") or {}).get("per_letter", {})
+            if letters and all("word_fraction" in v for v in letters.values()):
+                out.setdefault(name, {})[seed] = {
+                    c: {k: v[k] for k in ("words", "word_fraction", "word_full")} for c, v in letters.items()
+                }
+    return out
 
 
 # --- statistics -----------------------------------------------------------------------------------
@@ -119,6 +156,18 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def within_sd(members: list[dict], metric: str) -> float | None:
+    """The spread of one metric over eval seeds within an SAE, pooled over the cell's SAEs (sd, n − 1 each);
+    None with one eval seed."""
+    sq, dof = 0.0, 0
+    for r in members:
+        values = [e["metrics"][metric] for e in r["by_eval_seed"].values() if metric in e.get("metrics", {})]
+        if len(values) > 1:
+            sq += statistics.variance(values) * (len(values) - 1)
+            dof += len(values) - 1
+    return math.sqrt(sq / dof) if dof else None
+
+
 def summarise(runs: dict[str, dict]) -> dict:
     """{series: {L0 target: {"seeds", "metrics": {metric: spread}, "ci95": {metric: mean interval}}}}."""
     cells: dict[str, dict[int, list[dict]]] = {}
@@ -132,6 +181,10 @@ def summarise(runs: dict[str, dict]) -> dict:
             cis = sorted({k for r in members for k in r["ci95"]})
             summary.setdefault(series, {})[l0] = {
                 "seeds": [r["seed"] for r in members],
+                "runs": [r["name"] for r in members],
+                # eval seeds per metric: the fewest any of the cell's SAEs has; and their spread within an SAE
+                "eval_seeds": {k: min(r["eval_seeds"].get(k, 0) for r in members) for k in names},
+                "eval_sd": {k: within_sd(members, k) for k in names},
                 "metrics": {
                     k: spread([r["metrics"][k] for r in members if k in r["metrics"]]) for k in names
                 },
@@ -361,7 +414,7 @@ def write(results_dir: Path, head: int = HEAD_L0) -> dict:
         if not drawn:
             (results_dir / file).unlink(missing_ok=True)
     by_level = {s: {str(l0): cell for l0, cell in levels.items()} for s, levels in summary.items()}
-    comparisons = verdict.comparisons(by_level, head)
+    comparisons = verdict.comparisons(by_level, head, word_scores(results_dir))
     payload = {
         "experiment": "L0 frontier with seeds, ATM masking controls and 4x training (stages/reproduce.sh)",
         "l0_match": l0_match(runs),
@@ -374,8 +427,10 @@ def write(results_dir: Path, head: int = HEAD_L0) -> dict:
         },
         "figures": sorted(f for f, drawn in figures.items() if drawn),
         "paper_gemma_2_2b": PAPER,
-        "note": "summary: mean and sd (n - 1) over seeds; ci95: absorption's word-bootstrap interval, "
-        "mean over seeds",
+        "note": "summary: per series and L0, mean and sd (n - 1) over training seeds of each SAE's mean over its "
+        "eval seeds (eval_seeds: how many; eval_sd: their spread within an SAE); ci95: absorption's "
+        "word-bootstrap interval, mean over seeds; comparisons: stages/verdict.py says what each interval "
+        "carries",
     }
     (results_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     has_head = any(head in levels for levels in summary.values())

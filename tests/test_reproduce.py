@@ -4,7 +4,6 @@ SAEs trained on a store harvested from a tiny Gemma-3 (mean ± sd, the L0 check,
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import struct
@@ -14,7 +13,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from scipy.stats import t as student_t
 from typer.testing import CliRunner
 
 from atmpipe.cli import app
@@ -24,7 +22,6 @@ from atmpipe.train import TrainConfig, train
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "stages"))
 import frontier  # noqa: E402
-import verdict  # noqa: E402
 
 METHODS = ["atm", "topk", "jumprelu", "relu"]
 
@@ -293,48 +290,3 @@ def test_plan_for_gemma_2_2b_on_a_gpu_names_its_own_store_runs_and_results(tmp_p
     by_name = {n: c for n, _, c in stages}
     assert flag(by_name["train-atm-L64-s0"], "--out") == ["runs/reproduce/gemma-2-2b-l12/atm-L64-s0"]
     assert flag(by_name["eval-head"], "--out") == ["results/gemma-2-2b-l12/evals/head"]
-
-
-# --- the verdict's comparisons ----------------------------------------------------------------------
-
-
-def cell(values: list[float], ci: list[float] | None = None, metric: str = "core.fvu") -> dict:
-    return {"metrics": {metric: frontier.spread(values)}, "ci95": {metric: ci} if ci else {}}
-
-
-def test_verdict_differences_and_intervals_follow_the_stated_rule():
-    frac = "absorption.mean_absorption_fraction"
-    summary = {
-        "atm": {"8": cell([0.10, 0.12, 0.14], [0.05, 0.19], frac), "4": cell([0.30], [0.20, 0.40], frac)},
-        "topk": {"8": cell([0.40, 0.50, 0.45], [0.35, 0.55], frac)},
-        "atm-x4": {"8": cell([0.08], None, frac)},
-        "topk-x4": {"8": cell([0.41], None, frac)},
-        "relu": {"8": cell([0.30, 0.25, 0.35], [0.2, 0.4], frac)},
-        "atm-uniform": {"8": cell([0.05, 0.04, 0.06], [0.02, 0.08], frac)},
-    }
-    rows = verdict.comparisons(summary, head=8)
-    head = next(r for r in rows if r.get("a") == "atm" and r["b"] == "topk")
-    t = student_t.ppf(0.975, 2) / 1.96
-    se_atm = math.hypot(statistics.stdev([0.10, 0.12, 0.14]) / 3**0.5 * t, 0.07 / 1.96)
-    se_topk = math.hypot(statistics.stdev([0.40, 0.50, 0.45]) / 3**0.5 * t, 0.10 / 1.96)
-    assert head["diff"] == pytest.approx(0.12 - 0.45)
-    assert head["atm"]["se"] == pytest.approx(se_atm) and head["topk"]["se"] == pytest.approx(se_topk)
-    half = 1.96 * math.hypot(se_atm, se_topk)
-    assert head["ci95"] == pytest.approx([0.12 - 0.45 - half, 0.12 - 0.45 + half]) and head["separated"]
-
-    # L0 4 has ATM alone: nothing to compare there; the single-seed x4 cells borrow the L0-8 seeds' sd
-    assert not any(r["l0"] == 4 for r in rows)
-    longer = next(r for r in rows if r.get("a") == "atm-x4")
-    assert longer["atm-x4"]["sd_from"] == "sd from L0 8"
-    assert longer["atm-x4"]["se"] == pytest.approx(statistics.stdev([0.10, 0.12, 0.14]) * t)
-    gap = next(r for r in rows if r["question"].startswith("ATM − TopK gap"))
-    assert gap["diff"] == pytest.approx((0.08 - 0.41) - (0.12 - 0.45))
-    assert gap["separated"] == (gap["ci95"][0] > 0 or gap["ci95"][1] < 0)
-    # each control against ATM and against its ReLU + L1 base; a control not trained is skipped
-    controls = [(r["a"], r["b"]) for r in rows if r["question"].startswith("ATM's masking controls")]
-    assert controls == [("atm-uniform", "atm"), ("atm-uniform", "relu")]
-    uniform_relu = next(r for r in rows if r.get("a") == "atm-uniform" and r["b"] == "relu")
-    assert uniform_relu["diff"] == pytest.approx(0.05 - 0.30)
-    text = verdict.markdown(rows)
-    assert f"| 8 | absorption fraction | atm 0.120 ± {1.96 * se_atm:.3f} (n 3) |" in text
-    assert "(n 1, sd from L0 8)" in text
