@@ -6,6 +6,8 @@ experiment.py label-demo REPORT_DIR        mark a report's every page as a demon
 experiment.py record RECORD_DIR OUT_DIR    commands, wall times, versions and hardware into OUT_DIR
 experiment.py masking REPORT_DIR           ATM's masking controls side by side (Markdown)
 experiment.py frontier RESULTS_DIR         the reproduction's aggregate (stages/frontier.py) from its evals
+experiment.py converge RESULTS_DIR         the convergence part's aggregate: the verdict at the longest length
+                                           and the training-length axis (stages/convergence.py)
 experiment.py budget PLAN|- SECONDS_JSON   the wall time a plan (PLAN_ONLY=1 output) needs, from measured times
 """
 
@@ -209,6 +211,15 @@ def frontier_aggregate(results_dir: Path) -> None:
     frontier.write(results_dir)
 
 
+def converge_aggregate(results_dir: Path) -> None:
+    import convergence
+    import frontier
+
+    longest = max((r["tokens_multiplier"] for r in frontier.collect(results_dir).values()), default=1)
+    frontier.write(results_dir, suffix=f"-x{longest}" if longest > 1 else "")
+    convergence.write(results_dir)
+
+
 def budget(plan: Path, seconds: Path) -> None:
     import frontier
 
@@ -220,5 +231,10 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     verb, *args = sys.argv[1:]
     verbs = {"table": table, "markdown": markdown, "label-demo": label_demo, "record": record}
-    verbs |= {"masking": masking, "frontier": frontier_aggregate, "budget": budget}
+    verbs |= {
+        "masking": masking,
+        "frontier": frontier_aggregate,
+        "budget": budget,
+        "converge": converge_aggregate,
+    }
     verbs[verb](*map(Path, args))

@@ -26,9 +26,12 @@ import verdict  # noqa: E402  (stages/, beside this file)
 
 from atmpipe.eval.metrics import REGISTRY  # noqa: E402
 from atmpipe.eval.report import FIG_DPI, FIG_SIZE, PAPER  # noqa: E402
+from atmpipe.sae import SAE_METHODS  # noqa: E402
 
 RUN_NAME = re.compile(r"^(?P<variant>[a-z][a-z0-9.\-]*?)-L(?P<l0>\d+)-s(?P<seed>\d+)(?:-x(?P<times>\d+))?$")
-METHODS = ["atm", "topk", "jumprelu", "relu"]
+# Every registered method (a new one joins the aggregate with its registry line), the four first as before.
+METHODS = [m for m in ("atm", "topk", "jumprelu", "relu") if m in SAE_METHODS]
+METHODS += sorted(set(SAE_METHODS) - set(METHODS))
 HEAD_L0 = 64  # the level with seeds, controls and the longer runs
 L0_TOLERANCE = 0.05  # matched sparsity: every SAE's measured L0 within ±5% of its level
 MASKING_SECTION = "masking"  # the eval's masking diagnostics of ATM SAEs
@@ -398,9 +401,10 @@ def masking_plot(summary: dict, path: Path, level: int = HEAD_L0) -> bool:
 # --- outputs --------------------------------------------------------------------------------------
 
 
-def write(results_dir: Path, head: int = HEAD_L0) -> dict:
+def write(results_dir: Path, head: int = HEAD_L0, suffix: str = "") -> dict:
     """results.json, table.md and the figures in RESULTS_DIR, from RESULTS_DIR/evals/*/results.json; `head`
-    is the L0 level of the table, the trade-off and the masking figures."""
+    is the L0 level of the table, the trade-off and the masking figures; `suffix` the training length the
+    verdict is stated at ("-x16" for the convergence runs, stages/converge.sh)."""
     groups, runs = eval_groups(results_dir), collect(results_dir)
     summary = summarise(runs)
     figures = {
@@ -414,7 +418,8 @@ def write(results_dir: Path, head: int = HEAD_L0) -> dict:
         if not drawn:
             (results_dir / file).unlink(missing_ok=True)
     by_level = {s: {str(l0): cell for l0, cell in levels.items()} for s, levels in summary.items()}
-    comparisons = verdict.comparisons(by_level, head, word_scores(results_dir))
+    others = [m for m in METHODS if m != "atm"]
+    comparisons = verdict.comparisons(by_level, head, word_scores(results_dir), suffix, others)
     payload = {
         "experiment": "L0 frontier with seeds, ATM masking controls and 4x training (stages/reproduce.sh)",
         "l0_match": l0_match(runs),
@@ -449,32 +454,61 @@ def plan_stages(plan: str) -> list[tuple[str, str, str]]:
 
 def stage_seconds(name: str, command: str, seconds: dict) -> float:
     """A stage's expected wall time from measured ones: `train_s` per method or variant (one pass over the
-    store) or per longer series (atm-x4: the whole run, where passes do not cost alike), `eval_s` =
-    {"first": LM passes + loading, "per_sae": s}, `<stage>_s` (harvest_s, crosscheck_s)."""
-    if name.startswith("train-"):
-        run = parse_run(name[len("train-") :])
+    2^21-token base) or per longer series (atm-x4: the whole run, where passes do not cost alike), `eval_s` =
+    {"first": LM passes + loading, "per_sae": s}, `<stage>_s` (harvest_s, crosscheck_s, converge-harvest_s).
+    The convergence part's stages (converge-train-…, converge-eval-…) cost as the 2M part's do."""
+    short = name.removeprefix("converge-")
+    if short.startswith("train-"):
+        run = parse_run(short[len("train-") :])
         if run["tokens_multiplier"] > 1 and run["series"] in seconds["train_s"]:
             return seconds["train_s"][run["series"]]
         per_pass = seconds["train_s"].get(run["variant"], seconds["train_s"][run["method"]])
         return per_pass * run["tokens_multiplier"]
-    if name.startswith("eval-"):
+    if short.startswith("eval-"):
         return seconds["eval_s"]["per_sae"] * command.count("--sae=")
     return seconds.get(f"{name}_s", 0.0)
 
 
-def print_budget(plan: str, seconds: dict, limit_h: float = 6.0) -> float:
-    """Per stage and in total, the wall time the unfinished part of a plan needs; returns the hours. The
-    first eval also pays the LM passes (`eval_s["first"]`) that every later eval reads from the cache."""
-    total, first_eval = 0.0, True
-    print(f"{'stage':34} {'status':6} {'minutes':>8}")
+def _flag(command: str, name: str, default: str) -> str:
+    words = command.split()
+    return next((words[i + 1] for i, w in enumerate(words[:-1]) if w == name), default)
+
+
+def budget_seconds(plan: str, seconds: dict) -> list[tuple[str, str, float, float]]:
+    """(stage, status, seconds, of which LM-bound seconds) for every stage of a plan. Each eval seed pays the
+    eval's LM passes (`eval_s["first"]`: its absorption prompts differ) once, at its first eval."""
+    rows, seeds_paid = [], set()
     for name, status, command in plan_stages(plan):
         s = 0.0 if status == "done" else stage_seconds(name, command, seconds)
-        if name.startswith("eval-") and first_eval:
-            s += 0.0 if status == "done" else seconds["eval_s"]["first"]
-            first_eval = False
-        total += s
-        print(f"{name:34} {status:6} {s / 60:8.1f}")
+        lm = s if name.endswith("harvest") else 0.0
+        if name.removeprefix("converge-").startswith("eval-"):
+            seed = _flag(command, "--seed", "0")
+            if seed not in seeds_paid:
+                seeds_paid.add(seed)
+                lm = 0.0 if status == "done" else seconds["eval_s"]["first"]
+                s += lm
+        rows.append((name, status, s, lm))
+    return rows
+
+
+def print_budget(plan: str, seconds: dict, limit_h: float = 16.0) -> float:
+    """Per stage and in total, the wall time the unfinished part of a plan needs; returns the hours. With
+    `seconds["bf16_not_measured"]` ({"train": ×, "lm": ×}), also the total those speed-ups would give."""
+    rows = budget_seconds(plan, seconds)
+    print(f"{'stage':44} {'status':6} {'minutes':>8}")
+    for name, status, s, _ in rows:
+        print(f"{name:44} {status:6} {s / 60:8.1f}")
+    total = sum(s for _, _, s, _ in rows)
     hours = total / 3600
     verdict = "within" if hours <= limit_h else "OVER"
-    print(f"{'total':34} {'':6} {total / 60:8.1f}  = {hours:.2f} h ({verdict} {limit_h:g} h on these times)")
+    print(f"{'total':44} {'':6} {total / 60:8.1f}  = {hours:.2f} h ({verdict} {limit_h:g} h on these times)")
+    speed = seconds.get("bf16_not_measured")
+    if speed:
+        faster = sum(
+            (s / speed["train"] if "train-" in n else s - lm + lm / speed["lm"]) for n, _, s, lm in rows
+        )
+        print(
+            f"with bf16 at the speed-ups quoted, NOT measured here (training ×{speed['train']:g}, LM passes "
+            f"×{speed['lm']:g}): {faster / 3600:.2f} h"
+        )
     return hours

@@ -122,6 +122,9 @@ evaluate controls
 for m in atm topk; do sae "$m" "$HEAD_L0" 0 long; done
 evaluate long
 
+# The verdict at convergence: a fresh store, a training-length axis, 3 eval seeds per SAE (stages/converge.sh).
+[[ ${CONVERGE:-1} == 1 ]] && source stages/converge.sh
+
 [[ ${PLAN_ONLY:-} == 1 ]] && exit 0
 echo
 echo "wall time per stage (seconds, summed over re-runs):"
@@ -130,3 +133,4 @@ echo
 cat "$RESULTS/table.md"
 echo
 echo "results: $RESULTS/results.json · table.md · *.png · experiment.json (evals: $RESULTS/evals/<group>/)"
+[[ ${CONVERGE:-1} == 1 ]] && echo "convergence: $CONV_RESULTS/convergence.md · verdict.md · results.json"

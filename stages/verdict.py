@@ -224,20 +224,26 @@ def gap_change(summary: dict, head: str, times: int) -> list[dict]:
     return rows
 
 
-def comparisons(summary: dict, head: int, words: dict | None = None) -> list[dict]:
+def comparisons(
+    summary: dict, head: int, words: dict | None = None, suffix: str = "", others: list[str] | None = None
+) -> list[dict]:
     """Every comparison the verdict needs that the summary can answer (missing series are skipped);
-    `words`: per run, its per-word absorption results by eval seed (frontier.word_scores), for pairing."""
+    `words`: per run, its per-word absorption results by eval seed (frontier.word_scores), for pairing;
+    `suffix`: the training length the verdict is stated at ("-x16": every series at 16× the tokens);
+    `others`: the methods ATM is compared with (default OTHERS; stages/frontier.py passes every registered one)."""
     h = str(head)
     rows = []
-    levels = sorted(summary.get("atm", {}), key=int)
+    levels = sorted(summary.get(f"atm{suffix}", {}), key=int)
     for level in levels:
-        for other in OTHERS:
-            rows += compare(summary, "atm", other, level, "ATM against each method at matched L0", words)
+        for other in others or OTHERS:
+            rows += compare(summary, f"atm{suffix}", f"{other}{suffix}", level, "ATM against each method at matched L0", words)  # fmt: skip
     for control in CONTROLS:
-        rows += compare(summary, control, "atm", h, "ATM's masking controls against ATM", words)
+        rows += compare(summary, f"{control}{suffix}", f"atm{suffix}", h, "ATM's masking controls against ATM", words)  # fmt: skip
     # ATM is ReLU + L1 with masking on top: each control against that base says what masking alone buys
     for control in CONTROLS:
-        rows += compare(summary, control, "relu", h, "ATM's masking controls against ReLU + L1", words)
+        rows += compare(summary, f"{control}{suffix}", f"relu{suffix}", h, "ATM's masking controls against ReLU + L1", words)  # fmt: skip
+    if suffix:  # the training-length axis is stages/convergence.py's
+        return rows
     for times in sorted({int(s.rsplit("-x", 1)[1]) for s in summary if "-x" in s}):
         rows += compare(summary, f"atm-x{times}", "atm", h, f"ATM at ×{times} tokens against ×1", words)
         rows += gap_change(summary, h, times)

@@ -62,7 +62,9 @@ def test_plan_lists_every_run_with_its_recipes_and_overrides_in_order(tmp_path):
     # every later group is read with
     expected = [n for g, trains in groups for n in [*trains, f"eval-{g}"]]
     expected.insert(expected.index("eval-head") + 1, "crosscheck")
-    assert names[1:] == expected
+    assert names[1 : len(expected) + 1] == expected
+    assert all(n.startswith("converge-") for n in names[len(expected) + 1 :])  # stages/converge.sh's part
+    names = names[: len(expected) + 1]
     assert sum(n.startswith("train-") for n in names) == 35
     crosscheck = dict((n, c) for n, _, c in stages)["crosscheck"]
     saes = [str(runs / t.removeprefix("train-")) for t in head]
@@ -89,6 +91,47 @@ def test_plan_lists_every_run_with_its_recipes_and_overrides_in_order(tmp_path):
             assert "--resume" in cmd and flag(cmd, "--tokens") == []
     tokens = [tomllib.loads((REPO / "stages" / f).read_text())["tokens"] for f in ("reproduce-train.toml", "reproduce-long.toml")]  # fmt: skip
     assert tokens[1] == 4 * tokens[0] == 4 * 2_097_152  # the -x4 in the names
+
+
+def test_convergence_plan_trains_every_registered_method_at_three_lengths_with_eval_seeds(tmp_path):
+    from atmpipe.sae import SAE_METHODS
+
+    conv = tmp_path / "conv"
+    stages = plan(tmp_path, CONV_RUNS=str(conv), CONV_RESULTS=str(tmp_path / "res"), CONV_STORE=str(tmp_path / "c.zarr"))  # fmt: skip
+    by_name = {n: c for n, _, c in stages if n.startswith("converge-")}
+    names = list(by_name)
+    assert names[0] == "converge-harvest"
+    assert flag(by_name["converge-harvest"], "--config") == ["stages/converge-harvest.toml"]
+    methods = sorted(SAE_METHODS, key=lambda m: (m != "atm", m))  # a newly registered method is in
+    length = [f"converge-train-{m}-L64-s0{x}" for x in ("", "-x4", "-x16") for m in methods]
+    seeds = [f"converge-train-{m}-L64-s{s}{x}" for x in ("-x4", "-x16") for s in (1, 2) for m in methods]
+    assert [n for n in names if n.startswith("converge-train-") and "-L64-" in n and "atm-" not in n.replace("atm-L", "")][: len(length + seeds)] == length + seeds  # fmt: skip
+    for n in length + seeds:
+        run = frontier.parse_run(n.removeprefix("converge-train-"))
+        cmd = by_name[n]
+        assert flag(cmd, "--tokens") == [str(2_097_152 * run["tokens_multiplier"])]
+        assert flag(cmd, "--store") == [str(tmp_path / "c.zarr")] and flag(cmd, "--out") == [
+            str(conv / run_name(run))
+        ]
+    for group in ("length", "seeds", "controls", "frontier"):  # three eval seeds, one output each
+        outs = [flag(by_name[f"converge-eval-{group}-e{s}"], "--out")[0] for s in (0, 1, 2)]
+        assert outs == [str(tmp_path / "res" / "evals" / g) for g in (group, f"{group}-e1", f"{group}-e2")]
+        assert [flag(by_name[f"converge-eval-{group}-e{s}"], "--seed") for s in (0, 1, 2)] == [
+            ["0"],
+            ["1"],
+            ["2"],
+        ]
+    cross = " ".join(by_name["converge-crosscheck"])
+    assert "--words\\ 8000\\ --floor\\ 400" in cross and "--seeds\\ 0\\,1\\,2" in cross  # as %q writes it
+    assert all(f"{m}-L64-s0-x16" in cross for m in methods)
+    controls = [n for n in names if n.startswith("converge-train-atm-") and "-L64-" in n and n.split("-")[3] in ("uniform", "log", "r0.5")]  # fmt: skip
+    assert len(controls) == 9 and all(n.endswith("-x16") for n in controls)
+    assert sum(n.startswith("converge-train-") and "-L64-" not in n for n in names) == 3 * len(methods)
+    # over budget: the controls cut to seed 0 first, the frontier at the longest length left out
+    cut = [n for n, _, _ in plan(tmp_path, CONTROL_SEEDS="0", FRONTIER_LONG="0")]
+    assert sum("-uniform-" in n for n in cut if n.startswith("converge-train")) == 1
+    assert not any(n.startswith("converge-eval-frontier") for n in cut)
+    assert not any(n.startswith("converge-") for n, _, _ in plan(tmp_path, CONVERGE="0"))
 
 
 def run_name(run: dict) -> str:
@@ -118,7 +161,7 @@ def test_budget_adds_the_unfinished_stages(tmp_path, capsys):
     }
     hours = frontier.print_budget(text, seconds)
     assert hours == pytest.approx((600 + 700 + 4 * 150 + 300 + 3 * 60 + 2000 + 2 * 60) / 3600)
-    assert "within 6 h" in capsys.readouterr().out
+    assert "within 16 h" in capsys.readouterr().out
 
 
 def test_run_names_parse_and_must_agree_with_the_runs_metadata():
