@@ -9,6 +9,7 @@ experiment.py frontier RESULTS_DIR         the reproduction's aggregate (stages/
 experiment.py converge RESULTS_DIR         the convergence part's aggregate: the verdict at the longest length
                                            and the training-length axis (stages/convergence.py)
 experiment.py budget PLAN|- SECONDS_JSON   the wall time a plan (PLAN_ONLY=1 output) needs, from measured times
+experiment.py corpus-tokens MODEL_DIR      how many training tokens the embedded corpus packs into (context 128)
 """
 
 from __future__ import annotations
@@ -218,6 +219,21 @@ def converge_aggregate(results_dir: Path) -> None:
     longest = max((r["tokens_multiplier"] for r in frontier.collect(results_dir).values()), default=1)
     frontier.write(results_dir, suffix=f"-x{longest}" if longest > 1 else "")
     convergence.write(results_dir)
+
+
+def corpus_tokens(model_dir: Path) -> None:
+    """The whole embedded corpus packed as the harvest packs it (context 128, 65,536 held-out tokens)."""
+    from transformers import AutoTokenizer
+
+    from atmpipe.corpus import build_corpus
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    corpus = build_corpus(
+        tok, tok.bos_token_id, context_size=128, train_tokens=10**10, eval_tokens=65536, seed=0
+    )
+    print(
+        f"{corpus.n_documents} documents; {len(corpus.train)} training windows = {len(corpus.train) * 128} tokens"
+    )
 
 
 def budget(plan: Path, seconds: Path) -> None:
