@@ -56,9 +56,9 @@ cevaluate() {
     done
     GROUP=()
     [[ ${PLAN_ONLY:-} == 1 ]] && return 0
-    .venv/bin/python stages/experiment.py converge "$CONV_RESULTS"
     MODEL=$MODEL LAYER=$LAYER STORE=$CONV_STORE RUNS=$CONV_RUNS \
         .venv/bin/python stages/experiment.py record "$RECORD" "$CONV_RESULTS"
+    .venv/bin/python stages/experiment.py converge "$CONV_RESULTS"
 }
 
 [[ ${PLAN_ONLY:-} == 1 ]] || mkdir -p "$CONV_RUNS"

@@ -14,6 +14,7 @@ experiment.py corpus-tokens MODEL_DIR      how many training tokens the embedded
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -159,12 +160,77 @@ def wall_times(record_dir: Path) -> dict:
     return {"per_stage_s": per_stage, "total_s": sum(per_stage.values()), "attempts": attempts}
 
 
+def code_versions(record_dir: Path) -> dict[str, dict]:
+    """{stage: {"commit", "diff_sha256", "finished_utc"}}: the code each finished stage ran (stages/lib.sh
+    writes RECORD/provenance.tsv; the last run of a stage counts). diff_sha256 is None on a clean tree."""
+    found = {}
+    path = record_dir / "provenance.tsv"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        stage, commit, diff, when = line.split("\t")
+        found[stage] = {"commit": commit, "diff_sha256": None if diff == "-" else diff, "finished_utc": when}
+    return found
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 over every file under `path` (or the file itself): relative names and bytes, in sorted order."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cached_sha256(path: Path, cache_file: Path) -> str | None:
+    """content_sha256, recomputed only when the files' names, sizes or times changed (a store is GBs)."""
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stamp = hashlib.sha256(repr([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode())
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    key = f"{path.resolve()}:{stamp.hexdigest()}"
+    if key not in cache:
+        cache[key] = content_sha256(path)
+        cache_file.write_text(json.dumps(cache, indent=2) + "\n")
+    return cache[key]
+
+
+def provenance(record_dir: Path, out_dir: Path, payload: dict) -> dict:
+    """Each stage's code version, and content hashes of the model, the store and the absorption word sample."""
+    env = os.environ
+    home = Path(env.get("ATMPIPE_HOME", Path.home() / ".cache" / "atmpipe"))
+    hashes = record_dir / "hashes.json"
+    samples = {
+        group: ((e.get("shared") or {}).get("absorption") or {}).get("sample", {}).get("sha256")
+        for group, e in payload.get("evals", {}).items()
+    }
+    return {
+        "stages": code_versions(record_dir),
+        "model_sha256": cached_sha256(home / "models" / env["MODEL"], hashes) if "MODEL" in env else None,
+        "store_sha256": cached_sha256(Path(env["STORE"]), hashes) if "STORE" in env else None,
+        "word_sample_sha256": samples,
+    }
+
+
+def crosscheck_commands(out_dir: Path) -> list[str]:
+    """The crosscheck's own per-seed commands (atmpipe's side) and SAEBench's seeds, from its record."""
+    path = out_dir / "crosscheck" / "crosscheck.json"
+    if not path.exists():
+        return []
+    result = json.loads(path.read_text())
+    cmds = [r["command"] for r in result.get("atmpipe_runs", [])]
+    return cmds + [f"# SAEBench absorption run_eval, seed {r['seed']} (stages/crosscheck.py)" for r in result.get("saebench_runs", [])]  # fmt: skip
+
+
 def record(record_dir: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.json"
     payload = json.loads(results_file.read_text()) if results_file.exists() else {}
     experiment = {
-        "commands": (record_dir / "commands.sh").read_text().splitlines(),
+        "commands": (record_dir / "commands.sh").read_text().splitlines() + crosscheck_commands(out_dir),
+        "provenance": provenance(record_dir, out_dir, payload),
         "wall_times": wall_times(record_dir),
         "versions": versions(),
         "hardware": hardware(),

@@ -398,6 +398,39 @@ def masking_plot(summary: dict, path: Path, level: int = HEAD_L0) -> bool:
     return True
 
 
+# --- provenance -----------------------------------------------------------------------------------
+
+
+def code_of(runs: dict[str, dict], stages: dict[str, dict]) -> dict[str, set | None]:
+    """Per run, the code versions (commit, diff sha256) its training and its evals ran at; None where a
+    stage's version was not recorded (runs made before stages recorded theirs)."""
+    out: dict[str, set | None] = {}
+    for name, run in runs.items():
+        keys = [f"train-{name}", f"converge-train-{name}"]
+        train = next((stages[k] for k in keys if k in stages), None)
+        groups = [e["group"] for e in run["by_eval_seed"].values()]
+        evals = [stages.get(f"eval-{g}") or stages.get(f"converge-eval-{_eval_stage(g)}") for g in groups]
+        found = [train, *evals]
+        out[name] = None if None in found else {(v["commit"], v["diff_sha256"]) for v in found}
+    return out
+
+
+def _eval_stage(group: str) -> str:
+    """converge.sh names an eval group's stage by group and seed: length-e1 → length-e1, length → length-e0."""
+    return group if re.search(r"-e\d+$", group) else f"{group}-e0"
+
+
+def mark_code(rows: list[dict], summary: dict, code: dict[str, set | None]) -> None:
+    """Each comparison says whether everything on both sides ran at one code version ("same_code": True),
+    at several (False: re-run what the change touched before trusting it) or is unknown (None)."""
+    for r in rows:
+        if "a" not in r:
+            continue
+        names = [n for s in (r["a"], r["b"]) for n in summary[s][str(r["l0"])].get("runs", [])]
+        versions = [code.get(n) for n in names]
+        r["same_code"] = None if not names or None in versions else len(set().union(*versions)) == 1
+
+
 # --- outputs --------------------------------------------------------------------------------------
 
 
@@ -420,6 +453,9 @@ def write(results_dir: Path, head: int = HEAD_L0, suffix: str = "") -> dict:
     by_level = {s: {str(l0): cell for l0, cell in levels.items()} for s, levels in summary.items()}
     others = [m for m in METHODS if m != "atm"]
     comparisons = verdict.comparisons(by_level, head, word_scores(results_dir), suffix, others)
+    record = results_dir / "experiment.json"
+    stages = json.loads(record.read_text()).get("provenance", {}).get("stages", {}) if record.exists() else {}
+    mark_code(comparisons, by_level, code_of(runs, stages))
     payload = {
         "experiment": "L0 frontier with seeds, ATM masking controls and 4x training (stages/reproduce.sh)",
         "l0_match": l0_match(runs),

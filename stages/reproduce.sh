@@ -90,9 +90,10 @@ evaluate() {
         "${GROUP[@]/#/--sae=}" --out "$RESULTS/evals/$group"
     GROUP=()
     [[ ${PLAN_ONLY:-} == 1 ]] && return 0
-    .venv/bin/python stages/experiment.py frontier "$RESULTS"
+    # the record first: the aggregate reads each stage's code version from its experiment.json
     MODEL=$MODEL LAYER=$LAYER STORE=$STORE RUNS=$RUNS \
         .venv/bin/python stages/experiment.py record "$RECORD" "$RESULTS"
+    .venv/bin/python stages/experiment.py frontier "$RESULTS"
 }
 
 [[ ${PLAN_ONLY:-} == 1 ]] || mkdir -p "$RUNS"

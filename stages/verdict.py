@@ -270,7 +270,8 @@ def markdown(rows: list[dict]) -> str:
         "the shared words where per-word results exist, else each side's word-bootstrap CI). No interval "
         f"where a side has one training seed, or, for absorption, fewer than {MIN_EVAL_SEEDS} eval seeds. "
         f"Equivalence: TOST at 5% within the margins {margins}. Otherwise: not separated, with the smallest "
-        "difference the run could detect (80% power).",
+        "difference the run could detect (80% power). A comparison whose sides ran at different code versions says so "
+        "(results.json: same_code; null where the versions were not recorded).",
     ]
     question = None
     for r in rows:
@@ -283,5 +284,7 @@ def markdown(rows: list[dict]) -> str:
         else:
             cells = f"gap ×1 {r['gap_x1']:+.3f} | gap longer {r['gap_longer']:+.3f}"
         carries = r["interval"] + (f" ({r['words']})" if r.get("words") else "")
+        if r.get("same_code") is False:
+            carries += "; **the two sides ran at different code**"
         lines.append(f"| {r['l0']} | {METRICS[r['metric']]} | {cells} | {r['summary']} | {carries} |")
     return "\n".join(lines) + "\n"

@@ -195,3 +195,56 @@ def test_eval_seeds_are_averaged_within_an_sae_before_the_training_seed_spread(t
     eval_group(tmp_path, "again", 1, {"atm-L64-s0": 0.2})
     with pytest.raises(ValueError, match="run atm-L64-s0 is in two eval groups at eval seed 1"):
         frontier.collect(tmp_path)
+
+
+# --- provenance -------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_finished_stage_records_the_commit_and_the_diff_it_ran_at(tmp_path):
+    import hashlib
+    import subprocess
+
+    script = f"source stages/lib.sh; RECORD={tmp_path}; stage demo {tmp_path}/out -- touch {tmp_path}/out"
+    subprocess.run(["bash", "-c", script], cwd=REPO, check=True, capture_output=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True).stdout  # fmt: skip
+    diff = subprocess.run(["git", "diff", "HEAD"], cwd=REPO, capture_output=True).stdout
+    sys.path.insert(0, str(REPO / "stages"))
+    import experiment
+
+    got = experiment.code_versions(tmp_path)["demo"]
+    assert got["commit"] == head
+    assert got["diff_sha256"] == (hashlib.sha256(diff).hexdigest() if dirty else None)
+
+
+def test_content_hash_covers_names_and_bytes_and_its_cache_follows_changes(tmp_path):
+    import experiment
+
+    store = tmp_path / "s.zarr"
+    (store / "a").mkdir(parents=True)
+    (store / "a" / "0").write_bytes(b"x" * 100)
+    (store / "zarr.json").write_text("{}")
+    first = experiment.cached_sha256(store, tmp_path / "hashes.json")
+    assert first == experiment.content_sha256(store)
+    (store / "a" / "0").write_bytes(b"y" * 100)  # same size, new bytes (and a new mtime)
+    assert experiment.cached_sha256(store, tmp_path / "hashes.json") != first
+    assert experiment.cached_sha256(tmp_path / "missing", tmp_path / "hashes.json") is None
+
+
+def test_comparisons_are_marked_where_their_sides_ran_at_different_code():
+    v1, v2 = {"commit": "a" * 40, "diff_sha256": None}, {"commit": "b" * 40, "diff_sha256": None}
+    runs = {
+        n: {"by_eval_seed": {"0": {"group": "head"}}} for n in ("atm-L64-s0", "topk-L64-s0", "relu-L64-s0")
+    }
+    stages = {"train-atm-L64-s0": v1, "train-topk-L64-s0": v1, "train-relu-L64-s0": v2, "eval-head": v1}
+    code = frontier.code_of(runs, stages)
+    summary = {s: {"64": {"runs": [f"{s}-L64-s0"]}} for s in ("atm", "topk", "relu")}
+    rows = [{"a": "atm", "b": b, "l0": 64} for b in ("topk", "relu")]
+    frontier.mark_code(rows, summary, code)
+    assert [r["same_code"] for r in rows] == [True, False]
+    frontier.mark_code(rows, summary, frontier.code_of(runs, {}))  # nothing recorded: unknown, not "same"
+    assert [r["same_code"] for r in rows] == [None, None]
