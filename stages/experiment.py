@@ -9,6 +9,7 @@ experiment.py frontier RESULTS_DIR         the reproduction's aggregate (stages/
 experiment.py converge RESULTS_DIR         the convergence part's aggregate: the verdict at the longest length
                                            and the training-length axis (stages/convergence.py)
 experiment.py budget PLAN|- SECONDS_JSON   the wall time a plan (PLAN_ONLY=1 output) needs, from measured times
+experiment.py results-md RESULTS_DIR       docs/results.md's generated tables (stages/results_doc.py)
 experiment.py corpus-tokens MODEL_DIR      how many training tokens the embedded corpus packs into (context 128)
 """
 
@@ -76,6 +77,13 @@ def _rows(report_dir: Path) -> tuple[dict, list[list[str]]]:
     return results, rows
 
 
+DEMO_ABSORPTION = (
+    "Absorption at demonstration sizes is not reproducible: one eval seed on ~1,000 words, where another "
+    "eval seed, or an SAE differing in FVU's 4th digit, moves it by tenths; its [95% CI] is word sampling "
+    "alone and does not cover that. `make reproduce` measures it with seeds."
+)
+
+
 def markdown(report_dir: Path) -> None:
     _, rows = _rows(report_dir)
     print("| " + " | ".join(rows[0]) + " |")
@@ -94,6 +102,8 @@ def table(report_dir: Path) -> None:
         verdict = "matched" if check["matched"] else "NOT matched"
         spread = ", ".join(f"{n} {d:+.0%}" for n, d in check["relative_to_median"].items())
         print(f"L0 {verdict} (within ±{L0_TOLERANCE:.0%} of the median {check['median_l0']:.1f}): {spread}")
+    if "demonstration" in json.loads((report_dir / "results.json").read_text()):
+        print(DEMO_ABSORPTION)
 
 
 def label_demo(report_dir: Path) -> None:
@@ -302,6 +312,12 @@ def corpus_tokens(model_dir: Path) -> None:
     )
 
 
+def results_md(results_dir: Path) -> None:
+    import results_doc
+
+    print(results_doc.block(results_dir), end="")
+
+
 def budget(plan: Path, seconds: Path) -> None:
     import frontier
 
@@ -318,5 +334,7 @@ if __name__ == "__main__":
         "frontier": frontier_aggregate,
         "budget": budget,
         "converge": converge_aggregate,
+        "corpus-tokens": corpus_tokens,
+        "results-md": results_md,
     }
     verbs[verb](*map(Path, args))
