@@ -3,6 +3,7 @@
 Run with .venv-saebench's python (SAEBench 0.6 and its pins live there; `make saebench`):
     .venv-saebench/bin/python stages/crosscheck.py --out DIR [--words N --floor F --min-letters G --seeds 0,1,2,3,4]
         SAE_DIR [SAE_DIR ...]
+    python stages/crosscheck.py rejudge DIR [DIR ...]     # the current pass rule on a crosscheck already run
 1. atmpipe: `atmpipe eval --metrics absorption` (the main venv's atmpipe) on the given word sample, once per
    seed (the sample's own seed fixed: each seed varies split, examples and probes over the same words);
 2. SAEBench: `sae_bench.evals.absorption.main.run_eval` on the same SAE directories (SAELens layout), its
@@ -353,7 +354,19 @@ def run_seeds(args, out: Path, seeds, words, model, layer, work, ident) -> tuple
     return atm_runs, sb_runs
 
 
+def rejudge(out: Path) -> bool:
+    """Apply the current pass rule to a crosscheck already run (its crosscheck.json), without running either
+    side again: `python stages/crosscheck.py rejudge DIR`."""
+    result = json.loads((out / "crosscheck.json").read_text())
+    result["comparison"] = compare(result["atmpipe_runs"], result["saebench_runs"], result["saes"])
+    (out / "crosscheck.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "crosscheck.md").write_text(summary_md(result))
+    return result["comparison"]["pass"]
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["rejudge"]:
+        return 0 if all([rejudge(Path(d)) for d in sys.argv[2:]]) else 1  # every one, not up to a failure
     args = parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
