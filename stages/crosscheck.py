@@ -87,6 +87,22 @@ def word_sample(model_dir: Path, args) -> list[str]:
     return sample_vocab(vocab, args.words, args.floor, args.sample_seed)
 
 
+def stop_after_layer(model_class, layer: int) -> None:
+    """Make `model_class.run_with_cache` stop after block `layer`. SAEBench reads only that block's residual:
+    stopping there leaves it unchanged (the forward is causal, block by block; tests/test_crosscheck.py checks
+    it bit for bit) and skips the later blocks and the 262k-token unembedding.
+
+    The other saving one might make, running the LM once for all SAEs, is not open without changing what
+    SAEBench computes: its probe-split activations are already computed once and kept on disk, and each SAE's
+    scoring prompts draw fresh in-context examples from the global `random` stream, which the SAEs before it
+    have advanced, so no two SAEs see the same prompt batch."""
+    if not hasattr(model_class, "_full_run_with_cache"):
+        model_class._full_run_with_cache = model_class.run_with_cache
+        model_class.run_with_cache = lambda self, *a, **kw: self._full_run_with_cache(
+            *a, stop_at_layer=layer + 1, **kw
+        )
+
+
 def run_saebench(
     args, words: list[str], hub_name: str, layer: int, seed: int, work: Path, ident: dict
 ) -> dict:
@@ -99,14 +115,7 @@ def run_saebench(
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
-    if not hasattr(HookedTransformer, "_full_run_with_cache"):
-        # SAEBench reads only layer `layer`'s residual: stopping the forward after it leaves that residual
-        # unchanged (causal, layer by layer) and skips the later layers and the 262k-token unembedding.
-        HookedTransformer._full_run_with_cache = HookedTransformer.run_with_cache
-        HookedTransformer.run_with_cache = lambda self, *a, **kw: self._full_run_with_cache(
-            *a, stop_at_layer=layer + 1, **kw
-        )
-
+    stop_after_layer(HookedTransformer, layer)
     for module in (common, feature_absorption):  # both places SAEBench reads its word list from
         module.get_alpha_tokens = lambda tokenizer, **kw: list(words)
     probes = common.PROBES_DIR / hub_name.split("/")[-1] / f"layer_{layer}"

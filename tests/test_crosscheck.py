@@ -81,3 +81,35 @@ def test_the_ranking_rule_binds_only_pairs_saebench_separates():
     swapped = dict(atm, c=[0.01, 0.02, 0.03])  # atmpipe puts c below a and b, SAEBench above
     result = crosscheck.compare(runs(swapped, "atmpipe"), runs(sb, "saebench"), ["a", "b", "c"])
     assert not result["ranking"]["full"]["same"] and not result["pass"]
+
+
+SAEBENCH_PY = REPO / ".venv-saebench" / "bin" / "python"
+STOP_AFTER_LAYER = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import crosscheck
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+cfg = HookedTransformerConfig(n_layers=4, d_model=32, d_head=8, n_ctx=16, d_vocab=97, act_fn="gelu", seed=0)
+model = HookedTransformer(cfg)
+tokens = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(1))
+hook = "blocks.1.hook_resid_post"
+full = model.run_with_cache(tokens, names_filter=[hook])[1][hook]
+crosscheck.stop_after_layer(HookedTransformer, 1)
+calls = []
+model.blocks[2].register_forward_hook(lambda *a: calls.append(1))
+stopped = model.run_with_cache(tokens, names_filter=[hook])[1][hook]
+print(torch.equal(full, stopped), len(calls))
+"""
+
+
+@pytest.mark.skipif(not SAEBENCH_PY.exists(), reason="no .venv-saebench (make saebench)")
+def test_stopping_saebenchs_forward_after_the_hooked_layer_leaves_its_residual_bit_for_bit():
+    import subprocess
+
+    out = subprocess.run(
+        [str(SAEBENCH_PY), "-c", STOP_AFTER_LAYER, str(REPO / "stages")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split() == ["True", "0"]  # the same residual, and block 2 never ran
