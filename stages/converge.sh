@@ -10,8 +10,13 @@
 #   6. frontier  every method at L0 16, 32 and 128 at 32M, seed 0 (FRONTIER_LONG=0 leaves it out)
 # Outcome in $CONV_RESULTS: the aggregate (results.json, table.md, verdict.md at the longest length: stages/
 # frontier.py and verdict.py), convergence.{json,md} and one figure per metric against tokens (stages/
-# convergence.py). The budget: PLAN_ONLY=1 bash stages/reproduce.sh | .venv/bin/python stages/experiment.py
-# budget - stages/reproduce-budget.json.
+# convergence.py). The budget, from the measured stage times (stages/reproduce-budget.json), fp32 on 2 idle
+# cores (this CPU has no bf16 units), the convergence part alone:
+#     PLAN_ONLY=1 bash stages/reproduce.sh | grep ^converge- | .venv/bin/python stages/experiment.py budget - \
+#         stages/reproduce-budget.json
+# 50.1 h in full; 42.8 h with CONTROL_SEEDS=0; 29.0 h with FRONTIER_LONG=0 as well: over the 16 h target in
+# every case. At the bf16 speed-ups quoted for CPU matrix units (training ×2, LM passes ×2.3; NOT measured
+# here): 29.1, 25.2 and 17.8 h.
 
 CONV_STORE=${CONV_STORE:-cache/converge-$NAME.zarr}
 CONV_RUNS=${CONV_RUNS:-runs/converge/$NAME}

@@ -239,7 +239,8 @@ def record(record_dir: Path, out_dir: Path) -> None:
     results_file = out_dir / "results.json"
     payload = json.loads(results_file.read_text()) if results_file.exists() else {}
     experiment = {
-        "commands": (record_dir / "commands.sh").read_text().splitlines() + crosscheck_commands(out_dir),
+        "commands": (record_dir / "commands.sh").read_text().splitlines(),
+        "crosscheck_commands": crosscheck_commands(out_dir),  # the seeds `make crosscheck` ran inside its stage
         "provenance": provenance(record_dir, out_dir, payload),
         "wall_times": wall_times(record_dir),
         "versions": versions(),

@@ -248,3 +248,27 @@ def test_comparisons_are_marked_where_their_sides_ran_at_different_code():
     assert [r["same_code"] for r in rows] == [True, False]
     frontier.mark_code(rows, summary, frontier.code_of(runs, {}))  # nothing recorded: unknown, not "same"
     assert [r["same_code"] for r in rows] == [None, None]
+
+
+def test_the_record_lists_the_stages_code_hashes_and_the_crosschecks_seeds(tmp_path, monkeypatch):
+    import experiment
+
+    record, out, store = tmp_path / "runs", tmp_path / "results", tmp_path / "s.zarr"
+    record.mkdir()
+    (store / "c").mkdir(parents=True)
+    (store / "c" / "0").write_bytes(b"activations")
+    (record / "commands.sh").write_text("atmpipe harvest\n")
+    (record / "wall_times.tsv").write_text("harvest\t10\tok\t2026-12-07T00:00:00Z\n")
+    (record / "provenance.tsv").write_text(f"harvest\t{'c' * 40}\t-\t2026-12-07T00:00:00Z\n")
+    (out / "crosscheck").mkdir(parents=True)
+    cross = {"atmpipe_runs": [{"command": "atmpipe eval --seed 3"}], "saebench_runs": [{"seed": 3}]}
+    (out / "crosscheck" / "crosscheck.json").write_text(json.dumps(cross))
+    monkeypatch.setenv("STORE", str(store))
+    monkeypatch.delenv("MODEL", raising=False)
+    experiment.record(record, out)
+    saved = json.loads((out / "experiment.json").read_text())
+    assert saved["commands"] == ["atmpipe harvest"]
+    assert saved["crosscheck_commands"] == ["atmpipe eval --seed 3", "# SAEBench absorption run_eval, seed 3 (stages/crosscheck.py)"]  # fmt: skip
+    prov = saved["provenance"]
+    assert prov["stages"]["harvest"] == {"commit": "c" * 40, "diff_sha256": None, "finished_utc": "2026-12-07T00:00:00Z"}  # fmt: skip
+    assert prov["store_sha256"] == experiment.content_sha256(store) and prov["model_sha256"] is None
