@@ -18,6 +18,9 @@
 #   3. frontier  the four methods at L0 16, 32 and 128, seed 0                          12 SAEs, then eval
 #   4. controls  ATM with uniform targeting, the log threshold, r = 0.5; seeds 0-2        9 SAEs, then eval
 #   5. long      atm and topk at L0 64, seed 0, 4× the tokens (4 passes over the store)  2 SAEs, then eval
+#   6. converge  the verdict at convergence (stages/converge.sh; CONVERGE=0 leaves it out): a fresh store,
+#                every registered method at 2M/8M/32M tokens, 3 eval seeds per SAE, the crosscheck at the
+#                verdict's sample; its own budget (50 h fp32 in full, over the 16 h target) is in its header
 # Most informative first: if the budget runs out, what is missing is the least needed. One eval per group:
 # the eval caches the LM's activations per model and layer, so the LM passes are paid once (group 1).
 #
