@@ -272,3 +272,29 @@ def test_the_record_lists_the_stages_code_hashes_and_the_crosschecks_seeds(tmp_p
     prov = saved["provenance"]
     assert prov["stages"]["harvest"] == {"commit": "c" * 40, "diff_sha256": None, "finished_utc": "2026-12-07T00:00:00Z"}  # fmt: skip
     assert prov["store_sha256"] == experiment.content_sha256(store) and prov["model_sha256"] is None
+
+
+def test_convergence_status_per_method_from_the_two_longest_lengths(tmp_path):
+    import convergence
+
+    def at(values):
+        return {"64": cell(values, FVU)}
+
+    summary = {
+        "atm": at([0.30, 0.31, 0.29]), "atm-x4": at([0.20, 0.21, 0.19]), "atm-x16": at([0.205, 0.195, 0.20]),
+        "topk": at([0.10, 0.11, 0.12]), "topk-x4": at([0.08, 0.081, 0.079]), "topk-x16": at([0.05, 0.051, 0.049]),
+        "relu": at([0.2, 0.21, 0.19]), "relu-x4": at([0.15]), "relu-x16": at([0.1, 0.11, 0.12]),
+    }  # fmt: skip
+    result = convergence.axis(summary, ["atm", "topk", "relu", "jumprelu"], "64")
+    assert set(result) == {"atm", "topk", "relu"}  # a method without lengths is left out
+    assert result["atm"][FVU]["status"] == "converged"  # 8M → 32M: 0.20 → 0.20
+    assert result["topk"][FVU]["status"] == "still moving"  # 0.08 → 0.05, beyond its interval
+    assert result["relu"][FVU]["status"] == "undetermined"  # one seed at 8M: no interval, never "converged"
+    change = result["topk"][FVU]["change"]
+    assert change["from_tokens"] == 4 * 2_097_152 and change["to_tokens"] == 16 * 2_097_152
+    assert change["diff"] == pytest.approx(0.05 - 0.08)
+    pts = result["atm"][FVU]["points"]
+    assert [p["tokens"] for p in pts] == [2_097_152, 8_388_608, 33_554_432]
+    assert pts[0]["half_width_95"] == pytest.approx(student_t.ppf(0.975, 2) * 0.01 / 3**0.5)
+    assert convergence.figure(result, FVU, tmp_path / "fvu.png") and (tmp_path / "fvu.png").stat().st_size > 0
+    assert "| topk | FVU | 2M 0.110 (3), 8M 0.080 (3), 32M 0.050 (3) |" in convergence.markdown(result)
