@@ -240,7 +240,8 @@ def record(record_dir: Path, out_dir: Path) -> None:
     payload = json.loads(results_file.read_text()) if results_file.exists() else {}
     experiment = {
         "commands": (record_dir / "commands.sh").read_text().splitlines(),
-        "crosscheck_commands": crosscheck_commands(out_dir),  # the seeds `make crosscheck` ran inside its stage
+        # the seeds `make crosscheck` ran inside its one stage
+        "crosscheck_commands": crosscheck_commands(out_dir),
         "provenance": provenance(record_dir, out_dir, payload),
         "wall_times": wall_times(record_dir),
         "versions": versions(),
