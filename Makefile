@@ -54,7 +54,8 @@ masking-controls: setup
 
 # The real experiment: an L0 frontier of 35 SAEs with seeds and controls (hours on CPU; stages/reproduce.sh
 # gives the plan and the budget). STORE=… RUNS=… keep the store and runs elsewhere; PLAN_ONLY=1 prints the
-# plan and runs nothing. MODEL=gemma-2-2b LAYER=12 scales it to the paper's setting on a GPU.
+# plan and runs nothing. MODEL=gemma-2-2b LAYER=12 scales it to the paper's setting on a GPU. Its convergence
+# part (stages/converge.sh): CONVERGE=0 leaves it out, CONTROL_SEEDS=0 and FRONTIER_LONG=0 cut it.
 reproduce: setup
 	MODEL=$(MODEL) LAYER=$(LAYER) bash stages/reproduce.sh
 

@@ -6,11 +6,16 @@ experiment.py label-demo REPORT_DIR        mark a report's every page as a demon
 experiment.py record RECORD_DIR OUT_DIR    commands, wall times, versions and hardware into OUT_DIR
 experiment.py masking REPORT_DIR           ATM's masking controls side by side (Markdown)
 experiment.py frontier RESULTS_DIR         the reproduction's aggregate (stages/frontier.py) from its evals
+experiment.py converge RESULTS_DIR         the convergence part's aggregate: the verdict at the longest length
+                                           and the training-length axis (stages/convergence.py)
 experiment.py budget PLAN|- SECONDS_JSON   the wall time a plan (PLAN_ONLY=1 output) needs, from measured times
+experiment.py results-md RESULTS_DIR       docs/results.md's generated tables (stages/results_doc.py)
+experiment.py corpus-tokens MODEL_DIR      how many training tokens the embedded corpus packs into (context 128)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -72,6 +77,13 @@ def _rows(report_dir: Path) -> tuple[dict, list[list[str]]]:
     return results, rows
 
 
+DEMO_ABSORPTION = (
+    "Absorption at demonstration sizes is not reproducible: one eval seed on ~1,000 words, where another "
+    "eval seed, or an SAE differing in FVU's 4th digit, moves it by tenths; its [95% CI] is word sampling "
+    "alone and does not cover that. `make reproduce` measures it with seeds."
+)
+
+
 def markdown(report_dir: Path) -> None:
     _, rows = _rows(report_dir)
     print("| " + " | ".join(rows[0]) + " |")
@@ -90,6 +102,8 @@ def table(report_dir: Path) -> None:
         verdict = "matched" if check["matched"] else "NOT matched"
         spread = ", ".join(f"{n} {d:+.0%}" for n, d in check["relative_to_median"].items())
         print(f"L0 {verdict} (within ±{L0_TOLERANCE:.0%} of the median {check['median_l0']:.1f}): {spread}")
+    if "demonstration" in json.loads((report_dir / "results.json").read_text()):
+        print(DEMO_ABSORPTION)
 
 
 def label_demo(report_dir: Path) -> None:
@@ -156,12 +170,79 @@ def wall_times(record_dir: Path) -> dict:
     return {"per_stage_s": per_stage, "total_s": sum(per_stage.values()), "attempts": attempts}
 
 
+def code_versions(record_dir: Path) -> dict[str, dict]:
+    """{stage: {"commit", "diff_sha256", "finished_utc"}}: the code each finished stage ran (stages/lib.sh
+    writes RECORD/provenance.tsv; the last run of a stage counts). diff_sha256 is None on a clean tree."""
+    found = {}
+    path = record_dir / "provenance.tsv"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        stage, commit, diff, when = line.split("\t")
+        found[stage] = {"commit": commit, "diff_sha256": None if diff == "-" else diff, "finished_utc": when}
+    return found
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 over every file under `path` (or the file itself): relative names and bytes, in sorted order."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cached_sha256(path: Path, cache_file: Path) -> str | None:
+    """content_sha256, recomputed only when the files' names, sizes or times changed (a store is GBs)."""
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stamp = hashlib.sha256(repr([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode())
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    key = f"{path.resolve()}:{stamp.hexdigest()}"
+    if key not in cache:
+        cache[key] = content_sha256(path)
+        cache_file.write_text(json.dumps(cache, indent=2) + "\n")
+    return cache[key]
+
+
+def provenance(record_dir: Path, out_dir: Path, payload: dict) -> dict:
+    """Each stage's code version, and content hashes of the model, the store and the absorption word sample."""
+    env = os.environ
+    home = Path(env.get("ATMPIPE_HOME", Path.home() / ".cache" / "atmpipe"))
+    hashes = record_dir / "hashes.json"
+    samples = {
+        group: ((e.get("shared") or {}).get("absorption") or {}).get("sample", {}).get("sha256")
+        for group, e in payload.get("evals", {}).items()
+    }
+    return {
+        "stages": code_versions(record_dir),
+        "model_sha256": cached_sha256(home / "models" / env["MODEL"], hashes) if "MODEL" in env else None,
+        "store_sha256": cached_sha256(Path(env["STORE"]), hashes) if "STORE" in env else None,
+        "word_sample_sha256": samples,
+    }
+
+
+def crosscheck_commands(out_dir: Path) -> list[str]:
+    """The crosscheck's own per-seed commands (atmpipe's side) and SAEBench's seeds, from its record."""
+    path = out_dir / "crosscheck" / "crosscheck.json"
+    if not path.exists():
+        return []
+    result = json.loads(path.read_text())
+    cmds = [r["command"] for r in result.get("atmpipe_runs", [])]
+    return cmds + [f"# SAEBench absorption run_eval, seed {r['seed']} (stages/crosscheck.py)" for r in result.get("saebench_runs", [])]  # fmt: skip
+
+
 def record(record_dir: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.json"
     payload = json.loads(results_file.read_text()) if results_file.exists() else {}
     experiment = {
         "commands": (record_dir / "commands.sh").read_text().splitlines(),
+        # the seeds `make crosscheck` ran inside its one stage
+        "crosscheck_commands": crosscheck_commands(out_dir),
+        "provenance": provenance(record_dir, out_dir, payload),
         "wall_times": wall_times(record_dir),
         "versions": versions(),
         "hardware": hardware(),
@@ -209,6 +290,36 @@ def frontier_aggregate(results_dir: Path) -> None:
     frontier.write(results_dir)
 
 
+def converge_aggregate(results_dir: Path) -> None:
+    import convergence
+    import frontier
+
+    longest = max((r["tokens_multiplier"] for r in frontier.collect(results_dir).values()), default=1)
+    frontier.write(results_dir, suffix=f"-x{longest}" if longest > 1 else "")
+    convergence.write(results_dir)
+
+
+def corpus_tokens(model_dir: Path) -> None:
+    """The whole embedded corpus packed as the harvest packs it (context 128, 65,536 held-out tokens)."""
+    from transformers import AutoTokenizer
+
+    from atmpipe.corpus import build_corpus
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    corpus = build_corpus(
+        tok, tok.bos_token_id, context_size=128, train_tokens=10**10, eval_tokens=65536, seed=0
+    )
+    print(
+        f"{corpus.n_documents} documents; {len(corpus.train)} training windows = {len(corpus.train) * 128} tokens"
+    )
+
+
+def results_md(results_dir: Path) -> None:
+    import results_doc
+
+    print(results_doc.block(results_dir), end="")
+
+
 def budget(plan: Path, seconds: Path) -> None:
     import frontier
 
@@ -220,5 +331,12 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     verb, *args = sys.argv[1:]
     verbs = {"table": table, "markdown": markdown, "label-demo": label_demo, "record": record}
-    verbs |= {"masking": masking, "frontier": frontier_aggregate, "budget": budget}
+    verbs |= {
+        "masking": masking,
+        "frontier": frontier_aggregate,
+        "budget": budget,
+        "converge": converge_aggregate,
+        "corpus-tokens": corpus_tokens,
+        "results-md": results_md,
+    }
     verbs[verb](*map(Path, args))

@@ -26,12 +26,16 @@ import verdict  # noqa: E402  (stages/, beside this file)
 
 from atmpipe.eval.metrics import REGISTRY  # noqa: E402
 from atmpipe.eval.report import FIG_DPI, FIG_SIZE, PAPER  # noqa: E402
+from atmpipe.sae import SAE_METHODS  # noqa: E402
 
 RUN_NAME = re.compile(r"^(?P<variant>[a-z][a-z0-9.\-]*?)-L(?P<l0>\d+)-s(?P<seed>\d+)(?:-x(?P<times>\d+))?$")
-METHODS = ["atm", "topk", "jumprelu", "relu"]
+# Every registered method (a new one joins the aggregate with its registry line), the four first as before.
+METHODS = [m for m in ("atm", "topk", "jumprelu", "relu") if m in SAE_METHODS]
+METHODS += sorted(set(SAE_METHODS) - set(METHODS))
 HEAD_L0 = 64  # the level with seeds, controls and the longer runs
 L0_TOLERANCE = 0.05  # matched sparsity: every SAE's measured L0 within ±5% of its level
 MASKING_SECTION = "masking"  # the eval's masking diagnostics of ATM SAEs
+OTHER_DEFINITION = {"core.mse"}  # metrics whose paper number measures something else
 CI_PREFIX = "ci95_"  # absorption's word-bootstrap 95% intervals: ci95_<metric> = [low, high]
 
 
@@ -91,19 +95,56 @@ def eval_groups(results_dir: Path) -> dict[str, dict]:
     return {f.parent.name: json.loads(f.read_text()) for f in files}
 
 
+def eval_seed(payload: dict) -> int:
+    """The eval seed a group ran with (its config's seed; 0 where an older eval did not record it)."""
+    return int((payload.get("run", {}).get("config") or {}).get("seed") or 0)
+
+
 def collect(results_dir: Path) -> dict[str, dict]:
-    """Every run of every eval group under RESULTS_DIR/evals/<group>/results.json, parsed and flattened."""
-    runs = {}
+    """Every run of every eval group under RESULTS_DIR/evals/<group>/results.json, parsed and flattened. A run
+    evaluated at several eval seeds (one group per seed: head, head-e1, ...) gets `by_eval_seed` and, as its
+    metrics and word intervals, their means over those seeds."""
+    runs: dict[str, dict] = {}
     for group, payload in eval_groups(results_dir).items():
+        seed = eval_seed(payload)
         for name, result in payload["results"].items():
             run = parse_run(name, _metadata(payload.get("saes", {}).get(name, {})))
             if run is None:
                 continue
-            if name in runs:
-                raise ValueError(f"run {name} is in two eval groups ({runs[name]['group']}, {group})")
             metrics, ci = scalars(result)
-            runs[name] = {**run, "group": group, "metrics": metrics, "ci95": ci}
+            entry = runs.setdefault(name, {**run, "name": name, "group": group, "by_eval_seed": {}})
+            if seed in entry["by_eval_seed"]:
+                earlier = entry["by_eval_seed"][seed]["group"]
+                raise ValueError(f"run {name} is in two eval groups at eval seed {seed} ({earlier}, {group})")
+            entry["by_eval_seed"][seed] = {"group": group, "metrics": metrics, "ci95": ci}
+    for entry in runs.values():
+        evals = [entry["by_eval_seed"][s] for s in sorted(entry["by_eval_seed"])]
+        keys = sorted({k for e in evals for k in e["metrics"]})
+        entry["metrics"] = {
+            k: statistics.fmean(e["metrics"][k] for e in evals if k in e["metrics"]) for k in keys
+        }
+        entry["eval_seeds"] = {k: sum(k in e["metrics"] for e in evals) for k in keys}
+        cis = sorted({k for e in evals for k in e["ci95"]})
+        entry["ci95"] = {k: [statistics.fmean(e["ci95"][k][i] for e in evals if k in e["ci95"]) for i in (0, 1)] for k in cis}  # fmt: skip
+        # one eval seed: its numbers are the run's own, not repeated
+        one = len(evals) == 1
+        entry["by_eval_seed"] = {str(s): {"group": e["group"]} if one else e for s, e in sorted(entry["by_eval_seed"].items())}  # fmt: skip
     return runs
+
+
+def word_scores(results_dir: Path) -> dict[str, dict]:
+    """{run: {eval seed: {letter: {"words", "word_fraction", "word_full"}}}} from the evals that recorded each
+    scored word (stages/verdict.py pairs two SAEs' words with it); runs without them are left out."""
+    out: dict[str, dict] = {}
+    for payload in eval_groups(results_dir).values():
+        seed = eval_seed(payload)
+        for name, result in payload["results"].items():
+            letters = (result.get("absorption") or {}).get("per_letter", {})
+            if letters and all("word_fraction" in v for v in letters.values()):
+                out.setdefault(name, {})[seed] = {
+                    c: {k: v[k] for k in ("words", "word_fraction", "word_full")} for c, v in letters.items()
+                }
+    return out
 
 
 # --- statistics -----------------------------------------------------------------------------------
@@ -119,6 +160,18 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def within_sd(members: list[dict], metric: str) -> float | None:
+    """The spread of one metric over eval seeds within an SAE, pooled over the cell's SAEs (sd, n − 1 each);
+    None with one eval seed."""
+    sq, dof = 0.0, 0
+    for r in members:
+        values = [e["metrics"][metric] for e in r["by_eval_seed"].values() if metric in e.get("metrics", {})]
+        if len(values) > 1:
+            sq += statistics.variance(values) * (len(values) - 1)
+            dof += len(values) - 1
+    return math.sqrt(sq / dof) if dof else None
+
+
 def summarise(runs: dict[str, dict]) -> dict:
     """{series: {L0 target: {"seeds", "metrics": {metric: spread}, "ci95": {metric: mean interval}}}}."""
     cells: dict[str, dict[int, list[dict]]] = {}
@@ -132,6 +185,10 @@ def summarise(runs: dict[str, dict]) -> dict:
             cis = sorted({k for r in members for k in r["ci95"]})
             summary.setdefault(series, {})[l0] = {
                 "seeds": [r["seed"] for r in members],
+                "runs": [r["name"] for r in members],
+                # eval seeds per metric: the fewest any of the cell's SAEs has; and their spread within an SAE
+                "eval_seeds": {k: min(r["eval_seeds"].get(k, 0) for r in members) for k in names},
+                "eval_sd": {k: within_sd(members, k) for k in names},
                 "metrics": {
                     k: spread([r["metrics"][k] for r in members if k in r["metrics"]]) for k in names
                 },
@@ -204,7 +261,9 @@ def table(summary: dict, level: int = HEAD_L0) -> str:
     """Markdown: every metric at one L0 level, mean ± sd (seeds) per series, and the paper's own numbers."""
     series = _series_order(s for s in summary if level in summary[s])
     rows = [(f"{name}.{key}", entry) for name, metric in REGISTRY.items() for _, key, entry in metric.rows]
-    paper = {key: PAPER[entry] for key, entry in rows if entry}
+    # The paper's MSE (0.5508) is not atmpipe's core.mse (squared error summed over the model dimension, per
+    # token: ~1e5-1e6 here): another definition, so it is not printed beside it.
+    paper = {key: PAPER[entry] for key, entry in rows if entry and key not in OTHER_DEFINITION}
     ordered = [key for key, _ in rows]  # the eval report's order first
     found = {k for s in series for k in summary[s][level]["metrics"]}
     metrics = [k for k in ordered if k in found] + sorted(found - set(ordered))
@@ -342,12 +401,46 @@ def masking_plot(summary: dict, path: Path, level: int = HEAD_L0) -> bool:
     return True
 
 
+# --- provenance -----------------------------------------------------------------------------------
+
+
+def code_of(runs: dict[str, dict], stages: dict[str, dict]) -> dict[str, set | None]:
+    """Per run, the code versions (commit, diff sha256) its training and its evals ran at; None where a
+    stage's version was not recorded (runs made before stages recorded theirs)."""
+    out: dict[str, set | None] = {}
+    for name, run in runs.items():
+        keys = [f"train-{name}", f"converge-train-{name}"]
+        train = next((stages[k] for k in keys if k in stages), None)
+        groups = [e["group"] for e in run["by_eval_seed"].values()]
+        evals = [stages.get(f"eval-{g}") or stages.get(f"converge-eval-{_eval_stage(g)}") for g in groups]
+        found = [train, *evals]
+        out[name] = None if None in found else {(v["commit"], v["diff_sha256"]) for v in found}
+    return out
+
+
+def _eval_stage(group: str) -> str:
+    """converge.sh names an eval group's stage by group and seed: length-e1 → length-e1, length → length-e0."""
+    return group if re.search(r"-e\d+$", group) else f"{group}-e0"
+
+
+def mark_code(rows: list[dict], summary: dict, code: dict[str, set | None]) -> None:
+    """Each comparison says whether everything on both sides ran at one code version ("same_code": True),
+    at several (False: re-run what the change touched before trusting it) or is unknown (None)."""
+    for r in rows:
+        if "a" not in r:
+            continue
+        names = [n for s in (r["a"], r["b"]) for n in summary[s][str(r["l0"])].get("runs", [])]
+        versions = [code.get(n) for n in names]
+        r["same_code"] = None if not names or None in versions else len(set().union(*versions)) == 1
+
+
 # --- outputs --------------------------------------------------------------------------------------
 
 
-def write(results_dir: Path, head: int = HEAD_L0) -> dict:
+def write(results_dir: Path, head: int = HEAD_L0, suffix: str = "") -> dict:
     """results.json, table.md and the figures in RESULTS_DIR, from RESULTS_DIR/evals/*/results.json; `head`
-    is the L0 level of the table, the trade-off and the masking figures."""
+    is the L0 level of the table, the trade-off and the masking figures; `suffix` the training length the
+    verdict is stated at ("-x16" for the convergence runs, stages/converge.sh)."""
     groups, runs = eval_groups(results_dir), collect(results_dir)
     summary = summarise(runs)
     figures = {
@@ -361,7 +454,11 @@ def write(results_dir: Path, head: int = HEAD_L0) -> dict:
         if not drawn:
             (results_dir / file).unlink(missing_ok=True)
     by_level = {s: {str(l0): cell for l0, cell in levels.items()} for s, levels in summary.items()}
-    comparisons = verdict.comparisons(by_level, head)
+    others = [m for m in METHODS if m != "atm"]
+    comparisons = verdict.comparisons(by_level, head, word_scores(results_dir), suffix, others)
+    record = results_dir / "experiment.json"
+    stages = json.loads(record.read_text()).get("provenance", {}).get("stages", {}) if record.exists() else {}
+    mark_code(comparisons, by_level, code_of(runs, stages))
     payload = {
         "experiment": "L0 frontier with seeds, ATM masking controls and 4x training (stages/reproduce.sh)",
         "l0_match": l0_match(runs),
@@ -374,8 +471,10 @@ def write(results_dir: Path, head: int = HEAD_L0) -> dict:
         },
         "figures": sorted(f for f, drawn in figures.items() if drawn),
         "paper_gemma_2_2b": PAPER,
-        "note": "summary: mean and sd (n - 1) over seeds; ci95: absorption's word-bootstrap interval, "
-        "mean over seeds",
+        "note": "summary: per series and L0, mean and sd (n - 1) over training seeds of each SAE's mean over its "
+        "eval seeds (eval_seeds: how many; eval_sd: their spread within an SAE); ci95: absorption's "
+        "word-bootstrap interval, mean over seeds; comparisons: stages/verdict.py says what each interval "
+        "carries",
     }
     (results_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     has_head = any(head in levels for levels in summary.values())
@@ -394,32 +493,61 @@ def plan_stages(plan: str) -> list[tuple[str, str, str]]:
 
 def stage_seconds(name: str, command: str, seconds: dict) -> float:
     """A stage's expected wall time from measured ones: `train_s` per method or variant (one pass over the
-    store) or per longer series (atm-x4: the whole run, where passes do not cost alike), `eval_s` =
-    {"first": LM passes + loading, "per_sae": s}, `<stage>_s` (harvest_s, crosscheck_s)."""
-    if name.startswith("train-"):
-        run = parse_run(name[len("train-") :])
+    2^21-token base) or per longer series (atm-x4: the whole run, where passes do not cost alike), `eval_s` =
+    {"first": LM passes + loading, "per_sae": s}, `<stage>_s` (harvest_s, crosscheck_s, converge-harvest_s).
+    The convergence part's stages (converge-train-…, converge-eval-…) cost as the 2M part's do."""
+    short = name.removeprefix("converge-")
+    if short.startswith("train-"):
+        run = parse_run(short[len("train-") :])
         if run["tokens_multiplier"] > 1 and run["series"] in seconds["train_s"]:
             return seconds["train_s"][run["series"]]
         per_pass = seconds["train_s"].get(run["variant"], seconds["train_s"][run["method"]])
         return per_pass * run["tokens_multiplier"]
-    if name.startswith("eval-"):
+    if short.startswith("eval-"):
         return seconds["eval_s"]["per_sae"] * command.count("--sae=")
     return seconds.get(f"{name}_s", 0.0)
 
 
-def print_budget(plan: str, seconds: dict, limit_h: float = 6.0) -> float:
-    """Per stage and in total, the wall time the unfinished part of a plan needs; returns the hours. The
-    first eval also pays the LM passes (`eval_s["first"]`) that every later eval reads from the cache."""
-    total, first_eval = 0.0, True
-    print(f"{'stage':34} {'status':6} {'minutes':>8}")
+def _flag(command: str, name: str, default: str) -> str:
+    words = command.split()
+    return next((words[i + 1] for i, w in enumerate(words[:-1]) if w == name), default)
+
+
+def budget_seconds(plan: str, seconds: dict) -> list[tuple[str, str, float, float]]:
+    """(stage, status, seconds, of which LM-bound seconds) for every stage of a plan. Each eval seed pays the
+    eval's LM passes (`eval_s["first"]`: its absorption prompts differ) once, at its first eval."""
+    rows, seeds_paid = [], set()
     for name, status, command in plan_stages(plan):
         s = 0.0 if status == "done" else stage_seconds(name, command, seconds)
-        if name.startswith("eval-") and first_eval:
-            s += 0.0 if status == "done" else seconds["eval_s"]["first"]
-            first_eval = False
-        total += s
-        print(f"{name:34} {status:6} {s / 60:8.1f}")
+        lm = s if name.endswith("harvest") else 0.0
+        if name.removeprefix("converge-").startswith("eval-"):
+            seed = _flag(command, "--seed", "0")
+            if seed not in seeds_paid:
+                seeds_paid.add(seed)
+                lm = 0.0 if status == "done" else seconds["eval_s"]["first"]
+                s += lm
+        rows.append((name, status, s, lm))
+    return rows
+
+
+def print_budget(plan: str, seconds: dict, limit_h: float = 16.0) -> float:
+    """Per stage and in total, the wall time the unfinished part of a plan needs; returns the hours. With
+    `seconds["bf16_not_measured"]` ({"train": ×, "lm": ×}), also the total those speed-ups would give."""
+    rows = budget_seconds(plan, seconds)
+    print(f"{'stage':44} {'status':6} {'minutes':>8}")
+    for name, status, s, _ in rows:
+        print(f"{name:44} {status:6} {s / 60:8.1f}")
+    total = sum(s for _, _, s, _ in rows)
     hours = total / 3600
     verdict = "within" if hours <= limit_h else "OVER"
-    print(f"{'total':34} {'':6} {total / 60:8.1f}  = {hours:.2f} h ({verdict} {limit_h:g} h on these times)")
+    print(f"{'total':44} {'':6} {total / 60:8.1f}  = {hours:.2f} h ({verdict} {limit_h:g} h on these times)")
+    speed = seconds.get("bf16_not_measured")
+    if speed:
+        faster = sum(
+            (s / speed["train"] if "train-" in n else s - lm + lm / speed["lm"]) for n, _, s, lm in rows
+        )
+        print(
+            f"with bf16 at the speed-ups quoted, NOT measured here (training ×{speed['train']:g}, LM passes "
+            f"×{speed['lm']:g}): {faster / 3600:.2f} h"
+        )
     return hours

@@ -4,8 +4,10 @@
 # and its OUTPUT is still there; otherwise it runs (the commands resume by themselves: a harvest continues
 # from its last committed shard, `atmpipe train --resume` from its last checkpoint), and on success the
 # marker is written. Every run appends the exact command to $RECORD/commands.sh and its wall time to
-# $RECORD/wall_times.tsv, so a report can say what ran and how long each stage took. With PLAN_ONLY=1 it
-# runs nothing and writes nothing: it prints one line per stage, NAME <tab> done|todo <tab> COMMAND.
+# $RECORD/wall_times.tsv, so a report can say what ran and how long each stage took; a finished stage adds
+# its code version (commit and, on a dirty tree, the sha256 of the diff) to $RECORD/provenance.tsv.
+# With PLAN_ONLY=1 it runs nothing and writes nothing: it prints one line per stage, NAME <tab> done|todo
+# <tab> COMMAND.
 
 ATMPIPE=${ATMPIPE:-.venv/bin/atmpipe}
 
@@ -25,6 +27,8 @@ stage() {
     fi
     mkdir -p "$RECORD/done"
     echo "== $name: $*"
+    local code
+    code=$(code_version) # as the stage starts: the code it ran
     printf '%q ' "$@" >>"$RECORD/commands.sh"
     echo >>"$RECORD/commands.sh"
     local start=$SECONDS status=0
@@ -35,7 +39,19 @@ stage() {
         echo "== $name failed (exit $status); fix the cause and re-run: finished stages are kept" >&2
         return "$status"
     fi
+    printf '%s\t%s\t%s\n' "$name" "$code" "$(date -u +%FT%TZ)" >>"$RECORD/provenance.tsv"
     touch "$marker"
+}
+
+# The commit the work tree is at, and the sha256 of `git diff HEAD` when tracked files differ from it ("-" when
+# clean): with both, the code a stage ran can be checked out again.
+code_version() {
+    local commit diff=-
+    commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+    if [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]]; then
+        diff=$(git diff HEAD | sha256sum | cut -c1-64)
+    fi
+    printf '%s\t%s\n' "$commit" "$diff"
 }
 
 # Total wall seconds per stage, summed over interrupted and resumed runs.

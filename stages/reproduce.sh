@@ -18,6 +18,9 @@
 #   3. frontier  the four methods at L0 16, 32 and 128, seed 0                          12 SAEs, then eval
 #   4. controls  ATM with uniform targeting, the log threshold, r = 0.5; seeds 0-2        9 SAEs, then eval
 #   5. long      atm and topk at L0 64, seed 0, 4× the tokens (4 passes over the store)  2 SAEs, then eval
+#   6. converge  the verdict at convergence (stages/converge.sh; CONVERGE=0 leaves it out): a fresh store,
+#                every registered method at 2M/8M/32M tokens, 3 eval seeds per SAE, the crosscheck at the
+#                verdict's sample; its own budget (50 h fp32 in full, over the 16 h target) is in its header
 # Most informative first: if the budget runs out, what is missing is the least needed. One eval per group:
 # the eval caches the LM's activations per model and layer, so the LM passes are paid once (group 1).
 #
@@ -90,9 +93,10 @@ evaluate() {
         "${GROUP[@]/#/--sae=}" --out "$RESULTS/evals/$group"
     GROUP=()
     [[ ${PLAN_ONLY:-} == 1 ]] && return 0
-    .venv/bin/python stages/experiment.py frontier "$RESULTS"
+    # the record first: the aggregate reads each stage's code version from its experiment.json
     MODEL=$MODEL LAYER=$LAYER STORE=$STORE RUNS=$RUNS \
         .venv/bin/python stages/experiment.py record "$RECORD" "$RESULTS"
+    .venv/bin/python stages/experiment.py frontier "$RESULTS"
 }
 
 [[ ${PLAN_ONLY:-} == 1 ]] || mkdir -p "$RUNS"
@@ -122,6 +126,9 @@ evaluate controls
 for m in atm topk; do sae "$m" "$HEAD_L0" 0 long; done
 evaluate long
 
+# The verdict at convergence: a fresh store, a training-length axis, 3 eval seeds per SAE (stages/converge.sh).
+[[ ${CONVERGE:-1} == 1 ]] && source stages/converge.sh
+
 [[ ${PLAN_ONLY:-} == 1 ]] && exit 0
 echo
 echo "wall time per stage (seconds, summed over re-runs):"
@@ -130,3 +137,4 @@ echo
 cat "$RESULTS/table.md"
 echo
 echo "results: $RESULTS/results.json · table.md · *.png · experiment.json (evals: $RESULTS/evals/<group>/)"
+[[ ${CONVERGE:-1} == 1 ]] && echo "convergence: $CONV_RESULTS/convergence.md · verdict.md · results.json"

@@ -90,6 +90,10 @@ def test_planted_absorber_matches_hand_count():
     assert a["n_full_absorption"] == n_absorbed
     # each absorbed word (test rows 0…4, unnamed here) was taken by its own token latent 26 + j
     assert a["absorbers"] == [{"latent": 26 + j, "words": [f"test word {j}"]} for j in range(n_absorbed)]
+    # per scored word, in test order: the first n_absorbed are absorbed, the rest not
+    assert a["words"] == [f"test word {j}" for j in range(per_letter_test)]
+    assert a["word_fraction"] == [1.0] * n_absorbed + [0.0] * (per_letter_test - n_absorbed)
+    assert a["word_full"] == [1] * n_absorbed + [0] * (per_letter_test - n_absorbed)
     for c in LETTERS[1:]:
         assert out["per_letter"][c]["absorption_fraction"] == 0.0
     assert out["mean_absorption_fraction"] == pytest.approx(n_absorbed / per_letter_test / 26)

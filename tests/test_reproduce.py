@@ -4,7 +4,6 @@ SAEs trained on a store harvested from a tiny Gemma-3 (mean ± sd, the L0 check,
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import struct
@@ -14,7 +13,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from scipy.stats import t as student_t
 from typer.testing import CliRunner
 
 from atmpipe.cli import app
@@ -24,7 +22,6 @@ from atmpipe.train import TrainConfig, train
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "stages"))
 import frontier  # noqa: E402
-import verdict  # noqa: E402
 
 METHODS = ["atm", "topk", "jumprelu", "relu"]
 
@@ -65,7 +62,9 @@ def test_plan_lists_every_run_with_its_recipes_and_overrides_in_order(tmp_path):
     # every later group is read with
     expected = [n for g, trains in groups for n in [*trains, f"eval-{g}"]]
     expected.insert(expected.index("eval-head") + 1, "crosscheck")
-    assert names[1:] == expected
+    assert names[1 : len(expected) + 1] == expected
+    assert all(n.startswith("converge-") for n in names[len(expected) + 1 :])  # stages/converge.sh's part
+    names = names[: len(expected) + 1]
     assert sum(n.startswith("train-") for n in names) == 35
     crosscheck = dict((n, c) for n, _, c in stages)["crosscheck"]
     saes = [str(runs / t.removeprefix("train-")) for t in head]
@@ -92,6 +91,47 @@ def test_plan_lists_every_run_with_its_recipes_and_overrides_in_order(tmp_path):
             assert "--resume" in cmd and flag(cmd, "--tokens") == []
     tokens = [tomllib.loads((REPO / "stages" / f).read_text())["tokens"] for f in ("reproduce-train.toml", "reproduce-long.toml")]  # fmt: skip
     assert tokens[1] == 4 * tokens[0] == 4 * 2_097_152  # the -x4 in the names
+
+
+def test_convergence_plan_trains_every_registered_method_at_three_lengths_with_eval_seeds(tmp_path):
+    from atmpipe.sae import SAE_METHODS
+
+    conv = tmp_path / "conv"
+    stages = plan(tmp_path, CONV_RUNS=str(conv), CONV_RESULTS=str(tmp_path / "res"), CONV_STORE=str(tmp_path / "c.zarr"))  # fmt: skip
+    by_name = {n: c for n, _, c in stages if n.startswith("converge-")}
+    names = list(by_name)
+    assert names[0] == "converge-harvest"
+    assert flag(by_name["converge-harvest"], "--config") == ["stages/converge-harvest.toml"]
+    methods = sorted(SAE_METHODS, key=lambda m: (m != "atm", m))  # a newly registered method is in
+    length = [f"converge-train-{m}-L64-s0{x}" for x in ("", "-x4", "-x16") for m in methods]
+    seeds = [f"converge-train-{m}-L64-s{s}{x}" for x in ("-x4", "-x16") for s in (1, 2) for m in methods]
+    assert [n for n in names if n.startswith("converge-train-") and "-L64-" in n and "atm-" not in n.replace("atm-L", "")][: len(length + seeds)] == length + seeds  # fmt: skip
+    for n in length + seeds:
+        run = frontier.parse_run(n.removeprefix("converge-train-"))
+        cmd = by_name[n]
+        assert flag(cmd, "--tokens") == [str(2_097_152 * run["tokens_multiplier"])]
+        assert flag(cmd, "--store") == [str(tmp_path / "c.zarr")] and flag(cmd, "--out") == [
+            str(conv / run_name(run))
+        ]
+    for group in ("length", "seeds", "controls", "frontier"):  # three eval seeds, one output each
+        outs = [flag(by_name[f"converge-eval-{group}-e{s}"], "--out")[0] for s in (0, 1, 2)]
+        assert outs == [str(tmp_path / "res" / "evals" / g) for g in (group, f"{group}-e1", f"{group}-e2")]
+        assert [flag(by_name[f"converge-eval-{group}-e{s}"], "--seed") for s in (0, 1, 2)] == [
+            ["0"],
+            ["1"],
+            ["2"],
+        ]
+    cross = " ".join(by_name["converge-crosscheck"])
+    assert "--words\\ 8000\\ --floor\\ 400" in cross and "--seeds\\ 0\\,1\\,2" in cross  # as %q writes it
+    assert all(f"{m}-L64-s0-x16" in cross for m in methods)
+    controls = [n for n in names if n.startswith("converge-train-atm-") and "-L64-" in n and n.split("-")[3] in ("uniform", "log", "r0.5")]  # fmt: skip
+    assert len(controls) == 9 and all(n.endswith("-x16") for n in controls)
+    assert sum(n.startswith("converge-train-") and "-L64-" not in n for n in names) == 3 * len(methods)
+    # over budget: the controls cut to seed 0 first, the frontier at the longest length left out
+    cut = [n for n, _, _ in plan(tmp_path, CONTROL_SEEDS="0", FRONTIER_LONG="0")]
+    assert sum("-uniform-" in n for n in cut if n.startswith("converge-train")) == 1
+    assert not any(n.startswith("converge-eval-frontier") for n in cut)
+    assert not any(n.startswith("converge-") for n, _, _ in plan(tmp_path, CONVERGE="0"))
 
 
 def run_name(run: dict) -> str:
@@ -121,7 +161,7 @@ def test_budget_adds_the_unfinished_stages(tmp_path, capsys):
     }
     hours = frontier.print_budget(text, seconds)
     assert hours == pytest.approx((600 + 700 + 4 * 150 + 300 + 3 * 60 + 2000 + 2 * 60) / 3600)
-    assert "within 6 h" in capsys.readouterr().out
+    assert "within 16 h" in capsys.readouterr().out
 
 
 def test_run_names_parse_and_must_agree_with_the_runs_metadata():
@@ -293,48 +333,3 @@ def test_plan_for_gemma_2_2b_on_a_gpu_names_its_own_store_runs_and_results(tmp_p
     by_name = {n: c for n, _, c in stages}
     assert flag(by_name["train-atm-L64-s0"], "--out") == ["runs/reproduce/gemma-2-2b-l12/atm-L64-s0"]
     assert flag(by_name["eval-head"], "--out") == ["results/gemma-2-2b-l12/evals/head"]
-
-
-# --- the verdict's comparisons ----------------------------------------------------------------------
-
-
-def cell(values: list[float], ci: list[float] | None = None, metric: str = "core.fvu") -> dict:
-    return {"metrics": {metric: frontier.spread(values)}, "ci95": {metric: ci} if ci else {}}
-
-
-def test_verdict_differences_and_intervals_follow_the_stated_rule():
-    frac = "absorption.mean_absorption_fraction"
-    summary = {
-        "atm": {"8": cell([0.10, 0.12, 0.14], [0.05, 0.19], frac), "4": cell([0.30], [0.20, 0.40], frac)},
-        "topk": {"8": cell([0.40, 0.50, 0.45], [0.35, 0.55], frac)},
-        "atm-x4": {"8": cell([0.08], None, frac)},
-        "topk-x4": {"8": cell([0.41], None, frac)},
-        "relu": {"8": cell([0.30, 0.25, 0.35], [0.2, 0.4], frac)},
-        "atm-uniform": {"8": cell([0.05, 0.04, 0.06], [0.02, 0.08], frac)},
-    }
-    rows = verdict.comparisons(summary, head=8)
-    head = next(r for r in rows if r.get("a") == "atm" and r["b"] == "topk")
-    t = student_t.ppf(0.975, 2) / 1.96
-    se_atm = math.hypot(statistics.stdev([0.10, 0.12, 0.14]) / 3**0.5 * t, 0.07 / 1.96)
-    se_topk = math.hypot(statistics.stdev([0.40, 0.50, 0.45]) / 3**0.5 * t, 0.10 / 1.96)
-    assert head["diff"] == pytest.approx(0.12 - 0.45)
-    assert head["atm"]["se"] == pytest.approx(se_atm) and head["topk"]["se"] == pytest.approx(se_topk)
-    half = 1.96 * math.hypot(se_atm, se_topk)
-    assert head["ci95"] == pytest.approx([0.12 - 0.45 - half, 0.12 - 0.45 + half]) and head["separated"]
-
-    # L0 4 has ATM alone: nothing to compare there; the single-seed x4 cells borrow the L0-8 seeds' sd
-    assert not any(r["l0"] == 4 for r in rows)
-    longer = next(r for r in rows if r.get("a") == "atm-x4")
-    assert longer["atm-x4"]["sd_from"] == "sd from L0 8"
-    assert longer["atm-x4"]["se"] == pytest.approx(statistics.stdev([0.10, 0.12, 0.14]) * t)
-    gap = next(r for r in rows if r["question"].startswith("ATM − TopK gap"))
-    assert gap["diff"] == pytest.approx((0.08 - 0.41) - (0.12 - 0.45))
-    assert gap["separated"] == (gap["ci95"][0] > 0 or gap["ci95"][1] < 0)
-    # each control against ATM and against its ReLU + L1 base; a control not trained is skipped
-    controls = [(r["a"], r["b"]) for r in rows if r["question"].startswith("ATM's masking controls")]
-    assert controls == [("atm-uniform", "atm"), ("atm-uniform", "relu")]
-    uniform_relu = next(r for r in rows if r.get("a") == "atm-uniform" and r["b"] == "relu")
-    assert uniform_relu["diff"] == pytest.approx(0.05 - 0.30)
-    text = verdict.markdown(rows)
-    assert f"| 8 | absorption fraction | atm 0.120 ± {1.96 * se_atm:.3f} (n 3) |" in text
-    assert "(n 1, sd from L0 8)" in text

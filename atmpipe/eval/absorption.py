@@ -388,6 +388,11 @@ def absorption_metrics(sae, task: dict, probe: dict, cfg: AbsorptionConfig) -> d
             "num_split_features": len(main),
             "sparse_probe_f1": f1s,
             "absorbers": absorbers_by_latent(scored, [words[i] for i in true_pos]),
+            # Per scored word, in one order for every SAE of an eval (the probe picks them): what a paired
+            # comparison of two SAEs resamples.
+            "words": [words[i] for i in true_pos],
+            "word_fraction": [round(float(v), 6) for v in frac],
+            "word_full": [int(v) for v in full],
         }
     rows = per_letter.values()
     return base | {
