@@ -42,9 +42,18 @@ def status(change: dict) -> str:
     return "still moving" if change["separated"] else "converged"
 
 
-def axis(summary: dict, methods: list[str], level: str, words: dict | None = None) -> dict:
-    """Per method and metric: each length's mean with its 95% half-width (None with one training seed), and
-    the change between the two longest lengths with its interval and status."""
+def passes(summary: dict, series: str, level: str, runs: dict | None) -> float | None:
+    """Passes over the store a length's SAEs made (their `epochs`): 2M tokens are unique on the fresh store,
+    8M and 32M repeat it. None where the runs' metadata is not at hand."""
+    found = [runs[n]["epochs"] for n in summary[series][level].get("runs", []) if n in (runs or {}) and "epochs" in runs[n]]  # fmt: skip
+    return sum(found) / len(found) if found else None
+
+
+def axis(
+    summary: dict, methods: list[str], level: str, words: dict | None = None, runs: dict | None = None
+) -> dict:
+    """Per method and metric: each length's mean with its 95% half-width (None with one training seed) and its
+    passes over the store, and the change between the two longest lengths with its interval and status."""
     out: dict = {}
     for method in methods:
         series = lengths(summary, method, level)
@@ -60,7 +69,8 @@ def axis(summary: dict, methods: list[str], level: str, words: dict | None = Non
                 if e["n"] > 1:
                     half = float(student_t.ppf(0.975, e["n"] - 1)) * e["sd"] / e["n"] ** 0.5
                 points.append({"tokens": BASE_TOKENS * times, "series": s, "mean": e["mean"], "n": e["n"],
-                               "eval_seeds": e["eval_seeds"], "half_width_95": half})  # fmt: skip
+                               "eval_seeds": e["eval_seeds"], "half_width_95": half,
+                               "passes": passes(summary, s, level, runs)})  # fmt: skip
             if len(points) < 2:
                 continue
             (last, a), (prev, b) = list(series.items())[-1], list(series.items())[-2]
@@ -113,20 +123,27 @@ def markdown(result: dict) -> str:
         "0; still moving: it excludes 0; undetermined: no interval (a length with one training seed, or "
         "absorption with fewer than 3 eval seeds).",
         "",
-        "| method | metric | by tokens (mean, n seeds) | change [95%] and what it allows | status |",
+        "| method | metric | by tokens (mean, n seeds, passes over the store) | change [95%] and what it allows | status |",
         "|---|---|---|---|---|",
     ]
     for method, metrics in result.items():
         for metric, r in metrics.items():
-            pts = ", ".join(f"{p['tokens'] / 2**20:g}M {p['mean']:.3f} ({p['n']})" for p in r["points"])
+            pts = ", ".join(
+                f"{p['tokens'] / 2**20:g}M {p['mean']:.3f} ({p['n']}"
+                + (f", {p['passes']:.2g} passes)" if p.get("passes") else ")")
+                for p in r["points"]
+            )
             lines.append(f"| {method} | {verdict.METRICS[metric]} | {pts} | {r['change']['summary']} | {r['status']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def write(results_dir: Path, level: int = frontier.HEAD_L0) -> dict:
     """convergence.json, convergence.md and the figures from RESULTS_DIR's aggregate (frontier.write first)."""
-    summary = json.loads((results_dir / "results.json").read_text())["summary"]
-    result = axis(summary, frontier.METHODS, str(level), frontier.word_scores(results_dir))
+    payload = json.loads((results_dir / "results.json").read_text())
+    summary = payload["summary"]
+    result = axis(
+        summary, frontier.METHODS, str(level), frontier.word_scores(results_dir), payload.get("runs")
+    )
     figures = {}
     for metric in verdict.METRICS:
         file = f"convergence_{metric.split('.')[-1]}.png"

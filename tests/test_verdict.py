@@ -285,7 +285,11 @@ def test_convergence_status_per_method_from_the_two_longest_lengths(tmp_path):
         "topk": at([0.10, 0.11, 0.12]), "topk-x4": at([0.08, 0.081, 0.079]), "topk-x16": at([0.05, 0.051, 0.049]),
         "relu": at([0.2, 0.21, 0.19]), "relu-x4": at([0.15]), "relu-x16": at([0.1, 0.11, 0.12]),
     }  # fmt: skip
-    result = convergence.axis(summary, ["atm", "topk", "relu", "jumprelu"], "64")
+    summary["atm-x16"]["64"]["runs"] = ["atm-L64-s0-x16", "atm-L64-s1-x16", "atm-L64-s2-x16"]
+    runs = {f"atm-L64-s{s}-x16": {"epochs": 7.1} for s in range(3)}  # 32M tokens over a 4.7M-token store
+    result = convergence.axis(summary, ["atm", "topk", "relu", "jumprelu"], "64", runs=runs)
+    assert result["atm"][FVU]["points"][-1]["passes"] == pytest.approx(7.1)
+    assert result["atm"][FVU]["points"][0]["passes"] is None  # not known without the runs' metadata
     assert set(result) == {"atm", "topk", "relu"}  # a method without lengths is left out
     assert result["atm"][FVU]["status"] == "converged"  # 8M → 32M: 0.20 → 0.20
     assert result["topk"][FVU]["status"] == "still moving"  # 0.08 → 0.05, beyond its interval
@@ -297,4 +301,6 @@ def test_convergence_status_per_method_from_the_two_longest_lengths(tmp_path):
     assert [p["tokens"] for p in pts] == [2_097_152, 8_388_608, 33_554_432]
     assert pts[0]["half_width_95"] == pytest.approx(student_t.ppf(0.975, 2) * 0.01 / 3**0.5)
     assert convergence.figure(result, FVU, tmp_path / "fvu.png") and (tmp_path / "fvu.png").stat().st_size > 0
-    assert "| topk | FVU | 2M 0.110 (3), 8M 0.080 (3), 32M 0.050 (3) |" in convergence.markdown(result)
+    text = convergence.markdown(result)
+    assert "| topk | FVU | 2M 0.110 (3), 8M 0.080 (3), 32M 0.050 (3) |" in text
+    assert "32M 0.200 (3, 7.1 passes)" in text
