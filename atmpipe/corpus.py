@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from atmpipe import hub
 from atmpipe.errors import UserError
-from atmpipe.hub import hub_reachable
 
 EMBEDDED = "embedded"
 # sae-probes datasets whose prompts are real web / news prose (docs/data.md); the rest are short or synthetic.
@@ -194,7 +194,7 @@ def _local_documents(path: Path, text_column: str) -> list[Document]:
 
 def _hub_documents(spec: str, text_column: str) -> list[Document]:
     name, _, config = spec.partition(":")
-    if not hub_reachable():
+    if not hub.hub_reachable():
         raise UserError(
             f"cannot reach the Hugging Face hub to load dataset {spec!r} (offline?); pass local "
             "text/jsonl/parquet files or 'embedded'"

@@ -29,10 +29,11 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from atmpipe import hub
 from atmpipe.device import resolve_device
 from atmpipe.errors import UserError
 from atmpipe.home import atmpipe_home
-from atmpipe.hub import EMBEDDED_MODEL, hub_reachable
+from atmpipe.hub import EMBEDDED_MODEL
 
 EMBEDDED = EMBEDDED_MODEL
 SHORT_NAMES = {"gemma-2-2b": "google/gemma-2-2b"}
@@ -133,8 +134,8 @@ def resolve_model(model: str) -> tuple[str, str, bool]:
     if "/" not in hub_id:
         raise UserError(f"unknown model {model!r}; pass {_WHAT_TO_PASS}")
     if _hub_cached(hub_id):
-        return hub_id, hub_id, not hub_reachable()
-    if not hub_reachable():
+        return hub_id, hub_id, not hub.hub_reachable()
+    if not hub.hub_reachable():
         raise UserError(
             f"cannot reach the Hugging Face hub to download {hub_id!r} (offline?); pass a local checkpoint "
             "directory or a .gguf file of it instead, or run where the hub is reachable"

@@ -122,8 +122,8 @@ def test_bad_inputs_are_refused_in_one_line(case, inputs, tiny_checkpoints, tmp_
         "config-unknown-key": (
             harvest(config=d / "typo.toml"),
             "unknown config key(s) tokenz; known keys: batch_size, chunk_tokens, context_size, dataset, device, "
-            "dtype, eval_tokens, layers, model, out, overwrite, seed, shard_tokens, storage_dtype, text_column, "
-            "tokens, trust_remote_code",
+            "dtype, eval_tokens, layers, model, out, overrides, overwrite, recipe, seed, shard_tokens, "
+            "storage_dtype, text_column, tokens, trust_remote_code",
         ),
         "context-size-below-2": (
             harvest(context_size=1),
@@ -239,14 +239,14 @@ def test_embedded_corpus_package_not_installed(inputs, tiny_checkpoints, tmp_pat
 def test_hub_dataset_that_the_hub_refuses(inputs, tiny_checkpoints, tmp_path, monkeypatch):
     import datasets
 
-    import atmpipe.lm
+    import atmpipe.hub
 
     def not_on_the_hub(name, *args, **kwargs):  # what the hub answers for a name it does not hold
         raise datasets.exceptions.DatasetNotFoundError(
             f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed."
         )
 
-    monkeypatch.setattr(atmpipe.lm, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(atmpipe.hub, "hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(datasets, "load_dataset", not_on_the_hub)
     argv = harvest_argv(tiny_checkpoints["gemma2"], inputs, tmp_path / "out", dataset="nobody/nothing")
     message = error_of(invoke(*argv))
