@@ -62,7 +62,9 @@ class MatryoshkaSAE(TopKSAE):
     def validate_hparams(self) -> None:
         super().validate_hparams()
         if self.hp.batch_topk is not True:
-            raise UserError("matryoshka always selects by BatchTopK; drop batch_topk from its hyper-parameters")
+            raise UserError(
+                "matryoshka always selects by BatchTopK; drop batch_topk from its hyper-parameters"
+            )
         fr = self.hp.prefix_fractions
         ok = isinstance(fr, list) and fr and all(isinstance(f, int | float) and 0 < f <= 1 for f in fr)
         if not ok or fr[-1] != 1:
@@ -116,7 +118,9 @@ class MatryoshkaSAE(TopKSAE):
     def _sparse_path(self, device: torch.device) -> bool:
         """The path, from the density the selection fixes (k/d_sae on every rank: no read-back)."""
         density = self.hp.k / self.cfg.d_sae
-        on = self.latents == "sparse" or (self.latents == "auto" and density < sparse.crossover_density(device))
+        on = self.latents == "sparse" or (
+            self.latents == "auto" and density < sparse.crossover_density(device)
+        )
         self.path = ("sparse" if on else "dense", density)
         return on
 
