@@ -141,21 +141,23 @@ def test_latent_groups_follow_the_prefix_widths():
     assert recipe.widths == [20, 80, 320, 1280, 5120]
 
 
-@pytest.mark.parametrize(
-    ("hparams", "message"),
-    [
-        ({"prefix_fractions": [0.5, 0.9]}, "prefix_fractions must be a list of fractions of d_sae in (0, 1], "
-         "the last 1 (got [0.5, 0.9]); pass e.g. --hparam 'prefix_fractions=[0.0625, 0.25, 1]'"),
-        ({"prefix_fractions": [0, 1]}, "prefix_fractions must be a list of fractions of d_sae in (0, 1], "
-         "the last 1 (got [0, 1]); pass e.g. --hparam 'prefix_fractions=[0.0625, 0.25, 1]'"),
-        ({"prefix_fractions": [0.5, 0.25, 1]}, "prefix_fractions [0.5, 0.25, 1] give prefix widths [48, 24, 96] of "
-         "d_sae = 96; they must be at least 1 and strictly increasing: use fewer or wider prefixes"),
-        ({}, "prefix_fractions [0.00390625, 0.015625, 0.0625, 0.25, 1.0] give prefix widths [0, 2, 6, 24, 96] of "
-         "d_sae = 96; they must be at least 1 and strictly increasing: use fewer or wider prefixes"),
-        ({"batch_topk": False, "prefix_fractions": PREFIXES},
-         "matryoshka always selects by BatchTopK; drop batch_topk from its hyper-parameters"),
-    ],
-)  # fmt: skip
+FRACTIONS = "prefix_fractions must be a list of fractions of d_sae in (0, 1], the last 1 (got "
+WIDTHS = "; they must be at least 1 and strictly increasing: use fewer or wider prefixes"
+BAD_PREFIXES = [  # hyper-parameters, the error's message
+    ({"prefix_fractions": [0.5, 0.9]},
+     FRACTIONS + "[0.5, 0.9]); pass e.g. --hparam 'prefix_fractions=[0.0625, 0.25, 1]'"),
+    ({"prefix_fractions": [0, 1]}, FRACTIONS + "[0, 1]); pass e.g. --hparam 'prefix_fractions=[0.0625, 0.25, 1]'"),
+    ({"prefix_fractions": [0.5, 0.25, 1]},
+     "prefix_fractions [0.5, 0.25, 1] give prefix widths [48, 24, 96] of d_sae = 96" + WIDTHS),
+    ({},  # the default nesting needs d_sae ≥ 256
+     "prefix_fractions [0.00390625, 0.015625, 0.0625, 0.25, 1.0] give prefix widths [0, 2, 6, 24, 96] of d_sae = 96"
+     + WIDTHS),
+    ({"batch_topk": False, "prefix_fractions": PREFIXES},
+     "matryoshka always selects by BatchTopK; drop batch_topk from its hyper-parameters"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("hparams", "message"), BAD_PREFIXES)
 def test_impossible_prefixes_are_user_errors(hparams, message):
     with pytest.raises(UserError) as e:
         make("matryoshka", k=4, **hparams)
