@@ -190,8 +190,8 @@ class PrefixErrors(torch.autograd.Function):
     """Every prefix's squared error from the groups' parts [n, G, d] of the reconstructions and the target
     [n, d] (x − b_dec): (mean over tokens of ‖Σ_{g≤m} parts_g − target‖², for each m [G]; the last prefix's
     Σ_g parts_g [n, d], without gradient). The errors are one cumulative sum, kept for the backward, whose
-    gradient into group g is the errors of every prefix that holds g: a reverse running sum in place.
-    (Through autograd the same takes about three times the passes over [n, G, d].)"""
+    gradient into group g is the errors of every prefix that holds g: a reverse running sum in place
+    (autograd's chain of cumsum, slices and squares makes a pass over [n, G, d] for each of them)."""
 
     @staticmethod
     def forward(ctx, parts, target):
