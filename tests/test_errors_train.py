@@ -113,6 +113,9 @@ def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
         "topk k not an integer",
         "topk aux_k zero",
         "topk aux_coeff negative",
+        "matryoshka prefixes not ending at 1",
+        "matryoshka default prefixes too narrow",
+        "matryoshka without batch_topk",
     ],
 )
 def test_train_refuses_an_impossible_hyper_parameter(store, tmp_path, case):
@@ -176,6 +179,27 @@ def test_train_refuses_an_impossible_hyper_parameter(store, tmp_path, case):
         "topk aux_coeff negative": (
             ["--method", "topk", "--hparam", "aux_coeff=-0.5"],
             "aux_coeff must be non-negative (got -0.5)",
+        ),
+        "matryoshka prefixes not ending at 1": (
+            ["--method", "matryoshka", "--hparam", "prefix_fractions=[0.5,0.9]"],
+            "prefix_fractions must be a list of fractions of d_sae in (0, 1], the last 1 (got [0.5, 0.9]); "
+            "pass e.g. --hparam 'prefix_fractions=[0.0625, 0.25, 1]'",
+        ),
+        "matryoshka default prefixes too narrow": (  # 1/256 of 128 latents rounds to none
+            ["--method", "matryoshka"],
+            "prefix_fractions [0.00390625, 0.015625, 0.0625, 0.25, 1.0] give prefix widths [0, 2, 8, 32, 128] "
+            "of d_sae = 128; they must be at least 1 and strictly increasing: use fewer or wider prefixes",
+        ),
+        "matryoshka without batch_topk": (
+            [
+                "--method",
+                "matryoshka",
+                "--hparam",
+                "batch_topk=false",
+                "--hparam",
+                "prefix_fractions=[0.25,1]",
+            ],
+            "matryoshka always selects by BatchTopK; drop batch_topk from its hyper-parameters",
         ),
     }[case]
     assert_train_refuses(store, tmp_path, args, expected)

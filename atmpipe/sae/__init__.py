@@ -5,6 +5,7 @@ from atmpipe.plugins import add_plugins
 from atmpipe.sae.atm import ATMSAE
 from atmpipe.sae.base import SAE, SAE_METHODS, SAEConfig, TrainOutput, make_sae
 from atmpipe.sae.jumprelu import JumpReLUSAE
+from atmpipe.sae.matryoshka import MatryoshkaSAE
 from atmpipe.sae.relu import ReLUSAE
 from atmpipe.sae.topk import TopKSAE
 
@@ -13,6 +14,7 @@ SAE_METHODS.update(
     topk=TopKSAE,
     jumprelu=JumpReLUSAE,
     atm=ATMSAE,
+    matryoshka=MatryoshkaSAE,
 )
 add_plugins(SAE_METHODS, "atmpipe.methods")
 
