@@ -103,8 +103,11 @@ def atmpipe_step(method: str, d_in: int, d_sae: int, device, l0: int = L0, autoc
     from atmpipe.sae import SAEConfig, make_sae
     from atmpipe.train import TrainConfig, lr_factor, make_optimizer, train_step
 
-    cfg = TrainConfig(method=method, k=K if method == "topk" else None)
-    sae = make_sae(SAEConfig(method, d_in, d_sae, {"k": K} if method == "topk" else {})).to(device)
+    # Matryoshka (BatchTopK) is timed at k = l0 with its default nesting, beside TopK at the same k ("topk-l0").
+    k = {"topk": K, "topk-l0": l0, "matryoshka": l0}.get(method)
+    method = method.removesuffix("-l0")
+    cfg = TrainConfig(method=method, k=k)
+    sae = make_sae(SAEConfig(method, d_in, d_sae, {"k": k} if k else {})).to(device)
     opt = make_optimizer(sae, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
     training_forward = sae.training_forward
@@ -118,7 +121,7 @@ def atmpipe_step(method: str, d_in: int, d_sae: int, device, l0: int = L0, autoc
             return training_forward(x, i, total)
 
     def step(x):
-        if l0 and method != "topk" and not calibrated:
+        if l0 and k is None and not calibrated:
             calibrated.append(calibrate_l0(sae, x, l0))
         i = next(counter)
         lr_scale = lr_factor(i, TOTAL_STEPS, cfg.warmup_steps, cfg.decay_frac)
@@ -297,6 +300,12 @@ GROUPS = {  # the workers driven together, interleaved: each method with its pee
     "topk": [("atmpipe", "topk"), ("saelens", "topk"), ("sparsify", "topk"), ("atmpipe", "gemm")],
     "jumprelu": [("atmpipe", "jumprelu"), ("saelens", "jumprelu"), ("atmpipe", "gemm")],
     "relu": [("atmpipe", "relu"), ("atmpipe", "atm"), ("saelens", "relu"), ("atmpipe", "gemm")],
+    "matryoshka": [
+        ("atmpipe", "matryoshka"),
+        ("atmpipe", "topk-l0"),
+        ("saelens", "matryoshka"),
+        ("atmpipe", "gemm"),
+    ],
 }
 
 
@@ -306,6 +315,7 @@ def run(
     shapes: list[tuple[int, int]] | None = None,
     plan: list[tuple[int, int]] | None = None,
     with_peers: bool = True,
+    atm_kernel: bool = True,
 ) -> dict:
     """Run the step benchmark; returns {"figures": [Figure, ...], "raw": {...}}.
 
@@ -335,8 +345,10 @@ def run(
                 res[(w.impl, method_key)] = {**summary(w.times), "times": w.times, **w.rss}
                 raw["configs"][f"{w.impl}:{method_key}:{d_in}x{d_sae}"] = res[(w.impl, method_key)]
         figures += shape_figures(res, f"{d_in}/{d_sae}")
-    if not quick and with_peers:
+    if not quick and with_peers and atm_kernel:
         figures += wide_figures(log, raw)
+    if not atm_kernel:
+        return {"figures": figures, "raw": raw}
     # ATM's statistics-and-mask function, fused vs eager, at the largest d_sae measured.
     d_in, d_sae = max(shapes, key=lambda s: s[1])
     log(f"[train] ATM statistics+mask, fused vs eager, at d_sae {d_sae}")
@@ -379,6 +391,7 @@ def shape_figures(res: dict, tag: str) -> list[Figure]:
                 speedup >= need,
             )
         )
+    figs += matryoshka_figures(res, tag)
     if ("atmpipe", "atm") in res:
         atm, relu = res[("atmpipe", "atm")], res[("atmpipe", "relu")]
         figs.append(
@@ -422,6 +435,36 @@ def shape_figures(res: dict, tag: str) -> list[Figure]:
             )
         )
     return figs
+
+
+def matryoshka_figures(res: dict, tag: str) -> list[Figure]:
+    """Matryoshka (k = L0) against atmpipe's TopK at the same k, and against SAELens's Matryoshka."""
+    if ("atmpipe", "matryoshka") not in res:
+        return []
+    ours, topk = res[("atmpipe", "matryoshka")], res[("atmpipe", "topk-l0")]
+    figs = [
+        Figure(f"matryoshka step / topk step {tag} (k {L0})", f"matryoshka {fmt(ours)} topk {fmt(topk)}",
+               ours["median"] / topk["median"], "≤ 1.30×", ours["median"] / topk["median"] <= 1.3),
+    ]  # fmt: skip
+    if ("saelens", "matryoshka") in res:
+        theirs = res[("saelens", "matryoshka")]
+        speedup = theirs["median"] / ours["median"]
+        figs.append(
+            Figure(f"step matryoshka {tag} vs saelens", f"atmpipe {fmt(ours)} vs saelens {fmt(theirs)}",
+                   speedup, "≥ 2.00× faster", speedup >= 2.0)
+        )  # fmt: skip
+    return figs
+
+
+def matryoshka_only(plan: list[tuple[int, int]], log: Callable[[str], None] = print) -> dict:
+    """The Matryoshka group alone (atmpipe's Matryoshka and TopK at k = L0, SAELens's Matryoshka, the GEMM)
+    at both shapes: the step figures of `make bench` for this method, at a chosen number of rounds."""
+    global GROUPS
+    saved, GROUPS = GROUPS, {"matryoshka": GROUPS["matryoshka"]}
+    try:
+        return run(shapes=[SHAPES["small"], SHAPES["large"]], plan=plan, log=log, atm_kernel=False)
+    finally:
+        GROUPS = saved
 
 
 def wide_figures(log: Callable[[str], None], raw: dict, warmup: int = 1, rounds: int = 2) -> list[Figure]:
@@ -625,7 +668,23 @@ def main() -> None:
         help="the step figures at the large shape alone, atmpipe's steps and the GEMM only (no peers), over "
         "ROUNDS timed rounds: a closer look at a ratio the default 2 rounds there leave noisy",
     )
+    p.add_argument(
+        "--matryoshka",
+        type=int,
+        metavar="ROUNDS",
+        help="the Matryoshka figures alone (vs TopK at the same k and SAELens's Matryoshka), ROUNDS timed "
+        "rounds at 640/5120 and half as many (at least 1) at 2304/18432",
+    )
     a = p.parse_args()
+    if a.matryoshka:
+        result = matryoshka_only([(1, a.matryoshka), (1, max(1, a.matryoshka // 2))])
+        for fig in result["figures"]:
+            print(fig.line())
+        if a.json:
+            Path(a.json).write_text(
+                json.dumps({"load_avg_at_end": os.getloadavg(), **result}, indent=1, default=vars) + "\n"
+            )
+        return
     if a.crossover or a.ab:
         import platform
 

@@ -28,6 +28,10 @@ import numpy as np
 import torch
 
 K = 32  # TopK's k, the same for every implementation
+MATRYOSHKA_K = 64  # Matryoshka's (BatchTopK) k: bench_train.L0
+# Its nesting as fractions of d_sae: atmpipe's default (atmpipe.sae.matryoshka.DEFAULT_PREFIXES; this
+# module runs in the peers venv and never imports atmpipe).
+MATRYOSHKA_PREFIXES = [1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0]
 
 
 def rss_mb() -> float:
@@ -89,6 +93,8 @@ def saelens_step(method: str, d_in: int, d_sae: int, device: torch.device) -> Ca
     from sae_lens import (
         JumpReLUTrainingSAE,
         JumpReLUTrainingSAEConfig,
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
         StandardTrainingSAE,
         StandardTrainingSAEConfig,
         TopKTrainingSAE,
@@ -102,6 +108,10 @@ def saelens_step(method: str, d_in: int, d_sae: int, device: torch.device) -> Ca
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=K, **common))
     elif method == "jumprelu":
         sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(l0_coefficient=1.0, **common))
+    elif method == "matryoshka":
+        widths = [round(f * d_sae) for f in MATRYOSHKA_PREFIXES]
+        cfg = MatryoshkaBatchTopKTrainingSAEConfig(k=MATRYOSHKA_K, matryoshka_widths=widths, **common)
+        sae = MatryoshkaBatchTopKTrainingSAE(cfg)
     elif method == "relu":
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=1.0, **common))
     else:

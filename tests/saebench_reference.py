@@ -3,7 +3,7 @@
 Run with .venv-saebench's python (SAEBench pins numpy < 2, so it lives in its own venv):
     python tests/saebench_reference.py IN.npz OUT.npz
 IN holds the activations (x_train, y_train, x_test, y_test, x_score), a ReLU SAE (W_enc, b_enc, W_dec,
-b_dec), the seed and the letter to score. The probes are trained in SAEBench's pipeline batch sizes
+b_dec) or a saved SAE directory (sae_dir, loaded with SAELens), the seed and the letter to score. The probes are trained in SAEBench's pipeline batch sizes
 (`train_and_save_probes`' default for the ground-truth probe, the eval config's for the L1 probe). OUT holds SAEBench's ground-truth probe,
 its L1 ranking probe, its main latents and F1s per letter, and its per-word absorption for that letter.
 """
@@ -21,6 +21,7 @@ from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
 from sae_bench.evals.absorption.feature_absorption_calculator import FeatureAbsorptionCalculator
 from sae_bench.evals.absorption.probing import train_linear_probe_for_task
 from sae_bench.evals.absorption.vocab import LETTERS
+from sae_lens import SAE
 
 
 class ReluSAE(torch.nn.Module):
@@ -69,7 +70,8 @@ def main(src: str, dst: str) -> None:
         d["x_test"],
         batch_size=gt_batch,
     )
-    sae = ReluSAE(d)
+    # A saved SAE directory (an atmpipe Matryoshka) is read as SAEBench reads any SAELens SAE.
+    sae = SAE.load_from_disk(str(d["sae_dir"]), device="cpu") if str(d["sae_dir"]) else ReluSAE(d)
     torch.manual_seed(seed)
     k_probes = ks.train_k_sparse_probes(
         sae,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from atmpipe.eval.absorption import (
     LETTERS,
@@ -31,9 +32,27 @@ from test_eval_absorption import planted_case  # noqa: E402
 pytestmark = pytest.mark.skipif(not SAEBENCH_PY.exists(), reason="no .venv-saebench (make saebench)")
 
 
-def test_probe_selection_and_scoring_equal_saebench(tmp_path):
+def saved_matryoshka(planted, path: Path):
+    """The planted SAE as a saved atmpipe Matryoshka SAE (its weights, a threshold of 0.1), loaded back:
+    SAEBench reads the same directory through SAELens, as it reads any SAELens SAE."""
+    from atmpipe.sae import SAE, SAEConfig, make_sae
+
+    d_in, d_sae = planted.W_enc.shape
+    sae = make_sae(SAEConfig("matryoshka", d_in, d_sae, {"k": 4, "prefix_fractions": [0.5, 1]}))
+    weights = {"W_enc": planted.W_enc, "b_enc": planted.b_enc, "W_dec": planted.W_dec, "b_dec": planted.b_dec}
+    sae.load_weights({**weights, "threshold": torch.full((d_sae,), 0.1)})
+    sae.save(path, {})
+    return SAE.load(path).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("kind", ["relu", "matryoshka"])
+def test_probe_selection_and_scoring_equal_saebench(tmp_path, kind):
     cfg = AbsorptionConfig(seed=3)  # the defaults: they must be SAEBench's
     sae, xtr, ytr, xte, yte = planted_case(5, per_letter_train=24, per_letter_test=12)
+    sae_dir = ""
+    if kind == "matryoshka":  # a saved atmpipe SAE, loaded by SAEBench through SAELens as a JumpReLU
+        sae_dir = str(tmp_path / "matryoshka")
+        sae = saved_matryoshka(sae, Path(sae_dir))
     rng = np.random.default_rng(1)
     x_score = xte + 0.3 * rng.standard_normal(xte.shape)  # the re-prompted words differ from the probe's
     xtr, xte, x_score = (a.astype(np.float32) for a in (xtr, xte, x_score))
@@ -41,8 +60,8 @@ def test_probe_selection_and_scoring_equal_saebench(tmp_path):
     np.savez(
         tmp_path / "in.npz",
         x_train=xtr, y_train=ytr, x_test=xte, y_test=yte, x_score=x_score,
-        W_enc=sae.W_enc.numpy(), b_enc=sae.b_enc.numpy(), W_dec=sae.W_dec.numpy(), b_dec=sae.b_dec.numpy(),
-        seed=cfg.seed, letter=letter,
+        W_enc=sae.W_enc.detach().numpy(), b_enc=sae.b_enc.detach().numpy(), W_dec=sae.W_dec.detach().numpy(),
+        b_dec=sae.b_dec.detach().numpy(), seed=cfg.seed, letter=letter, sae_dir=sae_dir,
     )  # fmt: skip
     subprocess.run(
         [
@@ -74,7 +93,7 @@ def test_probe_selection_and_scoring_equal_saebench(tmp_path):
     true_pos = np.flatnonzero((yte == letter) & (probe["test_logits"][:, letter] > 0))
     np.testing.assert_array_equal(true_pos, ref["true_pos"])
     direction = probe["weights"][letter] / np.linalg.norm(probe["weights"][letter])
-    W_dec = sae.W_dec.numpy()
+    W_dec = sae.W_dec.detach().numpy()
     cos = W_dec @ direction / np.maximum(np.linalg.norm(W_dec, axis=1), 1e-8)
     F_score = encode_all(sae, x_score)
     scored = [word_absorption(float(x_score[i] @ direction), F_score[i], cos, main, cfg) for i in true_pos]

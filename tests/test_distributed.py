@@ -223,6 +223,11 @@ METHODS = {  # case: (TrainConfig values, the same as CLI flags, what the 1-rank
     "jumprelu-target": ({"target_l0": 20.0, "hparams": {"sparsity": "target"}, "buffer_chunks": 3},
                         ["--target-l0", "20", "--hparam", "sparsity=target"],
                         ("the penalty was on", lambda log: min(m["sparsity"] for m in log) > 0)),
+    # Matryoshka: BatchTopK's cutoff over the global batch (each rank's candidates gathered), its threshold
+    # the smallest kept activation over the ranks, AuxK on the global dead-latent clock.
+    "matryoshka": ({"k": 2, "hparams": {"dead_tokens": 128, "prefix_fractions": [0.125, 0.5, 1.0]}},
+                   ["--k", "2", "--hparam", "dead_tokens=128", "--hparam", "prefix_fractions=[0.125,0.5,1.0]"],
+                   ("AuxK had dead latents to work on", lambda log: max(m["dead"] for m in log) > 0)),
 }  # fmt: skip
 
 

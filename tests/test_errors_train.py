@@ -70,7 +70,8 @@ def store(tmp_path_factory):
         "jumprelu target without target_l0", "jumprelu bandwidth zero", "jumprelu warm-up fraction above 1",
         "atm threshold unknown", "atm targeting unknown", "relu l1 hyper-parameter zero",
         "relu l1 warm-up above 1", "relu target_l0 zero", "topk k not an integer", "topk aux_k zero",
-        "topk aux_coeff negative", "lr zero", "lr huge",
+        "topk aux_coeff negative", "lr zero", "lr huge", "matryoshka prefixes not ending at 1",
+        "matryoshka default prefixes too narrow", "matryoshka without batch_topk",
     ],
 )  # fmt: skip
 def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
@@ -146,6 +147,20 @@ def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
         "topk aux_coeff negative": (
             ["--method", "topk", "--hparam", "aux_coeff=-0.5"],
             "aux_coeff must be non-negative (got -0.5)",
+        ),
+        "matryoshka prefixes not ending at 1": (
+            ["--method", "matryoshka", "--hparam", "prefix_fractions=[0.5,0.9]"],
+            "prefix_fractions must be a list of fractions of d_sae in (0, 1], the last 1 (got [0.5, 0.9]); "
+            "pass e.g. --hparam 'prefix_fractions=[0.0625, 0.25, 1]'",
+        ),
+        "matryoshka default prefixes too narrow": (  # 1/256 of 128 latents rounds to none
+            ["--method", "matryoshka"],
+            "prefix_fractions [0.00390625, 0.015625, 0.0625, 0.25, 1.0] give prefix widths [0, 2, 8, 32, 128] "
+            "of d_sae = 128; they must be at least 1 and strictly increasing: use fewer or wider prefixes",
+        ),
+        "matryoshka without batch_topk": (
+            ["--method", "matryoshka", "--hparam", "batch_topk=false", "--hparam", "prefix_fractions=[0.25,1]"],
+            "matryoshka always selects by BatchTopK; drop batch_topk from its hyper-parameters",
         ),
         "lr zero": (["--lr", "0"], "lr must be positive, got 0.0; pass --lr > 0"),
         "lr huge": (  # 1e38 used to end in a torch overflow traceback inside Adam

@@ -14,7 +14,7 @@ from atmpipe.sae import SAE
 from atmpipe.train import load_train_config, train
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("relu", "topk", "jumprelu", "atm")
+METHODS = ("relu", "topk", "jumprelu", "atm", "matryoshka")
 D, N_ATOMS, ACTIVE, TARGET = 32, 256, 12, 16
 # The sizes a small run needs, as a sizes file layered over each recipe (as stages/demo-train.toml is).
 SIZES = """
@@ -51,7 +51,7 @@ def inference_l0(run: Path, store) -> float:
 def test_each_recipe_reaches_its_target_l0_unaided(store, tmp_path, method):
     sizes = tmp_path / "sizes.toml"
     sizes.write_text(SIZES)
-    target = {"k": TARGET} if method == "topk" else {"target_l0": float(TARGET)}
+    target = {"k": TARGET} if method in ("topk", "matryoshka") else {"target_l0": float(TARGET)}
     cfg = load_train_config(
         [REPO / "stages" / f"train-{method}.toml", sizes],
         store=str(store.path),

@@ -25,6 +25,7 @@ HPARAMS = {  # hyper-parameters that make a short run fire enough latents; a met
     "topk": {"k": 4},
     "jumprelu": {"l0_coeff": 0.05, "sparsity_warmup_steps": 20},
     "atm": {"l1": 1.0, "warmup_steps": 5},
+    "matryoshka": {"k": 4, "prefix_fractions": [0.125, 0.5, 1.0]},
 }
 METHODS = [(m, HPARAMS.get(m, {})) for m in sorted(SAE_METHODS)] + [("topk", {"k": 4, "batch_topk": True})]
 IDS = [*sorted(SAE_METHODS), "batchtopk"]

@@ -19,7 +19,10 @@ PLANTED = [
     ("topk", {"k": 4, "batch_topk": True}, 1000, 0.15, 0.95),
     ("jumprelu", {"l0_coeff": 0.05, "sparsity_warmup_steps": 200}, 1000, 0.10, 0.9),
     ("atm", {"l1": 2.0, "warmup_steps": 200}, 1000, 0.20, 0.8),
+    # Its first prefix (12 latents) must reconstruct 48 atoms alone: those latents learn blends, not atoms.
+    ("matryoshka", {"k": 4, "prefix_fractions": [0.125, 0.5, 1.0]}, 1000, 0.15, 0.85),
 ]
+OWN_HPARAMS = {"matryoshka": {"prefix_fractions": [0.125, 0.5, 1.0]}}  # its defaults need d_sae ≥ 256
 
 
 @pytest.mark.parametrize(("method", "hparams", "steps", "max_fvu", "min_recovered"), PLANTED)
@@ -35,7 +38,7 @@ def test_planted_dictionary_is_learned(method, hparams, steps, max_fvu, min_reco
 @pytest.mark.parametrize("method", sorted(SAE_METHODS))
 def test_decoder_rows_stay_unit_norm(method):
     x, _ = planted(4096)
-    sae = train(make(method), x, 20, lr=1e-2)
+    sae = train(make(method, **OWN_HPARAMS.get(method, {})), x, 20, lr=1e-2)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.d_sae), atol=1e-5)
 
 

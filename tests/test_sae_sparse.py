@@ -104,6 +104,9 @@ STEP_CASES = {
     "atm-per-step": {"l1": 1.0, "warmup_steps": 0, "r": 3.0, "granularity": "step"},
     "atm-exact-norm": {"l1": 1.0, "warmup_steps": 0, "r": 3.0, "recon_norm": "exact"},
     "atm-controls": {"l1": 1.0, "warmup_steps": 0, "r": 3.0, "threshold": "log", "targeting": "uniform"},
+    "matryoshka": {"k": 4, "prefix_fractions": [0.125, 0.5, 1.0]},
+    # AuxK on: latents silent for one batch are dead
+    "matryoshka-aux": {"k": 4, "prefix_fractions": [0.125, 0.5, 1.0], "dead_tokens": 1},
 }
 
 
@@ -142,6 +145,8 @@ def test_sparse_step_equals_the_dense_step(case):
         torch.testing.assert_close(fast.state_dict()[name], value, rtol=1e-10, atol=1e-12, msg=name)
     if case.startswith("atm"):
         assert float(fast_steps[-1][4]["masked_frac"]) > 0.1  # the case really masks
+    if case == "matryoshka-aux":
+        assert int(fast_steps[0][4]["dead"]) > 0  # dead after the first step: the second runs AuxK
     if case == "jumprelu":
         assert float(dense_steps[-1][3]["log_threshold"].abs().max()) > 0  # θ really gets a gradient
 

@@ -37,6 +37,7 @@ METHOD_HPARAMS = {
     "atm": {"l1": 0.3, "warmup_steps": 20},  # masking starts at step 20, full rate from step 40
     "topk": {"k": 4},
     "jumprelu": {},
+    "matryoshka": {"k": 4, "prefix_fractions": [0.125, 0.5, 1.0]},
 }
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,6 +4,7 @@ from atmpipe.errors import UserError
 from atmpipe.sae.atm import ATMSAE
 from atmpipe.sae.base import SAE, SAEConfig, TrainOutput
 from atmpipe.sae.jumprelu import JumpReLUSAE
+from atmpipe.sae.matryoshka import MatryoshkaSAE
 from atmpipe.sae.relu import ReLUSAE
 from atmpipe.sae.topk import TopKSAE
 
@@ -12,6 +13,7 @@ SAE_METHODS: dict[str, type[SAE]] = {
     "topk": TopKSAE,
     "jumprelu": JumpReLUSAE,
     "atm": ATMSAE,
+    "matryoshka": MatryoshkaSAE,
 }
 
 

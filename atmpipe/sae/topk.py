@@ -103,22 +103,27 @@ class TopKSAE(SAE):
         n = x.shape[0]
         vals, flat = acts.flatten().topk(self.hp.k * n, sorted=False)
         f = torch.zeros_like(acts).flatten().scatter(0, flat, vals).view_as(acts)
-        with torch.no_grad():
-            kept = torch.where(vals > 0, vals, torch.inf)
-            # A rank with no rows of this batch has nothing kept (and min() of nothing is an error).
-            kept_min = kept.min() if kept.numel() else self.running_threshold.new_tensor(torch.inf)
-            kept_min = torch.where(torch.isfinite(kept_min), kept_min, self.running_threshold)
-            b = self.hp.threshold_beta
-            new = torch.where(
-                self.threshold_batches == 0, kept_min, b * self.running_threshold + (1 - b) * kept_min
-            )
-            self.running_threshold.copy_(new)
-            self.threshold_batches.add_(1)
+        self.update_threshold(vals)
         aux_vals = aux_idx = None
         if dead is not None:
             aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(self.aux_k, dim=-1, sorted=False)
             aux_vals = aux_vals.relu()
         return f, self.decode(f), aux_vals, aux_idx
+
+    @torch.no_grad()
+    def update_threshold(self, kept: Tensor) -> None:
+        """BatchTopK's inference threshold: the first batch's smallest kept activation, then an EMA of it
+        (`threshold_beta`). kept: this batch's kept activations (zeros among them are not kept)."""
+        kept = torch.where(kept > 0, kept, torch.inf)
+        # A rank with no rows of this batch has nothing kept (and min() of nothing is an error).
+        kept_min = kept.min() if kept.numel() else self.running_threshold.new_tensor(torch.inf)
+        kept_min = torch.where(torch.isfinite(kept_min), kept_min, self.running_threshold)
+        b = self.hp.threshold_beta
+        new = torch.where(
+            self.threshold_batches == 0, kept_min, b * self.running_threshold + (1 - b) * kept_min
+        )
+        self.running_threshold.copy_(new.to(self.running_threshold.dtype))
+        self.threshold_batches.add_(1)
 
     # ----- save / load -----
     def inference_tensors(self) -> dict[str, Tensor]:
