@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from scipy.stats import t as student_t
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +141,7 @@ def write_stores(plan: dict, work: Path, progress) -> None:
         for seed in plan["seeds"]:
             path = work / "stores" / f"{shape}-s{seed}.zarr"
             with contextlib.suppress(Exception):
-                if open_store(path).complete():
+                if open_store(path).complete:
                     continue
             todo.append((path, work / "data" / f"{shape}-s{seed}"))
     task = progress.add_task("stores", total=len(todo))
@@ -208,7 +207,8 @@ METRICS = {  # key in one SAE's record → (table header, digits)
     "absorption": ("absorption", 3),
 }
 MASKING = {"targeting_index": "targeting index", "mean_p": "mean p", "p_parents": "p parents",
-           "p_children": "p children", "effective_masking_rate": "eff. masking rate"}  # fmt: skip
+           "p_children": "p children", "effective_masking_rate": "eff. masking rate",
+           "frac_above_theta": "share above θ", "median_i_over_theta": "median I / θ"}  # fmt: skip
 
 
 def record(job: dict) -> dict:
@@ -241,6 +241,8 @@ def atm_masking(run: Path, matched: dict) -> dict | None:
     out = diagnostics(stats, sae.cfg.hparams)
     for name in ("hist_log10_importance", "hist_p"):
         out.pop(name)
+    # Where the median latent sits under θ: near 0, p = 1 − exp(−r(θ − I)/θ) is 1 − exp(−r) for it.
+    out["median_i_over_theta"] = out["importance_quantiles"][50] / out["theta"] if out["theta"] else None
     for group in ("parents", "children"):
         latents = sorted(set(matched[group]))
         out[f"p_{group}"] = float(stats["p"][latents].mean())
@@ -279,12 +281,13 @@ def summarise(plan: dict, jobs: list[dict]) -> dict:
     return {"per_sae": per_sae, "summary": summary}
 
 
-def _pm(e: dict, digits: int) -> str:
+def _pm(e: dict, fmt: str) -> str:
+    """Mean ± half-width of the interval, in format `fmt` (".3f", ".2g")."""
     if e["mean"] is None:
         return "—"
     if e["ci95"] is None:
-        return f"{e['mean']:.{digits}f}"
-    return f"{e['mean']:.{digits}f} ± {(e['ci95'][1] - e['ci95'][0]) / 2:.{digits}f}"
+        return f"{e['mean']:{fmt}}"
+    return f"{e['mean']:{fmt}} ± {(e['ci95'][1] - e['ci95'][0]) / 2:{fmt}}"
 
 
 def table(plan: dict, summary: dict) -> str:
@@ -300,14 +303,18 @@ def table(plan: dict, summary: dict) -> str:
         out.append("|---" * (len(METRICS) + 1) + "|")
         for m in plan["methods"]:
             r = rows[m["name"]]
-            out.append(f"| {m['name']} | " + " | ".join(_pm(r[k], d) for k, (_, d) in METRICS.items()) + " |")
-        out += ["", "| ATM masking | absorption | " + " | ".join(MASKING.values()) + " |",
-                "|---" * (len(MASKING) + 2) + "|"]  # fmt: skip
+            out.append(
+                f"| {m['name']} | " + " | ".join(_pm(r[k], f".{d}f") for k, (_, d) in METRICS.items()) + " |"
+            )
+        out += ["", "| ATM masking | L0 | absorption | " + " | ".join(MASKING.values()) + " |",
+                "|---" * (len(MASKING) + 3) + "|"]  # fmt: skip
         for name in ("atm", "atm-uniform", "atm-log"):
             if name in rows and "masking" in rows[name]:
                 r = rows[name]
-                cells = " | ".join(_pm(r["masking"][k], 3) for k in MASKING)
-                out.append(f"| {name} | {_pm(r['absorption'], 3)} | {cells} |")
+                cells = " | ".join(
+                    _pm(r["masking"][k], ".2g" if k == "median_i_over_theta" else ".3f") for k in MASKING
+                )
+                out.append(f"| {name} | {_pm(r['l0'], '.2f')} | {_pm(r['absorption'], '.3f')} | {cells} |")
         for other, d in rows["atm_vs_controls"].items():
             ci = "—" if d["ci95"] is None else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
             sep = "separated" if d["ci95"] and (d["ci95"][0] > 0 or d["ci95"][1] < 0) else "not separated"
@@ -334,8 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{peers} is missing: run `make peers` (the arena generates its data with SAELens)")
     work.mkdir(parents=True, exist_ok=True)
     jobs = sae_jobs(plan, work)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    from atmpipe.progress import Progress
+
+    with Progress(console) as progress:
         data = {str(j["data"]): j for j in jobs if not (j["data"] / "truth.json").exists()}
         gen = [{"spec": data_spec(plan, j["shape"], j["seed"]), "out": k} for k, j in data.items()]
         run_peers(peers, "generate", gen, work, progress, "data (SAELens)")

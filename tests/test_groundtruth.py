@@ -79,17 +79,17 @@ seeds = [0]
 sizes = "{sizes}"
 [data]
 n_features = 24
-d_model = 32             # no superposition: a well-sized TopK must find every feature
+d_model = 32             # no superposition, one small hierarchy: a well-sized TopK must find every feature
 p_free = 0.06
 magnitude_std = 0.2
-train_tokens = 32_768
+train_tokens = 65_536
 eval_tokens = 4096
 [shapes.flat]
-roots = 4
-branching = 3
+roots = 1
+branching = 2
 depth = 1
 mutually_exclusive = 1.0
-p_depth = [0.15, 0.04]
+p_depth = [0.15, 0.06]
 target_l0 = 2
 [[cells]]
 name = "flat"
@@ -102,7 +102,7 @@ recipes = ["stages/train-topk.toml"]
 name = "atm"
 recipes = ["stages/train-atm.toml"]
 """
-TINY_SIZES = "batch_size = 256\ntokens = 32_768\nlr = 1e-2\ncheckpoint_every = 32\nno_compile = true\n"
+TINY_SIZES = "batch_size = 256\ntokens = 65_536\nlr = 1e-2\ncheckpoint_every = 32\nno_compile = true\n"
 
 
 def test_tiny_arena_end_to_end_recovers_the_dictionary_and_resumes(tmp_path):
@@ -117,7 +117,7 @@ def test_tiny_arena_end_to_end_recovers_the_dictionary_and_resumes(tmp_path):
     results = json.loads((tmp_path / "results" / "results.json").read_text())
     topk, atm = (results["per_sae"]["flat"][m]["0"] for m in ("topk", "atm"))
     assert topk["mcc"] > 0.95  # the planted dictionary, recovered
-    assert topk["l0"] == pytest.approx(2.0)
+    assert 1.0 < topk["l0"] <= 2.0  # k = 2 latents at most (fewer where a top-2 pre-activation is ≤ 0)
     eval_json = json.loads((tmp_path / "work" / "runs" / "flat" / "s0" / "topk" / "eval.json").read_text())
     counts = eval_json["absorption"]["per_parent"].values()
     assert topk["absorbed_pairs"] == [sum(a for a, _ in counts), sum(e for _, e in counts)]
@@ -129,7 +129,7 @@ def test_tiny_arena_end_to_end_recovers_the_dictionary_and_resumes(tmp_path):
     meta = json.loads((tmp_path / "work" / "runs" / "flat" / "s0" / "topk" / "atmpipe.json").read_text())
     assert meta["hparams"]["k"] == 2 and meta["d_sae"] == 24
     table = (tmp_path / "results" / "table.md").read_text()
-    assert "| topk | 2.00 |" in table
+    assert f"| topk | {topk['l0']:.2f} | {topk['mcc']:.3f} |" in table
     # Resume: nothing finished is redone, and the same numbers come out.
     saved = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*.json") if "runs" in p.parts}
     arena.main(args)
