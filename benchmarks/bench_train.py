@@ -456,15 +456,20 @@ def matryoshka_figures(res: dict, tag: str) -> list[Figure]:
     return figs
 
 
-def matryoshka_only(plan: list[tuple[int, int]], log: Callable[[str], None] = print) -> dict:
-    """The Matryoshka group alone (atmpipe's Matryoshka and TopK at k = L0, SAELens's Matryoshka, the GEMM)
-    at both shapes: the step figures of `make bench` for this method, at a chosen number of rounds."""
+def matryoshka_only(rounds: int, large_peers: bool, log: Callable[[str], None] = print) -> dict:
+    """The Matryoshka group alone (atmpipe's Matryoshka and TopK at k = L0, SAELens's Matryoshka, the GEMM):
+    `rounds` timed rounds at 640/5120, half as many at 2304/18432, there without SAELens unless large_peers
+    (its dense step costs ~8 GEMMs at that shape: minutes per step on loaded cores)."""
     global GROUPS
     saved, GROUPS = GROUPS, {"matryoshka": GROUPS["matryoshka"]}
     try:
-        return run(shapes=[SHAPES["small"], SHAPES["large"]], plan=plan, log=log, atm_kernel=False)
+        small = run(shapes=[SHAPES["small"]], plan=[(1, rounds)], log=log, atm_kernel=False)
+        large = run(shapes=[SHAPES["large"]], plan=[(1, max(1, rounds // 2))], log=log, atm_kernel=False,
+                    with_peers=large_peers)  # fmt: skip
     finally:
         GROUPS = saved
+    small["raw"]["configs"].update(large["raw"]["configs"])
+    return {"figures": small["figures"] + large["figures"], "raw": small["raw"]}
 
 
 def wide_figures(log: Callable[[str], None], raw: dict, warmup: int = 1, rounds: int = 2) -> list[Figure]:
@@ -675,9 +680,12 @@ def main() -> None:
         help="the Matryoshka figures alone (vs TopK at the same k and SAELens's Matryoshka), ROUNDS timed "
         "rounds at 640/5120 and half as many (at least 1) at 2304/18432",
     )
+    p.add_argument(
+        "--no-large-peers", action="store_true", help="with --matryoshka: no SAELens at 2304/18432"
+    )
     a = p.parse_args()
     if a.matryoshka:
-        result = matryoshka_only([(1, a.matryoshka), (1, max(1, a.matryoshka // 2))])
+        result = matryoshka_only(a.matryoshka, large_peers=not a.no_large_peers)
         for fig in result["figures"]:
             print(fig.line())
         if a.json:

@@ -159,7 +159,14 @@ def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
             "of d_sae = 128; they must be at least 1 and strictly increasing: use fewer or wider prefixes",
         ),
         "matryoshka without batch_topk": (
-            ["--method", "matryoshka", "--hparam", "batch_topk=false", "--hparam", "prefix_fractions=[0.25,1]"],
+            [
+                "--method",
+                "matryoshka",
+                "--hparam",
+                "batch_topk=false",
+                "--hparam",
+                "prefix_fractions=[0.25,1]",
+            ],
             "matryoshka always selects by BatchTopK; drop batch_topk from its hyper-parameters",
         ),
         "lr zero": (["--lr", "0"], "lr must be positive, got 0.0; pass --lr > 0"),
