@@ -43,6 +43,12 @@ SYNTH = ROOT / "stages" / "groundtruth_synth.py"
 console = Console(stderr=True)
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2, as atmpipe's own commands do."""
+    console.print(f"error: {message}", highlight=False, soft_wrap=True)
+    raise SystemExit(2)
+
+
 # --- the plan --------------------------------------------------------------------------------------
 
 
@@ -187,7 +193,7 @@ def train_all(jobs: list[dict], sizes: str, workers: int, work: Path, progress) 
             futures[pool.submit(train_one, *train_flags(j, sizes), log)] = j
         for fut in as_completed(futures):
             if (error := fut.result()) is not None:
-                raise SystemExit(f"training {futures[fut]['out']} failed: {error}")
+                fail(f"training {futures[fut]['out']} failed: {error}")
             progress.advance(task)
     return len(todo)
 
@@ -338,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.monotonic()
     plan, work, peers = load_plan(Path(args.plan), args.seeds), Path(args.work), Path(args.peers)
     if not peers.exists():
-        raise SystemExit(f"{peers} is missing: run `make peers` (the arena generates its data with SAELens)")
+        fail(f"{peers} is missing; run `make peers` (the arena draws its data with SAELens) or pass --peers")
     work.mkdir(parents=True, exist_ok=True)
     jobs = sae_jobs(plan, work)
     from atmpipe.progress import Progress

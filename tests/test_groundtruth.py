@@ -136,3 +136,13 @@ def test_tiny_arena_end_to_end_recovers_the_dictionary_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in saved} == saved
     again = json.loads((tmp_path / "results" / "results.json").read_text())
     assert again["per_sae"] == results["per_sae"]
+
+
+def test_a_missing_peers_python_is_one_line_and_writes_nothing(tmp_path, capsys):
+    arena = _module("groundtruth")
+    with pytest.raises(SystemExit) as stop:
+        arena.main(["--peers", str(tmp_path / "nope" / "python"), "--work", str(tmp_path / "work")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "run `make peers`" in err and "\n" not in err
+    assert not (tmp_path / "work").exists()
