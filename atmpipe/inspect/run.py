@@ -94,8 +94,11 @@ def eval_result(cfg: InspectConfig, out: Path) -> Path | None:
     return beside if beside.is_file() else None
 
 
-def absorption_data(cfg, saes, layer: int, model: str, out: Path, progress) -> tuple[list, dict | None]:
-    """Per SAE the absorption view's data (or None), and the absorption words' latents per SAE."""
+def absorption_data(
+    cfg, saes, layer: int, model: str, out: Path, progress
+) -> tuple[list, dict | None, dict | None]:
+    """Per SAE the absorption view's data (or None), the absorption words' latents per SAE, and the probe
+    gate (each letter's probe F1, so the page can list the letters that were not scored)."""
     if cfg.absorption:
         return computed_absorption(cfg, saes, layer, model, progress)
     path = eval_result(cfg, out)
@@ -104,16 +107,18 @@ def absorption_data(cfg, saes, layer: int, model: str, out: Path, progress) -> t
         records = absorbed.from_eval_results(path, s.name) if path else None
         letters = {c: r.to_json() for c, r in sorted(records.items())} if records else None
         views.append({"source": f"read from {path}", "letters": letters} if letters else None)
-    return views, None
+    shared = absorbed.read_eval_results(path).get("shared", {}).get("absorption") if path else None
+    return views, None, absorbed.gate_summary(shared)
 
 
-def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[list, dict]:
+def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[list, dict, dict | None]:
     """Run the eval's absorption plug-in (its options from --absorption-config, else their defaults; its
     cache: after `atmpipe eval` with the same options the prompts are not run again), then each SAE's
     per-letter records and each absorption word's latents."""
     from atmpipe.config import load_config
     from atmpipe.eval.cache import ActivationCache
     from atmpipe.eval.metrics import REGISTRY
+    from atmpipe.eval.metrics.absorption import summary
     from atmpipe.eval.run import Context, EvalConfig
     from atmpipe.lm import load_lm
 
@@ -134,7 +139,7 @@ def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[li
         for w, latents in absorbed.word_latents(s.sae, acts_all, words_all).items():
             per_word.setdefault(w, [[] for _ in saes])[k] = latents
         phase()
-    return views, per_word
+    return views, per_word, absorbed.gate_summary(summary(task, probe, acfg))
 
 
 def build(cfg: InspectConfig) -> Path:
@@ -146,7 +151,7 @@ def build(cfg: InspectConfig) -> Path:
     rng = np.random.default_rng(cfg.seed)
     index, used_tokens, token_view = [], set(held.tokens.tolist()), {}
     with Progress(console) as progress:
-        views, word_view = absorption_data(cfg, saes, layer, model, out, progress)
+        views, word_view, gate = absorption_data(cfg, saes, layer, model, out, progress)
         firings = extract.encode_held_out(
             [s.sae for s in saes],
             store,
@@ -164,15 +169,22 @@ def build(cfg: InspectConfig) -> Path:
             detail_latents = np.arange(s.info["d_sae"]) if pages is None else np.array(pages)
             phase = Phase(progress, f"latent pages · {s.name}", len(detail_latents))
             write_details(out, k, s.sae, fr, held, (U, U_half), nn, detail_latents, rng, used_tokens, phase)
-            for t, latents in extract.token_latents(fr, held).items():
+            for t, latents in extract.token_latents(fr, held, stats["max"]).items():
                 token_view.setdefault(t, [[] for _ in saes])[k] = latents
-            atm = atm_stats(s)
-            index.append(page.sae_index_entry(s.name, s.sae, stats, nn, atm, pages, views[k]))
+            entry = page.sae_index_entry(s.name, s.sae, stats, nn, atm_stats(s), pages, views[k])
+            index.append(entry | {"masking": masking_summary(s), "groups": latent_groups(s.sae)})
     vocab = weights.token_strings(ckpt, sorted(used_tokens))
     page.write_js(out / "data" / "compare.js", "compare", {"tokens": token_view, "words": word_view})
+    page.write_js(
+        out / "data" / "held.js",
+        "held",
+        {"tokens": held.tokens.tolist(), "positions": held.positions.tolist()},
+    )
     title = f"atmpipe feature browser · {', '.join(s.name for s in saes)} · {model} layer {layer}"
     meta = page.index_meta(title, held.n_scored, atm_stat_names(), vocab)
-    page.write_index(out, meta | {"saes": index})  # index.html last: its presence marks a whole browser
+    page.write_index(
+        out, meta | {"saes": index, "absorption_gate": gate}
+    )  # index.html last: its presence marks a whole browser
     console.print(f"feature browser written to {out / 'index.html'} in {time.monotonic() - started:.0f} s")
     return out / "index.html"
 
@@ -220,3 +232,23 @@ def atm_stats(s) -> dict | None:
     if s.info["method"] != "atm" or not (s.path / STATS_FILE).exists():
         return None
     return {name: getattr(s.sae, f"atm_{name}").detach().cpu().numpy() for name in STAT_NAMES}
+
+
+def masking_summary(s) -> dict | None:
+    """An ATM SAE's threshold θ and masking diagnostics (the eval's masking plug-in, from its statistics)."""
+    from atmpipe.eval.metrics.masking import diagnostics
+
+    stats = atm_stats(s)
+    if stats is None:
+        return None
+    stats["theta"] = float(s.sae.atm_theta)
+    d = diagnostics(stats, s.sae.cfg.hparams)
+    keys = ("theta", "threshold_kind", "targeting", "frac_above_theta", "mean_p", "effective_masking_rate",
+            "targeting_index", "corr_p_firing")  # fmt: skip
+    return {k: d[k] for k in keys} if d["status"] == "ok" else None
+
+
+def latent_groups(sae) -> list[int] | None:
+    """Each latent's group, for methods that nest latents in groups (None for the others)."""
+    groups = sae.latent_groups()
+    return None if groups is None else groups.long().tolist()
