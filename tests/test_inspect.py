@@ -380,8 +380,10 @@ def test_browser_in_chromium(world, tmp_path):
     report = tmp_path / "report"
     report.mkdir()
     write_eval_result(report / "results.json", ["relu", "atm"])  # found beside --out
+    (tmp_path / "mine.txt").write_text("The quick brown fox.\n\nSparse autoencoders decompose the stream.\n")
     result = invoke("inspect", "--sae", world["saes"]["relu"], "--sae", world["saes"]["atm"],
-                    "--store", world["store"].path, "--model", world["ckpt"], "--out", report / "features")  # fmt: skip
+                    "--store", world["store"].path, "--model", world["ckpt"], "--out", report / "features",
+                    "--text", tmp_path / "mine.txt")  # fmt: skip
     assert result.exit_code == 0, result.output
     uri = (report / "features" / "index.html").resolve().as_uri()
     data = json.loads(
@@ -413,6 +415,8 @@ def test_browser_in_chromium(world, tmp_path):
             check_layout(driver, width, tmp_path, "absorption")
             open_page(driver, uri + "#view=compare&q=%20the", "table.compare")
             check_layout(driver, width, tmp_path, "compare")
+            open_page(driver, uri + "#view=texts", "#text-0")
+            check_layout(driver, width, tmp_path, "texts")
         assert console_errors(driver) == []
 
         # the index: sort, and filter by flag
@@ -448,7 +452,7 @@ def test_browser_in_chromium(world, tmp_path):
         chips = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a.word")]
         open_page(driver, uri + "#view=compare", "a.word")
         chips += [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a.word")]
-        open_page(driver, uri + "#sae=1&latent=7", "#absorption-role")
+        open_page(driver, uri + "#sae=0&latent=7", "#absorption-role")
         role = driver.find_element(By.ID, "absorption-role").text
         assert "absorbs in S" in role and "absorbs in Q" in role and "␣sea" in role
         chips += [
@@ -462,6 +466,14 @@ def test_browser_in_chromium(world, tmp_path):
             assert any(m.text.startswith("absorbs") for m in marked), href
         assert "␣" in driver.find_element(By.CSS_SELECTOR, "h3 .chip").text or "Sparse" in driver.page_source
 
+        # your texts: a token's latents in every SAE
+        open_page(driver, uri + "#view=texts", "#text-1 .tok")
+        driver.find_elements(By.CSS_SELECTOR, "#text-1 .tok")[0].click()
+        assert (
+            len(wait_for(driver, "#token-latents td")) == 2
+            and "(text 2, token 1)" in driver.find_element(By.TAG_NAME, "h3").text
+        )
+
         # malformed routes: a clear message instead of the old page
         for bad in ("#sae=9", "#sae=0&latent=x", "#sae=0&latent=96", "#view=nope", "#sae=-1"):
             open_page(driver, uri + bad, "#route-error")
@@ -472,6 +484,54 @@ def test_browser_in_chromium(world, tmp_path):
     assert all(
         (tmp_path / f"{v}-{w}.png").stat().st_size > 10_000 for v in ("index", "latent") for w in (1000, 1400)
     )
+
+
+def test_own_texts_latents_equal_the_model_and_saes_run_directly(world, tmp_path, monkeypatch):
+    """--text: each token's latents are the SAE's encoding of the LM's own hidden state after the layer
+    (transformers' output_hidden_states), ranked by share of the latent's max; a second build reads the
+    residuals from the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from atmpipe.eval.cache import ActivationCache
+    from atmpipe.inspect import texts
+    from atmpipe.lm import load_lm
+
+    monkeypatch.setenv("ATMPIPE_HOME", str(tmp_path / "home"))
+    (tmp_path / "t.txt").write_text("\n\nThe lazy dog.\n\n\nBBC News reported the markets rose.\n")
+    mine = texts.read_texts(str(tmp_path / "t.txt"))
+    assert mine == ["The lazy dog.", "BBC News reported the markets rose."]
+    lm = load_lm(str(world["ckpt"]))
+    cache = ActivationCache(lm.config_hash, LAYER)
+    runs = texts.residuals(lm, LAYER, mine, cache)
+    assert texts.residuals(lm, LAYER, mine, cache)[1][1].equal(runs[1][1])  # read back from the cache
+    sae = SAE.load(world["saes"]["relu"]).eval()
+    vmax = np.linspace(0.5, 5, sae.cfg.d_sae).astype(np.float32)
+    view = texts.text_view([sae], [vmax], runs)
+    model = AutoModelForCausalLM.from_pretrained(world["ckpt"]).eval()
+    tok = AutoTokenizer.from_pretrained(world["ckpt"])
+    for text, v in zip(mine, view, strict=True):
+        ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+        assert v["ids"] == ids
+        with torch.no_grad():
+            h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+            f = sae.encode(h).numpy()
+        assert v["latents"][0][0] == []  # BOS is not scored
+        for t in range(1, len(ids)):
+            share = f[t] / vmax
+            expected = [j for j in np.argsort(-share, kind="stable")[: texts.PER_TOKEN] if f[t, j] > 0]
+            assert [e[0] for e in v["latents"][0][t]] == expected
+            assert np.allclose([e[1] for e in v["latents"][0][t]], f[t, expected], atol=2e-3)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
+                    "--model", world["ckpt"], "--out", tmp_path / "out", "--text", tmp_path / "empty.txt")  # fmt: skip
+    assert_message(
+        error_of(result),
+        f"--text {tmp_path / 'empty.txt'} holds no text; write one or more paragraphs into it",
+    )
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
+                    "--model", world["ckpt"], "--out", tmp_path / "out", "--text", tmp_path / "nope.txt")  # fmt: skip
+    assert error_of(result).startswith(f"cannot read --text {tmp_path / 'nope.txt'} (")
+    assert not (tmp_path / "out").exists()
 
 
 def test_eval_report_links_to_the_browser(tmp_path):

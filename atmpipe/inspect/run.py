@@ -16,7 +16,7 @@ import torch
 
 from atmpipe.errors import UserError
 from atmpipe.eval.run import Phase, agreed, check_out, console, load_saes, open_eval_store, other_width
-from atmpipe.inspect import absorbed, extract, page, weights
+from atmpipe.inspect import absorbed, extract, page, texts, weights
 from atmpipe.inspect.config import InspectConfig
 from atmpipe.progress import Progress
 
@@ -65,7 +65,8 @@ def check_inputs(cfg: InspectConfig):
     if model in (None, "", "synthetic"):
         raise UserError("neither the SAEs nor the store name their model; pass --model")
     ckpt = weights.checkpoint_dir(model)
-    return out, saes, layer, store, selections, held, model, ckpt
+    user_texts = texts.read_texts(cfg.text) if cfg.text is not None else None
+    return out, saes, layer, store, selections, held, model, ckpt, user_texts
 
 
 def check_model(U: torch.Tensor, saes, held, model: str) -> None:
@@ -144,12 +145,12 @@ def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[li
 
 def build(cfg: InspectConfig) -> Path:
     started = time.monotonic()
-    out, saes, layer, store, selections, held, model, ckpt = check_inputs(cfg)
+    out, saes, layer, store, selections, held, model, ckpt, user_texts = check_inputs(cfg)
     U = weights.unembedding(ckpt)
     check_model(U, saes, held, model)
     U_half = U.to(torch.bfloat16)  # once: the logit effects' product runs in bfloat16
     rng = np.random.default_rng(cfg.seed)
-    index, used_tokens, token_view = [], set(held.tokens.tolist()), {}
+    index, used_tokens, token_view, maxes = [], set(held.tokens.tolist()), {}, []
     with Progress(console) as progress:
         views, word_view, gate = absorption_data(cfg, saes, layer, model, out, progress)
         firings = extract.encode_held_out(
@@ -164,6 +165,7 @@ def build(cfg: InspectConfig) -> Path:
         (out / "data").mkdir(parents=True, exist_ok=True)
         for k, (s, fr) in enumerate(zip(saes, firings, strict=True)):
             stats = extract.latent_stats(fr, held)
+            maxes.append(stats["max"])
             pages = pages_of(selections[k], cfg.top, stats, views[k])
             nn = weights.nearest_latents(s.sae.W_dec.detach())
             detail_latents = np.arange(s.info["d_sae"]) if pages is None else np.array(pages)
@@ -173,6 +175,10 @@ def build(cfg: InspectConfig) -> Path:
                 token_view.setdefault(t, [[] for _ in saes])[k] = latents
             entry = page.sae_index_entry(s.name, s.sae, stats, nn, atm_stats(s), pages, views[k])
             index.append(entry | {"masking": masking_summary(s), "groups": latent_groups(s.sae)})
+        if user_texts is not None:
+            view = own_texts(user_texts, saes, maxes, layer, model, progress)
+            used_tokens.update(t for v in view for t in v["ids"])
+            page.write_js(out / "data" / "texts.js", "texts", view)
     vocab = weights.token_strings(ckpt, sorted(used_tokens))
     page.write_js(out / "data" / "compare.js", "compare", {"tokens": token_view, "words": word_view})
     page.write_js(
@@ -182,9 +188,8 @@ def build(cfg: InspectConfig) -> Path:
     )
     title = f"atmpipe feature browser · {', '.join(s.name for s in saes)} · {model} layer {layer}"
     meta = page.index_meta(title, held.n_scored, atm_stat_names(), vocab)
-    page.write_index(
-        out, meta | {"saes": index, "absorption_gate": gate}
-    )  # index.html last: its presence marks a whole browser
+    meta |= {"saes": index, "absorption_gate": gate, "n_texts": len(user_texts or [])}
+    page.write_index(out, meta)  # index.html last: its presence marks a whole browser
     console.print(f"feature browser written to {out / 'index.html'} in {time.monotonic() - started:.0f} s")
     return out / "index.html"
 
@@ -252,3 +257,17 @@ def latent_groups(sae) -> list[int] | None:
     """Each latent's group, for methods that nest latents in groups (None for the others)."""
     groups = sae.latent_groups()
     return None if groups is None else groups.long().tolist()
+
+
+def own_texts(user_texts: list[str], saes, maxes: list, layer: int, model: str, progress) -> list[dict]:
+    """--text: the LM's residuals on the user's texts (cached), then each SAE's latents per token."""
+    from atmpipe.eval.cache import ActivationCache
+    from atmpipe.lm import load_lm
+
+    phase = Phase(progress, "your texts · LM and SAEs", 2)
+    lm = load_lm(model)
+    runs = texts.residuals(lm, layer, user_texts, ActivationCache(lm.config_hash, layer))
+    phase()
+    view = texts.text_view([s.sae for s in saes], maxes, runs)
+    phase()
+    return view
