@@ -32,6 +32,15 @@ class HeldOut:
     positions: np.ndarray  # int64 [n]
     bos: np.ndarray  # bool [n]
 
+    def __post_init__(self):
+        """Each token's context window as [win_start, win_end) (a window: a run of consecutive positions)."""
+        n = len(self.tokens)
+        first = np.r_[True, self.positions[1:] != self.positions[:-1] + 1] if n else np.zeros(0, bool)
+        starts = np.flatnonzero(first)
+        run = np.cumsum(first) - 1
+        self.win_start = starts[run] if n else np.zeros(0, np.int64)
+        self.win_end = np.r_[starts[1:], n][run] if n else np.zeros(0, np.int64)
+
     @property
     def n(self) -> int:
         return len(self.tokens)
@@ -135,26 +144,20 @@ def latent_stats(fr: Firing, held: HeldOut) -> dict[str, np.ndarray]:
 
 def window_bounds(i: int, held: HeldOut, half: int) -> tuple[int, int]:
     """[lo, hi): held-out tokens within `half` of token i that share its context window."""
-    start = i - int(held.positions[i])
-    lo = max(start, i - half)
-    hi = min(held.n, i + half + 1)
-    ahead = held.positions[i + 1 : hi] - held.positions[i]
-    breaks = np.flatnonzero(ahead != np.arange(1, len(ahead) + 1))  # the next window began
-    return lo, (i + 1 + int(breaks[0])) if len(breaks) else hi
+    return max(int(held.win_start[i]), i - half), min(int(held.win_end[i]), i + half + 1)
 
 
-def distinct_passages(candidates: np.ndarray, held: HeldOut, k: int, taken: list | None = None) -> list[int]:
-    """Up to k of the candidates (in their order) whose shown windows neither overlap one already taken
-    nor repeat its text (stores often hold a passage twice); `taken` is extended in place."""
-    taken = [] if taken is None else taken
+def distinct_passages(candidates: np.ndarray, held: HeldOut, k: int, taken: list) -> list[int]:
+    """Positions in `candidates` of up to k of them (in their order) whose shown windows neither overlap
+    one already taken nor repeat its text (stores often hold a passage twice); `taken` grows in place."""
     chosen = []
-    for i in candidates[:MAX_SCAN].tolist():
+    for pos, i in enumerate(candidates[:MAX_SCAN].tolist()):
         lo, hi = window_bounds(i, held, HALF_WINDOW)
         text = held.tokens[lo:hi].tobytes()
         if any(lo < t_hi and t_lo < hi or text == t_text for t_lo, t_hi, t_text in taken):
             continue
         taken.append((lo, hi, text))
-        chosen.append(i)
+        chosen.append(pos)
         if len(chosen) == k:
             break
     return chosen
@@ -165,7 +168,8 @@ def top_token_indices(
 ) -> np.ndarray:
     """Held-out indices of latent j's k largest activations in distinct passages (ties: earlier first)."""
     toks, vals = fr.of(j)
-    return np.array(distinct_passages(toks[np.argsort(-vals, kind="stable")], held, k, taken), np.int64)
+    order = toks[np.argsort(-vals, kind="stable")]
+    return order[distinct_passages(order, held, k, [] if taken is None else taken)]
 
 
 def quantile_bands(vals: np.ndarray) -> list[np.ndarray]:
@@ -176,13 +180,15 @@ def quantile_bands(vals: np.ndarray) -> list[np.ndarray]:
 def band_examples(
     fr: Firing, j: int, held: HeldOut, rng: np.random.Generator, taken: list
 ) -> list[tuple[float, float, np.ndarray]]:
-    """Per quantile band (lowest first): its activation range and a few random distinct passages in it."""
+    """Per quantile band (lowest first): its activation range and a few random distinct passages in it,
+    by activation."""
     toks, vals = fr.of(j)
     out = []
     for band in quantile_bands(vals):
-        picks = distinct_passages(toks[rng.permutation(band)], held, N_PER_BAND, taken)
-        picks.sort(key=lambda i: fr.at(j, np.array([i]))[0])
-        out.append((float(vals[band[0]]), float(vals[band[-1]]), np.array(picks, np.int64)))
+        perm = rng.permutation(band)
+        picks = perm[distinct_passages(toks[perm], held, N_PER_BAND, taken)]
+        picks = picks[np.argsort(vals[picks], kind="stable")]
+        out.append((float(vals[band[0]]), float(vals[band[-1]]), toks[picks]))
     return out
 
 
@@ -190,13 +196,21 @@ def contexts(fr: Firing, j: int, centres: np.ndarray, held: HeldOut) -> list[lis
     """Each context as [centre's held-out index, its activation, offsets, activations]: the latent's
     nonzero activations within WIDE_WINDOW of the centre in its context window (the page reads the tokens
     from the held-out split it loads once, and shows HALF_WINDOW either side until widened)."""
-    out = []
-    for i in centres.tolist():
-        lo, hi = window_bounds(i, held, WIDE_WINDOW)
-        acts = fr.at(j, np.arange(lo, hi))
-        nz = np.flatnonzero(acts)
-        out.append([i, round(float(acts[i - lo]), 4), (nz + lo - i).tolist(), sig(acts[nz], 4)])
-    return out
+    if not len(centres):
+        return []
+    offsets = np.arange(-WIDE_WINDOW, WIDE_WINDOW + 1)
+    idx = centres[:, None] + offsets
+    lo = np.maximum(held.win_start[centres], centres - WIDE_WINDOW)[:, None]
+    hi = np.minimum(held.win_end[centres], centres + WIDE_WINDOW + 1)[:, None]
+    acts = np.where((idx >= lo) & (idx < hi), fr.at(j, np.clip(idx, 0, held.n - 1)), 0.0)
+    nonzero = acts != 0
+    ends = np.cumsum(nonzero.sum(1)).tolist()
+    offs, vals = offsets[np.nonzero(nonzero)[1]].tolist(), sig(acts[nonzero], 4)
+    centre_acts = acts[:, WIDE_WINDOW].round(4).tolist()
+    return [
+        [i, a, offs[s:e], vals[s:e]]
+        for i, a, s, e in zip(centres.tolist(), centre_acts, [0, *ends[:-1]], ends, strict=True)
+    ]
 
 
 def histogram(vals: np.ndarray) -> dict:
@@ -218,9 +232,14 @@ def latent_detail(fr: Firing, j: int, held: HeldOut, rng: np.random.Generator) -
     top = top_token_indices(fr, j, held, taken=taken)
     bands = band_examples(fr, j, held, rng, taken)
     hist = histogram(vals)
+    shown = contexts(fr, j, np.concatenate([top, *(c for _, _, c in bands)]).astype(np.int64), held)
+    ends = np.cumsum([len(top), *(len(c) for _, _, c in bands)]).tolist()
     return {
-        "top": contexts(fr, j, top, held),
-        "bands": [[round(a, 4), round(b, 4), contexts(fr, j, c, held)] for a, b, c in bands],
+        "top": shown[: ends[0]],
+        "bands": [
+            [round(a, 4), round(b, 4), shown[s:e]]
+            for (a, b, _), s, e in zip(bands, ends[:-1], ends[1:], strict=True)
+        ],
         "hist": hist,
         "p99": hist["hi"],
     }
