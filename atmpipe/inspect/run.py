@@ -148,7 +148,7 @@ def build(cfg: InspectConfig) -> Path:
     out, saes, layer, store, selections, held, model, ckpt, user_texts = check_inputs(cfg)
     U = weights.unembedding(ckpt)
     check_model(U, saes, held, model)
-    U_half = U.to(torch.bfloat16)  # once: the logit effects' product runs in bfloat16
+    U_half = weights.product_copy(U)  # once: the logit effects' product reads it
     rng = np.random.default_rng(cfg.seed)
     index, used_tokens, token_view, maxes = [], set(held.tokens.tolist()), {}, []
     with Progress(console) as progress:
