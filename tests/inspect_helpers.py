@@ -55,17 +55,23 @@ def make_sae_dir(path: Path, method: str, model: str, d_sae: int = 96, seed: int
 
 
 def write_eval_result(path: Path, names: list[str]) -> Path:
-    """An `atmpipe eval` results.json whose absorption records carry per-letter absorbers."""
-    per_letter = {
-        "s": {
-            "absorption_fraction": 0.25,
-            "main_latents": [3],
-            "absorbers": [{"latent": 7, "words": ["short", "small"]}, {"latent": 11, "words": ["sea"]}],
-        },
-        "t": {"absorption_fraction": 0.0, "main_latents": [5, 6], "absorbers": []},
-    }
-    results = {n: {"absorption": {"status": "ok", "per_letter": per_letter}} for n in names}
-    path.write_text(json.dumps({"results": results}))
+    """An `atmpipe eval` results.json as the eval writes it: words keep their leading space (they are
+    vocabulary tokens), letters carry full absorption and absorbers, `shared` holds every letter's probe F1
+    (s and t pass the 0.6 gate). Words: some occur in the held-out text (" quick", " brown"), " zebra" does
+    not; "Sparse" has no leading space; t has absorbers but fraction 0 (full absorption only)."""
+    letters = {
+        "s": {"absorption_fraction": 0.25, "full_absorption": 0.125, "n_probe_true_positives": 8, "main_latents": [3],
+              "absorbers": [{"latent": 7, "words": [" sea", " small", "Sparse"]}, {"latent": 11, "words": [" sea"]}]},
+        "t": {"absorption_fraction": 0.0, "full_absorption": 0.2, "n_probe_true_positives": 5, "main_latents": [5, 6],
+              "absorbers": [{"latent": 9, "words": [" the", " zebra"]}]},
+        "q": {"absorption_fraction": 0.5, "full_absorption": 0.0, "n_probe_true_positives": 2, "main_latents": [4],
+              "absorbers": [{"latent": 7, "words": [" quick"]}]},
+    }  # fmt: skip
+    f1 = {chr(97 + i): round(0.3 + 0.01 * i, 2) for i in range(26)} | {"s": 0.9, "t": 0.8, "q": 0.7}
+    per_sae = {n: {"absorption": {"status": "ok", "per_letter": letters}} for n in names}
+    per_sae[names[-1]]["absorption"]["per_letter"] = {"s": letters["s"]}  # another SAE scores fewer letters
+    shared = {"absorption": {"probe_f1": f1, "probe_f1_gate": 0.6}}
+    path.write_text(json.dumps({"results": per_sae, "shared": shared}))
     return path
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SAMPLE_TEXT, tiny_model, tiny_tokenizer
-from inspect_helpers import CTX, LAYER, make_sae_dir, make_store, word_checkpoint, write_eval_result
+from inspect_helpers import LAYER, make_sae_dir, make_store, word_checkpoint, write_eval_result
 from reliability_helpers import assert_message, tree_digest
 from safetensors.torch import save_file
 from test_reliability_inputs import error_of, invoke
@@ -41,6 +41,28 @@ def world(tmp_path_factory) -> dict:
 # --- extraction -----------------------------------------------------------------------------------
 
 
+def passage(i: int, held, half: int) -> list[int]:
+    """Brute force: the held-out indices within `half` of i in i's context window (same window start)."""
+    start = i - held.positions[i]
+    return [t for t in range(max(0, i - half), min(held.n, i + half + 1)) if t - held.positions[t] == start]
+
+
+def distinct_reference(order, held, k: int, taken: list) -> list[int]:
+    """Brute force: walk the candidates, keep one whose shown passage shares no token index and no text
+    with a kept one."""
+    kept = []
+    for i in order:
+        idx = passage(int(i), held, extract.HALF_WINDOW)
+        text = held.tokens[idx].tolist()
+        if any(set(idx) & set(t_idx) or text == t_text for t_idx, t_text in taken):
+            continue
+        taken.append((idx, text))
+        kept.append(int(i))
+        if len(kept) == k:
+            break
+    return kept
+
+
 def test_top_contexts_and_stats_equal_a_brute_force_recomputation(world):
     store, sae = world["store"], SAE.load(world["saes"]["relu"]).eval()
     held = extract.read_held_out(store, 10**9)
@@ -50,11 +72,13 @@ def test_top_contexts_and_stats_equal_a_brute_force_recomputation(world):
     F[held.bos] = 0
     stats = extract.latent_stats(fr, held)
     n = (~held.bos).sum()
+    deduplicated = 0
     for j in range(F.shape[1]):
         col = F[:, j]
-        order = np.lexsort((np.arange(len(col)), -col))
-        expected = [i for i in order[: extract.N_TOP] if col[i] > 0]
-        assert extract.top_token_indices(fr, j).tolist() == expected
+        order = [i for i in np.lexsort((np.arange(len(col)), -col)) if col[i] > 0]
+        expected = distinct_reference(order, held, extract.N_TOP, [])
+        deduplicated += expected != order[: extract.N_TOP]
+        assert extract.top_token_indices(fr, j, held).tolist() == expected
         assert np.isclose(stats["density"][j], (col > 0).sum() / n)
         assert np.isclose(stats["max"][j], col.max())
         assert np.isclose(stats["mean"][j], col[col > 0].mean() if (col > 0).any() else 0.0)
@@ -65,29 +89,51 @@ def test_top_contexts_and_stats_equal_a_brute_force_recomputation(world):
             best = max(mass.values())
             assert np.isclose(mass[int(stats["top_token"][j])], best, rtol=1e-5)
         detail = extract.latent_detail(fr, j, held, np.random.default_rng(0))
-        for (ids, pct, centre, value), i in zip(detail["top"], expected, strict=True):
-            start = i - held.positions[i]  # the context window's first token
-            lo, hi = max(start, i - extract.HALF_WINDOW), min(start + CTX - 1, i + extract.HALF_WINDOW)
-            assert ids == held.tokens[lo : hi + 1].tolist() and centre == i - lo
-            assert np.isclose(value, col[i], atol=1e-4)
-            assert pct == np.rint(100 * col[lo : hi + 1] / col.max()).astype(int).tolist()
+        assert [c[0] for c in detail["top"]] == expected
+        for centre, value, offsets, values in detail["top"]:
+            wide = passage(centre, held, extract.WIDE_WINDOW)
+            nonzero = [t - centre for t in wide if col[t] > 0]
+            assert offsets == nonzero and np.allclose(
+                values, col[np.array(wide)][col[np.array(wide)] > 0], rtol=1e-3
+            )
+            assert np.isclose(value, col[centre], atol=1e-4)
+        fired = col[col > 0]
+        if len(fired):
+            hist = detail["hist"]
+            assert hist["hi"] == pytest.approx(
+                np.sort(fired)[int(np.floor(0.99 * (len(fired) - 1)))], rel=1e-4
+            )
+            assert (
+                sum(hist["counts"]) + hist["over"] == len(fired)
+                and hist["over"] == (fired > hist["hi"]).sum()
+            )
     assert int(stats["dead"].sum()) == int((F.max(0) <= 0).sum())
+    assert deduplicated > 0  # the fixture's repeated text exercises the de-duplication
 
 
-def test_random_contexts_cover_the_activation_range(world):
+def test_examples_come_from_every_quantile_band(world):
+    """Each band's examples lie in its activation range (bands split the firings by rank), in passages
+    distinct from the top contexts and from each other."""
     store, sae = world["store"], SAE.load(world["saes"]["relu"]).eval()
     held = extract.read_held_out(store, 10**9)
     (fr,) = extract.encode_held_out([sae], store, LAYER, held)
     j = int(np.argmax(np.diff(fr.starts)))  # the most often firing latent
     toks, vals = fr.of(j)
-    top = extract.top_token_indices(fr, j)
-    picked = extract.random_token_indices(fr, j, np.random.default_rng(0), top)
-    assert len(picked) == 3 * extract.N_RANDOM_PER_BAND and not set(picked) & set(top)
-    rest = np.sort(vals[~np.isin(toks, top)])
-    thirds = np.array_split(rest, 3)
-    got = [vals[toks == i][0] for i in picked]
-    for band in range(3):
-        assert all(thirds[band][0] <= v <= thirds[band][-1] for v in got[2 * band : 2 * band + 2])
+    detail = extract.latent_detail(fr, j, held, np.random.default_rng(0))
+    ranked = np.sort(vals)
+    bands = np.array_split(ranked, extract.N_BANDS)
+    assert len(detail["bands"]) == extract.N_BANDS
+    taken = [(passage(c[0], held, extract.HALF_WINDOW), None) for c in detail["top"]]
+    picked = 0
+    for (lo, hi, examples), band in zip(detail["bands"], bands, strict=True):
+        assert np.isclose(lo, band[0], atol=1e-4) and np.isclose(hi, band[-1], atol=1e-4)
+        for centre, value, *_ in examples:
+            assert lo - 1e-4 <= value <= hi + 1e-4
+            idx = passage(centre, held, extract.HALF_WINDOW)
+            assert not any(set(idx) & set(t) for t, _ in taken)
+            taken.append((idx, None))
+            picked += 1
+    assert picked > extract.N_BANDS  # the fixture's latent fires on enough distinct passages
 
 
 # --- weights --------------------------------------------------------------------------------------
@@ -301,52 +347,195 @@ def wait_for(driver, css: str, timeout: float = 10.0):
     return driver.find_elements(By.CSS_SELECTOR, css)
 
 
+def console_errors(driver) -> list:
+    return [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+
+
+def open_page(driver, url: str, css: str):
+    """Load a route afresh (a hash change alone keeps the page) and wait for `css`."""
+    driver.get("about:blank")
+    driver.get(url)
+    return wait_for(driver, css)
+
+
+def check_layout(driver, width: int, shots: Path, name: str) -> None:
+    """At `width` px: nothing wider than the window, the sticky column headers below the header (their
+    offset is the header's measured height), and a screenshot."""
+    metrics = driver.execute_script(
+        "const th = document.querySelector('#index th');"
+        "return [document.documentElement.scrollWidth, window.innerWidth, document.querySelector('header').offsetHeight,"
+        " th ? th.getBoundingClientRect().top : null, window.scrollY];"
+    )
+    assert metrics[0] <= metrics[1], f"{name} at {width} px is {metrics[0]} px wide"
+    if metrics[3] is not None and metrics[4] > 0:  # scrolled: the column headers sit right below the header
+        assert abs(metrics[3] - metrics[2]) <= 1, metrics
+    driver.save_screenshot(str(shots / f"{name}-{width}.png"))
+
+
 def test_browser_in_chromium(world, tmp_path):
+    """Every view at 1000 and 1400 px, every absorbed-word chip clicked (none lands on "not found"), the
+    malformed routes, widening and shading, filters, and no console error anywhere."""
     from selenium.webdriver.common.by import By
 
     report = tmp_path / "report"
     report.mkdir()
     write_eval_result(report / "results.json", ["relu", "atm"])  # found beside --out
+    (tmp_path / "mine.txt").write_text("The quick brown fox.\n\nSparse autoencoders decompose the stream.\n")
     result = invoke("inspect", "--sae", world["saes"]["relu"], "--sae", world["saes"]["atm"],
-                    "--store", world["store"].path, "--model", world["ckpt"], "--out", report / "features")  # fmt: skip
+                    "--store", world["store"].path, "--model", world["ckpt"], "--out", report / "features",
+                    "--text", tmp_path / "mine.txt")  # fmt: skip
     assert result.exit_code == 0, result.output
-    index = (report / "features" / "index.html").resolve()
+    uri = (report / "features" / "index.html").resolve().as_uri()
     data = json.loads(
         (report / "features" / "data" / "index.js").read_text().removeprefix("ATM.index=").rstrip(";\n")
     )
     assert [s["name"] for s in data["saes"]] == ["relu", "atm"] and data["saes"][1]["atm"]["p"]
+    assert data["saes"][1]["masking"]["theta"] == 0.0 and data["saes"][0]["masking"] is None
     driver = chromium()
     try:
-        driver.get(index.as_uri())
-        rows = wait_for(driver, "#index tr.latent-row")
-        assert len(rows) == 96 and "#" in rows[0].text
-        assert "duplicate?" in driver.find_element(By.ID, "index").text  # the planted pair
+        for width in (1400, 1000):
+            driver.set_window_size(width, 900)
+            rows = open_page(driver, uri, "#index tr.latent-row")
+            assert len(rows) == 96 and "#" in rows[0].text
+            assert "duplicate?" in driver.find_element(By.ID, "index").text  # the planted pair
+            driver.execute_script("window.scrollTo(0, 600)")
+            check_layout(driver, width, tmp_path, "index")
+            open_page(driver, uri + "#sae=1", "#masking")
+            assert "θ" in driver.find_element(By.ID, "masking").text
+            titles = {
+                th.text: th.get_attribute("title")
+                for th in driver.find_elements(By.CSS_SELECTOR, "#index th")
+            }
+            assert all(titles[k] for k in ("M", "F", "R", "log₁₀ I", "p", "top token"))
+            check_layout(driver, width, tmp_path, "atm-index")
+            j = int(np.argmax(data["saes"][0]["stats"]["density"]))
+            open_page(driver, uri + f"#sae=0&latent={j}", "tr.context")
+            check_layout(driver, width, tmp_path, "latent")
+            open_page(driver, uri + "#view=absorption", "table.absorption")
+            check_layout(driver, width, tmp_path, "absorption")
+            open_page(driver, uri + "#view=compare&q=%20the", "table.compare")
+            check_layout(driver, width, tmp_path, "compare")
+            open_page(driver, uri + "#view=texts", "#text-0")
+            check_layout(driver, width, tmp_path, "texts")
+        assert console_errors(driver) == []
+
+        # the index: sort, and filter by flag
+        open_page(driver, uri, "#index tr.latent-row")
         driver.find_element(By.CSS_SELECTOR, "#index th[data-k=latent]").click()
         assert wait_for(driver, "#index tr.latent-row")[0].text.startswith("#0")
-        driver.save_screenshot(str(tmp_path / "index.png"))
+        driver.find_element(By.CSS_SELECTOR, "#filter option[value=dup]").click()
+        dups = wait_for(driver, "#index tr.latent-row")
+        assert {r.text.split()[0] for r in dups} >= {"#0", "#1"} and all("duplicate?" in r.text for r in dups)
+        driver.execute_script(  # a lower cutoff flags more pairs (the page prints the highest cosine)
+            "const e = document.getElementById('dup-cos'); e.value = '0.5'; e.dispatchEvent(new Event('change'))"
+        )
+        assert len(wait_for(driver, "#index tr.latent-row")) > len(dups)
 
+        # a latent: top contexts (one per passage), quantile bands, histogram, widening, shading
         j = int(np.argmax(data["saes"][0]["stats"]["density"]))
-        driver.get(index.as_uri() + f"#sae=0&latent={j}")
-        contexts = wait_for(driver, "tr.context")
+        contexts = open_page(driver, uri + f"#sae=0&latent={j}", "tr.context")
         assert len(contexts) > extract.N_TOP and driver.find_elements(By.CSS_SELECTOR, ".tok.max")
         assert f"latent #{j}" in driver.find_element(By.ID, "latent-title").text
-        driver.save_screenshot(str(tmp_path / "latent.png"))
+        assert "Top 20 activating contexts" in driver.page_source
+        ticks = [t.text for t in driver.find_elements(By.CSS_SELECTOR, "#histogram text")]
+        assert "1" in ticks and "10" in ticks and "Q1" in ticks and f"Q{extract.N_BANDS}" in ticks
+        before = len(driver.find_elements(By.CSS_SELECTOR, "#top-0 .tok"))
+        driver.find_element(By.CSS_SELECTOR, "#top-0 button.widen").click()
+        after = len(driver.find_elements(By.CSS_SELECTOR, "#top-0 .tok"))
+        assert after > before and after <= 2 * extract.WIDE_WINDOW + 1
+        driver.find_element(By.CSS_SELECTOR, "#shade option[value=context]").click()
+        assert wait_for(driver, "tr.context") and console_errors(driver) == []
 
-        driver.get(index.as_uri() + "#sae=1&view=absorption")
-        links = wait_for(driver, "#absorption a[href*='latent=7']")
-        assert "short" in driver.find_element(By.ID, "absorption").text
-        links[0].click()
-        wait_for(driver, "#absorption-role")
-        assert "absorbed from S" in driver.find_element(By.ID, "absorption-role").text
-        driver.save_screenshot(str(tmp_path / "absorption.png"))
+        # absorption: a table per letter with both SAEs, the gated letters with their probe F1
+        open_page(driver, uri + "#view=absorption", "table.absorption")
+        tables = driver.find_elements(By.CSS_SELECTOR, "table.absorption")
+        assert len(tables) == 3 and all(
+            len(t.find_elements(By.CSS_SELECTOR, "tbody tr")) == 2 for t in tables
+        )
+        assert "A 0.3" in driver.find_element(By.ID, "failed-letters").text
+        chips = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a.word")]
+        open_page(driver, uri + "#view=compare", "a.word")
+        chips += [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a.word")]
+        open_page(driver, uri + "#sae=0&latent=7", "#absorption-role")
+        role = driver.find_element(By.ID, "absorption-role").text
+        assert "absorbs in S" in role and "absorbs in Q" in role and "␣sea" in role
+        chips += [
+            a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "#absorption-role a.word")
+        ]
+        assert len(set(chips)) == 6  # ␣sea ␣small Sparse ␣the ␣zebra ␣quick
+        for href in chips:
+            open_page(driver, href, "table.compare")
+            assert not driver.find_elements(By.ID, "not-found"), href
+            marked = driver.find_elements(By.CSS_SELECTOR, ".flag.role")
+            assert any(m.text.startswith("absorbs") for m in marked), href
+        assert "␣" in driver.find_element(By.CSS_SELECTOR, "h3 .chip").text or "Sparse" in driver.page_source
 
-        driver.get(index.as_uri() + "#view=compare&q=the")
-        assert len(wait_for(driver, "table.compare td")) == 2  # one column per SAE
-        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
-        assert errors == [], errors
+        # your texts: a token's latents in every SAE
+        open_page(driver, uri + "#view=texts", "#text-1 .tok")
+        driver.find_elements(By.CSS_SELECTOR, "#text-1 .tok")[0].click()
+        assert (
+            len(wait_for(driver, "#token-latents td")) == 2
+            and "(text 2, token 1)" in driver.find_element(By.TAG_NAME, "h3").text
+        )
+
+        # malformed routes: a clear message instead of the old page
+        for bad in ("#sae=9", "#sae=0&latent=x", "#sae=0&latent=96", "#view=nope", "#sae=-1"):
+            open_page(driver, uri + bad, "#route-error")
+            assert "No such page" in driver.find_element(By.ID, "route-error").text
+        assert console_errors(driver) == []
     finally:
         driver.quit()
-    assert (tmp_path / "index.png").stat().st_size > 10_000
+    assert all(
+        (tmp_path / f"{v}-{w}.png").stat().st_size > 10_000 for v in ("index", "latent") for w in (1000, 1400)
+    )
+
+
+def test_own_texts_latents_equal_the_model_and_saes_run_directly(world, tmp_path, monkeypatch):
+    """--text: each token's latents are the SAE's encoding of the LM's own hidden state after the layer
+    (transformers' output_hidden_states), ranked by share of the latent's max; a second build reads the
+    residuals from the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from atmpipe.eval.cache import ActivationCache
+    from atmpipe.inspect import texts
+    from atmpipe.lm import load_lm
+
+    monkeypatch.setenv("ATMPIPE_HOME", str(tmp_path / "home"))
+    (tmp_path / "t.txt").write_text("\n\nThe lazy dog.\n\n\nBBC News reported the markets rose.\n")
+    mine = texts.read_texts(str(tmp_path / "t.txt"))
+    assert mine == ["The lazy dog.", "BBC News reported the markets rose."]
+    lm = load_lm(str(world["ckpt"]))
+    cache = ActivationCache(lm.config_hash, LAYER)
+    runs = texts.residuals(lm, LAYER, mine, cache)
+    assert texts.residuals(lm, LAYER, mine, cache)[1][1].equal(runs[1][1])  # read back from the cache
+    sae = SAE.load(world["saes"]["relu"]).eval()
+    vmax = np.linspace(0.5, 5, sae.cfg.d_sae).astype(np.float32)
+    view = texts.text_view([sae], [vmax], runs)
+    model = AutoModelForCausalLM.from_pretrained(world["ckpt"]).eval()
+    tok = AutoTokenizer.from_pretrained(world["ckpt"])
+    for text, v in zip(mine, view, strict=True):
+        ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+        assert v["ids"] == ids
+        with torch.no_grad():
+            h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+            f = sae.encode(h).numpy()
+        assert v["latents"][0][0] == []  # BOS is not scored
+        for t in range(1, len(ids)):
+            share = f[t] / vmax
+            expected = [j for j in np.argsort(-share, kind="stable")[: texts.PER_TOKEN] if f[t, j] > 0]
+            assert [e[0] for e in v["latents"][0][t]] == expected
+            assert np.allclose([e[1] for e in v["latents"][0][t]], f[t, expected], atol=2e-3)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
+                    "--model", world["ckpt"], "--out", tmp_path / "out", "--text", tmp_path / "empty.txt")  # fmt: skip
+    assert_message(
+        error_of(result),
+        f"--text {tmp_path / 'empty.txt'} holds no text; write one or more paragraphs into it",
+    )
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
+                    "--model", world["ckpt"], "--out", tmp_path / "out", "--text", tmp_path / "nope.txt")  # fmt: skip
+    assert error_of(result).startswith(f"cannot read --text {tmp_path / 'nope.txt'} (")
+    assert not (tmp_path / "out").exists()
 
 
 def test_eval_report_links_to_the_browser(tmp_path):

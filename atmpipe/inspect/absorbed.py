@@ -17,7 +17,7 @@ import numpy as np
 
 from atmpipe.errors import UserError
 
-WORD_LATENTS = 3  # latents listed per absorption word in the side-by-side view
+WORD_LATENTS = 8  # latents kept per absorption word (the page ranks them relative to each latent's max)
 
 
 @dataclass
@@ -25,6 +25,8 @@ class LetterRecord:
     main: list[int]
     absorbers: dict[int, list[str]] = field(default_factory=dict)  # absorbing latent → words it absorbed
     absorption_fraction: float | None = None
+    full_absorption: float | None = None  # share of scored words whose main latents all stayed silent
+    n_scored: int | None = None  # the letter's test words the probe gets right (the ones scored)
     absorbers_recorded: bool = True  # False: the eval result names main latents only
 
     def to_json(self) -> dict:
@@ -34,18 +36,35 @@ class LetterRecord:
                 [j, words] for j, words in sorted(self.absorbers.items(), key=lambda t: -len(t[1]))
             ],
             "fraction": self.absorption_fraction,
+            "full": self.full_absorption,
+            "n_scored": self.n_scored,
             "absorbers_recorded": self.absorbers_recorded,
         }
 
 
-def from_eval_results(path: Path, sae_name: str) -> dict[str, LetterRecord] | None:
-    """The SAE's per-letter records in an eval results.json, or None if it holds no absorption for it."""
+def read_eval_results(path: Path) -> dict:
     try:
-        payload = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(
             f"cannot read eval result {path} ({e}); pass a results.json written by `atmpipe eval`"
         ) from None
+
+
+def gate_summary(summary: dict | None) -> dict | None:
+    """From the absorption summary (results.json's `shared.absorption`): each letter's probe F1 and the gate."""
+    if not summary or "probe_f1" not in summary:
+        return None
+    return {
+        "probe_f1": {c: round(float(f), 4) for c, f in summary["probe_f1"].items()},
+        "gate": summary.get("probe_f1_gate"),
+        "test_words": summary.get("test_words_per_letter", {}),
+    }
+
+
+def from_eval_results(path: Path, sae_name: str) -> dict[str, LetterRecord] | None:
+    """The SAE's per-letter records in an eval results.json, or None if it holds no absorption for it."""
+    payload = read_eval_results(path)
     absorption = (payload.get("results", {}).get(sae_name) or {}).get("absorption") or {}
     per_letter = absorption.get("per_letter")
     return from_per_letter(per_letter) if isinstance(per_letter, dict) else None
@@ -61,6 +80,8 @@ def from_per_letter(per_letter: dict) -> dict[str, LetterRecord]:
             main=[int(j) for j in row.get("main_latents", [])],
             absorbers={int(a["latent"]): list(a["words"]) for a in absorbers or []},
             absorption_fraction=row.get("absorption_fraction"),
+            full_absorption=row.get("full_absorption"),
+            n_scored=row.get("n_probe_true_positives"),
             absorbers_recorded=absorbers is not None,
         )
     return records

@@ -30,5 +30,11 @@ class InspectConfig:
         default=None,
         metadata={"help": "An eval recipe whose absorption settings (word sample, ICL) --absorption uses."},
     )
+    text: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file (paragraphs split by blank lines): run through the LM, shown token by token."
+        },
+    )
     max_tokens: int = field(default=65536, metadata={"help": "Held-out tokens to read (default 65,536)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random contexts and the absorption task."})

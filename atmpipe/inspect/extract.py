@@ -13,10 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-N_TOP = 20  # top-activating contexts per latent
-N_RANDOM_PER_BAND = 2  # random contexts from each third of a latent's activations (by quantile)
+N_TOP = 20  # top-activating contexts per latent, each from a distinct passage
+N_BANDS = 5  # quantile bands of a latent's activations (by rank) that examples are drawn from
+N_PER_BAND = 3  # random contexts per band
 HALF_WINDOW = 10  # tokens shown either side of the activating token
-HIST_BINS = 24
+WIDE_WINDOW = 40  # ...and when a context is widened
+MAX_SCAN = 4000  # candidates looked at for distinct passages (a dense latent's neighbours overlap)
+HIST_BINS = 40
+OUTLIER_Q = 0.99  # activations above this quantile are outliers: shading saturates, the histogram bins apart
 DENSE_DENSITY = 0.1  # a latent firing on more than this share of tokens is flagged dense
 
 
@@ -27,6 +31,15 @@ class HeldOut:
     tokens: np.ndarray  # int64 [n]
     positions: np.ndarray  # int64 [n]
     bos: np.ndarray  # bool [n]
+
+    def __post_init__(self):
+        """Each token's context window as [win_start, win_end) (a window: a run of consecutive positions)."""
+        n = len(self.tokens)
+        first = np.r_[True, self.positions[1:] != self.positions[:-1] + 1] if n else np.zeros(0, bool)
+        starts = np.flatnonzero(first)
+        run = np.cumsum(first) - 1
+        self.win_start = starts[run] if n else np.zeros(0, np.int64)
+        self.win_end = np.r_[starts[1:], n][run] if n else np.zeros(0, np.int64)
 
     @property
     def n(self) -> int:
@@ -129,68 +142,117 @@ def latent_stats(fr: Firing, held: HeldOut) -> dict[str, np.ndarray]:
     }
 
 
-def top_token_indices(fr: Firing, j: int, k: int = N_TOP) -> np.ndarray:
-    """Held-out indices of latent j's k largest activations (ties: earlier token first)."""
-    toks, vals = fr.of(j)
-    return toks[np.argsort(-vals, kind="stable")[:k]]
+def window_bounds(i: int, held: HeldOut, half: int) -> tuple[int, int]:
+    """[lo, hi): held-out tokens within `half` of token i that share its context window."""
+    return max(int(held.win_start[i]), i - half), min(int(held.win_end[i]), i + half + 1)
 
 
-def random_token_indices(fr: Firing, j: int, rng: np.random.Generator, exclude: np.ndarray) -> np.ndarray:
-    """A few tokens from each third of latent j's activations (by quantile), lowest band first."""
-    toks, vals = fr.of(j)
-    keep = ~np.isin(toks, exclude)
-    toks, vals = toks[keep], vals[keep]
+def distinct_passages(candidates: np.ndarray, held: HeldOut, k: int, taken: list) -> list[int]:
+    """Positions in `candidates` of up to k of them (in their order) whose shown windows neither overlap
+    one already taken nor repeat its text (stores often hold a passage twice); `taken` grows in place."""
     chosen = []
-    for band in np.array_split(np.argsort(vals, kind="stable"), 3):
-        if len(band):
-            pick = rng.choice(band, size=min(N_RANDOM_PER_BAND, len(band)), replace=False)
-            chosen += sorted(pick.tolist(), key=lambda i: vals[i])
-    return toks[np.array(chosen, dtype=np.int64)]
+    for pos, i in enumerate(candidates[:MAX_SCAN].tolist()):
+        lo, hi = window_bounds(i, held, HALF_WINDOW)
+        text = held.tokens[lo:hi].tobytes()
+        if any(lo < t_hi and t_lo < hi or text == t_text for t_lo, t_hi, t_text in taken):
+            continue
+        taken.append((lo, hi, text))
+        chosen.append(pos)
+        if len(chosen) == k:
+            break
+    return chosen
 
 
-def windows(centres: np.ndarray, held: HeldOut) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of ±HALF_WINDOW tokens around each centre, and which lie in the centre's context window."""
-    idx = centres[:, None] + np.arange(-HALF_WINDOW, HALF_WINDOW + 1)
-    inside = (idx >= 0) & (idx < held.n)
-    clipped = np.clip(idx, 0, held.n - 1)
-    start = centres - held.positions[centres]
-    valid = inside & (clipped - held.positions[clipped] == start[:, None])
-    return clipped, valid
+def top_token_indices(
+    fr: Firing, j: int, held: HeldOut, k: int = N_TOP, taken: list | None = None
+) -> np.ndarray:
+    """Held-out indices of latent j's k largest activations in distinct passages (ties: earlier first)."""
+    toks, vals = fr.of(j)
+    order = toks[np.argsort(-vals, kind="stable")]
+    return order[distinct_passages(order, held, k, [] if taken is None else taken)]
 
 
-def contexts(fr: Firing, j: int, centres: np.ndarray, held: HeldOut, vmax: float) -> list[list]:
-    """Each context as [token ids, activations in percent of the latent's max, centre's offset, value]."""
-    if len(centres) == 0:
-        return []
-    idx, valid = windows(centres, held)
-    acts = fr.at(j, idx)
-    pct = np.rint(100 * acts / max(vmax, 1e-12)).astype(np.int64)
+def quantile_bands(vals: np.ndarray) -> list[np.ndarray]:
+    """Latent j's activations split by rank into N_BANDS equal bands, lowest first (indices into vals)."""
+    return [b for b in np.array_split(np.argsort(vals, kind="stable"), N_BANDS) if len(b)]
+
+
+def band_examples(
+    fr: Firing, j: int, held: HeldOut, rng: np.random.Generator, taken: list
+) -> list[tuple[float, float, np.ndarray]]:
+    """Per quantile band (lowest first): its activation range and a few random distinct passages in it,
+    by activation."""
+    toks, vals = fr.of(j)
     out = []
-    for r in range(len(centres)):
-        cols = np.flatnonzero(valid[r])
-        ids, p = held.tokens[idx[r, cols]], pct[r, cols]
-        centre = int(np.flatnonzero(idx[r, cols] == centres[r])[0])
-        out.append([ids.tolist(), p.tolist(), centre, round(float(acts[r, HALF_WINDOW]), 4)])
+    for band in quantile_bands(vals):
+        perm = rng.permutation(band)
+        picks = perm[distinct_passages(toks[perm], held, N_PER_BAND, taken)]
+        picks = picks[np.argsort(vals[picks], kind="stable")]
+        out.append((float(vals[band[0]]), float(vals[band[-1]]), toks[picks]))
     return out
 
 
+def contexts(fr: Firing, j: int, centres: np.ndarray, held: HeldOut) -> list[list]:
+    """Each context as [centre's held-out index, its activation, offsets, activations]: the latent's
+    nonzero activations within WIDE_WINDOW of the centre in its context window (the page reads the tokens
+    from the held-out split it loads once, and shows HALF_WINDOW either side until widened)."""
+    if not len(centres):
+        return []
+    offsets = np.arange(-WIDE_WINDOW, WIDE_WINDOW + 1)
+    idx = centres[:, None] + offsets
+    lo = np.maximum(held.win_start[centres], centres - WIDE_WINDOW)[:, None]
+    hi = np.minimum(held.win_end[centres], centres + WIDE_WINDOW + 1)[:, None]
+    acts = np.where((idx >= lo) & (idx < hi), fr.at(j, np.clip(idx, 0, held.n - 1)), 0.0)
+    nonzero = acts != 0
+    ends = np.cumsum(nonzero.sum(1)).tolist()
+    offs, vals = offsets[np.nonzero(nonzero)[1]].tolist(), sig(acts[nonzero], 4)
+    centre_acts = acts[:, WIDE_WINDOW].round(4).tolist()
+    return [
+        [i, a, offs[s:e], vals[s:e]]
+        for i, a, s, e in zip(centres.tolist(), centre_acts, [0, *ends[:-1]], ends, strict=True)
+    ]
+
+
+def histogram(vals: np.ndarray) -> dict:
+    """Counts in HIST_BINS bins from 0 to the 99th percentile, and how many lie above it (outliers)."""
+    if not len(vals):
+        return {"counts": [], "hi": 0.0, "over": 0, "lo": 0.0}
+    hi = float(np.quantile(vals, OUTLIER_Q, method="lower"))
+    lo = min(0.0, float(vals.min()))
+    hi = hi if hi > lo else float(vals.max()) or 1.0
+    counts = np.histogram(vals[vals <= hi], bins=HIST_BINS, range=(lo, hi))[0]
+    return {"counts": counts.tolist(), "lo": lo, "hi": hi, "over": int((vals > hi).sum())}
+
+
 def latent_detail(fr: Firing, j: int, held: HeldOut, rng: np.random.Generator) -> dict:
-    """What a latent's page shows from the store: top and random contexts, and its histogram."""
-    toks, vals = fr.of(j)
-    vmax = float(vals.max()) if len(vals) else 0.0
-    top = top_token_indices(fr, j)
-    rand = random_token_indices(fr, j, rng, top)
-    hist = np.histogram(vals, bins=HIST_BINS, range=(0.0, vmax or 1.0))[0] if len(vals) else []
+    """What a latent's page shows from the store: top contexts, examples from each quantile band, and
+    its histogram (x up to the 99th percentile, which is also the shading's default scale)."""
+    _, vals = fr.of(j)
+    taken: list = []
+    top = top_token_indices(fr, j, held, taken=taken)
+    bands = band_examples(fr, j, held, rng, taken)
+    hist = histogram(vals)
+    shown = contexts(fr, j, np.concatenate([top, *(c for _, _, c in bands)]).astype(np.int64), held)
+    ends = np.cumsum([len(top), *(len(c) for _, _, c in bands)]).tolist()
     return {
-        "top": contexts(fr, j, top, held, vmax),
-        "random": contexts(fr, j, rand, held, vmax),
-        "hist": [int(c) for c in hist],
-        "hist_max": round(vmax, 4),
+        "top": shown[: ends[0]],
+        "bands": [
+            [round(a, 4), round(b, 4), shown[s:e]]
+            for (a, b, _), s, e in zip(bands, ends[:-1], ends[1:], strict=True)
+        ],
+        "hist": hist,
+        "p99": hist["hi"],
     }
 
 
-def token_latents(fr: Firing, held: HeldOut, per_token: int = 3) -> dict[int, list]:
-    """For each token id: the latents with the largest mean activation over its held-out occurrences."""
+def sig(a, digits: int = 4) -> list:
+    """Numbers rounded to `digits` significant digits, as a JSON-able list."""
+    return [float(f"{v:.{digits}g}") for v in np.asarray(a, dtype=np.float64).tolist()]
+
+
+def token_latents(fr: Firing, held: HeldOut, maxes: np.ndarray, per_token: int = 6) -> dict[int, list]:
+    """For each token id: the latents with the largest mean activation over its held-out occurrences
+    relative to the latent's own max (raw means rank dense latents first), as [latent, mean, share]."""
     if not len(fr.latent):
         return {}
     d = len(fr.starts) - 1
@@ -198,12 +260,15 @@ def token_latents(fr: Firing, held: HeldOut, per_token: int = 3) -> dict[int, li
     uniq, inv = np.unique(tok_ids * d + fr.latent, return_inverse=True)
     occurrences = np.bincount(held.tokens[~held.bos])
     mean = np.bincount(inv.ravel(), weights=fr.value) / occurrences[uniq // d]
+    share = mean / np.maximum(maxes[uniq % d], 1e-12)
     tok = uniq // d
-    order = np.lexsort((-mean, tok))
+    order = np.lexsort((-share, tok))
     first = np.r_[True, tok[order][1:] != tok[order][:-1]]
     group_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
     kept = order[np.arange(len(order)) - group_start < per_token]
     out: dict[int, list] = {}
     for i in kept:
-        out.setdefault(int(tok[i]), []).append([int(uniq[i] % d), round(float(mean[i]), 3)])
+        out.setdefault(int(tok[i]), []).append(
+            [int(uniq[i] % d), round(float(mean[i]), 3), round(float(share[i]), 3)]
+        )
     return out

@@ -11,20 +11,13 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from atmpipe.atomic import atomic_file
-from atmpipe.inspect.extract import DENSE_DENSITY
+from atmpipe.inspect.extract import DENSE_DENSITY, HALF_WINDOW, WIDE_WINDOW, sig
 
 TEMPLATE = Path(__file__).with_name("page.html")
 CHUNK = 64  # latents per lazily loaded data file
 INDEX_ROWS = 300  # index rows drawn at once (search and sort cover every latent; "show more" adds rows)
 DUP_COS = 0.9  # decoder cosine above which a pair of latents is flagged as possible duplicates
-
-
-def sig(a, digits: int = 4) -> list:
-    """Numbers rounded to `digits` significant digits, as a JSON-able list."""
-    return [float(f"{v:.{digits}g}") for v in np.asarray(a, dtype=np.float64).tolist()]
 
 
 def write_js(path: Path, key: str, data) -> None:
@@ -54,7 +47,7 @@ def sae_index_entry(name: str, sae, stats: dict, nn: tuple, atm: dict | None, pa
             "nn": nn[0][:, 0].tolist(),
             "nn_cos": sig(nn[1][:, 0], 3),
         },
-        "atm": {k: sig(v, 3) for k, v in atm.items()} if atm else None,
+        "atm": {k: sig(v, 6 if k == "p" else 4) for k, v in atm.items()} if atm else None,
         "pages": None if pages is None else sorted(int(j) for j in pages),
         "absorption": absorption,
     }
@@ -68,6 +61,8 @@ def index_meta(title: str, n_tokens: int, atm_stats: tuple, vocab: dict[int, str
         "index_rows": INDEX_ROWS,
         "dup_cos": DUP_COS,
         "dense_density": DENSE_DENSITY,
+        "half_window": HALF_WINDOW,
+        "wide_window": WIDE_WINDOW,
         "atm_stats": list(atm_stats),
         "vocab": {str(k): v for k, v in vocab.items()},
     }

@@ -18,6 +18,7 @@ from atmpipe.config import load_config
 from atmpipe.errors import UserError
 from atmpipe.eval.cache import ActivationCache
 from atmpipe.eval.metrics import REGISTRY
+from atmpipe.eval.metrics.absorption import summary
 from atmpipe.eval.run import (
     Context,
     EvalConfig,
@@ -29,7 +30,7 @@ from atmpipe.eval.run import (
     open_eval_store,
     other_width,
 )
-from atmpipe.inspect import absorbed, extract, page, weights
+from atmpipe.inspect import absorbed, extract, page, texts, weights
 from atmpipe.inspect.config import InspectConfig
 from atmpipe.lm import load_lm
 from atmpipe.progress import Progress
@@ -80,7 +81,8 @@ def check_inputs(cfg: InspectConfig):
     if model in (None, "", "synthetic"):
         raise UserError("neither the SAEs nor the store name their model; pass --model")
     ckpt = weights.checkpoint_dir(model)
-    return out, saes, layer, store, selections, held, model, ckpt
+    user_texts = texts.read_texts(cfg.text) if cfg.text is not None else None
+    return out, saes, layer, store, selections, held, model, ckpt, user_texts
 
 
 def check_model(U: torch.Tensor, saes, held, model: str) -> None:
@@ -109,8 +111,11 @@ def eval_result(cfg: InspectConfig, out: Path) -> Path | None:
     return beside if beside.is_file() else None
 
 
-def absorption_data(cfg, saes, layer: int, model: str, out: Path, progress) -> tuple[list, dict | None]:
-    """Per SAE the absorption view's data (or None), and the absorption words' latents per SAE."""
+def absorption_data(
+    cfg, saes, layer: int, model: str, out: Path, progress
+) -> tuple[list, dict | None, dict | None]:
+    """Per SAE the absorption view's data (or None), the absorption words' latents per SAE, and the probe
+    gate (each letter's probe F1, so the page can list the letters that were not scored)."""
     if cfg.absorption:
         return computed_absorption(cfg, saes, layer, model, progress)
     path = eval_result(cfg, out)
@@ -119,10 +124,11 @@ def absorption_data(cfg, saes, layer: int, model: str, out: Path, progress) -> t
         records = absorbed.from_eval_results(path, s.name) if path else None
         letters = {c: r.to_json() for c, r in sorted(records.items())} if records else None
         views.append({"source": f"read from {path}", "letters": letters} if letters else None)
-    return views, None
+    shared = absorbed.read_eval_results(path).get("shared", {}).get("absorption") if path else None
+    return views, None, absorbed.gate_summary(shared)
 
 
-def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[list, dict]:
+def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[list, dict, dict | None]:
     """Run the eval's absorption plug-in (its options from --absorption-config, else their defaults; its
     cache: after `atmpipe eval` with the same options the prompts are not run again), then each SAE's
     per-letter records and each absorption word's latents."""
@@ -143,19 +149,19 @@ def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[li
         for w, latents in absorbed.word_latents(s.sae, acts_all, words_all).items():
             per_word.setdefault(w, [[] for _ in saes])[k] = latents
         phase()
-    return views, per_word
+    return views, per_word, absorbed.gate_summary(summary(task, probe, acfg))
 
 
 def build(cfg: InspectConfig) -> Path:
     started = time.monotonic()
-    out, saes, layer, store, selections, held, model, ckpt = check_inputs(cfg)
+    out, saes, layer, store, selections, held, model, ckpt, user_texts = check_inputs(cfg)
     U = weights.unembedding(ckpt)
     check_model(U, saes, held, model)
-    U_half = U.to(torch.bfloat16)  # once: the logit effects' product runs in bfloat16
+    U_half = weights.product_copy(U)  # once: the logit effects' product reads it
     rng = np.random.default_rng(cfg.seed)
-    index, used_tokens, token_view = [], set(held.tokens.tolist()), {}
+    index, used_tokens, token_view, maxes = [], set(held.tokens.tolist()), {}, []
     with Progress(console) as progress:
-        views, word_view = absorption_data(cfg, saes, layer, model, out, progress)
+        views, word_view, gate = absorption_data(cfg, saes, layer, model, out, progress)
         firings = extract.encode_held_out(
             [s.sae for s in saes],
             store,
@@ -168,20 +174,31 @@ def build(cfg: InspectConfig) -> Path:
         (out / "data").mkdir(parents=True, exist_ok=True)
         for k, (s, fr) in enumerate(zip(saes, firings, strict=True)):
             stats = extract.latent_stats(fr, held)
+            maxes.append(stats["max"])
             pages = pages_of(selections[k], cfg.top, stats, views[k])
             nn = weights.nearest_latents(s.sae.W_dec.detach())
             detail_latents = np.arange(s.info["d_sae"]) if pages is None else np.array(pages)
             phase = Phase(progress, f"latent pages · {s.name}", len(detail_latents))
             write_details(out, k, s.sae, fr, held, (U, U_half), nn, detail_latents, rng, used_tokens, phase)
-            for t, latents in extract.token_latents(fr, held).items():
+            for t, latents in extract.token_latents(fr, held, stats["max"]).items():
                 token_view.setdefault(t, [[] for _ in saes])[k] = latents
-            atm = atm_stats(s)
-            index.append(page.sae_index_entry(s.name, s.sae, stats, nn, atm, pages, views[k]))
+            entry = page.sae_index_entry(s.name, s.sae, stats, nn, atm_stats(s), pages, views[k])
+            index.append(entry | {"masking": masking_summary(s), "groups": latent_groups(s.sae)})
+        if user_texts is not None:
+            view = own_texts(user_texts, saes, maxes, layer, model, progress)
+            used_tokens.update(t for v in view for t in v["ids"])
+            page.write_js(out / "data" / "texts.js", "texts", view)
     vocab = weights.token_strings(ckpt, sorted(used_tokens))
     page.write_js(out / "data" / "compare.js", "compare", {"tokens": token_view, "words": word_view})
+    page.write_js(
+        out / "data" / "held.js",
+        "held",
+        {"tokens": held.tokens.tolist(), "positions": held.positions.tolist()},
+    )
     title = f"atmpipe feature browser · {', '.join(s.name for s in saes)} · {model} layer {layer}"
     meta = page.index_meta(title, held.n_scored, atm_stat_names(), vocab)
-    page.write_index(out, meta | {"saes": index})  # index.html last: its presence marks a whole browser
+    meta |= {"saes": index, "absorption_gate": gate, "n_texts": len(user_texts or [])}
+    page.write_index(out, meta)  # index.html last: its presence marks a whole browser
     console.print(f"feature browser written to {out / 'index.html'} in {time.monotonic() - started:.0f} s")
     return out / "index.html"
 
@@ -225,3 +242,37 @@ def atm_stats(s) -> dict | None:
     if s.info["method"] != "atm" or not (s.path / STATS_FILE).exists():
         return None
     return {name: getattr(s.sae, f"atm_{name}").detach().cpu().numpy() for name in STAT_NAMES}
+
+
+def masking_summary(s) -> dict | None:
+    """An ATM SAE's threshold θ and masking diagnostics (the eval's masking plug-in, from its statistics)."""
+    from atmpipe.eval.metrics.masking import diagnostics
+
+    stats = atm_stats(s)
+    if stats is None:
+        return None
+    stats["theta"] = float(s.sae.atm_theta)
+    d = diagnostics(stats, s.sae.cfg.hparams)
+    keys = ("theta", "threshold_kind", "targeting", "frac_above_theta", "mean_p", "effective_masking_rate",
+            "targeting_index", "corr_p_firing")  # fmt: skip
+    return {k: d[k] for k in keys} if d["status"] == "ok" else None
+
+
+def latent_groups(sae) -> list[int] | None:
+    """Each latent's group, for methods that nest latents in groups (None for the others)."""
+    groups = sae.latent_groups()
+    return None if groups is None else groups.long().tolist()
+
+
+def own_texts(user_texts: list[str], saes, maxes: list, layer: int, model: str, progress) -> list[dict]:
+    """--text: the LM's residuals on the user's texts (cached), then each SAE's latents per token."""
+    from atmpipe.eval.cache import ActivationCache
+    from atmpipe.lm import load_lm
+
+    phase = Phase(progress, "your texts · LM and SAEs", 2)
+    lm = load_lm(model)
+    runs = texts.residuals(lm, layer, user_texts, ActivationCache(lm.config_hash, layer))
+    phase()
+    view = texts.text_view([s.sae for s in saes], maxes, runs)
+    phase()
+    return view

@@ -251,6 +251,11 @@ class SAE(nn.Module):
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.hp.dead_tokens
 
+    def latent_groups(self) -> Tensor | None:
+        """Each latent's group index ([d_sae] integers) for methods that nest latents in groups (Matryoshka's
+        prefixes), None for methods without groups; the feature browser shows it as a column."""
+        return None
+
     def sparse_entries(self, support: Tensor) -> Entries | None:
         """The entries of `support` ([batch, d_sae] bool: the latents this step needs) when the step takes
         the sparse path, else None (dense). Records the choice and the density in `self.path`."""
