@@ -91,7 +91,9 @@ class HarvestConfig:
     context_size: int = option(128, "Tokens per window, BOS included (default 128).")
     batch_size: int = option(32, "Windows per forward pass (default 32).")
     seed: int = option(0, "Seed of the document split and the window order.")
-    dtype: str | None = option(None, "Compute dtype (default float32 on CPU, bfloat16 on CUDA).")
+    dtype: str | None = option(
+        None, "Compute dtype (default bfloat16 where the device has bf16 units, else float32)."
+    )
     device: str | None = option(None, "cpu | cuda (default: cuda when available).")
     storage_dtype: str = option("float32", "float32 (default) | float16 | bfloat16.")
     out: str | None = option(None, "Store path (default cache/l{L}.zarr).")
@@ -157,6 +159,10 @@ class TrainConfig:
     latents: str = option(
         "auto", "The step's latents: auto (sparse below the device's measured density) | sparse | dense."
     )
+    precision: str = option(
+        "auto",
+        "Matrix products in bf16 | fp32 | auto (default: bf16 where the device has bf16 units, else fp32).",
+    )
     device: str = option("auto", "cpu | cuda | auto (default auto).")
     # What ran, recorded in the run: the recipe files in the order they were layered, and the flags and
     # --hparam values given on top of them (set by load_train_config).
@@ -196,6 +202,10 @@ class TrainConfig:
             raise UserError(
                 f"latents must be one of auto, sparse, dense (got {self.latents!r}); pass e.g. --latents auto"
             )
+        if self.precision not in ("auto", "bf16", "fp32"):  # precision.PRECISIONS
+            raise UserError(
+                f"precision must be one of auto, bf16, fp32 (got {self.precision!r}); pass e.g. --precision auto"
+            )
 
 
 @dataclass
@@ -209,7 +219,9 @@ class RunOptions:
     layer: int | None = option(None, "Layer (default: the SAEs' layer).")
     metrics: str = option(",".join(REGISTRY), f"Comma list of {', '.join(REGISTRY)} (default all).")
     device: str | None = option(None, "cpu | cuda (default auto).")
-    dtype: str | None = option(None, "LM dtype: float32 | bfloat16 | float16.")
+    dtype: str | None = option(
+        None, "LM dtype: float32 | bfloat16 | float16 (default bfloat16 where the device has bf16 units)."
+    )
     seed: int = option(0, "Seed of every sample and probe.")
     batch_size: int = option(16, "LM batch size (prompts).")
 

@@ -112,6 +112,9 @@ class SAE(nn.Module):
     # the batch's density is below the device's sparse.crossover_density. A training option, not a
     # hyper-parameter (the result is the same to float round-off); `atmpipe train --latents` sets it.
     latents: str = "auto"
+    # The dtype of the training step's matrix products, "bf16" or "fp32" (precision.resolve): a training
+    # option like `latents`, set from `atmpipe train --precision`; train_step runs the forward under autocast.
+    precision: str = "fp32"
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
