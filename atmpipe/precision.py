@@ -19,8 +19,6 @@ import os
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from atmpipe.errors import UserError
-
 PRECISIONS = ("auto", "bf16", "fp32")
 EMULATE_ENV = "ATMPIPE_EMULATE_BF16"
 
@@ -40,9 +38,7 @@ def has_bf16_units(device: torch.device) -> bool:
 
 
 def resolve(precision: str, device: torch.device) -> str:
-    """"bf16" or "fp32" for a --precision of auto | bf16 | fp32 on `device`."""
-    if precision not in PRECISIONS:
-        raise UserError(f"precision must be one of auto, bf16, fp32 (got {precision!r}); pass e.g. --precision auto")
+    """ "bf16" or "fp32" for a --precision of auto | bf16 | fp32 (TrainConfig.validate checks it) on `device`."""
     if precision == "auto":
         return "bf16" if has_bf16_units(device) else "fp32"
     return precision

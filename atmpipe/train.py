@@ -604,7 +604,7 @@ def _path_line(sae: SAE, step: int, option: str) -> str:
     if option == "auto" and sae.method == "topk":
         why = "auto: TopK's k of d_sae, BatchTopK dense"
     elif option == "auto" and density is not None:
-        why = f"auto: sparse below {sparse.crossover_density(sae.W_enc.device):.0%}"
+        why = f"auto: sparse below {sparse.crossover_density(sae.W_enc.device, sae.precision):.0%}"
     elif option == "auto":
         why = "auto: dense on this device (no measured crossover)"
     return f"latents: {path} path from step {step}{at} ({why})"

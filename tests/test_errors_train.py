@@ -47,8 +47,10 @@ def one_line_error(tmp_path: Path, *args) -> str:
 def error_of_run(result, mid_run: bool) -> str:
     """The one-line error of `atmpipe train`; met mid-run, it follows the progress bar's last state."""
     message = error_of(result)
-    # The trainer's "latents: … path from step 0" line (once per path) is not the error's business.
-    progress = [line for line in result.stderr.strip().splitlines()[:-1] if not line.startswith("latents: ")]
+    # The trainer's "precision: …" line and its "latents: … path from step 0" line (once per path) are not
+    # the error's business.
+    info = ("latents: ", "precision: ")
+    progress = [line for line in result.stderr.strip().splitlines()[:-1] if not line.startswith(info)]
     assert len(progress) == mid_run and all(line.startswith("train ") for line in progress), result.stderr
     return message
 
@@ -70,7 +72,7 @@ def store(tmp_path_factory):
         "jumprelu target without target_l0", "jumprelu bandwidth zero", "jumprelu warm-up fraction above 1",
         "atm threshold unknown", "atm targeting unknown", "relu l1 hyper-parameter zero",
         "relu l1 warm-up above 1", "relu target_l0 zero", "topk k not an integer", "topk aux_k zero",
-        "topk aux_coeff negative", "lr zero", "lr huge",
+        "topk aux_coeff negative", "lr zero", "lr huge", "precision unknown",
     ],
 )  # fmt: skip
 def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
@@ -148,6 +150,10 @@ def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
             "aux_coeff must be non-negative (got -0.5)",
         ),
         "lr zero": (["--lr", "0"], "lr must be positive, got 0.0; pass --lr > 0"),
+        "precision unknown": (
+            ["--precision", "fp16"],
+            "precision must be one of auto, bf16, fp32 (got 'fp16'); pass e.g. --precision auto",
+        ),
         "lr huge": (  # 1e38 used to end in a torch overflow traceback inside Adam
             ["--lr", "1e38"],
             "lr 1e+38 is too large for Adam (SAEs train at 1e-4 to 1e-3); pass e.g. --lr 3e-4",

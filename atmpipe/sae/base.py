@@ -237,7 +237,7 @@ class SAE(nn.Module):
     def sparse_entries(self, support: Tensor) -> Entries | None:
         """The entries of `support` ([batch, d_sae] bool: the latents this step needs) when the step takes
         the sparse path, else None (dense). Records the choice and the density in `self.path`."""
-        crossover = sparse.crossover_density(support.device)
+        crossover = sparse.crossover_density(support.device, self.precision)
         if self.latents == "dense" or (self.latents == "auto" and crossover == 0):
             self.path = ("dense", None)  # no density read-back (on an accelerator it would sync)
             return None

@@ -26,11 +26,21 @@ CROSSOVER_DENSITY = 0.15
 # benchmarks/results/2026-11-29-vm-gpu-paths.json) dense/sparse is 2.84 for ReLU, 2.8 for ATM and 1.7 for
 # JumpReLU at densities 0.1% and 0.8%; higher densities were not measured there, so the switch sits at 1%.
 CUDA_CROSSOVER_DENSITY = 0.01
+# In bf16 the dense step's GEMMs get faster and the sparse step's products do not (they accumulate in fp32),
+# so the crossover should move down. It has not been measured (it needs bf16 units: a CPU with AMX or
+# AVX512-BF16, or a GPU); until it is, bf16 keeps fp32's measured values.
+CROSSOVERS = {
+    ("cpu", "fp32"): CROSSOVER_DENSITY,
+    ("cpu", "bf16"): CROSSOVER_DENSITY,  # fp32's: not measured in bf16
+    ("cuda", "fp32"): CUDA_CROSSOVER_DENSITY,
+    ("cuda", "bf16"): CUDA_CROSSOVER_DENSITY,  # fp32's: not measured in bf16
+}
 
 
-def crossover_density(device: torch.device) -> float:
-    """Below this density `--latents auto` takes the sparse path (0 where no measurement says it wins)."""
-    return {"cpu": CROSSOVER_DENSITY, "cuda": CUDA_CROSSOVER_DENSITY}.get(device.type, 0.0)
+def crossover_density(device: torch.device, precision: str = "fp32") -> float:
+    """Below this density `--latents auto` takes the sparse path, on `device` in `precision` (bf16 | fp32;
+    0 where no measurement says it wins)."""
+    return CROSSOVERS.get((device.type, precision), 0.0)
 
 
 class Entries(NamedTuple):
