@@ -10,6 +10,8 @@
 # bf16 unit computes (tests/test_precision.py checks the emulated step against the native one). On a CPU
 # with the units (or a GPU) run it with ATMPIPE_EMULATE_BF16=0 for the native step.
 #   stages/bf16-quality.sh [STORE]     (default cache/demo-l9.zarr, from `make demo`)
+# Smaller, on busy cores: TOKENS (each run's --tokens, default the demo's) and METRICS (default
+# core,absorption,masking); JOBS trainings at a time (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source stages/lib.sh
@@ -21,6 +23,8 @@ RESULTS=${RESULTS:-results/bf16-quality}
 RECORD=$RUNS
 METHODS=(atm topk jumprelu relu)
 SEEDS=(${SEEDS:-0 1 2})
+METRICS=${METRICS:-core,absorption,masking}
+TOKENS=(${TOKENS:+--tokens "$TOKENS"})
 export ATMPIPE_EMULATE_BF16=${ATMPIPE_EMULATE_BF16:-1}
 
 # JOBS trainings at a time, one thread each (on shared cores, 2-thread GEMMs lose more to waiting than they
@@ -32,7 +36,7 @@ pair() {
     for p in fp32 bf16; do
         stage "train-$m-$p-s$s" "$RUNS/$m-$p-s$s/atmpipe.json" -- "$ATMPIPE" train --config "stages/train-$m.toml" \
             --config stages/demo-train.toml --store "$STORE" --out "$RUNS/$m-$p-s$s" --seed "$s" --precision "$p" \
-            --resume >"$RUNS/$m-$p-s$s.log" 2>&1
+            "${TOKENS[@]}" --resume >"$RUNS/$m-$p-s$s.log" 2>&1
     done
 }
 mkdir -p "$RUNS"
@@ -53,6 +57,6 @@ for s in "${SEEDS[@]}"; do  # every training must have finished (a failed one le
     done
 done
 [[ ${TRAIN_ONLY:-} == 1 ]] && exit 0 # (several seeds trained by separate invocations, evaluated by the last)
-stage eval "$REPORT/results.json" -- "$ATMPIPE" eval --config stages/demo-eval.toml --metrics core,absorption,masking \
+stage eval "$REPORT/results.json" -- "$ATMPIPE" eval --config stages/demo-eval.toml --metrics "$METRICS" \
     "${saes[@]}" --out "$REPORT"
 "${PYTHON:-.venv/bin/python}" stages/bf16_quality.py "$REPORT/results.json" "$RESULTS" --runs "$RUNS"

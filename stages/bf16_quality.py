@@ -2,8 +2,12 @@
 intervals over the training seeds, and a TOST equivalence test against a margin stated here per metric.
 
     bf16_quality.py REPORT/results.json OUT_DIR [--runs RUNS_DIR]
+    bf16_quality.py --held-out STORE OUT_DIR --runs RUNS_DIR
 
 Writes OUT_DIR/bf16-quality.json and OUT_DIR/bf16-quality.md. SAEs are named <method>-<fp32|bf16>-s<seed>.
+--held-out measures without the LM, where `atmpipe eval` cannot run: the core metric's reconstruction
+numbers (FVU, L0, dead fraction: `eval.core.reconstruction_metrics` on the store's held-out split) and ATM's
+masking diagnostics, for every finished pair in RUNS_DIR (no CE score, no absorption).
 """
 
 from __future__ import annotations
@@ -111,20 +115,78 @@ def markdown(table: dict, note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe(runs: Path | None) -> str:
+    """What was trained, read from the runs' own configs (not assumed): sizes and the recipe files."""
+    configs = sorted(runs.glob("*/train_config.json")) if runs else []
+    if not configs:
+        return ""
+    cfg = json.loads(configs[0].read_text())["config"]
+    steps = cfg["tokens"] // cfg["batch_size"]
+    return (
+        f"bf16 against fp32 training: d_sae {cfg['d_sae']}, {steps} steps of {cfg['batch_size']} tokens "
+        f"({cfg['tokens']:,} tokens; recipes {', '.join(Path(r).name for r in cfg['recipe'])}"
+        f"{', --tokens ' + str(cfg['tokens']) if 'tokens' in cfg['overrides'] else ''}), on {cfg['store']}: "
+        "the demo's scale, not the reproduction's. "
+    )
+
+
+def held_out(store_path: str, runs: Path, core_tokens: int = 8192) -> dict:
+    """results.json's shape for every saved SAE in `runs`: core's reconstruction numbers and ATM's masking
+    diagnostics, computed from the store alone (the eval's own functions)."""
+    import torch
+
+    from atmpipe.eval.core import reconstruction_metrics
+    from atmpipe.eval.metrics.core import core_batches
+    from atmpipe.eval.metrics.masking import diagnostics, stats_of
+    from atmpipe.sae import SAE
+    from atmpipe.store import open_store
+
+    store, results = open_store(store_path), {}
+    saved = {p.parent.name: p.parent for p in runs.glob("*/atmpipe.json")}
+    # Only finished pairs: the fp32 and the bf16 run of one method and seed.
+    twin = {"fp32": "bf16", "bf16": "fp32"}
+    pairs = [
+        n
+        for n in saved
+        if (m := NAME.fullmatch(n)) and n.replace(m["precision"], twin[m["precision"]]) in saved
+    ]
+    for run in (saved[n] for n in sorted(pairs)):
+        sae = SAE.load(run)
+        with torch.no_grad():
+            core = reconstruction_metrics(sae, core_batches(store, sae.cfg.layer, core_tokens))
+        results[run.name] = {"core": core}
+        stats = stats_of(sae)
+        if stats is not None:
+            results[run.name]["masking"] = diagnostics(stats, sae.cfg.hparams)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results")
+    ap.add_argument("results", help="results.json of `atmpipe eval`, or with --held-out the store")
     ap.add_argument("out")
     ap.add_argument("--runs", default=None, help="the runs directory (its wall_times.tsv is copied)")
+    ap.add_argument("--held-out", action="store_true", help="measure from the store, without the LM")
     args = ap.parse_args()
-    results = json.loads(Path(args.results).read_text())["results"]
+    if args.held_out:
+        results = held_out(args.results, Path(args.runs))
+    else:
+        results = json.loads(Path(args.results).read_text())["results"]
     table = aggregate(results)
+    measured = (
+        "Measured on the store's held-out split without the LM (FVU, L0, dead fraction; no CE score, no "
+        "absorption). "
+        if args.held_out
+        else ""
+    )
     note = (
-        "bf16 against fp32 training at the DEMO's sizes (stages/demo-train.toml: d_sae 2560, 200 steps of "
-        "1024 tokens of gemma-3-270m layer 9), not the reproduction's; bf16 EMULATED on a CPU without bf16 "
-        "units (ATMPIPE_EMULATE_BF16=1: bf16 operands, fp32 accumulation, bf16 outputs), paired by method "
-        "and training seed on the same tokens. Intervals carry the training seeds only (one eval seed). "
-        "Produced by stages/bf16-quality.sh."
+        describe(Path(args.runs) if args.runs else None)
+        + measured
+        + (
+            "bf16 EMULATED on a CPU without bf16 units (ATMPIPE_EMULATE_BF16=1: bf16 operands, fp32 accumulation, "
+            "bf16 outputs), paired by method and training seed on the same tokens. Intervals carry the training "
+            "seeds only (one eval seed). Produced by stages/bf16-quality.sh."
+        )
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
