@@ -124,7 +124,7 @@ def describe(runs: Path | None) -> str:
     steps = cfg["tokens"] // cfg["batch_size"]
     return (
         f"bf16 against fp32 training: d_sae {cfg['d_sae']}, {steps} steps of {cfg['batch_size']} tokens "
-        f"({cfg['tokens']:,} tokens; recipes {', '.join(Path(r).name for r in cfg['recipe'])}"
+        f"({cfg['tokens']:,} tokens; recipes train-<method>.toml, {', '.join(Path(r).name for r in cfg['recipe'][1:])}"
         f"{', --tokens ' + str(cfg['tokens']) if 'tokens' in cfg['overrides'] else ''}), on {cfg['store']}: "
         "the demo's scale, not the reproduction's. "
     )
