@@ -171,8 +171,7 @@ def run(
         _figure("store write vs harvest rate",
                 f"{write_rate:,.0f} vs {harvest_rate:,.0f} tok/s (fp32, d {lm.d_model}, lz4 bitshuffle + crc32c)",
                 write_rate / harvest_rate, "≥ 5", write_rate / harvest_rate >= 5),
-    ]  # fmt: skip
-    figures += precision[0]
+    ] + precision[0]  # fmt: skip
     base = codecs["none"]["write_MBps"]
     for name, c in codecs.items():
         figures.append(_figure(f"codec {name}: size ratio", f"{c['write_MBps']:,.0f} MB/s ({c['write_MBps'] / base:.2f}× none)",
