@@ -99,7 +99,9 @@ class HarvestConfig:
     context_size: int = option(128, "Tokens per window, BOS included.")
     batch_size: int = option(32, "Windows per forward pass.")
     seed: int = option(0, "Seed of the document split and the window order.")
-    dtype: str | None = option(None, "Compute dtype (default float32 on CPU, bfloat16 on CUDA).")
+    dtype: str | None = option(
+        None, "Compute dtype (default bfloat16 where the device has bf16 units, else float32)."
+    )
     device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
     storage_dtype: str = option("float32", "float32 | float16 | bfloat16.")
     out: str | None = option(None, "Store path (default cache/l{L}.zarr).")
@@ -169,6 +171,10 @@ class TrainConfig:
     latents: str = option(
         "auto", "The step's latents: auto (sparse below the device's measured density) | sparse | dense."
     )
+    precision: str = option(
+        "auto",
+        "Matrix products in bf16 | fp32 | auto (bf16 where the device has bf16 units, else fp32).",
+    )
     device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
     # What ran, recorded in the run: the recipe files in the order they were layered, and the flags and
     # --hparam values given on top of them (set by load_train_config).
@@ -207,6 +213,10 @@ class TrainConfig:
         if self.latents not in ("auto", "sparse", "dense"):  # sae.base.LATENT_PATHS
             raise UserError(
                 f"latents must be one of auto, sparse, dense (got {self.latents!r}); pass e.g. --latents auto"
+            )
+        if self.precision not in ("auto", "bf16", "fp32"):  # precision.PRECISIONS
+            raise UserError(
+                f"precision must be one of auto, bf16, fp32 (got {self.precision!r}); pass e.g. --precision auto"
             )
 
 

@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from atmpipe import hub
+from atmpipe import hub, precision
 from atmpipe.device import resolve_device
 from atmpipe.errors import UserError
 from atmpipe.home import atmpipe_home
@@ -78,12 +78,13 @@ def load_lm(
     dtype: str | None = None,
     trust_remote_code: bool = False,
 ) -> LM:
-    """Load `model` in eval mode: fp32 on CPU, bf16 on CUDA unless `dtype` says otherwise."""
+    """Load `model` in eval mode: bf16 where the device has bf16 matrix units (precision.py), else fp32,
+    unless `dtype` says otherwise."""
     name, source, local_only = resolve_model(model)
     dev = resolve_device(device)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; use one of float32, bfloat16, float16")
-    torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    torch_dtype = DTYPES[dtype] if dtype else precision.default_lm_dtype(dev)
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)
     hf_logging.disable_progress_bar()  # a local load takes a second: its bar is noise
     try:

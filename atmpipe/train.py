@@ -22,7 +22,7 @@ from rich.console import Console
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from atmpipe import distributed, schedule
+from atmpipe import distributed, precision, schedule
 from atmpipe.config import TrainConfig, load_config, recipe_paths, to_dict
 from atmpipe.device import resolve_device
 from atmpipe.errors import UserError
@@ -318,18 +318,20 @@ def train_step(
     rank); raises NonFiniteLoss (on every rank) before touching the weights.
     """
     sae.share = share
-    output = forward(x, step, total)
-    loss = sum(output.losses.values())
-    # One collective answers both for every rank, so all ranks stop at the same step. (A rank without rows
-    # has means over nothing, NaN, which count for nothing.)
-    not_finite, stopping = share.world.any(len(x) > 0 and not torch.isfinite(loss), stop)
-    if not_finite:
-        raise NonFiniteLoss(loss)
-    opt.zero_grad(set_to_none=True)
-    if len(x):
-        (loss * share.loss_weight).backward()
-    else:  # still a backward through every parameter, for DDP's gradient all-reduce: zero gradients
-        (sum(p.sum() for p in sae.parameters()) * 0.0).backward()
+    with precision.emulation(sae.precision):  # (a no-op unless the quality study asks for it)
+        with precision.autocast(x.device, sae.precision):  # bf16: the products; the weights stay fp32
+            output = forward(x, step, total)
+        loss = sum(output.losses.values())
+        # One collective answers both for every rank, so all ranks stop at the same step. (A rank without
+        # rows has means over nothing, NaN, which count for nothing.)
+        not_finite, stopping = share.world.any(len(x) > 0 and not torch.isfinite(loss), stop)
+        if not_finite:
+            raise NonFiniteLoss(loss)
+        opt.zero_grad(set_to_none=True)
+        if len(x):
+            (loss * share.loss_weight).backward()
+        else:  # still a backward through every parameter, for DDP's gradient all-reduce: zero gradients
+            (sum(p.sum() for p in sae.parameters()) * 0.0).backward()
     distributed.sync_state(sae, share)
     sae.remove_parallel_grads()
     grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
@@ -407,6 +409,7 @@ def build_sae(cfg: TrainConfig, plan: RunPlan, resumed: dict | None) -> tuple[SA
     compiling.set_compile(not cfg.no_compile)
     sae = make_sae(sae_cfg).to(plan.device)
     sae.latents = cfg.latents
+    sae.precision = precision.resolve(cfg.precision, plan.device)
     sae.init_b_dec(torch.tensor(stats["mean"], dtype=torch.float32).unsqueeze(0) * scale)
     return sae, scale
 
@@ -557,6 +560,7 @@ class Trainer:
             "norm_scale": self.scale,
             "adam_betas": list(self.opt.defaults["betas"]),
             "world_size": self.world.size,
+            "precision": self.sae.precision,  # what --precision resolved to on this device
         }
 
 
@@ -578,11 +582,19 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         console.print(
             f"resuming {plan.out} from {plan.checkpoint.name} ({trainer.step * cfg.batch_size:,} tokens seen)"
         )
+    console.print(_precision_line(trainer.sae.precision, cfg.precision, plan.device))
     trainer.run()
     if world.is_main:
         trainer.sae.save(plan.out, trainer.metadata())
         console.print(f"saved the {cfg.method} SAE to {plan.out}")
     return plan.out
+
+
+def _precision_line(resolved: str, option: str, device: torch.device) -> str:
+    if option != "auto":
+        return f"precision: {resolved} (--precision {option})"
+    units = "has" if resolved == "bf16" else "has no"
+    return f"precision: {resolved} (auto: this {device.type.upper()} {units} bf16 matrix units)"
 
 
 def _path_line(sae: SAE, step: int, option: str) -> str:
@@ -592,7 +604,7 @@ def _path_line(sae: SAE, step: int, option: str) -> str:
     if option == "auto" and sae.auto_path_reason():
         why = sae.auto_path_reason()
     elif option == "auto" and density is not None:
-        why = f"auto: sparse below {sparse.crossover_density(sae.W_enc.device):.0%}"
+        why = f"auto: sparse below {sparse.crossover_density(sae.W_enc.device, sae.precision):.0%}"
     elif option == "auto":
         why = "auto: dense on this device (no measured crossover)"
     return f"latents: {path} path from step {step}{at} ({why})"

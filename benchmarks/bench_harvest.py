@@ -71,9 +71,46 @@ def _measure_codecs(acts: np.ndarray, chunk: int, workdir: Path, rounds: int) ->
     return out
 
 
-def run(quick: bool = False, log=print, model: str = "gemma-3-270m", layer: int | None = None) -> dict:
+def bf16_figures(model: str, layer: int, cfg: dict, rounds: int, tmp: Path, log=print) -> tuple[list, dict]:
+    """The harvest with the LM in bf16 against fp32, and against a bare bf16 forward, interleaved (the
+    speed-up needs a CPU with bf16 units: elsewhere a bf16 forward runs tens of times slower)."""
+    from atmpipe.precision import cpu_has_bf16_units
+
+    lms = {"fp32": load_lm(model, dtype="float32"), "bf16": load_lm(model, dtype="bfloat16")}
+    times: dict[str, list[float]] = {"harvest fp32": [], "harvest bf16": [], "bare bf16": []}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, lm in lms.items():
+            t0 = time.perf_counter()
+            path = harvest(HarvestConfig(**cfg, out=str(tmp / f"{name}{r}.zarr")), lm=lm)
+            if r:
+                times[f"harvest {name}"].append(time.perf_counter() - t0)
+        windows = open_store(path).split("train").tokens[:].reshape(-1, cfg["context_size"])
+        bare = _bare_forward(lms["bf16"], windows, layer, cfg["batch_size"])
+        if r:
+            times["bare bf16"].append(bare)
+            log(f"[harvest] bf16 round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    rate = {k: cfg["tokens"] / statistics.median(v) for k, v in times.items()}
+    units = cpu_has_bf16_units()
+    speedup, efficiency = (
+        rate["harvest bf16"] / rate["harvest fp32"],
+        rate["harvest bf16"] / rate["bare bf16"],
+    )
+    note = "" if units else " (no bf16 units on this CPU)"
+    figures = [
+        _figure("harvest bf16 / harvest fp32", f"{rate['harvest bf16']:,.0f} vs {rate['harvest fp32']:,.0f} tok/s{note}",
+                speedup, "≥ 2.50× faster", speedup >= 2.5 if units else None),
+        _figure("bf16 harvest efficiency (harvest / bare bf16 forward)",
+                f"{rate['harvest bf16']:,.0f} vs {rate['bare bf16']:,.0f} tok/s{note}", efficiency, "≥ 0.90",
+                efficiency >= 0.9 if units else None),
+    ]  # fmt: skip
+    return figures, {"times": times, "tokens_per_s": rate}
+
+
+def run(
+    quick: bool = False, log=print, model: str = "gemma-3-270m", layer: int | None = None, bf16: bool = False
+) -> dict:
     torch.set_num_threads(torch.get_num_threads())
-    lm = load_lm(model)
+    lm = load_lm(model, dtype="float32")  # the fp32 figures (bf16_figures has its own)
     layer = lm.n_layers // 2 if layer is None else layer
     context, batch = 128, 8 if quick else 16
     windows_per_run = batch * (2 if quick else 4)
@@ -124,6 +161,7 @@ def run(quick: bool = False, log=print, model: str = "gemma-3-270m", layer: int 
             write_times.append(time.perf_counter() - t0)
         write_rate = n / statistics.median(write_times)
         codecs = _measure_codecs(big[: 4 * 4096], 4096, tmp, rounds)
+        precision = bf16_figures(model, layer, cfg, rounds, tmp, log) if bf16 else ([], {})
 
     efficiency = harvest_rate / bare_rate
     figures = [
@@ -133,7 +171,7 @@ def run(quick: bool = False, log=print, model: str = "gemma-3-270m", layer: int 
         _figure("store write vs harvest rate",
                 f"{write_rate:,.0f} vs {harvest_rate:,.0f} tok/s (fp32, d {lm.d_model}, lz4 bitshuffle + crc32c)",
                 write_rate / harvest_rate, "≥ 5", write_rate / harvest_rate >= 5),
-    ]  # fmt: skip
+    ] + precision[0]  # fmt: skip
     base = codecs["none"]["write_MBps"]
     for name, c in codecs.items():
         figures.append(_figure(f"codec {name}: size ratio", f"{c['write_MBps']:,.0f} MB/s ({c['write_MBps'] / base:.2f}× none)",
@@ -146,12 +184,17 @@ def run(quick: bool = False, log=print, model: str = "gemma-3-270m", layer: int 
         "times": {"harvest": t_harvest, "bare": t_bare, "write": write_times},
         "codecs": codecs,
         "tokens_per_run": tokens,
+        "bf16": precision[1],
     }
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    result = run(quick=p.parse_args().quick)
+    p.add_argument(
+        "--bf16", action="store_true", help="also the harvest with the LM in bf16 (needs bf16 units)"
+    )
+    a = p.parse_args()
+    result = run(quick=a.quick, bf16=a.bf16)
     for f in result["figures"]:
         print(f"{f['name']:<48} {f['detail']:<70} target {f['target']:<7} {f['ratio']:.2f}{f['unit']}")

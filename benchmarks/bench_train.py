@@ -31,6 +31,9 @@ WORK = ROOT / "benchmarks" / ".work"
 # The interpreters of atmpipe's and the peers' workers (gpu.py points both at the GPU machine's python).
 PYTHON = {"atmpipe": ROOT / ".venv" / "bin" / "python", "peers": ROOT / ".venv-peers" / "bin" / "python"}
 DEVICE = "cpu"  # the workers' device (BENCH_DEVICE); gpu.py sets "cuda"
+# The workers' precision (BENCH_PRECISION): "fp32", or "bf16": atmpipe's step with --precision bf16, the
+# peers' steps under bf16 autocast (peers.py) and the GEMM floor in bf16. `run(precision=...)` sets it.
+PRECISION = os.environ.get("BENCH_PRECISION", "fp32")
 BATCH = 4096
 THREADS = 2
 SHAPES = {"small": (640, 5120), "large": (2304, 18432)}
@@ -91,12 +94,15 @@ def calibrate_l0(sae, x, l0: int) -> None:
             sae.b_enc.sub_(q)
 
 
-def atmpipe_step(method: str, d_in: int, d_sae: int, device, l0: int = L0, autocast: bool = True) -> Callable:
+def atmpipe_step(
+    method: str, d_in: int, d_sae: int, device, l0: int = L0, autocast: bool = True, precision: str = "fp32"
+) -> Callable:
     """One atmpipe training step: `atmpipe.train.train_step` (the loop's body) with the trainer's defaults,
     ReLU / JumpReLU / ATM calibrated to L0 ≈ l0 on the first batch (0: left as initialised).
 
-    On a GPU the forward runs under bf16 autocast (what the peers' GPU paths use too) unless autocast is
-    False (fp32, what `atmpipe train` itself runs).
+    precision: the step's `atmpipe train --precision` ("bf16": the products in bf16 under autocast, weights
+    fp32). On a GPU the forward runs under bf16 autocast (what the peers' GPU paths use too) unless autocast
+    is False (fp32).
     """
     import torch
 
@@ -108,6 +114,7 @@ def atmpipe_step(method: str, d_in: int, d_sae: int, device, l0: int = L0, autoc
     method = method.removesuffix("-l0")
     cfg = TrainConfig(method=method, k=k)
     sae = make_sae(SAEConfig(method, d_in, d_sae, {"k": k} if k else {})).to(device)
+    sae.precision = precision
     opt = make_optimizer(sae, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
     training_forward = sae.training_forward
@@ -130,11 +137,11 @@ def atmpipe_step(method: str, d_in: int, d_sae: int, device, l0: int = L0, autoc
     return step
 
 
-def gemm_step(d_in: int, d_sae: int, device) -> Callable:
-    """The floor's unit: one (batch × d_in) @ (d_in × d_sae) matmul (fp32 on CPU, bf16 on a GPU)."""
+def gemm_step(d_in: int, d_sae: int, device, precision: str = "fp32") -> Callable:
+    """The floor's unit: one (batch × d_in) @ (d_in × d_sae) matmul (in `precision`; bf16 on a GPU)."""
     import torch
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" or precision == "bf16" else torch.float32
     w = torch.randn(d_in, d_sae, device=device, dtype=dtype)
     return lambda x: x.to(dtype) @ w
 
@@ -168,11 +175,11 @@ def worker_main(a: argparse.Namespace) -> None:
     import atmpipe.sae  # noqa: F401  (imports before the baseline RSS, as the peers do)
 
     if a.method == "gemm":
-        make = lambda device: gemm_step(a.d_in, a.d_sae, device)  # noqa: E731
+        make = lambda device: gemm_step(a.d_in, a.d_sae, device, PRECISION)  # noqa: E731
     elif a.method in ("atm-fused", "atm-eager"):
         make = lambda device: atm_kernel_step(a.method == "atm-fused", a.d_in, a.d_sae, device)  # noqa: E731
     else:
-        make = lambda device: atmpipe_step(a.method, a.d_in, a.d_sae, device, a.l0)  # noqa: E731
+        make = lambda device: atmpipe_step(a.method, a.d_in, a.d_sae, device, a.l0, precision=PRECISION)  # noqa: E731
     serve(make, a.data, a.batch, proto)
 
 
@@ -221,6 +228,7 @@ class Worker:
             "BENCH_THREADS": str(THREADS),
             "OMP_NUM_THREADS": str(THREADS),
             "BENCH_DEVICE": DEVICE,
+            "BENCH_PRECISION": PRECISION,
         }
         env["MKL_NUM_THREADS"] = str(THREADS)
         self.log = WORK / f"{self.name.replace(':', '_')}.log"
@@ -316,11 +324,15 @@ def run(
     plan: list[tuple[int, int]] | None = None,
     with_peers: bool = True,
     atm_kernel: bool = True,
+    precision: str = "fp32",
 ) -> dict:
     """Run the step benchmark; returns {"figures": [Figure, ...], "raw": {...}}.
 
-    shapes: (d_in, d_sae) pairs; plan: (warm-up steps, timed rounds) per shape.
+    shapes: (d_in, d_sae) pairs; plan: (warm-up steps, timed rounds) per shape; precision: every worker's
+    (fp32, or bf16: figures named "bf16 ...", the floor a bf16 GEMM).
     """
+    global PRECISION
+    PRECISION = precision
     if with_peers and not Path(PYTHON["peers"]).exists():
         raise SystemExit(f"{PYTHON['peers']} is missing; run `make peers` (or benchmarks/run.sh) first")
     if shapes is None:
@@ -329,7 +341,15 @@ def run(
         plan = [(1, 3)] if quick else [(2, 7), (1, 2)]
     plan = plan or [(1, 3)] * len(shapes)
     figures: list[Figure] = []
-    raw: dict = {"batch": BATCH, "threads": THREADS, "k": K, "device": DEVICE, "configs": {}}
+    raw: dict = {
+        "batch": BATCH,
+        "threads": THREADS,
+        "k": K,
+        "device": DEVICE,
+        "precision": precision,
+        "configs": {},
+    }
+    label = "" if precision == "fp32" else f"{precision} "
     for (d_in, d_sae), (warmup, rounds) in zip(shapes, plan, strict=True):
         data = acts_file(d_in, 4 if d_in * d_sae < 2**24 else 2)
         res: dict[tuple[str, str], dict] = {}
@@ -344,7 +364,9 @@ def run(
                 method_key = w.method if w.method != "gemm" else f"gemm@{method}"
                 res[(w.impl, method_key)] = {**summary(w.times), "times": w.times, **w.rss}
                 raw["configs"][f"{w.impl}:{method_key}:{d_in}x{d_sae}"] = res[(w.impl, method_key)]
-        figures += shape_figures(res, f"{d_in}/{d_sae}")
+        figures += shape_figures(res, f"{label}{d_in}/{d_sae}")
+    if precision != "fp32":  # the figures below are the fp32 pass's
+        return {"figures": figures, "raw": raw}
     if not quick and with_peers and atm_kernel:
         figures += wide_figures(log, raw)
     if not atm_kernel:
@@ -470,6 +492,29 @@ def matryoshka_only(rounds: int, large_peers: bool, log: Callable[[str], None] =
         GROUPS = saved
     small["raw"]["configs"].update(large["raw"]["configs"])
     return {"figures": small["figures"] + large["figures"], "raw": small["raw"]}
+
+
+def precision_figures(fp32: dict, bf16: dict, units: bool) -> list[Figure]:
+    """atmpipe's bf16 step against its fp32 step, and the bf16 GEMM against the fp32 one, per method and shape,
+    from the raw results of an fp32 and a bf16 run(). Targets: ≥ 2.5× at 2304/18432, ≥ 2× at 640/5120;
+    informational only on a CPU without bf16 units (`units` False), where bf16 is emulated and slow."""
+    figs = []
+    for key, t16 in bf16["configs"].items():
+        t32 = fp32["configs"].get(key)
+        impl, method, shape = key.split(":")
+        if t32 is None or impl != "atmpipe":
+            continue
+        d_in, d_sae = map(int, shape.split("x"))
+        need = 2.5 if d_in >= 2304 else 2.0
+        ratio = t32["median"] / t16["median"]
+        what = "GEMM" if method.startswith("gemm") else f"{method} step"
+        if method.startswith("gemm") and not method.endswith("@relu"):
+            continue  # one floor per shape
+        figs.append(Figure(f"atmpipe bf16 / fp32 {what} {d_in}/{d_sae}",
+                           f"fp32 {fmt(t32)} bf16 {fmt(t16)}" + ("" if units else " (no bf16 units)"),
+                           ratio, "info" if what == "GEMM" else f"≥ {need:.2f}× faster",
+                           None if what == "GEMM" or not units else ratio >= need))  # fmt: skip
+    return figs
 
 
 def wide_figures(log: Callable[[str], None], raw: dict, warmup: int = 1, rounds: int = 2) -> list[Figure]:

@@ -44,6 +44,10 @@ def load_batches(path: str, batch: int) -> list[torch.Tensor]:
     return list(acts.split(batch))[: len(acts) // batch]
 
 
+# BENCH_PRECISION=bf16 (bench_train.PRECISION): each peer's own bf16 option, where it has one.
+BF16 = os.environ.get("BENCH_PRECISION", "fp32") == "bf16"
+
+
 def claim_stdout():
     """The protocol's own stdout; libraries that print (sparsify does on import) now print to stderr."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -118,7 +122,11 @@ def saelens_step(method: str, d_in: int, d_sae: int, device: torch.device) -> Ca
         raise ValueError(f"SAELens has no {method!r} SAE")
     trainer = SAETrainer(
         cfg=SAETrainerConfig(
-            total_training_samples=10**12, train_batch_size_samples=4096, lr=3e-4, lr_end=3e-4
+            total_training_samples=10**12,
+            train_batch_size_samples=4096,
+            lr=3e-4,
+            lr_end=3e-4,
+            autocast=BF16,  # SAELens's own option: its step under torch.autocast(bf16) on any device
         ),
         sae=sae,
         data_provider=iter(()),
@@ -137,6 +145,8 @@ def saelens_step(method: str, d_in: int, d_sae: int, device: torch.device) -> Ca
 # Its Trainer needs a language model to hook, so the same calls are made here on the activation batch.
 
 
+# sparsify has no precision option: its forward autocasts to bf16 on CUDA only (where the GPU supports it),
+# so on the CPU its step stays fp32 whatever BENCH_PRECISION says.
 def sparsify_step(method: str, d_in: int, d_sae: int, device: torch.device) -> Callable[[torch.Tensor], None]:
     if method != "topk":
         raise ValueError(f"sparsify has no {method!r} SAE")

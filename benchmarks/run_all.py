@@ -51,6 +51,12 @@ def main() -> None:
     p.add_argument(
         "--only", choices=["train", "stream", "harvest"], action="append", help="run only these parts"
     )
+    p.add_argument(
+        "--bf16",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the bf16 figures beside fp32: auto (default) where the CPU has bf16 units, on, off",
+    )
     a = p.parse_args()
     parts = a.only or ["train", "stream", "harvest"]
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
@@ -71,10 +77,23 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    from atmpipe.precision import cpu_has_bf16_units
+
+    units = cpu_has_bf16_units()
+    bf16 = a.bf16 == "on" or (a.bf16 == "auto" and units)
+    if not bf16:
+        log("[bf16] skipped: " + ("--bf16 off" if a.bf16 == "off" else "this CPU has no bf16 units (AMX or "
+            "AVX512-BF16), where a bf16 GEMM runs tens of times slower than fp32; --bf16 on measures it anyway"))  # fmt: skip
     if "train" in parts:
         out = run_module("bench_train", a.quick, log=log)
         figures += out["figures"]
         raw["train"] = out["raw"]
+        if bf16:
+            import bench_train
+
+            out16 = run_module("bench_train", a.quick, log=log, precision="bf16")
+            figures += out16["figures"] + bench_train.precision_figures(out["raw"], out16["raw"], units)
+            raw["train_bf16"] = out16["raw"]
     # The stream must outpace the fastest trainer: pass atmpipe's best measured step rate (tokens/s).
     consumption = None
     if "train" in raw:
@@ -86,7 +105,7 @@ def main() -> None:
             and k.split(":")[1] in ("topk", "jumprelu", "relu", "atm")
         ]
         consumption = raw["train"]["batch"] / min(steps) if steps else None
-    for name, kwargs in (("stream", {"trainer_tokens_per_s": consumption}), ("harvest", {})):
+    for name, kwargs in (("stream", {"trainer_tokens_per_s": consumption}), ("harvest", {"bf16": bf16})):
         if name not in parts:
             continue
         out = run_module(f"bench_{name}", a.quick, log=log, **kwargs)

@@ -42,8 +42,10 @@ def one_line_error(tmp_path: Path, *args) -> str:
 def error_of_run(result, mid_run: bool) -> str:
     """The one-line error of `atmpipe train`; met mid-run, it follows the progress bar's last state."""
     message = error_of(result)
-    # The trainer's "latents: … path from step 0" line (once per path) is not the error's business.
-    progress = [line for line in result.stderr.strip().splitlines()[:-1] if not line.startswith("latents: ")]
+    # The trainer's "precision: …" line and its "latents: … path from step 0" line (once per path) are not
+    # the error's business.
+    info = ("latents: ", "precision: ")
+    progress = [line for line in result.stderr.strip().splitlines()[:-1] if not line.startswith(info)]
     assert len(progress) == mid_run and all(line.startswith("train ") for line in progress), result.stderr
     return message
 
@@ -66,6 +68,7 @@ def store(tmp_path_factory):
         "cuda without a GPU",
         "lr zero",
         "lr huge",
+        "precision unknown",
     ],
 )
 def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
@@ -88,6 +91,10 @@ def test_train_refuses_an_impossible_option(store, tmp_path, monkeypatch, case):
         "lr huge": (  # 1e38 used to end in a torch overflow traceback inside Adam
             ["--lr", "1e38"],
             "lr 1e+38 is too large for Adam (SAEs train at 1e-4 to 1e-3); pass e.g. --lr 3e-4",
+        ),
+        "precision unknown": (
+            ["--precision", "fp16"],
+            "precision must be one of auto, bf16, fp32 (got 'fp16'); pass e.g. --precision auto",
         ),
     }[case]
     if case == "cuda without a GPU":  # so the case means the same on a machine that has one

@@ -22,7 +22,9 @@ class RunOptions:
     layer: int | None = option(None, "Layer (default: the SAEs' layer).")
     metrics: str = option(",".join(REGISTRY), "Comma list of metrics.")
     device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
-    dtype: str | None = option(None, "LM dtype: float32 | bfloat16 | float16.")
+    dtype: str | None = option(
+        None, "LM dtype: float32 | bfloat16 | float16 (default bfloat16 where the device has bf16 units)."
+    )
     seed: int = option(0, "Seed of every sample and probe.")
     batch_size: int = option(16, "LM batch size (prompts).")
     # What ran, recorded in results.json: the recipe files in order and the flags given (config.load_recorded).

@@ -128,7 +128,7 @@ class ATMSAE(ReLUSAE):
         dec_norm = self.W_dec.detach().norm(dim=1)
         with torch.no_grad():
             if hp.recon_norm == "exact":
-                recon_norm = (f.detach() @ self.W_dec.detach()).norm(dim=-1).mean()
+                recon_norm = (f.detach() @ self.W_dec.detach()).to(self.W_dec.dtype).norm(dim=-1).mean()
             else:  # first step: the input's norm stands in for its reconstruction's
                 fallback = (x - self.b_dec.detach()).norm(dim=-1).mean()
                 recon_norm = torch.where(torch.isnan(self.atm_recon_norm), fallback, self.atm_recon_norm)

@@ -117,6 +117,9 @@ class SAE(nn.Module):
     # the batch's density is below the device's sparse.crossover_density. A training option, not a
     # hyper-parameter (the result is the same to float round-off); `atmpipe train --latents` sets it.
     latents: str = "auto"
+    # The dtype of the training step's matrix products, "bf16" or "fp32" (precision.resolve): a training
+    # option like `latents`, set from `atmpipe train --precision`; train_step runs the forward under autocast.
+    precision: str = "fp32"
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -259,7 +262,7 @@ class SAE(nn.Module):
     def sparse_entries(self, support: Tensor) -> Entries | None:
         """The entries of `support` ([batch, d_sae] bool: the latents this step needs) when the step takes
         the sparse path, else None (dense). Records the choice and the density in `self.path`."""
-        crossover = sparse.crossover_density(support.device)
+        crossover = sparse.crossover_density(support.device, self.precision)
         if self.latents == "dense" or (self.latents == "auto" and crossover == 0):
             self.path = ("dense", None)  # no density read-back (on an accelerator it would sync)
             return None

@@ -15,6 +15,7 @@ import functools
 import os
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 _compile: bool = True
 
@@ -41,4 +42,13 @@ def fused(fn, dynamic: bool | None = True):
     """fn compiled on first use (for every shape; dynamic=None: torch's default, specialise then
     generalise), or fn itself while compiling() is off."""
     compiled = functools.cache(lambda: _compile_fn(fn, dynamic))
-    return functools.wraps(fn)(lambda *args, **kw: (compiled() if compiling() else fn)(*args, **kw))
+
+    def run(*args, **kw):
+        if not compiling():
+            return fn(*args, **kw)
+        # torch.compile refuses to run under a dispatch mode (precision.EmulatedBF16, the quality study's
+        # bf16 emulation): set it aside, these kernels hold no matrix product for it to see.
+        with _disable_current_modes():
+            return compiled()(*args, **kw)
+
+    return functools.wraps(fn)(run)

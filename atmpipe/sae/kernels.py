@@ -33,9 +33,11 @@ fire_counts_fused = fused(fire_counts)
 
 
 def jumprelu_forward(pre: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(f, L0 per token [batch] in f's dtype, firing counts per latent [d_sae] int32)."""
+    """(f, L0 per token [batch] in fp32 at least (a bf16 count would stop at 256), firing counts per latent
+    [d_sae] int32)."""
     active = pre > theta
-    return torch.where(active, pre, 0.0), active.sum(-1, dtype=pre.dtype), active.sum(0, dtype=torch.int32)
+    l0 = active.sum(-1, dtype=torch.promote_types(pre.dtype, torch.float32))
+    return torch.where(active, pre, 0.0), l0, active.sum(0, dtype=torch.int32)
 
 
 def jumprelu_backward(pre: Tensor, theta: Tensor, eps: float, g_f: Tensor, g_l0: Tensor):

@@ -104,7 +104,7 @@ class ReLUSAE(SAE):
             f_used, stats = self.mask_latents(x, f, step, total_steps)
             x_hat = self.decode(f_used)
             fires = kernels.fire_counts_fused(f.detach())
-            l1 = (f_used @ dec_norm).mean()  # Σ_i f_i‖W_dec,i‖, mean over tokens
+            l1 = (f_used @ dec_norm).to(dec_norm.dtype).mean()  # Σ_i f_i‖W_dec,i‖, token mean in fp32
             latents = f
         else:  # the same on the active entries (pre > 0) alone
             f = sparse.pre_acts_at(

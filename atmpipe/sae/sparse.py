@@ -26,11 +26,21 @@ CROSSOVER_DENSITY = 0.15
 # benchmarks/results/2026-11-29-vm-gpu-paths.json) dense/sparse is 2.84 for ReLU, 2.8 for ATM and 1.7 for
 # JumpReLU at densities 0.1% and 0.8%; higher densities were not measured there, so the switch sits at 1%.
 CUDA_CROSSOVER_DENSITY = 0.01
+# In bf16 the dense step's GEMMs get faster and the sparse step's products do not (they accumulate in fp32),
+# so the crossover should move down. It has not been measured (it needs bf16 units: a CPU with AMX or
+# AVX512-BF16, or a GPU); until it is, bf16 keeps fp32's measured values.
+CROSSOVERS = {
+    ("cpu", "fp32"): CROSSOVER_DENSITY,
+    ("cpu", "bf16"): CROSSOVER_DENSITY,  # fp32's: not measured in bf16
+    ("cuda", "fp32"): CUDA_CROSSOVER_DENSITY,
+    ("cuda", "bf16"): CUDA_CROSSOVER_DENSITY,  # fp32's: not measured in bf16
+}
 
 
-def crossover_density(device: torch.device) -> float:
-    """Below this density `--latents auto` takes the sparse path (0 where no measurement says it wins)."""
-    return {"cpu": CROSSOVER_DENSITY, "cuda": CUDA_CROSSOVER_DENSITY}.get(device.type, 0.0)
+def crossover_density(device: torch.device, precision: str = "fp32") -> float:
+    """Below this density `--latents auto` takes the sparse path, on `device` in `precision` (bf16 | fp32;
+    0 where no measurement says it wins)."""
+    return CROSSOVERS.get((device.type, precision), 0.0)
 
 
 class Entries(NamedTuple):
@@ -64,7 +74,9 @@ def latent_sums(vals: Tensor, e: Entries) -> Tensor:
 
 def transposed_product(tok: Tensor, lat: Tensor, vals: Tensor, dense: Tensor, d_sae: int) -> Tensor:
     """Gᵀ @ dense [d_sae, d] for the [n, d_sae] matrix G holding vals at (tok, lat): one sparse-dense product,
-    in fp32 at least (CUDA's sparse-dense product has no bf16 kernel; the result is a weight's gradient)."""
+    in fp32 at least, also for bf16 operands: the result is a weight's gradient, a sum over the batch, and
+    torch's CPU kernel would accumulate bf16 in bf16 (a sum of 2,000 ones stops at 256) while CUDA's has no
+    bf16 kernel at all. Its cost is nnz·d, not a GEMM's."""
     dtype = torch.promote_types(torch.promote_types(vals.dtype, dense.dtype), torch.float32)
     vals, dense = vals.to(dtype), dense.to(dtype)
     G_t = torch.sparse_coo_tensor(
@@ -90,7 +102,7 @@ class _PreActsAt(torch.autograd.Function):
     @staticmethod
     def forward(ctx, raw, x_c, W_enc, b_enc, b_dec, rows, cols):
         ctx.save_for_backward(x_c, W_enc, rows, cols)
-        return raw[rows, cols] + b_enc[cols]
+        return raw[rows, cols] + b_enc[cols].to(raw.dtype)  # in raw's dtype (bf16 under autocast)
 
     @staticmethod
     def backward(ctx, g):
@@ -110,13 +122,15 @@ class _PreActs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, raw, x_c, W_enc, b_enc, b_dec):
         ctx.save_for_backward(x_c, W_enc)
-        return raw + b_enc
+        return raw + b_enc.to(raw.dtype)  # in raw's dtype (bf16 under autocast)
 
     @staticmethod
     def backward(ctx, g):
+        # The GEMM in g's dtype (the forward's: bf16 under autocast; autograd casts W_enc's gradient to
+        # fp32), the bias sums in fp32 at least.
         x_c, W_enc = ctx.saved_tensors
-        grad_b_enc = g.sum(0)
-        return None, None, x_c.T @ g, grad_b_enc, -(W_enc @ grad_b_enc)
+        grad_b_enc = g.sum(0, dtype=torch.promote_types(g.dtype, W_enc.dtype))
+        return None, None, x_c.to(g.dtype).T @ g, grad_b_enc, -(W_enc @ grad_b_enc)
 
 
 def pre_acts_dense(raw: Tensor, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
@@ -132,24 +146,24 @@ def pre_acts_dense(raw: Tensor, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec
 class _Decode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vals, W_dec, e: Entries):
-        # Under autocast the latents may be bf16 while W_dec stays fp32: every product here takes one
-        # dtype, W_dec's (autograd casts the latents' gradient back to their own dtype).
-        vals = vals.to(W_dec.dtype)
+        # In the latents' dtype: under autocast they are bf16 while W_dec stays fp32, and the gather-sum
+        # runs on W_dec in bf16 (embedding_bag accumulates bf16 in fp32).
         ctx.save_for_backward(vals, W_dec)
         ctx.e = e
-        return F.embedding_bag(e.cols, W_dec, e.crow[:-1], per_sample_weights=vals, mode="sum")
+        return F.embedding_bag(e.cols, W_dec.to(vals.dtype), e.crow[:-1], per_sample_weights=vals, mode="sum")
 
     @staticmethod
     def backward(ctx, g):
         (vals, W_dec), e = ctx.saved_tensors, ctx.e
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:  # one dot product g_t·W_dec[i] per entry: a sampled GEMM
+            dtype = torch.promote_types(g.dtype, W_dec.dtype)  # (the CPU's sampled GEMM has no bf16 kernel)
             with warnings.catch_warnings():  # "CSR support is in beta": this use is tested against a GEMM
                 warnings.simplefilter("ignore")
                 pattern = torch.sparse_csr_tensor(
-                    e.crow, e.cols, torch.ones_like(vals), (e.n, e.d_sae), check_invariants=False
+                    e.crow, e.cols, torch.ones_like(vals, dtype=dtype), (e.n, e.d_sae), check_invariants=False
                 )
-            grad_vals = torch.sparse.sampled_addmm(pattern, g, W_dec.T, beta=0.0).values()
+            grad_vals = torch.sparse.sampled_addmm(pattern, g.to(dtype), W_dec.T.to(dtype), beta=0.0).values()
         if ctx.needs_input_grad[1]:  # Σ_t vals·g_t into each entry's row of W_dec
             rows = e.rows
             if rows is None:
@@ -201,7 +215,8 @@ class JumpReLUEntries(torch.autograd.Function):
         active = pre > theta
         ctx.save_for_backward(pre, theta, rows)
         ctx.eps = eps
-        l0 = pre.new_zeros(n).index_add_(0, rows, active.to(pre.dtype))
+        count = torch.promote_types(pre.dtype, torch.float32)  # a count in bf16 would stop at 256
+        l0 = pre.new_zeros(n, dtype=count).index_add_(0, rows, active.to(count))
         return torch.where(active, pre, 0.0), l0
 
     @staticmethod
