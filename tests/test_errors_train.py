@@ -442,7 +442,7 @@ def test_eval_refuses_an_sae_directory_it_cannot_load(tmp_path, monkeypatch, cas
 @pytest.mark.parametrize(
     "case",
     [
-        "unknown metric", "bias occupations", "SAEs of different layers", "--layer of another layer",
+        "unknown metric", "bias occupations", "unknown TPP set", "SAEs of different layers", "--layer of another layer",
         "store without the SAE's layer", "store of another width", "store of another model",
         "core without a store", "SAE without a layer", "SAE without a model", "labelled data not installed",
         "SAE directory missing", "labelled data of another layout",
@@ -466,8 +466,12 @@ def test_eval_refuses_options_and_saes_that_do_not_fit(store, tmp_path, monkeypa
         ),
         "bias occupations": (
             lambda: [*a, "--metrics", "bias", "--bias-occupations", "doctor"],
-            "--bias-occupations needs two of journalist, athlete, actor, politician, singer, researcher, "
+            "--bias-occupations needs 'all' or two of journalist, athlete, actor, politician, singer, researcher, "
             "got 'doctor'",
+        ),
+        "unknown TPP set": (
+            lambda: [*a, "--metrics", "tpp", "--tpp-sets", "news_class,ag_news"],
+            "unknown TPP set ag_news; known: news_class, tweet_emotion, science_category, athlete_sport, art_type",
         ),
         "SAEs of different layers": (
             lambda: [*a, "--sae", saved_sae(tmp_path / "b", layer=5), "--metrics", "probing"],

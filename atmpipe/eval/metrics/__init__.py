@@ -11,6 +11,7 @@ from atmpipe.eval.metrics.bias import Bias
 from atmpipe.eval.metrics.core import Core
 from atmpipe.eval.metrics.masking import Masking
 from atmpipe.eval.metrics.probing import Probing
+from atmpipe.eval.metrics.tpp import Tpp
 from atmpipe.eval.metrics.training import Training
 
 REGISTRY: dict[str, type[Metric]] = {
@@ -18,6 +19,7 @@ REGISTRY: dict[str, type[Metric]] = {
     "absorption": Absorption,
     "probing": Probing,
     "bias": Bias,
+    "tpp": Tpp,
     "training": Training,
     "masking": Masking,  # after absorption: it reads absorption's main latents
 }
