@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class Bias(Metric):
 
     def collect(self, ctx) -> None:
         """Every person's last-token residual, read once and shared by all pairs and SAEs."""
+        start = time.perf_counter()
         from atmpipe.eval.bias import BiasConfig
 
         cfg = BiasConfig()  # the tail (~40 tokens) fits its context: --probing-context does not apply
@@ -64,10 +66,12 @@ class Bias(Metric):
         for d in self.pairs.values():
             d["resid"] = self.resid[[pos[r] for r in d["table_rows"]]]
         ctx.shared["sizes"]["bias"] = {k: d["construction"] for k, d in self.pairs.items()}
+        ctx.shared.setdefault("seconds", {})["bias_collect"] = time.perf_counter() - start
 
     def compute(self, ctx, sae) -> dict:
         from atmpipe.eval import bias
 
+        start = time.perf_counter()
         per_pair = {k: bias.scr_metrics(sae.sae, d, self.cfg[k]) for k, d in self.pairs.items()}
         cfg = next(iter(self.cfg.values()), bias.BiasConfig())
         out = bias.scr_summary(per_pair, cfg.n_values, cfg.headline_n)
@@ -79,7 +83,7 @@ class Bias(Metric):
             )
         out.setdefault("status", "ok")
         out["per_pair"] = {k: {n: v for n, v in p.items() if n != "_correct"} for k, p in per_pair.items()}
-        return out
+        return out | {"seconds": time.perf_counter() - start}
 
     def blocks(self, names, results, shared) -> list[tuple]:
         from atmpipe.eval.report import fmt

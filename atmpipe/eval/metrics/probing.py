@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,7 +83,7 @@ class Probing(Metric):
         """Every task's LM activations into the cache, and the SAE-independent residual baselines."""
         from atmpipe.eval import probing
 
-        self.base_correct, base = {}, {}
+        self.base_correct, base, start = {}, {}, time.perf_counter()
         phase = ctx.phase("probing · residual baselines", len(self.splits))
         for t in self.splits:
             td = self.task_inputs(ctx, t)  # not kept: each SAE reads its task back from the cache
@@ -99,12 +100,14 @@ class Probing(Metric):
             for t, sp in self.splits.items()
         }
         ctx.shared["probing_protocol"] = PROTOCOL
+        ctx.shared.setdefault("seconds", {})["probing_collect"] = time.perf_counter() - start  # LM or cache
 
     def compute(self, ctx, sae) -> dict:
         from atmpipe.eval import probing
 
+        start = time.perf_counter()
         correct = {t: probing.sae_task_correct(sae.sae, self.task_inputs(ctx, t)) for t in self.splits}
-        return summarise_probing(correct, self.base_correct)
+        return summarise_probing(correct, self.base_correct) | {"seconds": time.perf_counter() - start}
 
     def blocks(self, names, results, shared) -> list[tuple]:
         return probing_blocks(names, results, shared)

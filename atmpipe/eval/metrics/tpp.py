@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class Tpp(Metric):
         """Each set's LM activations into the cache, its pooled residual and its per-class probes."""
         from atmpipe.eval import probing, tpp
 
-        self.pooled, self.probes, quality = {}, {}, {}
+        self.pooled, self.probes, quality, start = {}, {}, {}, time.perf_counter()
         for s in self.sets:
             d = self.set_inputs(ctx, s)
             R = {k: probing.mean_pool(d[f"{k}_acts"], d[f"{k}_offsets"]) for k in ("train", "test")}
@@ -73,6 +74,7 @@ class Tpp(Metric):
                 for cls, p in zip(data.CLASS_SETS[s].classes, self.probes[s], strict=True)
             }
         ctx.shared["tpp_probe_accuracy"] = quality
+        ctx.shared.setdefault("seconds", {})["tpp_collect"] = time.perf_counter() - start
         ctx.shared["sizes"]["tpp"] = {
             s: {"train": len(sp["train_texts"]), "test": len(sp["test_texts"])}
             for s, sp in self.splits.items()
@@ -81,7 +83,7 @@ class Tpp(Metric):
     def compute(self, ctx, sae) -> dict:
         from atmpipe.eval import interval, probing, tpp
 
-        per_set, reps = {}, {str(n): [] for n in N_VALUES}
+        per_set, reps, start = {}, {str(n): [] for n in N_VALUES}, time.perf_counter()
         for i, s in enumerate(self.sets):
             P = self.pooled[s]
             F = probing.sae_pooled(sae.sae, self.set_inputs(ctx, s))
@@ -103,7 +105,7 @@ class Tpp(Metric):
             )
             for n, r in boot.items():
                 reps[n].append(r)
-        return summarise_tpp(per_set, reps)
+        return summarise_tpp(per_set, reps) | {"seconds": time.perf_counter() - start}
 
     def blocks(self, names, results, shared) -> list[tuple]:
         from atmpipe.eval.report import fmt
