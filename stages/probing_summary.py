@@ -86,9 +86,10 @@ def bias_tpp_lines(results: dict) -> list[str]:
 def target_lines(results: dict) -> list[str]:
     lines = ["## Half-widths against the targets", ""]
     for name, r in results.items():
-        parts = [
-            f"probing mean k=1 {met(r['probing']['groups']['all']['sae_top_1']['half_width'], TARGETS['probing'])}"
-        ]
+        parts = []
+        if "probing" in r:
+            hw = r["probing"]["groups"]["all"]["sae_top_1"]["half_width"]
+            parts.append(f"probing mean k=1 {met(hw, TARGETS['probing'])}")
         if "half_width_headline" in r.get("bias", {}):
             parts.append(f"SCR {met(r['bias']['half_width_headline'], TARGETS['scr'])}")
         if "half_width_headline" in r.get("tpp", {}):

@@ -228,6 +228,7 @@ def scr_summary(pairs: dict[str, dict], n_values, headline_n: int, n_boot: int =
     out["scr"], out["ci95_scr"], out["mdd"] = {}, {}, {}
     for n, r in reps.items():
         out["scr"][n] = float(np.mean([p["scr"][n] for p in ok.values()]))
+        r = np.where(np.isfinite(r), r, np.nan)  # a replicate where a pair's A_oracle = A_base has no SCR
         lo, hi = np.nanpercentile(r, [2.5, 97.5])
         out["ci95_scr"][n] = [float(lo), float(hi)]
         out["mdd"][n] = float(np.sqrt(2) * (hi - lo) / 2)
