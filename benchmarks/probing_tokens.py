@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/probing_tokens.py --train 1000 --test 1000 --context 128
 
-The cache is built once per model and layer; every SAE then encodes these tokens (probing and TPP) or
+Also prints each SCR pair's split sizes. The cache is built once per model and layer; every SAE then encodes these tokens (probing and TPP) or
 reads one per text (SCR). Divide by a measured LM rate for the cache-build time.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from atmpipe.eval import data
-from atmpipe.eval.bias import BiasConfig
+from atmpipe.eval.bias import BiasConfig, scr_dataset, usable_pairs
 from atmpipe.lm import load_lm
 
 
@@ -39,6 +39,10 @@ def main() -> None:
     )
     cfg = BiasConfig()
     table = data.occupation_gender_table()
+    for a_, b_ in usable_pairs(table, data.OCCUPATIONS, 20):
+        c = scr_dataset(table, BiasConfig(occupation_a=a_, occupation_b=b_))["construction"]
+        print(f"SCR pair {a_}/{b_}: test {c['n_test']}, balanced train {c['n_balanced_train']}, "
+              f"biased train {c['n_biased_train']} people")  # fmt: skip
     scr = tokens(tok, [str(t)[-cfg.tail_chars :] for t in table.prompt], cfg.context)
     print(f"probing tokens per family: {per_group}")
     probing = sum(per_group.values())
