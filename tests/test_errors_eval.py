@@ -161,6 +161,7 @@ def test_eval_refuses_an_sae_directory_it_cannot_load(tmp_path, monkeypatch, cas
     [
         "unknown metric",
         "bias occupations",
+        "unknown TPP set",
         "core without a store",
         "labelled data not installed",
         "SAE directory missing",
@@ -185,8 +186,12 @@ def test_eval_refuses_options_it_cannot_use(store, tmp_path, monkeypatch, case):
         ),
         "bias occupations": (
             lambda: [*a, "--metrics", "bias", "--bias-occupations", "doctor"],
-            "--bias-occupations needs two of journalist, athlete, actor, politician, singer, researcher, "
-            "got 'doctor'",
+            "--bias-occupations needs 'all' or two of journalist, athlete, actor, politician, singer, "
+            "researcher, got 'doctor'",
+        ),
+        "unknown TPP set": (
+            lambda: [*a, "--metrics", "tpp", "--tpp-sets", "news_class,ag_news"],
+            "unknown TPP set ag_news; known: news_class, tweet_emotion, science_category, athlete_sport, art_type",
         ),
         "core without a store": (
             lambda: [*a, "--metrics", "core"],

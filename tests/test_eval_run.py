@@ -228,7 +228,8 @@ def test_end_to_end_report_on_embedded_model(tmp_path, monkeypatch):
     out = tmp_path / "reports" / "tiny"
     sizes = ["--splice-windows", "1", "--absorption-sample-words", "80", "--absorption-icl", "2",
              "--absorption-f1-gate", "0", "--absorption-min-letters", "1", "--probing-tasks", "sst2,wikidata_gender",
-             "--probing-train", "8", "--probing-test", "8", "--probing-context", "16", "--bias-people-per-cell", "8"]  # fmt: skip
+             "--probing-train", "8", "--probing-test", "8", "--probing-context", "16", "--bias-people-per-cell", "8",
+             "--bias-occupations", "actor,journalist", "--tpp-sets", "art_type", "--tpp-train", "8", "--tpp-test", "4"]  # fmt: skip
     result = runner.invoke(app, ["eval", "--sae", str(relu), "--sae", str(topk), "--out", str(out), *sizes])
     assert result.exit_code == 0, result.output
 
@@ -254,17 +255,24 @@ def test_end_to_end_report_on_embedded_model(tmp_path, monkeypatch):
     assert results["run"]["model"] == "gemma-3-270m" and results["run"]["layer"] == layer
     for name in ("relu", "topk"):
         r = results["results"][name]
-        assert set(r) == {"core", "absorption", "probing", "bias"}
+        assert set(r) == {"core", "absorption", "probing", "bias", "tpp"}
         assert 0 < r["core"]["n_tokens"] < 4 * ctx  # eval split, BOS excluded
         assert r["core"]["ce_clean"] < r["core"]["ce_zero"]
         assert r["absorption"]["status"] == "ok" and "per_letter" in r["absorption"]
         assert set(r["probing"]["per_task"]) == {"sst2", "wikidata_gender"}
-        assert r["bias"]["construction"]["n_test"] > 0
+        assert r["bias"]["per_pair"]["actor/journalist"]["construction"]["n_test"] > 0
+        assert set(r["probing"]["groups"]) == {"all", "people", "sentiment"}
+        assert (
+            r["probing"]["ci95_sae_top_1"][0]
+            <= r["probing"]["mean_sae_top_1"]
+            <= r["probing"]["ci95_sae_top_1"][1]
+        )
+        assert set(r["tpp"]["per_set"]) == {"art_type"} and str(r["tpp"]["headline_n"]) in r["tpp"]["tpp"]
     assert results["saes"]["topk"]["method"] == "topk"
 
     # A second eval reuses every cached LM activation: the cache files are not rewritten.
     cache_files = sorted(Path(results["run"]["cache_dir"]).glob("*"))
-    assert {f.name.split("-")[0] for f in cache_files} >= {"absorption", "probing", "bias", "splice"}
+    assert {f.name.split("-")[0] for f in cache_files} >= {"absorption", "probing", "bias", "tpp", "splice"}
     before = {f: f.stat().st_mtime_ns for f in cache_files}
     result = runner.invoke(app, ["eval", "--sae", str(topk), "--out", str(tmp_path / "again"), *sizes])
     assert result.exit_code == 0, result.output

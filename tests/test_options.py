@@ -24,7 +24,8 @@ HAND_WRITTEN = {
     "eval": "sae store model layer metrics out config device dtype seed batch_size core_tokens splice_windows "
     "absorption_sample_words absorption_min_words_per_letter absorption_sample_seed absorption_icl absorption_f1_gate "
     "absorption_min_letters probing_tasks "
-    "probing_train probing_test probing_context probing_data bias_occupations bias_people_per_cell "
+    "probing_train probing_test probing_context probing_data bias_occupations bias_people_per_cell bias_min_cell "
+    "tpp_sets tpp_train tpp_test "
     "training_max_points",
 }
 

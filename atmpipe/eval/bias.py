@@ -31,7 +31,7 @@ from sklearn.linear_model import LogisticRegression
 class BiasConfig:
     occupation_a: str = "politician"
     occupation_b: str = "singer"
-    n_values: tuple[int, ...] = (2, 5, 10, 20, 50)
+    n_values: tuple[int, ...] = (2, 5, 10, 20, 50, 100, 500)  # SAEBench's
     headline_n: int = 20
     tail_chars: int = 160  # ~40 tokens: the name stays inside any context >= 64
     people_per_cell: int = 0  # cap on each (occupation, gender) cell before splitting; 0 = all
@@ -58,7 +58,7 @@ def scr_dataset(table: pd.DataFrame, cfg: BiasConfig) -> dict:
     n_test = min(len(c) for c in cells.values()) // 2
     n_balanced = max(0, min(len(cells[k]) for k in off) - n_test)
     n_biased = max(0, min(len(cells[k]) for k in aligned) - n_test - n_balanced)
-    texts, target, spurious = [], [], []
+    texts, target, spurious, table_rows = [], [], [], []
     splits = {"biased_train": [], "balanced_train": [], "test": []}
     for key, rows in cells.items():
         parts = [("test", n_test), ("balanced_train", n_balanced)] + (
@@ -66,14 +66,18 @@ def scr_dataset(table: pd.DataFrame, cfg: BiasConfig) -> dict:
         )
         start = 0
         for split, n in parts:
-            for text in rows.prompt.iloc[start : start + n]:
+            for row, text in zip(
+                rows.index[start : start + n], rows.prompt.iloc[start : start + n], strict=True
+            ):
                 splits[split].append(len(texts))
+                table_rows.append(row)
                 texts.append(str(text)[-cfg.tail_chars :])
                 target.append(int(key[0] == cfg.occupation_a))
                 spurious.append(int(key[1] == "male"))
             start += n
     return {
         "texts": texts,
+        "table_rows": np.array(table_rows, dtype=np.int64),  # each text's row label in `table`
         "target": np.array(target),
         "spurious": np.array(spurious),
         **{k: np.array(v, dtype=np.int64) for k, v in splits.items()},
@@ -114,8 +118,11 @@ class ResidualProbe:
         self.prep = CenteredScale(X)
         self.clf = LogisticRegression(max_iter=2000, random_state=seed).fit(self.prep(X), y)
 
+    def correct(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return (self.clf.predict(self.prep(X)) == y).astype(np.int8)
+
     def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
-        return float((self.clf.predict(self.prep(X)) == y).mean())
+        return float(self.correct(X, y).mean())
 
     @property
     def weight(self) -> np.ndarray:
@@ -132,7 +139,10 @@ def scr_metrics(sae, data: dict, cfg: BiasConfig) -> dict:
             "reason": f"too few people for the SCR splits {sizes}",
             "construction": data.get("construction", {}),
         }
-    R = data["acts"][data["offsets"][1:] - 1].float()  # each text's last token: the end of the name
+    if "resid" in data:  # each text's last-token residual, already read
+        R = data["resid"].float()
+    else:
+        R = data["acts"][data["offsets"][1:] - 1].float()  # each text's last token: the end of the name
     F = sae.encode(R).float().cpu().numpy()
     R = R.numpy()
     y, s = data["target"], data["spurious"]
@@ -154,11 +164,15 @@ def scr_metrics(sae, data: dict, cfg: BiasConfig) -> dict:
     }
     gap = a_oracle - a_base
     scores, accs = {}, {}
+    # Per test person, for the bootstrap over people (`scr_summary`); dropped before results.json.
+    correct = {"base": biased.correct(R[test], y[test]), "oracle": oracle.correct(R[test], y[test])}
+    out["_correct"] = correct
     for n in cfg.n_values:
         chosen = ranked[: min(n, int((effects > 0).sum()))]
         # Zero-ablating latents while keeping the error term removes exactly their decoded contribution.
         R_abl = R[test] - F[test][:, chosen] @ W_dec[chosen]
-        accs[n] = biased.accuracy(R_abl, y[test])
+        correct[str(n)] = biased.correct(R_abl, y[test])
+        accs[n] = float(correct[str(n)].mean())
         scores[n] = (accs[n] - a_base) / gap if gap >= cfg.min_gap else math.nan
     out["ablated_accuracy"] = {str(n): a for n, a in accs.items()}
     if gap < cfg.min_gap:
@@ -173,3 +187,51 @@ def scr_metrics(sae, data: dict, cfg: BiasConfig) -> dict:
         "scr_headline": scores.get(cfg.headline_n, next(iter(scores.values()))),
         "headline_n": cfg.headline_n,
     }
+
+
+def usable_pairs(table: pd.DataFrame, occupations: tuple[str, ...], min_cell: int) -> list[tuple[str, str]]:
+    """Occupation pairs whose four (occupation, gender) cells each hold at least `min_cell` people."""
+    cells = table.groupby(["occupation", "gender"]).size()
+    ok = [o for o in occupations if all(cells.get((o, g), 0) >= min_cell for g in ("male", "female"))]
+    return [(a, b) for i, a in enumerate(ok) for b in ok[i + 1 :]]
+
+
+def scr_summary(pairs: dict[str, dict], n_values, headline_n: int, n_boot: int = 1000) -> dict:
+    """SCR averaged over occupation pairs (as SAEBench averages over its class pairs), with a 95% interval.
+
+    The interval is a percentile bootstrap over each pair's test people (pairs resampled independently, the
+    same draw for A_base, A_oracle and A_ablated); it carries test sampling only (the probes are
+    deterministic). `mdd`: the smallest difference between two SAEs' scores a two-sided 95% comparison can
+    separate, 1.96·√2·se with se = half-width / 1.96.
+    """
+    from atmpipe.eval.interval import bootstrap_weights
+
+    ok = {k: p for k, p in pairs.items() if p.get("status") == "ok"}
+    if not ok:
+        return {"status": "undefined", "reason": "no occupation pair has a spurious signal to remove"}
+    reps = {str(n): np.zeros(n_boot) for n in n_values}
+    for i, p in enumerate(ok.values()):
+        c = p["_correct"]
+        W = bootstrap_weights(len(c["base"]), n_boot, seed=i)
+        acc = {k: W @ v / W.sum(1) for k, v in c.items()}
+        for n in reps:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                reps[n] += (acc[n] - acc["base"]) / (acc["oracle"] - acc["base"]) / len(ok)
+    out = {
+        "n_pairs": len(ok),
+        "pairs_used": list(ok),
+        "n_test": int(sum(p["construction"]["n_test"] for p in ok.values())),
+    }
+    out["a_base"] = float(np.mean([p["a_base"] for p in ok.values()]))
+    out["a_oracle"] = float(np.mean([p["a_oracle"] for p in ok.values()]))
+    out["scr"], out["ci95_scr"], out["mdd"] = {}, {}, {}
+    for n, r in reps.items():
+        out["scr"][n] = float(np.mean([p["scr"][n] for p in ok.values()]))
+        r = np.where(np.isfinite(r), r, np.nan)  # a replicate where a pair's A_oracle = A_base has no SCR
+        lo, hi = np.nanpercentile(r, [2.5, 97.5])
+        out["ci95_scr"][n] = [float(lo), float(hi)]
+        out["mdd"][n] = float(np.sqrt(2) * (hi - lo) / 2)
+    h = str(headline_n)
+    out |= {"scr_headline": out["scr"][h], "ci95_scr_headline": out["ci95_scr"][h], "headline_n": headline_n}
+    out["half_width_headline"] = (out["ci95_scr"][h][1] - out["ci95_scr"][h][0]) / 2
+    return out | {"mdd_headline": out["mdd"][h]}

@@ -1,7 +1,7 @@
 """Sparse probing (SAEBench `evals/sparse_probing`): mean-pooled SAE latents, top-k by mean difference.
 
 The LM half (`text_activations`) turns texts into ragged per-token residuals (pad and BOS removed), cached
-per model/layer by the caller; the metric half is pure: pooled features in, test accuracies out.
+per model/layer by the caller; the metric half is pure: pooled features in, per-example test correctness out (intervals: `interval`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from sklearn.preprocessing import StandardScaler
 
 from atmpipe.lm import capture
 
-K_VALUES = (1, 2, 5)
+K_VALUES = (1, 2, 5, 10, 20)  # SAEBench reports 1, 2, 5, 10, 20 (and 50)
+SEEDS = (0, 1, 2)  # probe seeds: each resamples the training set
 
 
 @torch.no_grad()
@@ -70,14 +71,41 @@ def mean_pool(acts: torch.Tensor, offsets: torch.Tensor, fn=None, chunk: int = 4
 
 
 def top_k_by_mean_diff(X: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """The k columns with the largest |mean over positives − mean over negatives| (ties: lower index first)."""
     diff = np.abs(X[y == 1].mean(0) - X[y == 0].mean(0))
     return np.argsort(-diff, kind="stable")[:k]
 
 
-def probe_accuracy(X_train, y_train, X_test, y_test, seed: int = 0) -> float:
+def fit_probe(X_train, y_train, seed: int = 0):
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    clf.fit(X_train, y_train)
-    return float((clf.predict(X_test) == y_test).mean())
+    return clf.fit(X_train, y_train)
+
+
+def probe_accuracy(X_train, y_train, X_test, y_test, seed: int = 0) -> float:
+    return float((fit_probe(X_train, y_train, seed).predict(X_test) == y_test).mean())
+
+
+def train_resample(y: np.ndarray, seed: int) -> np.ndarray:
+    """Probe seed `seed`'s training examples: a bootstrap resample drawn within each class (both stay present)."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.choice(np.flatnonzero(y == c), (y == c).sum()) for c in (0, 1)])
+
+
+def sparse_probe_correct(X_train, y_train, X_test, y_test, ks=K_VALUES, seeds=SEEDS) -> dict[int, np.ndarray]:
+    """For each k, [n_seeds, n_test] 0/1 correctness of a logistic regression on the top-k columns.
+
+    Each probe seed resamples the training set (`train_resample`); the top-k selection by mean difference
+    and the fit both see only that resample. k = 0 stands for every column (the full probe).
+    """
+    out = {k: np.zeros((len(seeds), len(y_test)), dtype=np.int8) for k in ks}
+    for i, seed in enumerate(seeds):
+        idx = train_resample(y_train, seed)
+        Xs, ys = X_train[idx], y_train[idx]
+        for k in ks:
+            feats = top_k_by_mean_diff(Xs, ys, k) if k else np.arange(X_train.shape[1])
+            pred = fit_probe(Xs[:, feats], ys, seed).predict(X_test[:, feats])
+            out[k][i] = pred == y_test
+    return out
 
 
 def sparse_probe_accuracies(X_train, y_train, X_test, y_test, ks=K_VALUES, seed: int = 0) -> dict[int, float]:
@@ -89,6 +117,12 @@ def sparse_probe_accuracies(X_train, y_train, X_test, y_test, ks=K_VALUES, seed:
     return out
 
 
+def residual_correct(R_train, y_train, R_test, y_test, ks=K_VALUES, seeds=SEEDS) -> dict[str, np.ndarray]:
+    """SAE-independent baselines' correctness: the top-k raw residual dimensions and the full residual."""
+    got = sparse_probe_correct(R_train, y_train, R_test, y_test, (*ks, 0), seeds)
+    return {f"resid_top_{k}": got[k] for k in ks} | {"resid_full": got[0]}
+
+
 def residual_baselines(R_train, y_train, R_test, y_test, ks=K_VALUES, seed: int = 0) -> dict:
     """SAE-independent baselines: top-k raw residual dimensions and the full residual."""
     tops = sparse_probe_accuracies(R_train, y_train, R_test, y_test, ks, seed)
@@ -97,13 +131,23 @@ def residual_baselines(R_train, y_train, R_test, y_test, ks=K_VALUES, seed: int 
     }
 
 
+def sae_pooled(sae, task: dict) -> dict[str, np.ndarray]:
+    """The SAE's latents mean-pooled over each text's tokens, for the train and test texts of `task`."""
+    return {s: mean_pool(task[f"{s}_acts"], task[f"{s}_offsets"], sae.encode) for s in ("train", "test")}
+
+
+def sae_task_correct(sae, task: dict, ks=K_VALUES, seeds=SEEDS) -> dict[str, np.ndarray]:
+    """One task's per-seed, per-example correctness of the top-k probes on the SAE's mean-pooled latents."""
+    F = sae_pooled(sae, task)
+    got = sparse_probe_correct(F["train"], task["train_labels"], F["test"], task["test_labels"], ks, seeds)
+    return {f"sae_top_{k}": v for k, v in got.items()}
+
+
 def sae_task_accuracies(sae, task: dict, ks=K_VALUES, seed: int = 0) -> dict:
-    """One task's top-k accuracies on the SAE's mean-pooled latents.
+    """One task's top-k accuracies on the SAE's mean-pooled latents (one probe on the whole training set).
 
     `task` holds train/test `acts` + `offsets` (ragged per-token residuals) and 0/1 `labels`.
     """
-    pooled = {s: mean_pool(task[f"{s}_acts"], task[f"{s}_offsets"], sae.encode) for s in ("train", "test")}
-    tops = sparse_probe_accuracies(
-        pooled["train"], task["train_labels"], pooled["test"], task["test_labels"], ks, seed
-    )
+    F = sae_pooled(sae, task)
+    tops = sparse_probe_accuracies(F["train"], task["train_labels"], F["test"], task["test_labels"], ks, seed)
     return {f"sae_top_{k}": v for k, v in tops.items()}

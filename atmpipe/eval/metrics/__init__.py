@@ -12,6 +12,7 @@ from atmpipe.eval.metrics.bias import Bias
 from atmpipe.eval.metrics.core import Core
 from atmpipe.eval.metrics.masking import Masking
 from atmpipe.eval.metrics.probing import Probing
+from atmpipe.eval.metrics.tpp import Tpp
 from atmpipe.eval.metrics.training import Training
 from atmpipe.plugins import add_plugins
 
@@ -20,6 +21,7 @@ REGISTRY: dict[str, type[Metric]] = {
     "absorption": Absorption,
     "probing": Probing,
     "bias": Bias,
+    "tpp": Tpp,
     "training": Training,
     "masking": Masking,  # after absorption: it reads absorption's main latents
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from atmpipe.errors import UserError
-from atmpipe.eval import data
+from atmpipe.eval import data, interval
 from atmpipe.eval.metric import Metric, option
 
 if TYPE_CHECKING:
@@ -27,9 +28,9 @@ class TextOptions:
 
 @dataclass
 class ProbingOptions(TextOptions):
-    probing_tasks: str = option(",".join(data.TASKS), "Comma list of probing tasks (default all).")
-    probing_train: int = option(128, "Training texts per probing task.")
-    probing_test: int = option(64, "Test texts per probing task.")
+    probing_tasks: str = option(",".join(data.TASKS), "Comma list of probing tasks (default all 51).")
+    probing_train: int = option(1000, "Training texts per probing task (at most; balanced).")
+    probing_test: int = option(1000, "Test texts per probing task (at most half of the set; balanced).")
 
 
 class Probing(Metric):
@@ -38,9 +39,11 @@ class Probing(Metric):
     needs = frozenset({"lm"})
     rows = [
         ("sparse probing top-1 (mean over tasks)", "mean_sae_top_1", "probing"),
-        ("sparse probing top-2", "mean_sae_top_2", None),
         ("sparse probing top-5", "mean_sae_top_5", None),
-        ("sentiment top-1", "sentiment_sae_top_1", "sentiment"),
+        ("sparse probing top-20", "mean_sae_top_20", None),
+        ("sentiment top-1 (mean over sentiment sets)", "sentiment_sae_top_1", "sentiment"),
+        ("tasks where SAE top-1 beats residual top-1", "share_beats_resid_top_1", None),
+        ("tasks where SAE top-5 beats residual top-5", "share_beats_resid_top_5", None),
     ]
 
     def check(self) -> None:
@@ -59,69 +62,64 @@ class Probing(Metric):
             for t in self.tasks
         }
 
+    def task_inputs(self, ctx, t: str) -> dict:
+        """Task t's ragged train/test residuals and labels, read from (or first written to) the cache."""
+        sp = self.splits[t]
+        texts = sp["train_texts"] + sp["test_texts"]
+        key = {
+            "task": t,
+            "n_train": self.opts.probing_train,
+            "n_test": self.opts.probing_test,
+            "seed": ctx.seed,
+        }
+        got = text_inputs(ctx, f"probing-{t}", texts, self.opts.probing_context, key)
+        n_tr = len(sp["train_texts"])
+        td = {"train_labels": np.array(sp["train_labels"]), "test_labels": np.array(sp["test_labels"])}
+        for part, idx in (("train", np.arange(n_tr)), ("test", np.arange(n_tr, len(texts)))):
+            td[f"{part}_acts"], td[f"{part}_offsets"] = split_ragged(got["acts"], got["offsets"], idx)
+        return td
+
     def collect(self, ctx) -> None:
+        """Every task's LM activations into the cache, and the SAE-independent residual baselines."""
         from atmpipe.eval import probing  # lazy (eval/metric.py)
 
-        ctx.shared["probing_baselines"], self.task_data = {}, {}
-        for t, sp in self.splits.items():
-            texts = sp["train_texts"] + sp["test_texts"]
-            key = {
-                "task": t,
-                "n_train": self.opts.probing_train,
-                "n_test": self.opts.probing_test,
-                "seed": ctx.seed,
-            }
-            got = text_inputs(ctx, f"probing-{t}", texts, self.opts.probing_context, key)
-            n_tr = len(sp["train_texts"])
-            td = {"train_labels": np.array(sp["train_labels"]), "test_labels": np.array(sp["test_labels"])}
-            for part, idx in (("train", np.arange(n_tr)), ("test", np.arange(n_tr, len(texts)))):
-                td[f"{part}_acts"], td[f"{part}_offsets"] = split_ragged(got["acts"], got["offsets"], idx)
-            self.task_data[t] = td
+        self.base_correct, base, start = {}, {}, time.perf_counter()
+        phase = ctx.phase("probing · residual baselines", len(self.splits))
+        for t in self.splits:
+            td = self.task_inputs(ctx, t)  # not kept: each SAE reads its task back from the cache
             R = {k: probing.mean_pool(td[f"{k}_acts"], td[f"{k}_offsets"]) for k in ("train", "test")}
-            ctx.shared["probing_baselines"][t] = probing.residual_baselines(
-                R["train"], td["train_labels"], R["test"], td["test_labels"], seed=ctx.seed
+            self.base_correct[t] = probing.residual_correct(
+                R["train"], td["train_labels"], R["test"], td["test_labels"]
             )
+            seed = list(data.TASKS).index(t)  # a task's bootstrap seed, the same for every method
+            base[t] = {m: interval.task_interval(v, seed=seed) for m, v in self.base_correct[t].items()}
+            phase()
+        ctx.shared["probing_baselines"] = base | {"groups": group_means(self.base_correct)}
         ctx.shared["sizes"]["probing"] = {
-            t: {"train": len(sp["train_texts"]), "test": len(sp["test_texts"])}
+            t: {"train": len(sp["train_texts"]), "test": len(sp["test_texts"]), "group": data.TASKS[t].group}
             for t, sp in self.splits.items()
         }
+        ctx.shared["probing_protocol"] = PROTOCOL
+        ctx.shared.setdefault("seconds", {})["probing_collect"] = time.perf_counter() - start  # LM or cache
 
     def compute(self, ctx, sae) -> dict:
         from atmpipe.eval import probing  # lazy (eval/metric.py)
 
-        per_task = {
-            t: probing.sae_task_accuracies(sae.sae, td, seed=ctx.seed) for t, td in self.task_data.items()
-        }
-        return summarise_probing(per_task)
+        start = time.perf_counter()
+        correct = {t: probing.sae_task_correct(sae.sae, self.task_inputs(ctx, t)) for t in self.splits}
+        return summarise_probing(correct, self.base_correct) | {"seconds": time.perf_counter() - start}
 
     def blocks(self, names, results, shared) -> list[tuple]:
-        from atmpipe.eval.report import fmt, grouped_bars  # lazy (eval/metric.py)
+        return probing_blocks(names, results, shared)
 
-        pr = {n: results[n]["probing"]["per_task"] for n in names if "probing" in results[n]}
-        tasks = list(next(iter(pr.values())))
-        base = shared["probing_baselines"]
-        series = {n: [pr[n][t]["sae_top_1"] for t in tasks] for n in pr}
-        series["residual top-1"] = [base[t]["resid_top_1"] for t in tasks]
-        series["full residual"] = [base[t]["resid_full"] for t in tasks]
-        png = grouped_bars(tasks, series, "test accuracy", "Sparse probing: top-1 latent vs baselines")
-        header = ["task", "train/test", *[f"{n} k=1/2/5" for n in pr], "resid k=1/2/5", "full resid"]
-        rows = []
-        for t in tasks:
-            sz = shared["sizes"]["probing"][t]
-            rows.append(
-                [
-                    t,
-                    f"{sz['train']}/{sz['test']}",
-                    *["/".join(fmt(pr[n][t][f"sae_top_{k}"]) for k in (1, 2, 5)) for n in pr],
-                    "/".join(fmt(base[t][f"resid_top_{k}"]) for k in (1, 2, 5)),
-                    fmt(base[t]["resid_full"]),
-                ]
-            )
-        return [
-            ("h2", "Sparse probing per task"),
-            ("img", "probing_tasks.png", "probing accuracy per task", png),
-            ("table", header, rows),
-        ]
+
+PROTOCOL = (
+    "SAEBench sparse probing: latents mean-pooled over each text's tokens (BOS/pad dropped), the top-k "
+    "latents by |mean(positive) − mean(negative)| on the training texts, a standardised logistic regression "
+    "on them. Each of 3 probe seeds resamples the training texts (class-stratified bootstrap). Intervals: 95%, "
+    "normal, from a bootstrap over test texts (1000 replicates) and the spread over the probe seeds (sd/√3), "
+    "added in quadrature; tasks are fixed, not resampled."
+)
 
 
 def text_inputs(ctx, kind: str, texts: list[str], context: int, key: dict) -> dict:
@@ -134,10 +132,12 @@ def text_inputs(ctx, kind: str, texts: list[str], context: int, key: dict) -> di
         acts, offsets = probing.text_activations(
             ctx.lm, ctx.layer, texts, context, max(1, ctx.batch_size // 2), phase
         )
-        return {"acts": acts, "offsets": offsets}, {}
+        # float16 halves the cache (51 tasks × 2000 texts is ~6M tokens); readers widen to float32.
+        return {"acts": acts.half(), "offsets": offsets}, {}
 
     texts_sha = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
-    return ctx.cached(kind, key | {"context": context, "texts_sha256": texts_sha}, compute)[0]
+    config = key | {"context": context, "texts_sha256": texts_sha, "dtype": "float16"}
+    return ctx.cached(kind, config, compute)[0]
 
 
 def split_ragged(
@@ -151,15 +151,140 @@ def split_ragged(
     return torch.cat(rows), new
 
 
-def summarise_probing(per_task: dict) -> dict:
-    """Per-task accuracies plus their means over all tasks and over the sentiment tasks."""
+def group_means(correct: dict[str, dict[str, np.ndarray]]) -> dict:
+    """Mean over all tasks and over each family of every method's accuracy, with 95% intervals.
+
+    `correct[task][method]` is that method's [seeds, test texts] correctness; the bootstrap seed of a task is
+    its position in `data.TASKS`, so two methods on one task are resampled alike.
+    """
+    order = {t: i for i, t in enumerate(data.TASKS)}
+    groups = {"all": list(correct)} | {
+        g: [t for t in correct if data.TASKS[t].group == g] for g in data.GROUPS
+    }
+    out = {}
+    for g, tasks in groups.items():
+        if not tasks:
+            continue
+        methods = next(iter(correct.values())).keys()
+        seeds = [order[t] for t in tasks]
+        out[g] = {m: interval.mean_interval([correct[t][m] for t in tasks], seeds) for m in methods}
+    return out
+
+
+def summarise_probing(correct: dict, base_correct: dict) -> dict:
+    """Per task and per family, each k's accuracy with its interval; the share of tasks beating the residual."""
     from atmpipe.eval import probing  # lazy (eval/metric.py)
 
-    out = {"per_task": per_task}
+    order = {t: i for i, t in enumerate(data.TASKS)}
+    per_task = {
+        t: {m: interval.task_interval(v, seed=order[t]) for m, v in c.items()} for t, c in correct.items()
+    }
+    groups = group_means(correct)
+    out = {"per_task": per_task, "groups": groups}
     for k in probing.K_VALUES:
         key = f"sae_top_{k}"
-        out[f"mean_{key}"] = float(np.mean([v[key] for v in per_task.values()]))
-        senti = [v[key] for t, v in per_task.items() if data.TASKS[t].group == "sentiment"]
-        if senti:
-            out[f"sentiment_{key}"] = float(np.mean(senti))
+        for g, name in (("all", "mean"), ("sentiment", "sentiment")):
+            if g in groups:
+                out[f"{name}_{key}"] = groups[g][key]["mean"]
+                ci_key = f"ci95_{key}" if g == "all" else f"ci95_{name}_{key}"  # where report.cell looks
+                out[ci_key] = [
+                    groups[g][key]["lo"],
+                    groups[g][key]["hi"],
+                ]
+        out |= beats_baseline(correct, base_correct, k, order)
     return out
+
+
+def beats_baseline(correct: dict, base_correct: dict, k: int, order: dict) -> dict:
+    """Share of tasks where the SAE's top-k probe beats the top-k residual dimensions: by the point estimate,
+    and with the paired difference's 95% interval above 0."""
+    diffs = {
+        t: interval.task_interval(
+            correct[t][f"sae_top_{k}"].astype(float) - base_correct[t][f"resid_top_{k}"], seed=order[t]
+        )
+        for t in correct
+    }
+    n = len(diffs)
+    return {
+        f"share_beats_resid_top_{k}": sum(d["mean"] > 0 for d in diffs.values()) / n,
+        f"share_beats_resid_top_{k}_separated": sum(d["lo"] > 0 for d in diffs.values()) / n,
+    }
+
+
+def pm(iv: dict | None) -> str:
+    """'0.712 ± 0.011' from an interval dict."""
+    return "—" if iv is None else f"{iv['mean']:.3f} ± {iv['half_width']:.3f}"
+
+
+def probing_blocks(names: list[str], results: dict, shared: dict) -> list[tuple]:
+    from atmpipe.eval.probing import K_VALUES  # lazy (eval/metric.py)
+    from atmpipe.eval.report import fmt, grouped_bars  # lazy (eval/metric.py)
+
+    pr = {n: results[n]["probing"] for n in names if "probing" in results[n]}
+    base, sizes = shared["probing_baselines"], shared["sizes"]["probing"]
+    tasks = list(sizes)
+    methods = {n: p["groups"] for n, p in pr.items()}
+    rows = []
+    for n, g in methods.items():
+        rows.append([n, *[pm(g["all"].get(f"sae_top_{k}")) for k in K_VALUES], pm(g.get("sentiment", {}).get("sae_top_1")),
+                     *[f"{fmt(pr[n][f'share_beats_resid_top_{k}'])} ({fmt(pr[n][f'share_beats_resid_top_{k}_separated'])})" for k in (1, 5)]])  # fmt: skip
+    bg = base["groups"]
+    rows.append(["residual dims (baseline)", *[pm(bg["all"][f"resid_top_{k}"]) for k in K_VALUES],
+                 pm(bg.get("sentiment", {}).get("resid_top_1")), "", ""])  # fmt: skip
+    rows.append(["full residual (baseline)", pm(bg["all"]["resid_full"]), "", "", "", "",
+                 pm(bg.get("sentiment", {}).get("resid_full")), "", ""])  # fmt: skip
+    header = ["method", *[f"k={k}" for k in K_VALUES], "sentiment k=1", "beats resid k=1", "beats resid k=5"]
+    fam_header = ["family (tasks)", *[f"{n} k=1" for n in methods], "resid k=1", "full resid"]
+    fam_rows = [
+        [
+            f"{g} ({bg[g]['resid_full']['n_tasks']})",
+            *[pm(methods[n][g]["sae_top_1"]) for n in methods],
+            pm(bg[g]["resid_top_1"]),
+            pm(bg[g]["resid_full"]),
+        ]  # fmt: skip
+        for g in bg
+        if g != "all"
+    ]
+    task_header = [
+        "task",
+        "family",
+        "train/test",
+        *[f"{n} k=1 / k=5" for n in pr],
+        "resid k=1 / k=5",
+        "full resid",
+    ]
+    task_rows = [
+        [
+            t,
+            sizes[t]["group"],
+            f"{sizes[t]['train']}/{sizes[t]['test']}",
+            *[
+                f"{pm(pr[n]['per_task'][t]['sae_top_1'])} / {pm(pr[n]['per_task'][t]['sae_top_5'])}"
+                for n in pr
+            ],
+            f"{pm(base[t]['resid_top_1'])} / {pm(base[t]['resid_top_5'])}",
+            pm(base[t]["resid_full"]),
+        ]  # fmt: skip
+        for t in tasks
+    ]
+    series = {n: [pr[n]["per_task"][t]["sae_top_1"]["mean"] for t in tasks] for n in pr}
+    series["residual top-1"] = [base[t]["resid_top_1"]["mean"] for t in tasks]
+    series["full residual"] = [base[t]["resid_full"]["mean"] for t in tasks]
+    png = grouped_bars(tasks, series, "test accuracy", "Sparse probing: top-1 latent vs baselines")
+    share = (
+        "'beats resid k': share of tasks where the SAE's top-k probe scores above the top-k residual "
+        "dimensions (in brackets: with the paired difference's 95% interval above 0)."
+    )
+    return [
+        ("h2", "Sparse probing"),
+        (
+            "p",
+            f"{len(tasks)} binary tasks of the sae-probes data. {shared.get('probing_protocol', '')} {share}",
+        ),
+        ("table", header, rows),
+        ("h2", "Sparse probing per family"),
+        ("table", fam_header, fam_rows),
+        ("h2", "Sparse probing per task"),
+        ("img", "probing_tasks.png", "probing accuracy per task", png),
+        ("table", task_header, task_rows),
+    ]
