@@ -688,7 +688,7 @@ def breakdown(method: str, d_in: int, d_sae: int, steps: int = 5) -> dict:
     }  # fmt: skip
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="atmpipe training-step benchmark")
     p.add_argument("--quick", action="store_true", help="small shape only, few rounds (a smoke run)")
     p.add_argument(
@@ -728,7 +728,11 @@ def main() -> None:
     p.add_argument(
         "--no-large-peers", action="store_true", help="with --matryoshka: no SAELens at 2304/18432"
     )
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
     if a.matryoshka:
         result = matryoshka_only(a.matryoshka, large_peers=not a.no_large_peers)
         for fig in result["figures"]:

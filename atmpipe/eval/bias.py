@@ -26,6 +26,8 @@ import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from atmpipe.eval.interval import bootstrap_weights
+
 
 @dataclass
 class BiasConfig:
@@ -204,8 +206,6 @@ def scr_summary(pairs: dict[str, dict], n_values, headline_n: int, n_boot: int =
     deterministic). `mdd`: the smallest difference between two SAEs' scores a two-sided 95% comparison can
     separate, 1.96·√2·se with se = half-width / 1.96.
     """
-    from atmpipe.eval.interval import bootstrap_weights
-
     ok = {k: p for k, p in pairs.items() if p.get("status") == "ok"}
     if not ok:
         return {"status": "undefined", "reason": "no occupation pair has a spurious signal to remove"}

@@ -19,6 +19,7 @@ from atmpipe.errors import UserError
 from atmpipe.eval.cache import ActivationCache
 from atmpipe.eval.metrics import REGISTRY
 from atmpipe.eval.metrics.absorption import summary
+from atmpipe.eval.metrics.masking import diagnostics
 from atmpipe.eval.run import (
     Context,
     EvalConfig,
@@ -246,8 +247,6 @@ def atm_stats(s) -> dict | None:
 
 def masking_summary(s) -> dict | None:
     """An ATM SAE's threshold θ and masking diagnostics (the eval's masking plug-in, from its statistics)."""
-    from atmpipe.eval.metrics.masking import diagnostics
-
     stats = atm_stats(s)
     if stats is None:
         return None
@@ -266,9 +265,6 @@ def latent_groups(sae) -> list[int] | None:
 
 def own_texts(user_texts: list[str], saes, maxes: list, layer: int, model: str, progress) -> list[dict]:
     """--text: the LM's residuals on the user's texts (cached), then each SAE's latents per token."""
-    from atmpipe.eval.cache import ActivationCache
-    from atmpipe.lm import load_lm
-
     phase = Phase(progress, "your texts · LM and SAEs", 2)
     lm = load_lm(model)
     runs = texts.residuals(lm, layer, user_texts, ActivationCache(lm.config_hash, layer))

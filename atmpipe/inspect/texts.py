@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from atmpipe.errors import UserError
+from atmpipe.lm import capture
 
 MAX_TOKENS = 256  # tokens per text (a longer paragraph is cut)
 PER_TOKEN = 5  # latents kept per token and SAE
@@ -35,7 +36,6 @@ def read_texts(path: str) -> list[str]:
 
 def residuals(lm, layer: int, texts: list[str], cache) -> list[tuple[list[int], torch.Tensor]]:
     """Per text: its token ids (BOS first) and the residual after block `layer` ([tokens, d_model])."""
-    from atmpipe.lm import capture
 
     def compute() -> tuple[dict, dict]:
         ids_all, tensors = [], {}

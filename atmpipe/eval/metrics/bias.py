@@ -55,7 +55,7 @@ class Bias(Metric):
     def collect(self, ctx) -> None:
         """Every person's last-token residual, read once and shared by all pairs and SAEs."""
         start = time.perf_counter()
-        from atmpipe.eval.bias import BiasConfig
+        from atmpipe.eval.bias import BiasConfig  # lazy (eval/metric.py)
 
         cfg = BiasConfig()  # the tail (~40 tokens) fits its context: --probing-context does not apply
         texts = [str(t)[-cfg.tail_chars :] for t in self.table.prompt]
@@ -129,7 +129,7 @@ class Bias(Metric):
 
 
 def ci_cell(b: dict, n: str) -> str:
-    from atmpipe.eval.report import fmt
+    from atmpipe.eval.report import fmt  # lazy (eval/metric.py)
 
     if n not in b.get("scr", {}):
         return "—"

@@ -58,7 +58,7 @@ class Tpp(Metric):
 
     def collect(self, ctx) -> None:
         """Each set's LM activations into the cache, its pooled residual and its per-class probes."""
-        from atmpipe.eval import probing, tpp
+        from atmpipe.eval import probing, tpp  # lazy (eval/metric.py)
 
         self.pooled, self.probes, quality, start = {}, {}, {}, time.perf_counter()
         for s in self.sets:
@@ -81,7 +81,7 @@ class Tpp(Metric):
         }
 
     def compute(self, ctx, sae) -> dict:
-        from atmpipe.eval import interval, probing, tpp
+        from atmpipe.eval import interval, probing, tpp  # lazy (eval/metric.py)
 
         per_set, reps, start = {}, {str(n): [] for n in N_VALUES}, time.perf_counter()
         for i, s in enumerate(self.sets):
@@ -108,7 +108,7 @@ class Tpp(Metric):
         return summarise_tpp(per_set, reps) | {"seconds": time.perf_counter() - start}
 
     def blocks(self, names, results, shared) -> list[tuple]:
-        from atmpipe.eval.report import fmt
+        from atmpipe.eval.report import fmt  # lazy (eval/metric.py)
 
         tp = {n: results[n]["tpp"] for n in names if "tpp" in results[n]}
         sets = list(next(iter(tp.values()))["per_set"])
