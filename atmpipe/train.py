@@ -27,6 +27,7 @@ from atmpipe.config import TrainConfig, load_config, recipe_paths, to_dict
 from atmpipe.device import resolve_device
 from atmpipe.errors import UserError
 from atmpipe.interrupt import Interrupts
+from atmpipe.lock import exclusive_writer
 from atmpipe.progress import Progress
 from atmpipe.sae import SAE, SAE_METHODS, SAEConfig, compiling, make_sae, sparse
 from atmpipe.sae.base import META_FILE
@@ -572,16 +573,19 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         console.print(f"{plan.out} already holds the finished run; nothing to resume")
         return plan.out
     trainer = Trainer.start(cfg, plan, world, console)
-    # Everything is validated: only now touch the run directory.
-    trainer.open_run_dir()
-    if plan.checkpoint:
-        console.print(
-            f"resuming {plan.out} from {plan.checkpoint.name} ({trainer.step * cfg.batch_size:,} tokens seen)"
-        )
-    trainer.run()
-    if world.is_main:
-        trainer.sae.save(plan.out, trainer.metadata())
-        console.print(f"saved the {cfg.method} SAE to {plan.out}")
+    # One writer per run directory: a second `train` with this --out is refused (the lock dies with us).
+    # (--out was found writable when planning.)
+    with exclusive_writer(plan.out, "run directory", world.is_main):
+        # Everything is validated: only now touch the run directory.
+        trainer.open_run_dir()
+        if plan.checkpoint:
+            console.print(
+                f"resuming {plan.out} from {plan.checkpoint.name} ({trainer.step * cfg.batch_size:,} tokens seen)"
+            )
+        trainer.run()
+        if world.is_main:
+            trainer.sae.save(plan.out, trainer.metadata())
+            console.print(f"saved the {cfg.method} SAE to {plan.out}")
     return plan.out
 
 
