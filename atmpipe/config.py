@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,36 @@ def load_config(
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    check_types(cls, values, "config key")
     return cls(**values)
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Does `value` (as TOML or JSON gives it) have the annotated type? An int fits a float field."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(annotation))
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return type(value) in (int, float)
+    if annotation is int:
+        return type(value) is int
+    origin = typing.get_origin(annotation) or annotation
+    if not isinstance(origin, type) or not isinstance(value, origin):
+        return False
+    args = typing.get_args(annotation)
+    return not (origin is list and args) or all(_fits(v, args[0]) for v in value)
+
+
+def check_types(cls: type, values: dict[str, Any], what: str) -> None:
+    """Refuse a recipe or hyper-parameter value of the wrong type before it reaches arithmetic."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in hints and not _fits(value, hints[key]):
+            expected = str(hints[key]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise UserError(f"{what} {key} is {value!r}, not of type {expected}; fix its value")
 
 
 def recipe_paths(toml_path: str | Path | Sequence[str | Path] | None) -> list[Path]:
