@@ -8,6 +8,7 @@ metrics.jsonl, a live display, signal handling, and the final save in the SAELen
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -196,13 +197,19 @@ def save_checkpoint(run: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, 
             **({"torch_cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
         },
     }
-    for name, content in tensors.items():
-        save_file(content, str(tmp / name))
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer_groups": groups}, indent=1) + "\n")
-    for file in tmp.iterdir():
-        _fsync(file)
-    os.rename(tmp, final)
+    try:
+        for name, content in tensors.items():
+            save_file(content, str(tmp / name))
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
+        (tmp / "state.json").write_text(json.dumps({**state, "optimizer_groups": groups}, indent=1) + "\n")
+        for file in tmp.iterdir():
+            _fsync(file)
+        os.rename(tmp, final)
+    except (OSError, SafetensorError) as e:  # (a full disk): give back what the half checkpoint took
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, SafetensorError) and "(os error 28)" in str(e):  # safetensors' words for ENOSPC
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
+        raise
     _fsync(root)
     for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old)
@@ -645,10 +652,20 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
             console.print(
                 f"resuming {plan.out} from {plan.checkpoint.name} ({trainer.step * cfg.batch_size:,} tokens seen)"
             )
-        trainer.run()
-        if world.is_main:
-            trainer.sae.save(plan.out, trainer.metadata())
-            console.print(f"saved the {cfg.method} SAE to {plan.out}")
+        try:
+            trainer.run()
+            if world.is_main:
+                trainer.sae.save(plan.out, trainer.metadata())
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = latest_checkpoint(plan.out)
+            raise UserError(
+                f"the disk holding the run directory {plan.out} is full ({e.strerror}); the run keeps its last checkpoint "
+                f"({kept.name if kept else 'none yet'}): free some space, then resume with: atmpipe train "
+                f"--store {cfg.store} --method {cfg.method} --out {plan.out} --resume"
+            ) from None
+        console.print(f"saved the {cfg.method} SAE to {plan.out}")
     return plan.out
 
 
