@@ -43,15 +43,16 @@ def load_config(
     return cls(**values)
 
 
-def _fits(value: Any, annotation: Any) -> bool:
-    """Does `value` (as TOML or JSON gives it) have the annotated type? An int fits a float field."""
+def _fits(value: Any, annotation: Any, loose_ints: bool = False) -> bool:
+    """Does `value` (as TOML or JSON gives it) have the annotated type? An int fits a float field, and with
+    `loose_ints` a float an int field (for checks that say more about it)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in typing.get_args(annotation))
+        return any(_fits(value, a, loose_ints) for a in typing.get_args(annotation))
     if annotation is Any:
         return True
     if annotation is type(None):
         return value is None
-    if annotation is float:
+    if annotation is float or (annotation is int and loose_ints):
         return type(value) in (int, float)
     if annotation is int:
         return type(value) is int
@@ -62,11 +63,11 @@ def _fits(value: Any, annotation: Any) -> bool:
     return not (origin is list and args) or all(_fits(v, args[0]) for v in value)
 
 
-def check_types(cls: type, values: dict[str, Any], what: str) -> None:
+def check_types(cls: type, values: dict[str, Any], what: str, loose_ints: bool = False) -> None:
     """Refuse a recipe or hyper-parameter value of the wrong type before it reaches arithmetic."""
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
-        if key in hints and not _fits(value, hints[key]):
+        if key in hints and not _fits(value, hints[key], loose_ints):
             expected = str(hints[key]).replace("typing.", "").replace("<class '", "").replace("'>", "")
             raise UserError(f"{what} {key} is {value!r}, not of type {expected}; fix its value")
 

@@ -291,8 +291,6 @@ def check_layout(store: Store) -> None:
         raise refuse(f"attribute dtype is {dtype!r}, not one of {', '.join(STORAGE_DTYPES)}")
     if not (isinstance(splits, dict) and splits and set(splits) <= set(SPLITS)):
         raise refuse(f"attribute splits names {list(splits or [])!r}, not train and eval")
-    if problem := attribute_problem(a, layers, d_model):
-        raise refuse(problem)
     sizes = ("n_tokens", "n_shards", "shards_committed", "shard_tokens", "chunk_tokens")
     for name, meta in splits.items():
         if not (isinstance(meta, dict) and all(type(meta.get(k)) is int and meta[k] >= 0 for k in sizes)):
@@ -317,6 +315,8 @@ def check_layout(store: Store) -> None:
                     f"the attributes say shape {expected[0]}, dtype {expected[1]}, chunks {expected[2]}, "
                     f"shards {expected[3]}"
                 )
+    if problem := attribute_problem(a, layers, d_model):  # after the layout: its messages say more
+        raise refuse(problem)
 
 
 def _member(store: Store, key: str, refuse: Callable[[str], UserError]):
@@ -338,20 +338,16 @@ PROVENANCE = {
 }
 
 
-def _finite_numbers(values, n: int) -> bool:
-    return (
-        isinstance(values, list)
-        and len(values) == n
-        and all(type(v) in (int, float) and math.isfinite(v) for v in values)
-    )
+def _numbers(values, n: int) -> bool:
+    return isinstance(values, list) and len(values) == n and all(type(v) in (int, float) for v in values)
 
 
 def _stats_problem(name: str, entry, layer: int, d_model: int, keys: tuple[str, ...]) -> str | None:
     """Why the `name` entry of one layer's statistics is malformed (None: it is fine)."""
     ok = isinstance(entry, dict) and type(entry.get("n")) is int and entry["n"] >= 0
     scalar = entry.get(keys[0]) if ok else None
-    ok = ok and type(scalar) in (int, float) and math.isfinite(scalar) and scalar >= 0
-    ok = ok and all(_finite_numbers(entry.get(k), d_model) for k in keys[1:])
+    ok = ok and type(scalar) in (int, float) and not scalar < 0  # (inf: training says what it means)
+    ok = ok and all(_numbers(entry.get(k), d_model) for k in keys[1:])
     if ok and name == "stats" and entry["n"] > 0 and not scalar > 0:
         ok = False  # a zero mean norm would divide training's input scale by zero
     return (

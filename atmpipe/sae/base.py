@@ -93,7 +93,7 @@ def parse_hparams(params_cls: type, hparams: dict, method: str) -> Any:
         )
     from atmpipe.config import check_types
 
-    check_types(params_cls, hparams, "hyper-parameter")
+    check_types(params_cls, hparams, "hyper-parameter", loose_ints=True)  # each method checks its ints
     return params_cls(**hparams)
 
 
