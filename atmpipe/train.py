@@ -301,6 +301,11 @@ def load_checkpoint(checkpoint: Path, sae: SAE, opt: torch.optim.Optimizer) -> N
                 k == "params" or not _like(v, group.get(k)) for k, v in saved.items()
             ):
                 raise ValueError(f"optimizer group {saved!r} does not fit Adam's")
+            # Adam's own checks of its settings (lr, betas, eps, weight decay) raise ValueError
+            torch.optim.Adam(
+                [torch.zeros(1)],
+                **{k: saved[k] for k in ("lr", "betas", "eps", "weight_decay") if k in saved},
+            )
             group.update(saved)
         opt.load_state_dict({"state": per_param, "param_groups": opt_state["param_groups"]})
         torch.set_rng_state(rng["torch_cpu"])
