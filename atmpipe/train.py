@@ -205,11 +205,12 @@ def save_checkpoint(run: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, 
         for file in tmp.iterdir():
             _fsync(file)
         os.rename(tmp, final)
-    except (OSError, SafetensorError) as e:  # (a full disk): give back what the half checkpoint took
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, SafetensorError) and "(os error 28)" in str(e):  # safetensors' words for ENOSPC
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
-        raise
+    except (OSError, SafetensorError) as e:
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "(os error 28)" in str(e)
+        if not full:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: give back what the half checkpoint took
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
     _fsync(root)
     for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old)
