@@ -18,6 +18,7 @@ from atmpipe.corpus import EMBEDDED, check_context_size
 from atmpipe.errors import UserError
 from atmpipe.hub import EMBEDDED_MODEL
 from atmpipe.options import option
+from atmpipe.typecheck import check_types
 
 C = TypeVar("C")
 
@@ -34,6 +35,7 @@ def load_config(
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    check_types(cls, values, "config key")
     return cls(**values)
 
 
@@ -208,6 +210,9 @@ class TrainConfig:
             )
         if self.l1 is not None and not self.l1 > 0:
             raise UserError(f"l1 must be positive, got {self.l1}; pass e.g. --l1 5")
+        for name in ("warmup_frac", "decay_frac"):  # fractions of the run: beyond [0, 1] they overflow
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"{name} must be in [0, 1], got {getattr(self, name)}; fix it in the recipe")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
         if self.latents not in ("auto", "sparse", "dense"):  # sae.base.LATENT_PATHS

@@ -25,6 +25,7 @@ from atmpipe.errors import UserError
 from atmpipe.integrity import remove_orphans
 from atmpipe.interrupt import Interrupts
 from atmpipe.lm import LM, capture, check_layers, load_lm
+from atmpipe.lock import exclusive_writer
 from atmpipe.progress import Progress
 from atmpipe.store import (
     STORAGE_DTYPES,
@@ -139,37 +140,39 @@ def _harvest(cfg: HarvestConfig, lm: LM | None, stop: Interrupts) -> Path:
             f"not enough free disk for {out}: the store needs about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB "
             "are free; pass fewer --tokens, --storage-dtype bfloat16, or an --out on a bigger disk"
         )
-    if resuming:
-        remove_orphans(out)  # temp files of writes a crash cut short
-    with _writable(out, plans):
-        writer = distributed.store_writer(out, attrs, overwrite=cfg.overwrite)
-    if writer.complete:
-        writer.abandon()
-        console.print(f"{out} is already complete; nothing to do (pass --overwrite to harvest again)")
-        return out
-    if resuming and any(writer.shards_committed(s) for s in plans):
-        done = sum(
-            min(writer.shards_committed(s) * p["shard_tokens"], p["n_tokens"]) for s, p in plans.items()
-        )
-        console.print(f"resuming {out}: {done:,} tokens already committed")
-    stop.graceful = True  # from here a signal stops after the current batch, keeping every finished shard
-    try:
+    # One writer per store: a second harvest into it is refused (the lock dies with its holder).
+    with _writable(out, plans), exclusive_writer(out, "store", not remote.is_remote(out) and world.is_main):
+        if resuming:
+            remove_orphans(out)  # temp files of writes a crash cut short
         with _writable(out, plans):
-            try:
-                _run(lm, layers, windows, plans, writer, cfg, out, stop)
-            except _Stop:
-                writer.close()  # finish and commit the shards already computed
-                raise HarvestInterrupted(
-                    f"stopped by {stop.names[0]} with {_committed_tokens(out, plans):,} tokens committed in "
-                    f"{out}; they are kept: re-run the same command to resume"
-                ) from None
-            writer.close()
-    except BaseException:
-        writer.abandon()
-        raise
-    finally:
-        stop.graceful = False
-    return out
+            writer = distributed.store_writer(out, attrs, overwrite=cfg.overwrite)
+        if writer.complete:
+            writer.abandon()
+            console.print(f"{out} is already complete; nothing to do (pass --overwrite to harvest again)")
+            return out
+        if resuming and any(writer.shards_committed(s) for s in plans):
+            done = sum(
+                min(writer.shards_committed(s) * p["shard_tokens"], p["n_tokens"]) for s, p in plans.items()
+            )
+            console.print(f"resuming {out}: {done:,} tokens already committed")
+        stop.graceful = True  # from here a signal stops after the current batch, keeping every finished shard
+        try:
+            with _writable(out, plans):
+                try:
+                    _run(lm, layers, windows, plans, writer, cfg, out, stop)
+                except _Stop:
+                    writer.close()  # finish and commit the shards already computed
+                    raise HarvestInterrupted(
+                        f"stopped by {stop.names[0]} with {_committed_tokens(out, plans):,} tokens committed in "
+                        f"{out}; they are kept: re-run the same command to resume"
+                    ) from None
+                writer.close()
+        except BaseException:
+            writer.abandon()
+            raise
+        finally:
+            stop.graceful = False
+        return out
 
 
 def _committed_tokens(out: Path, plans: dict) -> int:

@@ -18,7 +18,7 @@ import json
 import math
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +333,7 @@ def check_layout(store: Store) -> None:
         if not (0 < chunk <= shard and shard % chunk == 0 and meta["n_shards"] == -(-n // shard)
                 and meta["shards_committed"] <= meta["n_shards"]):  # fmt: skip
             raise refuse(f"split {name} has contradictory sizes {meta!r}")
+        _member(store, name, refuse)  # the split's group (what the readers open first)
         want = {
             acts_name(L): ((n, d_model), STORAGE_DTYPES[dtype], (chunk, d_model), (shard, d_model))
             for L in layers
@@ -340,10 +341,7 @@ def check_layout(store: Store) -> None:
         for array, kind in (("tokens", "int32"), ("positions", "int32"), ("bos", "bool")):
             want[array] = ((n,), np.dtype(kind), (chunk,), (shard,))
         for array, expected in want.items():
-            try:
-                arr = store.group[f"{name}/{array}"]
-            except (KeyError, ValueError, OSError):
-                raise refuse(f"array {name}/{array} is missing") from None
+            arr = _member(store, f"{name}/{array}", refuse)
             got = (tuple(arr.shape), np.dtype(arr.dtype), tuple(arr.chunks), tuple(arr.shards or arr.chunks))
             if got != expected:
                 raise refuse(
@@ -351,6 +349,71 @@ def check_layout(store: Store) -> None:
                     f"the attributes say shape {expected[0]}, dtype {expected[1]}, chunks {expected[2]}, "
                     f"shards {expected[3]}"
                 )
+    if problem := attribute_problem(a, layers, d_model):  # after the layout: its messages say more
+        raise refuse(problem)
+
+
+def _member(store: Store, key: str, refuse: Callable[[str], UserError]):
+    """The group or array `key` of the store, or the store refused: missing, or metadata zarr cannot read."""
+    try:
+        return store.group[key]
+    except (KeyError, FileNotFoundError):
+        raise refuse(f"array {key} is missing" if "/" in key else f"group {key} is missing") from None
+    except Exception as e:  # its zarr.json is not valid metadata: zarr's own words say why
+        raise refuse(f"{key} has unreadable metadata ({first_line(e)})") from None
+
+
+# What the stages read of a store's provenance attributes, with the type each value must have.
+_STR, _INT, _OPT_STR, _OPT_INT = (str,), (int,), (str, type(None)), (int, type(None))
+PROVENANCE = {
+    "model": {"name": _STR, "source": _STR, "config_hash": _STR, "n_layers": _INT},
+    "tokenizer": {"name_or_path": _STR, "bos_token_id": _OPT_INT, "vocab_size": _INT},
+    "dataset": {"spec": _STR, "n_documents": _INT, "text_column": _OPT_STR},
+}
+
+
+def _numbers(values, n: int) -> bool:
+    return isinstance(values, list) and len(values) == n and all(type(v) in (int, float) for v in values)
+
+
+def _stats_problem(name: str, entry, layer: int, d_model: int, keys: tuple[str, ...]) -> str | None:
+    """Why the `name` entry of one layer's statistics is malformed (None: it is fine)."""
+    ok = isinstance(entry, dict) and type(entry.get("n")) is int and entry["n"] >= 0
+    scalar = entry.get(keys[0]) if ok else None
+    ok = ok and type(scalar) in (int, float) and not scalar < 0  # (inf: training says what it means)
+    ok = ok and all(_numbers(entry.get(k), d_model) for k in keys[1:])
+    if ok and name == "stats" and entry["n"] > 0 and not scalar > 0:
+        ok = False  # a zero mean norm would divide training's input scale by zero
+    return (
+        None if ok or (name == "stats_state" and entry == {"n": 0}) else f"attribute {name} of layer {layer}"
+    )
+
+
+def attribute_problem(a: dict, layers: list[int], d_model: int) -> str | None:
+    """What is malformed in a store's provenance and statistics attributes, or None."""
+    for key, fields in PROVENANCE.items():
+        value = a.get(key)
+        if not isinstance(value, dict) or any(type(value.get(f)) not in t for f, t in fields.items()):
+            return f"attribute {key} is {value!r}, not {{{', '.join(fields)}}} of the right types"
+    if type(a.get("context_size")) is not int or a["context_size"] < 1 or type(a.get("seed")) is not int:
+        return f"attributes context_size, seed are {a.get('context_size')!r}, {a.get('seed')!r}, not integers"
+    hooks = a.get("hook_names")
+    if not (isinstance(hooks, dict) and all(isinstance(hooks.get(str(x)), str) for x in layers)):
+        return f"attribute hook_names is {hooks!r}, not a name per layer"
+    if type(a.get("complete", False)) is not bool:
+        return f"attribute complete is {a['complete']!r}, not true or false"
+    name, keys = (
+        ("stats", ("mean_norm", "mean", "var"))
+        if a.get("complete")
+        else ("stats_state", ("sum_norm", "mean", "m2"))
+    )
+    stats = a.get(name) or {}
+    if not isinstance(stats, dict):
+        return f"attribute {name} is {stats!r}, not statistics per layer"
+    for layer in layers:
+        if str(layer) in stats and (problem := _stats_problem(name, stats[str(layer)], layer, d_model, keys)):
+            return f"{problem} is malformed"
+    return None
 
 
 # --- writer ---------------------------------------------------------------------------------------

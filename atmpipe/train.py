@@ -8,6 +8,7 @@ metrics.jsonl, a live display, signal handling, and the final save in the SAELen
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from atmpipe.config import TrainConfig, load_config, recipe_paths, to_dict
 from atmpipe.device import resolve_device
 from atmpipe.errors import UserError
 from atmpipe.interrupt import Interrupts
+from atmpipe.lock import exclusive_writer
 from atmpipe.progress import Progress
 from atmpipe.sae import SAE, SAE_METHODS, SAEConfig, compiling, make_sae, sparse
 from atmpipe.sae.base import META_FILE
@@ -81,13 +83,29 @@ def load_train_config(
 
 
 def _saved_run(cfg: TrainConfig) -> dict | None:
-    file = Path(cfg.out or default_out(cfg.store, cfg.method)) / RUN_CONFIG
+    return read_run_config(Path(cfg.out or default_out(cfg.store, cfg.method)) / RUN_CONFIG)
+
+
+def read_run_config(file: Path) -> dict | None:
+    """A run's saved train_config.json ({"identity", "config"}), None if it has none."""
     try:
-        return json.loads(file.read_text())
+        saved = json.loads(file.read_text())
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{file} is not valid JSON ({e}); pass --overwrite to start the run again") from None
+    identity = saved.get("identity") if isinstance(saved, dict) else None
+    if not (
+        isinstance(identity, dict)
+        and isinstance(saved.get("config"), dict)
+        and isinstance(identity.get("method"), str)
+        and all(type(identity.get(k)) is int for k in ("d_in", "d_sae", "layer"))
+    ):
+        raise UserError(
+            f"{file} is not a run configuration atmpipe wrote (no method and shape in it); pass --overwrite "
+            "to start the run again"
+        )
+    return saved
 
 
 def method_hparams(cfg: TrainConfig, total_tokens: int) -> dict:
@@ -179,13 +197,20 @@ def save_checkpoint(run: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, 
             **({"torch_cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
         },
     }
-    for name, content in tensors.items():
-        save_file(content, str(tmp / name))
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer_groups": groups}, indent=1) + "\n")
-    for file in tmp.iterdir():
-        _fsync(file)
-    os.rename(tmp, final)
+    try:
+        for name, content in tensors.items():
+            save_file(content, str(tmp / name))
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
+        (tmp / "state.json").write_text(json.dumps({**state, "optimizer_groups": groups}, indent=1) + "\n")
+        for file in tmp.iterdir():
+            _fsync(file)
+        os.rename(tmp, final)
+    except (OSError, SafetensorError) as e:
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "(os error 28)" in str(e)
+        if not full:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: give back what the half checkpoint took
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
     _fsync(root)
     for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old)
@@ -206,37 +231,89 @@ def latest_checkpoint(run: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _unreadable(checkpoint: Path, e: BaseException) -> UserError:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(
+        f"checkpoint {checkpoint} is unreadable ({reason}); delete it to resume from the one before"
+    )
+
+
+# What a checkpoint's state.json must hold for --resume to continue from it.
+_STATE_TYPES = {
+    "step": int,
+    "norm_scale": (int, float),
+    "stream": dict,
+    "identity": dict,
+    "optimizer_groups": list,
+}
+
+
 def read_checkpoint_state(checkpoint: Path) -> dict:
     try:
-        return json.loads((checkpoint / "state.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(
-            f"checkpoint {checkpoint} is unreadable ({e}); delete it to resume from the one before"
-        ) from None
+        state = json.loads((checkpoint / "state.json").read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"state.json holds {type(state).__name__}, not an object")
+        for key, typ in _STATE_TYPES.items():
+            if not isinstance(state.get(key), typ) or isinstance(state.get(key), bool):
+                raise ValueError(f"state.json key {key!r} is {state.get(key)!r}")
+        if state["step"] < 0 or not (math.isfinite(state["norm_scale"]) and state["norm_scale"] > 0):
+            raise ValueError(f"state.json has step {state['step']}, norm_scale {state['norm_scale']}")
+        return state
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # (JSONDecodeError is a ValueError)
+        raise _unreadable(checkpoint, e) from None
+
+
+def _like(value: Any, current: Any) -> bool:
+    """Can a saved optimiser setting stand in for the current one (same kind, finite numbers)?"""
+    if isinstance(current, bool) or current is None:
+        return type(value) is type(current)
+    if isinstance(current, (int, float)):
+        return type(value) in (int, float) and math.isfinite(value)
+    if isinstance(current, (list, tuple)):
+        return isinstance(value, list) and len(value) == len(current) and all(map(_like, value, current))
+    return type(value) is type(current)
 
 
 def load_checkpoint(checkpoint: Path, sae: SAE, opt: torch.optim.Optimizer) -> None:
+    """Restore the SAE, the optimiser and the RNG from `checkpoint`; anything missing, of the wrong shape
+    or not finite refuses it before the run directory is touched."""
+    state = read_checkpoint_state(checkpoint)
     try:
         model = load_file(str(checkpoint / "model.safetensors"))
         moments = load_file(str(checkpoint / "optimizer.safetensors"))
         rng = load_file(str(checkpoint / "rng.safetensors"))
-    except (OSError, SafetensorError) as e:
-        raise UserError(
-            f"checkpoint {checkpoint} is unreadable ({e}); delete it to resume from the one before"
-        ) from None
-    state = read_checkpoint_state(checkpoint)
-    sae.load_state_dict(model)
-    opt_state = opt.state_dict()
-    per_param: dict[int, dict] = {}
-    for name, value in moments.items():
-        index, key = name.split(".", 1)
-        per_param.setdefault(int(index), {})[key] = value
-    for group, saved in zip(opt_state["param_groups"], state["optimizer_groups"], strict=True):
-        group.update(saved)
-    opt.load_state_dict({"state": per_param, "param_groups": opt_state["param_groups"]})
-    torch.set_rng_state(rng["torch_cpu"])
-    if "torch_cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["torch_cuda"])
+        for name, value in {**model, **moments}.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"tensor {name} holds NaN or infinite values")
+        sae.load_state_dict(model)
+        opt_state = opt.state_dict()
+        per_param: dict[int, dict] = {}
+        for name, value in moments.items():
+            index, key = name.split(".", 1)
+            per_param.setdefault(int(index), {})[key] = value
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for index, moment in per_param.items():  # Adam's state per parameter, each of that parameter's shape
+            shapes = {k: tuple(v.shape) for k, v in moment.items()}
+            if index >= len(params) or shapes != {"exp_avg": params[index].shape, "exp_avg_sq": params[index].shape,
+                                                  "step": ()}:  # fmt: skip
+                raise ValueError(f"optimizer state of parameter {index} is {shapes}")
+        for group, saved in zip(opt_state["param_groups"], state["optimizer_groups"], strict=True):
+            if not isinstance(saved, dict) or any(
+                k == "params" or not _like(v, group.get(k)) for k, v in saved.items()
+            ):
+                raise ValueError(f"optimizer group {saved!r} does not fit Adam's")
+            # Adam's own checks of its settings (lr, betas, eps, weight decay) raise ValueError
+            torch.optim.Adam(
+                [torch.zeros(1)],
+                **{k: saved[k] for k in ("lr", "betas", "eps", "weight_decay") if k in saved},
+            )
+            group.update(saved)
+        opt.load_state_dict({"state": per_param, "param_groups": opt_state["param_groups"]})
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda"])
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        raise _unreadable(checkpoint, e) from None
 
 
 # --- the run directory --------------------------------------------------------------------------
@@ -263,7 +340,7 @@ def inspect_run_dir(out: Path, cfg: TrainConfig, identity: dict) -> tuple[Path |
             f"{out} already holds a training run; pass --resume to continue it, --overwrite to replace it, "
             "or --out for a new run"
         )
-    saved = json.loads((out / RUN_CONFIG).read_text())["identity"]
+    saved = read_run_config(out / RUN_CONFIG)["identity"]
     if saved != identity:
         raise UserError(
             f"cannot resume {out}: it holds {_describe(saved)}, this run asks for {_describe(identity)}; "
@@ -576,16 +653,29 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
         console.print(f"{plan.out} already holds the finished run; nothing to resume")
         return plan.out
     trainer = Trainer.start(cfg, plan, world, console)
-    # Everything is validated: only now touch the run directory.
-    trainer.open_run_dir()
-    if plan.checkpoint:
-        console.print(
-            f"resuming {plan.out} from {plan.checkpoint.name} ({trainer.step * cfg.batch_size:,} tokens seen)"
-        )
-    console.print(_precision_line(trainer.sae.precision, cfg.precision, plan.device))
-    trainer.run()
-    if world.is_main:
-        trainer.sae.save(plan.out, trainer.metadata())
+    # One writer per run directory: a second `train` with this --out is refused (the lock dies with us).
+    # (--out was found writable when planning.)
+    with exclusive_writer(plan.out, "run directory", world.is_main):
+        # Everything is validated: only now touch the run directory.
+        trainer.open_run_dir()
+        if plan.checkpoint:
+            console.print(
+                f"resuming {plan.out} from {plan.checkpoint.name} ({trainer.step * cfg.batch_size:,} tokens seen)"
+            )
+        console.print(_precision_line(trainer.sae.precision, cfg.precision, plan.device))
+        try:
+            trainer.run()
+            if world.is_main:
+                trainer.sae.save(plan.out, trainer.metadata())
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = latest_checkpoint(plan.out)
+            raise UserError(
+                f"the disk holding the run directory {plan.out} is full ({e.strerror}); the run keeps its last checkpoint "
+                f"({kept.name if kept else 'none yet'}): free some space, then resume with: atmpipe train "
+                f"--store {cfg.store} --method {cfg.method} --out {plan.out} --resume"
+            ) from None
         console.print(f"saved the {cfg.method} SAE to {plan.out}")
     return plan.out
 
@@ -618,11 +708,18 @@ def _metrics(step, batch_size, opt, loss, output, rate, elapsed) -> dict:
 
 
 def _truncate_metrics(file: Path, step: int) -> dict:
-    """On resume, drop the lines logged after the checkpoint (they will be logged again); return the last."""
+    """On resume, drop the lines logged after the checkpoint (they will be logged again) and any line that
+    is not a logged step (a kill mid-write leaves half a line); return the last line kept."""
     if not file.exists():
         return {}
-    kept = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-    kept = [m for m in kept if m["step"] <= step]
+    kept = []
+    for line in file.read_text(errors="replace").splitlines():
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(m, dict) and type(m.get("step")) is int and m["step"] <= step:
+            kept.append(m)
     file.write_text("".join(json.dumps(m) + "\n" for m in kept))
     return kept[-1] if kept else {}
 

@@ -44,9 +44,25 @@ def message_of(node: ast.AST) -> str | None:
     return "…" if node is not None else None
 
 
+def error_classes(trees: list[ast.Module]) -> set[str]:
+    """UserError and the names of its subclasses in the package (each raised with a message)."""
+    names, grew = {"UserError"}, True
+    while grew:
+        before = len(names)
+        for tree in trees:
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef) and any(
+                    getattr(b, "id", None) in names for b in node.bases
+                ):
+                    names.add(node.name)
+        grew = len(names) > before
+    return names
+
+
 def user_errors() -> list[tuple[str, str]]:
-    """(module:function, message) of each UserError(...) in the package, in source order."""
+    """(module:function, message) of each UserError(...) (or subclass) in the package, in source order."""
     found = []
+    classes = error_classes([ast.parse(f.read_text()) for f in sorted((ROOT / "atmpipe").rglob("*.py"))])
     for file in sorted((ROOT / "atmpipe").rglob("*.py")):
         tree = ast.parse(file.read_text())
         module = file.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
@@ -55,7 +71,7 @@ def user_errors() -> list[tuple[str, str]]:
                 continue
             for node in ast.walk(func):
                 if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
-                        in ("UserError", "HarvestInterrupted", "TrainingInterrupted") and node.args):  # fmt: skip
+                        in classes and node.args):  # fmt: skip
                     text = message_of(node.args[0])
                     if text and text.strip("…"):
                         found.append((f"{module}.{func.name}", " ".join(text.split())))

@@ -20,7 +20,7 @@ HAND_WRITTEN = {
     "harvest": "model layer dataset text_column tokens eval_tokens context_size batch_size seed dtype device "
     "storage_dtype out overwrite config trust_remote_code",
     "train": "store method config layer d_sae expansion k l1 target_l0 lr batch_size tokens seed checkpoint_every "
-    "out resume overwrite allow_partial skip_damaged no_compile latents device hparam",
+    "out resume overwrite allow_partial skip_damaged no_compile latents precision device hparam",
     "eval": "sae store model layer metrics out config device dtype seed batch_size core_tokens splice_windows "
     "absorption_sample_words absorption_min_words_per_letter absorption_sample_seed absorption_icl absorption_f1_gate "
     "absorption_min_letters probing_tasks "

@@ -21,6 +21,7 @@ from reliability_helpers import freeze, read_only_dir, tally, tree_digest
 from typer.testing import CliRunner
 
 from atmpipe.cli import app
+from atmpipe.lock import lock_path
 from atmpipe.store import acts_name, write_arrays_store
 
 PACKAGE = Path(__file__).resolve().parents[1] / "atmpipe"
@@ -519,7 +520,8 @@ def test_store_attributes_never_steer_writes_outside_the_output(tmp_path, monkey
     assert result.exit_code == 0, result.output
     assert invoke("verify", store.path).exit_code == 0 and invoke("info", store.path).exit_code == 0
     created = [p for p in tmp_path.rglob("*") if p not in before]
-    assert created and all(p.is_relative_to(run) for p in created), created
+    # (and the write lock beside it, atmpipe.lock)
+    assert created and all(p.is_relative_to(run) or p == lock_path(run) for p in created), created
     assert not Path(escape).exists()
     # Layer numbers name arrays (and files): anything else is refused before it is used.
     set_attrs(store.path, layers=["../../escaped"])

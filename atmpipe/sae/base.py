@@ -32,6 +32,7 @@ from atmpipe.sae.io import (  # noqa: F401  (the file names and read_tensor_file
     save_sae,
 )
 from atmpipe.sae.sparse import Entries
+from atmpipe.typecheck import check_types
 
 # Parameters that carry the latent scale and so are divided by s when folding the normalisation.
 FOLD_BY_SCALE = ("b_enc", "b_dec", "threshold")
@@ -94,6 +95,7 @@ def parse_hparams(params_cls: type, hparams: dict, method: str, renamed: dict[st
         raise UserError(
             f"unknown hyper-parameter(s) {', '.join(unknown)} for method {method}; known: {', '.join(sorted(known))}"
         )
+    check_types(params_cls, hparams, "hyper-parameter", loose_ints=True)  # each method checks its ints
     return params_cls(**hparams)
 
 

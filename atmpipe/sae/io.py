@@ -126,8 +126,8 @@ def _shape_and_names(sl_cfg: dict, file: Path) -> tuple[str, dict]:
     d_in = _get(sl_cfg, "d_in", file, int)
     d_sae = _get(sl_cfg, "d_sae", file, int)
     sl_meta = sl_cfg.get("metadata") if isinstance(sl_cfg.get("metadata"), dict) else {}
-    hook_name = sl_meta.get("hook_name") or sl_cfg.get("hook_name") or ""
-    model_name = sl_meta.get("model_name") or sl_cfg.get("model_name") or ""
+    hook_name = _text(sl_meta.get("hook_name") or sl_cfg.get("hook_name") or "", "hook_name", file)
+    model_name = _text(sl_meta.get("model_name") or sl_cfg.get("model_name") or "", "model_name", file)
     norm = sl_cfg.get("normalize_activations", "none")
     if norm not in ("none", None):
         raise UserError(
@@ -172,11 +172,18 @@ def check_weight_shapes(file: Path, tensors: dict[str, Tensor], sae, arch: str) 
             raise UserError(
                 f"{file}: missing tensor {key!r} (a {arch} SAE needs {', '.join(expected)}); re-save the SAE"
             )
+        if not tensors[key].is_floating_point():
+            raise UserError(
+                f"{file}: tensor {key!r} has dtype {str(tensors[key].dtype).removeprefix('torch.')}, "
+                "expected a floating-point dtype; re-save the SAE"
+            )
         if tuple(tensors[key].shape) != shape:
             raise UserError(
                 f"{file}: tensor {key!r} has shape {list(tensors[key].shape)}, "
                 f"expected {list(shape)} from {CFG_FILE} (d_in={d_in}, d_sae={d_sae}); re-save the SAE"
             )
+        if bad := int((~torch.isfinite(tensors[key])).sum()):
+            raise UserError(f"{file}: tensor {key!r} holds {bad} NaN or infinite values; re-save the SAE")
 
 
 def _method_from_saelens(arch: str, sl_cfg: dict, file: Path) -> str:
@@ -218,6 +225,13 @@ def _get(d: dict, key: str, file: Path, typ: type, default: Any = None) -> Any:
         raise UserError(
             f"{file}: key {key!r} has invalid value {value!r} (expected a positive {typ.__name__}); fix it"
         )
+    return value
+
+
+def _text(value: Any, key: str, file: Path) -> str:
+    """A name cfg.json gives (model, hook): text, never anything else."""
+    if not isinstance(value, str):
+        raise UserError(f"{file}: key {key!r} has invalid value {value!r} (expected a string); fix it")
     return value
 
 
