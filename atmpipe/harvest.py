@@ -77,7 +77,6 @@ def store_attrs(cfg: HarvestConfig, lm: LM, layers: list[int], corpus, plans: di
         # How the activations were computed: part of the configuration, since it changes their bits.
         "harvest": {"batch_size": cfg.batch_size, "compute_dtype": str(lm.dtype).removeprefix("torch."),
                     "device": lm.device.type},
-        "recipe": {"files": cfg.recipe, "overrides": cfg.overrides},  # what ran (the first run, if resumed)
     }  # fmt: skip
 
 

@@ -40,9 +40,8 @@ STORAGE_DTYPES = {
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 DEFAULT_CHUNK_TOKENS = 4096
 DEFAULT_SHARD_TOKENS = 32768
-# Keys of the attributes that are not configuration (progress, and the recipe that ran); the rest must match
-# on resume.
-PROGRESS_KEYS = ("complete", "stats", "stats_state", "recipe")  # "recipe": what ran, not what is stored
+# Keys of the attributes that record progress; everything else is configuration and must match on resume.
+PROGRESS_KEYS = ("complete", "stats", "stats_state")
 
 
 def hook_name(layer: int) -> str:

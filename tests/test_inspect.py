@@ -233,13 +233,13 @@ def test_inspect_refuses_bad_inputs(world, tmp_path):
     relu, store, ckpt = world["saes"]["relu"], world["store"].path, world["ckpt"]
     write_arrays_store(
         tmp_path / "empty.zarr",
-        {"train": {"acts": np.zeros((256, 32), np.float32)}, "eval": {"acts": np.zeros((0, 32), np.float32)}},
+        {"train": {"acts": np.ones((256, 32), np.float32)}, "eval": {"acts": np.zeros((0, 32), np.float32)}},
         layer=LAYER, chunk_tokens=128, shard_tokens=256,
     )  # fmt: skip
     noname = make_sae_dir(tmp_path / "noname", "relu", "")
     wide_store = tmp_path / "wide.zarr"
     write_arrays_store(
-        wide_store, {s: {"acts": np.zeros((256, 16), np.float32)} for s in ("train", "eval")}, layer=LAYER,
+        wide_store, {s: {"acts": np.ones((256, 16), np.float32)} for s in ("train", "eval")}, layer=LAYER,
         chunk_tokens=128, shard_tokens=256,
     )  # fmt: skip
     out = tmp_path / "out"

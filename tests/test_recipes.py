@@ -106,6 +106,10 @@ def _stage_recipes():
     """Every TOML under stages/ with the config it feeds: (path, layers before it, kind)."""
     for path in sorted((REPO / "stages").rglob("*.toml")):
         name = path.relative_to(REPO / "stages").as_posix()
+        if (
+            name == "groundtruth.toml"
+        ):  # the arena's own plan (stages/groundtruth.py reads it; its test loads it)
+            continue
         if name.endswith("eval.toml"):
             yield pytest.param(path, [], "eval", id=name)
         elif "harvest" in name:
@@ -134,13 +138,10 @@ def test_every_stage_recipe_loads(path, under, kind):
         make_sae(SAEConfig(cfg.method, 8, 1024, cfg.hparams)).validate_hparams()  # method options too
 
 
-def test_eval_and_harvest_record_their_recipes_as_train_does(tmp_path):
-    """The recipe files in order and the flags given: eval keeps them in its config (results.json's
-    run.config), harvest in the store's attributes, where a resumed harvest under another recipe is not
-    refused for it (what ran is not what is stored)."""
-    from atmpipe.config import HarvestConfig, load_recorded
+def test_eval_records_its_recipes_as_train_does(tmp_path):
+    """The recipe files in order and the flags given, kept in eval's config (results.json's run.config)."""
+    from atmpipe.config import load_recorded
     from atmpipe.eval.config import EvalConfig
-    from atmpipe.store import config_view
 
     sizes = tmp_path / "sizes.toml"
     sizes.write_text("batch_size = 4\n")
@@ -148,9 +149,3 @@ def test_eval_and_harvest_record_their_recipes_as_train_does(tmp_path):
     cfg = load_recorded(EvalConfig, recipes, sae=["runs/x"], seed=3, out=None)
     assert cfg.recipe == [str(p) for p in recipes] and cfg.batch_size == 4
     assert cfg.overrides == {"sae": ["runs/x"], "seed": 3}
-    harvest = load_recorded(HarvestConfig, [REPO / "stages" / "demo-harvest.toml"], tokens=4096)
-    assert harvest.recipe == [str(REPO / "stages" / "demo-harvest.toml")] and harvest.overrides == {
-        "tokens": 4096
-    }
-    attrs = {"layers": [9], "recipe": {"files": harvest.recipe, "overrides": harvest.overrides}}
-    assert config_view(attrs) == config_view({**attrs, "recipe": {"files": [], "overrides": {}}})

@@ -36,7 +36,10 @@ def test_fused_kernel_equals_eager_reference(variant):
     fused = kernels.atm_update_fused(f, dec_norm, M, F, R, recon, r, key, **consts)
     eager = kernels.atm_update(f, dec_norm, M, F, R, recon, r, key, **consts)
     for name, a, b in zip(("M", "F", "R", "I", "theta", "p"), fused[:6], eager[:6], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+        # p = 1 − exp(−r(θ − I)/θ): θ − I cancels, so p carries the absolute round-off of θ (~1e-7 at θ's
+        # scale) whichever order the two kernels sum in; on log importance a small p then differs relatively.
+        atol = 1e-6 if name == "p" else 1e-7
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=name)
     # The masks come from the same counter-based noise: they may differ only where u is within round-off of p.
     u = kernels.uniform_noise((B, D), key, f.device)
     differ = fused[6] != eager[6]

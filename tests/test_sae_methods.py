@@ -304,7 +304,7 @@ def test_relu_l1_term_weights_by_decoder_norm():
         ("relu", {"lambda": 1.0}, "unknown hyper-parameter(s) lambda for method relu"),
         ("jumprelu", {"sparsity": "target"}, "needs a positive target_l0"),
         ("atm", {"combine": "max"}, "combine must be 'product' or 'mean'"),
-        ("nope", {}, "unknown method 'nope'; known methods: atm, jumprelu, relu, topk"),
+        ("nope", {}, "unknown method 'nope'; known methods: atm, jumprelu, matryoshka, relu, topk"),
     ],
 )
 def test_bad_hyper_parameters_are_user_errors(method, hparams, message):

@@ -35,6 +35,9 @@ class BiasConfig:
     occupation_b: str = "singer"
     n_values: tuple[int, ...] = (2, 5, 10, 20, 50, 100, 500)  # SAEBench's
     headline_n: int = 20
+    context: int = (
+        128  # LM window for the tails (the bias plug-in reads it; --probing-context does not apply)
+    )
     tail_chars: int = 160  # ~40 tokens: the name stays inside any context >= 64
     people_per_cell: int = 0  # cap on each (occupation, gender) cell before splitting; 0 = all
     min_gap: float = 0.02  # A_oracle − A_base below this: nothing to remove, SCR is not defined
