@@ -65,19 +65,13 @@ class Probing(Metric):
     def task_inputs(self, ctx, t: str) -> dict:
         """Task t's ragged train/test residuals and labels, read from (or first written to) the cache."""
         sp = self.splits[t]
-        texts = sp["train_texts"] + sp["test_texts"]
         key = {
             "task": t,
             "n_train": self.opts.probing_train,
             "n_test": self.opts.probing_test,
             "seed": ctx.seed,
         }
-        got = text_inputs(ctx, f"probing-{t}", texts, self.opts.probing_context, key)
-        n_tr = len(sp["train_texts"])
-        td = {"train_labels": np.array(sp["train_labels"]), "test_labels": np.array(sp["test_labels"])}
-        for part, idx in (("train", np.arange(n_tr)), ("test", np.arange(n_tr, len(texts)))):
-            td[f"{part}_acts"], td[f"{part}_offsets"] = split_ragged(got["acts"], got["offsets"], idx)
-        return td
+        return split_inputs(ctx, f"probing-{t}", sp, self.opts.probing_context, key)
 
     def collect(self, ctx) -> None:
         """Every task's LM activations into the cache, and the SAE-independent residual baselines."""
@@ -120,6 +114,17 @@ PROTOCOL = (
     "normal, from a bootstrap over test texts (1000 replicates) and the spread over the probe seeds (sd/√3), "
     "added in quadrature; tasks are fixed, not resampled."
 )
+
+
+def split_inputs(ctx, kind: str, split: dict, context: int, key: dict) -> dict:
+    """A labelled split's ragged train/test residuals and labels, read from (or first written to) the cache."""
+    texts = split["train_texts"] + split["test_texts"]
+    got = text_inputs(ctx, kind, texts, context, key)
+    n_tr = len(split["train_texts"])
+    out = {"train_labels": np.array(split["train_labels"]), "test_labels": np.array(split["test_labels"])}
+    for part, idx in (("train", np.arange(n_tr)), ("test", np.arange(n_tr, len(texts)))):
+        out[f"{part}_acts"], out[f"{part}_offsets"] = split_ragged(got["acts"], got["offsets"], idx)
+    return out
 
 
 def text_inputs(ctx, kind: str, texts: list[str], context: int, key: dict) -> dict:

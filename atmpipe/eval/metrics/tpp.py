@@ -11,7 +11,7 @@ import numpy as np
 from atmpipe.errors import UserError
 from atmpipe.eval import data
 from atmpipe.eval.metric import Metric, option
-from atmpipe.eval.metrics.probing import TextOptions, split_ragged, text_inputs
+from atmpipe.eval.metrics.probing import TextOptions, split_inputs
 
 N_VALUES = (2, 5, 10, 20, 50, 100, 500)  # SAEBench's
 HEADLINE_N = 20
@@ -47,14 +47,8 @@ class Tpp(Metric):
 
     def set_inputs(self, ctx, s: str) -> dict:
         sp = self.splits[s]
-        texts = sp["train_texts"] + sp["test_texts"]
         key = {"set": s, "n_train": self.opts.tpp_train, "n_test": self.opts.tpp_test, "seed": ctx.seed}
-        got = text_inputs(ctx, f"tpp-{s}", texts, self.opts.probing_context, key)
-        n_tr = len(sp["train_texts"])
-        out = {"train_labels": np.array(sp["train_labels"]), "test_labels": np.array(sp["test_labels"])}
-        for part, idx in (("train", np.arange(n_tr)), ("test", np.arange(n_tr, len(texts)))):
-            out[f"{part}_acts"], out[f"{part}_offsets"] = split_ragged(got["acts"], got["offsets"], idx)
-        return out
+        return split_inputs(ctx, f"tpp-{s}", sp, self.opts.probing_context, key)
 
     def collect(self, ctx) -> None:
         """Each set's LM activations into the cache, its pooled residual and its per-class probes."""
