@@ -157,7 +157,8 @@ def test_absorption_eval_seeds_can_be_left_out_and_matryoshka_is_set_by_k_in_bot
     names = [n for n, _, _ in plan(tmp_path, ABSORPTION_SEEDS="", CONVERGE="0")]
     assert "eval-head" in names and not [n for n in names if n.startswith("eval-") and "-e" in n[5:]]
     matryoshka = [(n, c) for n, _, c in plan(tmp_path) if "train-matryoshka-" in n]
-    assert len(matryoshka) == 6 + 9  # 2M: 4 levels + 2 seeds; convergence: 3 lengths, 2 × 2 seeds, 3 levels
+    # 2M: 4 levels + 2 seeds; convergence: 3 lengths + 2 × 2 seeds + 3 levels
+    assert len(matryoshka) == 6 + 10
     for name, cmd in matryoshka:
         level = str(frontier.parse_run(name.split("train-", 1)[1])["l0_target"])
         assert flag(cmd, "--k") == [level] and flag(cmd, "--target-l0") == [], name
