@@ -531,7 +531,7 @@ LABELLED = {"probing", "bias", "tpp"}  # the metrics that read the sae-probes te
 
 def eval_metrics(command: str) -> set[str] | None:
     """The metrics an eval stage runs: its --metrics flag, else its recipe's (--config); None if unknown."""
-    if flag := _flag(command, "--metrics", ""):
+    if flag := _flag(command, "--metrics", "").replace("\\", ""):  # the plan's %q escapes the commas
         return set(flag.split(","))
     recipe = REPO / _flag(command, "--config", "-")
     if recipe.is_file() and (listed := tomllib.loads(recipe.read_text()).get("metrics")):

@@ -67,6 +67,11 @@ METHODS=(atm topk jumprelu relu matryoshka)
 CONTROLS=(atm-uniform atm-log atm-r0.5)
 HEAD_L0=64
 read -ra ABSORPTION_SEEDS <<<"${ABSORPTION_SEEDS-1 2}" # ABSORPTION_SEEDS= leaves them out
+# The groups evaluated with probing, SCR and TPP (each SAE encodes every cached probing text: minutes per SAE,
+# stages/eval_cost.py); the others run the recipe's remaining metrics. LABELLED_GROUPS="head seeds controls"
+# keeps them at L0 64, where the verdict reads the paper's claims 3-5.
+read -ra LABELLED_GROUPS <<<"${LABELLED_GROUPS-head seeds frontier controls long}"
+UNLABELLED_METRICS=core,absorption,training,masking # stages/reproduce-eval.toml's metrics less those three
 LONG=${LONG:-stages/reproduce-long.toml} # the longer runs' tokens, layered after $SIZES
 LONG_TIMES=$(.venv/bin/python -c 'import sys, tomllib; a, b = (tomllib.load(open(f, "rb"))["tokens"] for f in sys.argv[1:])
 print(b // a)' "$SIZES" "$LONG")
@@ -105,9 +110,10 @@ sae() {
 # (evals/GROUP-e1, ...: each seed redraws the split, the in-context examples and the probes over the same
 # words; the other metrics' intervals carry their own sampling). Then the aggregate is rewritten.
 evaluate() {
-    local group=$1 seeded=${2:-} seed
+    local group=$1 seeded=${2:-} seed metrics=()
+    [[ " ${LABELLED_GROUPS[*]} " == *" $group "* ]] || metrics=(--metrics "$UNLABELLED_METRICS")
     stage "eval-$group" "$RESULTS/evals/$group/results.json" -- "$ATMPIPE" eval --config "$EVAL_RECIPE" \
-        "${GROUP[@]/#/--sae=}" --out "$RESULTS/evals/$group"
+        "${metrics[@]}" "${GROUP[@]/#/--sae=}" --out "$RESULTS/evals/$group"
     if [[ $seeded == absorption-seeds ]]; then
         for seed in "${ABSORPTION_SEEDS[@]}"; do
             stage "eval-$group-e$seed" "$RESULTS/evals/$group-e$seed/results.json" -- "$ATMPIPE" eval \

@@ -164,6 +164,20 @@ def test_absorption_eval_seeds_can_be_left_out_and_matryoshka_is_set_by_k_in_bot
         assert flag(cmd, "--k") == [level] and flag(cmd, "--target-l0") == [], name
 
 
+def test_probing_scr_and_tpp_can_be_kept_to_the_l0_64_groups(tmp_path, capsys):
+    stages = plan(tmp_path, LABELLED_GROUPS="head seeds controls", CONVERGE="0")
+    by_name = {n: c for n, _, c in stages}
+    recipe = tomllib.loads((REPO / "stages" / "reproduce-eval.toml").read_text())["metrics"].split(",")
+    rest = [m for m in recipe if m not in frontier.LABELLED]
+    for group in ("frontier", "long"):  # the rest of the recipe's metrics, in its order
+        assert flag(by_name[f"eval-{group}"], "--metrics") == ["\\,".join(rest)]  # as %q writes it
+    assert all(flag(by_name[f"eval-{g}"], "--metrics") == [] for g in ("head", "seeds", "controls"))
+    seconds = json.loads((REPO / "stages" / "reproduce-budget.json").read_text())
+    rows = {n: s for n, _, s, _ in frontier.budget_seconds("\n".join("\t".join([n, s, " ".join(c)]) for n, s, c in stages), seconds)}  # fmt: skip
+    per_sae = seconds["eval_s"]["per_sae"]
+    assert rows["eval-frontier"] == 15 * per_sae and rows["eval-long"] == 2 * per_sae  # no labelled cost
+
+
 def test_plan_marks_finished_stages_done(tmp_path):
     runs = tmp_path / "runs"
     (runs / "done").mkdir(parents=True)
