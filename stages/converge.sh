@@ -43,8 +43,7 @@ csae() {
     ((times > 1)) && name+="-x$times"
     local args=(--config "stages/train-$method.toml" --config "$SIZES")
     [[ -n ${VARIANT_RECIPE[$variant]:-} ]] && args+=(--config "${VARIANT_RECIPE[$variant]}")
-    if [[ $method == topk ]]; then args+=(--k "$l0"); else args+=(--target-l0 "$l0"); fi
-    args+=(--seed "$seed" --tokens $((BASE_TOKENS * times)))
+    args+=("$(l0_flag "$method")" "$l0" --seed "$seed" --tokens $((BASE_TOKENS * times)))
     GROUP+=("$CONV_RUNS/$name")
     stage "converge-train-$name" "$CONV_RUNS/$name/atmpipe.json" -- "$ATMPIPE" train "${args[@]}" \
         --store "$CONV_STORE" --out "$CONV_RUNS/$name" --resume
