@@ -58,7 +58,7 @@ masking-controls: setup
 groundtruth: setup peers
 	$(BIN)/python stages/groundtruth.py --peers $(PEERS)/bin/python
 
-# The real experiment: an L0 frontier of 35 SAEs with seeds and controls (hours on CPU; stages/reproduce.sh
+# The real experiment: an L0 frontier of 41 SAEs with seeds and controls (hours on CPU; stages/reproduce.sh
 # gives the plan and the budget). STORE=… RUNS=… keep the store and runs elsewhere; PLAN_ONLY=1 prints the
 # plan and runs nothing. MODEL=gemma-2-2b LAYER=12 scales it to the paper's setting on a GPU. Its convergence
 # part (stages/converge.sh): CONVERGE=0 leaves it out, CONTROL_SEEDS=0 and FRONTIER_LONG=0 cut it.
