@@ -86,8 +86,7 @@ def serve(out: Path, runner, port: int, console) -> None:
     server = start(out, runner, port)
     console.print(f"serving the browser at http://{HOST}:{server.port}/  (Ctrl-C stops it)")
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        console.print("stopped serving")
+        server.serve_forever()  # werkzeug's returns on Ctrl-C
     finally:
         server.server_close()
+    console.print("stopped serving")
