@@ -10,6 +10,10 @@ prints or stores them, and names a store by its URL only.
 
 Commits stay atomic without a rename: an object store replaces an object whole on PUT, so a reader sees
 the old zarr.json or the new one, never a mix; locally, small files are written to a temp name and renamed.
+
+Failures on the way (timeouts, 500s, 503 SlowDown, dropped connections, a body cut short) are retried a
+bounded number of times by the filesystem library itself, configured through fsspec's own configuration
+(`S3_RETRIES`); what still fails after that is named in one line by `fault`, and a re-run resumes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,48 @@ from atmpipe.errors import UserError
 Location = Path | str  # a local directory, or the URL of a remote one
 
 
+# s3:// defaults, set through fsspec's configuration so that a user's own (the FSSPEC_S3 variable, an fsspec
+# config file) wins key by key: botocore retries 5xx answers, throttling (SlowDown), timeouts and dropped
+# connections up to `max_attempts` times with exponential backoff; s3fs retries a body cut short, and a
+# SlowDown, up to `retries` times. Both bounded: an outage ends the run with one line, not a hang.
+S3_RETRIES = {
+    "retries": 5,
+    "config_kwargs": {
+        "retries": {"max_attempts": 5, "mode": "standard"},
+        "connect_timeout": 10,
+        "read_timeout": 60,
+    },
+}
+
+
+class StoreFault(UserError):
+    """An object store that still failed after the retries (the stage adds how to resume)."""
+
+
+def configure_retries() -> None:
+    """Fill in `S3_RETRIES` where the user's fsspec configuration says nothing."""
+    from fsspec.config import conf  # optional: only for URLs
+
+    s3 = conf.setdefault("s3", {})
+    s3.setdefault("retries", S3_RETRIES["retries"])
+    s3["config_kwargs"] = {**S3_RETRIES["config_kwargs"], **s3.get("config_kwargs", {})}
+
+
+def fault(e: BaseException) -> str | None:
+    """An object-store failure, named in one line (the service's error code and message, or the network
+    error); None when `e` is no such failure."""
+    for err in (e, e.__cause__, e.__context__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            error = response["Error"]
+            return f"{error.get('Code')} ({status}): {error.get('Message', '')}".rstrip(": ")
+    libraries = {c.__module__.split(".")[0] for c in type(e).__mro__}
+    if libraries & {"botocore", "aiobotocore", "aiohttp", "urllib3", "fsspec", "s3fs"}:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
+    return None
+
+
 def location(path: str | Path) -> Location:
     """A local Path, or the URL itself for a remote store (file:// URLs become local paths)."""
     if isinstance(path, Path):
@@ -33,6 +79,7 @@ def location(path: str | Path) -> Location:
         return Path(text.removeprefix("file://"))
     if "://" in text:
         _check_protocol(text)
+        configure_retries()
         return text.rstrip("/")
     return Path(text)
 
