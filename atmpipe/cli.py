@@ -61,7 +61,9 @@ def run_stage(fn, *args, **kwargs):
     except Exception as e:  # an object store still failing after its retries, wherever it was read
         if not (what := remote.fault(e)):
             raise
-        fault = remote.StoreFault(f"an object store failed ({what}) after its retries; re-run the same command")
+        fault = remote.StoreFault(
+            f"an object store failed ({what}) after its retries; re-run the same command"
+        )
         _fail(str(fault), fault.exit_code)
 
 

@@ -18,6 +18,7 @@ bounded number of times by the filesystem library itself, configured through fss
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -30,10 +31,9 @@ Location = Path | str  # a local directory, or the URL of a remote one
 
 # s3:// defaults, set through fsspec's configuration so that a user's own (the FSSPEC_S3 variable, an fsspec
 # config file) wins key by key: botocore retries 5xx answers, throttling (SlowDown), timeouts and dropped
-# connections up to `max_attempts` times with exponential backoff; s3fs retries a body cut short, and a
-# SlowDown, up to `retries` times. Both bounded: an outage ends the run with one line, not a hang.
+# connections up to `max_attempts` times with exponential backoff, and s3fs retries a body cut short, and a
+# SlowDown, with its own bounded default (S3FileSystem.retries, 5). An outage ends the run, not hangs it.
 S3_RETRIES = {
-    "retries": 5,
     "config_kwargs": {
         "retries": {"max_attempts": 5, "mode": "standard"},
         "connect_timeout": 10,
@@ -51,19 +51,24 @@ def configure_retries() -> None:
     from fsspec.config import conf  # optional: only for URLs
 
     s3 = conf.setdefault("s3", {})
-    s3.setdefault("retries", S3_RETRIES["retries"])
-    s3["config_kwargs"] = {**S3_RETRIES["config_kwargs"], **s3.get("config_kwargs", {})}
+    # (a copy: botocore rewrites the retries dict it is given)
+    s3["config_kwargs"] = {**copy.deepcopy(S3_RETRIES["config_kwargs"]), **s3.get("config_kwargs", {})}
 
 
 def fault(e: BaseException) -> str | None:
     """An object-store failure, named in one line (the service's error code and message, or the network
     error); None when `e` is no such failure."""
-    for err in (e, e.__cause__, e.__context__):
+    if isinstance(e, UserError):  # already said in atmpipe's words
+        return None
+    for err in (e, e.__cause__, None if e.__suppress_context__ else e.__context__):
         response = getattr(err, "response", None)
         if isinstance(response, dict) and isinstance(response.get("Error"), dict):
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            error = response["Error"]
-            return f"{error.get('Code')} ({status}): {error.get('Message', '')}".rstrip(": ")
+            code, message = response["Error"].get("Code"), response["Error"].get("Message", "")
+            named = (
+                f"HTTP {status}" if str(code) == str(status) else f"{code} (HTTP {status})"
+            )  # a HEAD: no body
+            return f"{named}: {message}".rstrip(": ")
     libraries = {c.__module__.split(".")[0] for c in type(e).__mro__}
     if libraries & {"botocore", "aiobotocore", "aiohttp", "urllib3", "fsspec", "s3fs"}:
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"

@@ -68,8 +68,12 @@ class Faults:
 
 
 def _reset(environ) -> None:
-    """Make the server's close of this connection an RST (SO_LINGER 0), and end the request there."""
-    environ["werkzeug.socket"].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    """End the connection here, unanswered: its close becomes an RST (SO_LINGER 0), and it is shut down at
+    once (else the server would keep it open, waiting for another request, while the client waits for an
+    answer)."""
+    sock = environ["werkzeug.socket"]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.shutdown(socket.SHUT_RDWR)
     raise ConnectionResetError("fault injected: connection reset")
 
 

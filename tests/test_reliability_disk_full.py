@@ -144,16 +144,18 @@ def test_disk_full_at_the_final_sae_save_keeps_the_last_checkpoint_and_resumes(t
 @pytest.mark.skipif(not can_mount(), reason="needs root to mount a size-limited tmpfs")
 def test_disk_full_while_eval_caches_keeps_whole_entries_and_resumes(world, zygote, tmp_path):
     argv = lambda out: kills.eval_argv(world, out)  # noqa: E731
-    log = tmp_path / "ref.log"
-    assert zygote.run(argv(tmp_path / "ref"), log, env={"ATMPIPE_HOME": str(tmp_path / "ref-home")}) == 0
-    reference = files(tmp_path / "ref")
     disk = tmp_path / "disk"
     with tmpfs(disk, "24m"):
         home, out, log = disk / "home", tmp_path / "out", tmp_path / "full.log"
+        env = {"ATMPIPE_HOME": str(home)}
+        assert (
+            zygote.run(argv(out), tmp_path / "ref.log", env=env) == 0
+        )  # the reference (its report names them)
+        reference = kills.without_timings(files(out))
+        shutil.rmtree(out)
+        shutil.rmtree(home)
         entries = lambda: len(list((home / "eval-cache").glob("*/*.json")))  # noqa: E731
-        code, acted = zygote.run_until(
-            argv(out), log, lambda: entries() >= 1, fill(disk), env={"ATMPIPE_HOME": str(home)}
-        )
+        code, acted = zygote.run_until(argv(out), log, lambda: entries() >= 1, fill(disk), env=env)
         assert acted and code == 2, log.read_text()
         cache = next((home / "eval-cache").glob("*"))
         assert one_error(log) == (
@@ -163,8 +165,8 @@ def test_disk_full_while_eval_caches_keeps_whole_entries_and_resumes(world, zygo
         kept = kills.valid_entries(home)  # every entry there is whole
         assert kept and not kills.temporaries(home) and not out.exists()
         (disk / "ballast").unlink()
-        assert zygote.run(argv(out), tmp_path / "resume.log", env={"ATMPIPE_HOME": str(home)}) == 0
-        assert files(out) == reference
+        assert zygote.run(argv(out), tmp_path / "resume.log", env=env) == 0
+        assert kills.without_timings(files(out)) == reference
         assert {n: t for n, t in kills.valid_entries(home).items() if n in kept} == kept  # reused, not redone
     tally("disk-full cases: the eval cache, resumed")
 
@@ -172,24 +174,28 @@ def test_disk_full_while_eval_caches_keeps_whole_entries_and_resumes(world, zygo
 @pytest.mark.skipif(not can_mount(), reason="needs root to mount a size-limited tmpfs")
 def test_disk_full_while_eval_writes_its_report_keeps_the_cache_and_resumes(world, zygote, tmp_path):
     argv = lambda out: kills.eval_argv(world, out)  # noqa: E731
-    home = {"ATMPIPE_HOME": str(tmp_path / "home")}
-    assert zygote.run(argv(tmp_path / "ref"), tmp_path / "ref.log", env=home) == 0
-    reference, cached = files(tmp_path / "ref"), kills.valid_entries(tmp_path / "home")
-    shutil.rmtree(tmp_path / "home")
+    env = {"ATMPIPE_HOME": str(tmp_path / "home")}
     disk = tmp_path / "disk"
-    with tmpfs(disk, "1m"), full_disk(disk) as ballast:
+    with tmpfs(disk, "4m"):
         out, log = disk / "report", tmp_path / "full.log"
-        assert zygote.run(argv(out), log, env=home) == 2, log.read_text()
-        assert one_error(log) == (
-            f"error: the disk holding {out} is full (No space left on device); the LM activations stay cached: free "
-            "some space, then re-run the same command to resume"
-        )
-        assert not [p for p in out.rglob("*") if p.is_file()]  # no half-written report file, no temporary
-        cached = kills.valid_entries(tmp_path / "home")
-        ballast.unlink()
-        assert zygote.run(argv(out), tmp_path / "resume.log", env=home) == 0
-        assert files(out) == reference
-        assert kills.valid_entries(tmp_path / "home") == cached  # the LM work was not done again
+        assert (
+            zygote.run(argv(out), tmp_path / "ref.log", env=env) == 0
+        )  # the reference (its report names them)
+        reference = kills.without_timings(files(out))
+        shutil.rmtree(out)
+        shutil.rmtree(tmp_path / "home")
+        with full_disk(disk) as ballast:
+            assert zygote.run(argv(out), log, env=env) == 2, log.read_text()
+            assert one_error(log) == (
+                f"error: the disk holding {out} is full (No space left on device); the LM activations stay cached: "
+                "free some space, then re-run the same command to resume"
+            )
+            assert not [p for p in out.rglob("*") if p.is_file()]  # no half-written report file, no temporary
+            cached = kills.valid_entries(tmp_path / "home")
+            ballast.unlink()
+            assert zygote.run(argv(out), tmp_path / "resume.log", env=env) == 0
+            assert kills.without_timings(files(out)) == reference
+            assert kills.valid_entries(tmp_path / "home") == cached  # the LM work was not done again
     tally("disk-full cases: the eval report, resumed")
 
 

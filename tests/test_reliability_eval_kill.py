@@ -3,7 +3,8 @@ SAEs: while an LM activation-cache entry is written, while the report's files ar
 browser's data files are written, and anywhere at all. After each kill what is on disk is whole (every
 cache entry that is there passes its checksum; every report file and a browser's index.html stand only
 whole), and the next run from exactly that state reuses the complete entries, recomputes the rest and
-writes files byte-identical to an uninterrupted run's, with no temporary file left.
+writes files byte-identical to an uninterrupted run's (but for the wall-clock seconds results.json
+records), with no temporary file left.
 
 Kills per stage: ATMPIPE_KILLS (`make reliability` runs 12 each; pytest a few).
 """
@@ -68,6 +69,20 @@ def inspect_argv(world, out: Path) -> list:
             "--model", world["ckpt"], "--out", out]  # fmt: skip
 
 
+def without_timings(report: dict[str, bytes]) -> dict[str, bytes]:
+    """A report's files with the wall-clock durations results.json records ("seconds") taken out: all the
+    rest must be byte-identical."""
+
+    def drop(o):
+        if isinstance(o, dict):
+            return {k: drop(v) for k, v in o.items() if k != "seconds"}
+        return [drop(v) for v in o] if isinstance(o, list) else o
+
+    if "results.json" in report:
+        report = {**report, "results.json": json.dumps(drop(json.loads(report["results.json"]))).encode()}
+    return report
+
+
 def temporaries(folder: Path) -> list[Path]:
     return list(folder.rglob(".*.tmp-*")) if folder.exists() else []
 
@@ -108,37 +123,42 @@ def kill_and_rerun(zygote, argv, out: Path, home: Path, trial: Trial, log: Path)
     return True
 
 
-def resume_copy(zygote, argv, out: Path, home: Path, tmp: Path) -> tuple[Path, Path, str]:
-    """Re-run from a copy of exactly what the kill left; returns (its out, its home, its log)."""
-    for name in ("resume-out", "resume-home"):
-        shutil.rmtree(tmp / name, ignore_errors=True)
-    if out.exists():
-        shutil.copytree(out, tmp / "resume-out", copy_function=shutil.copy2)
-    if home.exists():
-        shutil.copytree(home, tmp / "resume-home", copy_function=shutil.copy2)
+def resume_here(zygote, argv, out: Path, home: Path, tmp: Path) -> tuple[dict, dict, dict]:
+    """Re-run from exactly what the kill left (where it left it: the report names its own paths), then put
+    that state back for the next kill; returns the re-run's files in out and home, and its whole cache
+    entries."""
+    snapshot = {place: tmp / f"snapshot-{place.name}" for place in (out, home)}
+    for place, copy in snapshot.items():
+        shutil.rmtree(copy, ignore_errors=True)
+        if place.exists():
+            shutil.copytree(place, copy, copy_function=shutil.copy2)
     log = tmp / "resume.log"
-    code = zygote.run(argv(tmp / "resume-out"), log, env={"ATMPIPE_HOME": str(tmp / "resume-home")})
-    assert code == 0, log.read_text()
-    assert "Traceback" not in log.read_text()
-    return tmp / "resume-out", tmp / "resume-home", log.read_text()
+    code = zygote.run(argv(out), log, env={"ATMPIPE_HOME": str(home)})
+    assert code == 0 and "Traceback" not in log.read_text(), log.read_text()
+    assert not temporaries(out) and not temporaries(home) and not leftovers(out)
+    result = files(out), files(home), valid_entries(home)
+    for place, copy in snapshot.items():
+        shutil.rmtree(place, ignore_errors=True)
+        if copy.exists():
+            shutil.copytree(copy, place, copy_function=shutil.copy2)
+    return result
 
 
 def test_eval_sigkill_at_random_points_then_rerun_is_identical(world, zygote, tmp_path):
     argv = lambda out: eval_argv(world, out)  # noqa: E731
+    out, home = tmp_path / "out", tmp_path / "home"  # the reference and every run: the report names them
     started = time.monotonic()
     log = tmp_path / "ref.log"
-    assert zygote.run(argv(tmp_path / "ref"), log, env={"ATMPIPE_HOME": str(tmp_path / "ref-home")}) == 0, (
-        log.read_text()
-    )
+    assert zygote.run(argv(out), log, env={"ATMPIPE_HOME": str(home)}) == 0, log.read_text()
     duration = time.monotonic() - started
-    reference, reference_cache = files(tmp_path / "ref"), files(tmp_path / "ref-home")
+    reference, reference_cache = without_timings(files(out)), files(home)
     assert {n.split("-")[0] for n in map(os.path.basename, reference_cache)} >= {
         "absorption",
         "probing",
         "splice",
     }
     rng = np.random.default_rng(SEED)
-    out, home, landed, trial = tmp_path / "out", tmp_path / "home", Counter(), 0
+    landed, trial = Counter(), 0
     while sum(landed.values()) < KILLS:
         assert trial < 3 * KILLS, landed  # the kills must land
         if trial % 3 == 0:  # start over: an empty cache, no report
@@ -155,13 +175,11 @@ def test_eval_sigkill_at_random_points_then_rerun_is_identical(world, zygote, tm
             continue
         landed[aim.name] += 1
         before = valid_entries(home)  # whole entries only (asserted), and what the next run must reuse
-        for name, data in files(out).items() if out.exists() else ():
+        for name, data in without_timings(files(out)).items() if out.exists() else ():
             assert Path(name).name.startswith(".") or data == reference[name], name  # a report file: whole
-        again, again_home, text = resume_copy(zygote, argv, out, home, tmp_path)
-        assert files(again) == reference and not temporaries(again)
-        assert files(again_home) == reference_cache and not temporaries(again_home)
-        reused = {n: t for n, t in valid_entries(again_home).items() if n in before}
-        assert reused == before, "a complete cache entry was computed again"
+        again, again_home, entries = resume_here(zygote, argv, out, home, tmp_path)
+        assert without_timings(again) == reference and again_home == reference_cache
+        assert {n: t for n, t in entries.items() if n in before} == before, "a whole cache entry was redone"
         tally("eval runs SIGKILLed at seeded random points, next run identical")
     print("eval kills:", dict(landed))
     for name, n in landed.items():
@@ -172,12 +190,13 @@ def test_inspect_sigkill_at_random_points_then_rerun_is_identical(world, zygote,
     argv = lambda out: inspect_argv(world, out)  # noqa: E731
     started = time.monotonic()
     log = tmp_path / "ref.log"
-    assert zygote.run(argv(tmp_path / "ref"), log) == 0, log.read_text()
+    out, home = tmp_path / "out", tmp_path / "home"
+    assert zygote.run(argv(out), log) == 0, log.read_text()
     duration = time.monotonic() - started
-    reference = files(tmp_path / "ref")
+    reference = files(out)
     assert sum(name.startswith("data/s") for name in reference) >= 16  # chunk files to be killed amid
     rng = np.random.default_rng(SEED)
-    out, home, landed, trial = tmp_path / "out", tmp_path / "home", Counter(), 0
+    landed, trial = Counter(), 0
     data_files = lambda: len(list((out / "data").glob("s*.js"))) if out.exists() else 0  # noqa: E731
     while sum(landed.values()) < KILLS:
         assert trial < 3 * KILLS, landed
@@ -197,8 +216,7 @@ def test_inspect_sigkill_at_random_points_then_rerun_is_identical(world, zygote,
         landed[aim.name] += 1
         if (out / "index.html").exists():  # an index stands only over a whole browser
             assert {k: v for k, v in files(out).items() if not Path(k).name.startswith(".")} == reference
-        again, _, _ = resume_copy(zygote, argv, out, home, tmp_path)
-        assert files(again) == reference and not leftovers(again) and not temporaries(again)
+        assert resume_here(zygote, argv, out, home, tmp_path)[0] == reference
         tally("inspect runs SIGKILLed at seeded random points, next run identical")
     print("inspect kills:", dict(landed))
     for name, n in landed.items():

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import fsspec.config
 import pytest
 import s3fs
 import torch
 from object_store_faults import KINDS, Faults, FaultyS3
-from reliability_helpers import files, tally
+from reliability_helpers import assert_message, files, tally
 from safetensors.torch import load_file
 from test_reliability_inputs import invoke
 
@@ -27,12 +28,14 @@ from atmpipe.store import open_store
 
 BUCKET = "atmpipe-faults"
 SEED = 20261208
-RATE = float(os.environ.get("ATMPIPE_FAULT_RATE", "0.1"))  # of the requests to the bucket
-TIMEOUT_S = 1.0  # the client's read timeout in these tests (the injected timeouts answer after 1.5 s)
-# What a user would write in ~/.config/fsspec/s3.json: tighter timeouts than atmpipe's defaults, so an
-# injected timeout costs a second, and fewer botocore attempts, so an outage is given up in seconds.
+RATE = float(
+    os.environ.get("ATMPIPE_FAULT_RATE", "0.03")
+)  # `make reliability`: 0.1  # of the requests to the bucket
+TIMEOUT_S = 0.5  # the client's read timeout in these tests (the injected timeouts answer after 1 s)
+# What a user would write in ~/.config/fsspec/conf.json under "s3": tighter timeouts than atmpipe's defaults,
+# so an injected timeout costs a second, and fewer botocore attempts, so an outage is given up in seconds
+# (s3fs's own 5 retries of a SlowDown or a cut-short body stay).
 USER_CONFIG = {
-    "retries": 4,
     "config_kwargs": {
         "retries": {"max_attempts": 3, "mode": "standard"},
         "read_timeout": TIMEOUT_S,
@@ -50,7 +53,14 @@ HARVEST = dict(
 )  # fmt: skip  (24 train shards, 2 eval shards)
 TRAIN = ["--method", "relu", "--d-sae", 64, "--batch-size", 64, "--tokens", 64 * 24, "--checkpoint-every", 4,
          "--device", "cpu", "--no-compile"]  # fmt: skip
-OUTAGE = "the object store holding {url} failed (SlowDown (503): Please reduce your request rate.) after its retries"
+
+
+def outage(url: str) -> str:
+    """The start of the line an outage ends a run with (a HEAD's 503 has no body to name SlowDown)."""
+    return (
+        rf"error: the object store holding {re.escape(url)} failed \((SlowDown \(HTTP 503\): Please reduce your "
+        r"request rate\.|HTTP 503: Service Unavailable)\) after its retries"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +126,8 @@ def assert_same_weights(a, b) -> None:
 
 def test_retries_are_bounded_and_the_users_fsspec_settings_win(s3):
     remote.location(f"s3://{BUCKET}/x.zarr")  # installs atmpipe's defaults where the user said nothing
-    assert fsspec.config.conf["s3"]["retries"] == USER_CONFIG["retries"]
-    assert fsspec.config.conf["s3"]["config_kwargs"]["retries"] == {"max_attempts": 3, "mode": "standard"}
+    assert fsspec.config.conf["s3"]["config_kwargs"]["read_timeout"] == TIMEOUT_S
+    assert fsspec.config.conf["s3"]["config_kwargs"]["retries"]["mode"] == "standard"
     saved = fsspec.config.conf.pop("s3")
     try:
         remote.location(f"s3://{BUCKET}/x.zarr")
@@ -142,7 +152,7 @@ def test_harvest_into_and_train_from_s3_through_faults_equal_local_disk(s3, refe
     assert invoke("train", "--store", reference["store"], *TRAIN, "--out", tmp_path / "local").exit_code == 0
     assert_same_weights(tmp_path / "from-s3", tmp_path / "local")
     print(f"faults injected: {harvested} while harvesting, {s3.injected - before - harvested} while training")
-    assert harvested >= 10 and s3.injected - before - harvested >= 5
+    assert harvested and s3.injected - before - harvested  # faults landed in both (`make reliability`: ~100)
     tally("object-store runs through injected faults, result identical to local disk", 2)
 
 
@@ -150,12 +160,12 @@ def test_an_outage_stops_harvest_and_training_in_one_line_and_they_resume_to_the
     s3, reference, tmp_path
 ):
     url = f"s3://{BUCKET}/outage.zarr"
-    s3.outage_after = s3.requests + 60  # the service goes down part-way through the harvest
+    s3.outage_after = s3.requests + 300  # the service goes down part-way through the harvest (~shard 10)
     line = one_line(invoke(*reference["harvest"], "--out", url))
     s3.outage_after = None
-    assert line == "error: " + OUTAGE.format(url=url) + (
+    assert_message(line, re.compile(outage(url) + re.escape(
         "; the store keeps its committed shards: re-run the same command to resume"
-    )
+    )))  # fmt: skip
     store = open_store(url)
     assert not store.complete and 0 < store.split("train").shards_committed < 24
     result = invoke(*reference["harvest"], "--out", url)
@@ -168,10 +178,10 @@ def test_an_outage_stops_harvest_and_training_in_one_line_and_they_resume_to_the
     line = one_line(invoke(*train))
     s3.outage_after = None
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
-    assert line == "error: " + OUTAGE.format(url=url) + (
+    assert_message(line, re.compile(outage(url) + re.escape(
         f"; the run keeps its last checkpoint ({checkpoints[-1] if checkpoints else 'none yet'}): resume with: "
         f"atmpipe train --store {url} --method relu --out {out} --resume"
-    )
+    )))  # fmt: skip
     assert not (out / "sae_weights.safetensors").exists()
     result = invoke("train", "--store", url, "--method", "relu", "--out", out, "--resume")
     assert result.exit_code == 0, result.output
