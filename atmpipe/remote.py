@@ -123,14 +123,29 @@ def exists(loc: Location) -> bool:
     if not is_remote(loc):
         return loc.exists()
     fs, path = _fs(loc)
-    return fs.exists(path)
+    return _found(loc, lambda: fs.info(path))
 
 
 def has_file(loc: Location, key: str) -> bool:
     if not is_remote(loc):
         return (loc / key).is_file()
     fs, path = _fs(loc)
-    return fs.isfile(f"{path}/{key}")
+    return _found(loc, lambda: fs.info(f"{path}/{key}")["type"] == "file")
+
+
+def _found(loc: str, info) -> bool:
+    """`info()`, False when the object is not there; a store that fails to answer is an error (fsspec's
+    exists/isfile would say False, and a store in an outage would look empty or damaged)."""
+    try:
+        return info() is not False
+    except FileNotFoundError:
+        return False
+    except Exception as e:
+        what = fault(e) or f"{type(e).__name__}: {e}"
+        raise StoreFault(
+            f"the object store holding {loc} failed ({what}) after its retries; re-run the same command "
+            "once it answers"
+        ) from None
 
 
 def is_empty_dir(loc: Location) -> bool:

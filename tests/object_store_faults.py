@@ -46,12 +46,13 @@ class Faults:
         self.counts: Counter = Counter()
         self.requests = 0
         self.outage_after: int | None = None  # from this many requests on, every request gets a 503
+        self.outage_when = lambda: False  # or from when this says so
         self.lock = threading.Lock()
 
     def draw(self, method: str) -> str | None:
         with self.lock:
             self.requests += 1
-            if self.outage_after is not None and self.requests > self.outage_after:
+            if (self.outage_after is not None and self.requests > self.outage_after) or self.outage_when():
                 self.counts["503 (outage)"] += 1
                 return "503"
             if self.rng.random() >= self.rate:
@@ -77,11 +78,13 @@ def _reset(environ) -> None:
     raise ConnectionResetError("fault injected: connection reset")
 
 
-def _error(start_response, kind: str) -> list[bytes]:
+def _error(environ, start_response, kind: str) -> list[bytes]:
     status, code, message = ERRORS[kind]
     body = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>'
     start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
-    return [body.encode()]
+    return (
+        [b""] if environ["REQUEST_METHOD"] == "HEAD" else [body.encode()]
+    )  # (an answer to HEAD has no body)
 
 
 class FaultyApp:
@@ -96,7 +99,7 @@ class FaultyApp:
         if kind is None:
             return self.app(environ, start_response)
         if kind in ERRORS:
-            return _error(start_response, kind)
+            return _error(environ, start_response, kind)
         if kind == "timeout":
             time.sleep(self.faults.timeout_s)  # the client gave up meanwhile; the request is not carried out
             _reset(environ)

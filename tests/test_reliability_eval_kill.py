@@ -6,7 +6,7 @@ whole), and the next run from exactly that state reuses the complete entries, re
 writes files byte-identical to an uninterrupted run's (but for the wall-clock seconds results.json
 records), with no temporary file left.
 
-Kills per stage: ATMPIPE_KILLS (`make reliability` runs 12 each; pytest a few).
+Kills per stage: ATMPIPE_KILLS (`make reliability` runs 12 each; pytest one).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from reliability_helpers import Zygote, files, leftovers, tally
 from atmpipe.eval.cache import ActivationCache
 
 SEED = 20261208
-KILLS = int(os.environ.get("ATMPIPE_KILLS", "3"))
+KILLS = int(os.environ.get("ATMPIPE_KILLS", "1"))
 HARVEST = dict(layers=[1], tokens=16 * 48, eval_tokens=16 * 64, context_size=16, batch_size=8)
 EVAL = ["--metrics", "core,absorption,probing", "--splice-windows", "2", "--absorption-sample-words", "60",
         "--absorption-icl", "2", "--absorption-f1-gate", "0", "--absorption-min-letters", "1",

@@ -99,7 +99,13 @@ def reference(tiny_checkpoints, tmp_path_factory):
     recipe.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in HARVEST.items()))
     model = str(tiny_checkpoints["gemma3"])
     path = harvest(HarvestConfig(model=model, out=str(root / "local.zarr"), **HARVEST))
-    return {"store": path, "harvest": ["harvest", "--model", model, "--config", recipe]}
+    train = root / "train.toml"
+    train.write_text("buffer_chunks = 2\n")  # rounds of two chunks: the reads go on as training does
+    return {
+        "store": path,
+        "harvest": ["harvest", "--model", model, "--config", recipe],
+        "train": ["--config", train],
+    }
 
 
 def object_files(url: str) -> dict[str, bytes]:
@@ -146,10 +152,15 @@ def test_harvest_into_and_train_from_s3_through_faults_equal_local_disk(s3, refe
     assert object_files(url) == files(reference["store"])  # byte for byte, every object
     harvested = s3.injected - before
     s3.rate = RATE
-    result = invoke("train", "--store", url, *TRAIN, "--out", tmp_path / "from-s3")
+    result = invoke("train", "--store", url, *TRAIN, *reference["train"], "--out", tmp_path / "from-s3")
     s3.rate = 0.0
     assert result.exit_code == 0, result.output
-    assert invoke("train", "--store", reference["store"], *TRAIN, "--out", tmp_path / "local").exit_code == 0
+    assert (
+        invoke(
+            "train", "--store", reference["store"], *TRAIN, *reference["train"], "--out", tmp_path / "local"
+        ).exit_code
+        == 0
+    )
     assert_same_weights(tmp_path / "from-s3", tmp_path / "local")
     print(f"faults injected: {harvested} while harvesting, {s3.injected - before - harvested} while training")
     assert harvested and s3.injected - before - harvested  # faults landed in both (`make reliability`: ~100)
@@ -173,10 +184,10 @@ def test_an_outage_stops_harvest_and_training_in_one_line_and_they_resume_to_the
     assert object_files(url) == files(reference["store"])
 
     out = tmp_path / "run"
-    train = ["train", "--store", url, *TRAIN, "--out", out]
-    s3.outage_after = s3.requests + 40  # down again, part-way through the training's reads
+    train = ["train", "--store", url, *TRAIN, *reference["train"], "--out", out]
+    s3.outage_when = lambda: (out / "checkpoints").is_dir()  # down again, once training has checkpointed
     line = one_line(invoke(*train))
-    s3.outage_after = None
+    s3.outage_when = lambda: False
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert_message(line, re.compile(outage(url) + re.escape(
         f"; the run keeps its last checkpoint ({checkpoints[-1] if checkpoints else 'none yet'}): resume with: "
@@ -185,6 +196,11 @@ def test_an_outage_stops_harvest_and_training_in_one_line_and_they_resume_to_the
     assert not (out / "sae_weights.safetensors").exists()
     result = invoke("train", "--store", url, "--method", "relu", "--out", out, "--resume")
     assert result.exit_code == 0, result.output
-    assert invoke("train", "--store", reference["store"], *TRAIN, "--out", tmp_path / "local").exit_code == 0
+    assert (
+        invoke(
+            "train", "--store", reference["store"], *TRAIN, *reference["train"], "--out", tmp_path / "local"
+        ).exit_code
+        == 0
+    )
     assert_same_weights(out, tmp_path / "local")
     tally("object-store outages that stopped a run in one line, then resumed to the same result", 2)
