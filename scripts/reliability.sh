@@ -15,6 +15,6 @@ export ATMPIPE_KILLS=${ATMPIPE_KILLS:-12}
 export ATMPIPE_FAULT_RATE=${ATMPIPE_FAULT_RATE:-0.1}
 start=$(date +%s)
 # Also the existing tests that check an error of docs/errors.md, so the table's figure is measured.
-PYTHONPATH=tests "$PY" -m pytest -q -p reliability_plugin --junitxml="$tmp/junit.xml" tests/test_reliability_*.py \
+PYTHONPATH=tests${PYTHONPATH:+:$PYTHONPATH} "$PY" -m pytest -q -p reliability_plugin --junitxml="$tmp/junit.xml" tests/test_reliability_*.py \
     $("$PY" scripts/errors_table.py --tests)
 "$PY" scripts/reliability_table.py "$ATMPIPE_RELIABILITY_COUNTS" "$tmp/junit.xml" $(($(date +%s) - start))
