@@ -12,6 +12,7 @@ from importlib import import_module
 import typer
 from rich.console import Console
 
+from atmpipe import remote
 from atmpipe.config import HarvestConfig, TrainConfig, load_config, load_recorded
 from atmpipe.errors import UserError
 from atmpipe.eval.config import EvalConfig
@@ -57,6 +58,13 @@ def run_stage(fn, *args, **kwargs):
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except Exception as e:  # an object store still failing after its retries, wherever it was read
+        if not (what := remote.fault(e)):
+            raise
+        fault = remote.StoreFault(
+            f"an object store failed ({what}) after its retries; re-run the same command"
+        )
+        _fail(str(fault), fault.exit_code)
 
 
 # --- harvest ------------------------------------------------------------------------------------

@@ -190,7 +190,14 @@ def _writable(out: Path, plans: dict):
     """A full disk or an unwritable --out is the user's to fix: say so in one line, and how to resume."""
     try:
         yield
-    except OSError as e:
+    except Exception as e:
+        if remote.is_remote(out) and (what := remote.fault(e)):
+            raise UserError(
+                f"the object store holding {out} failed ({what}) after its retries; the store keeps its "
+                "committed shards: re-run the same command to resume"
+            ) from None
+        if not isinstance(e, OSError):
+            raise
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(
                 f"the disk holding {out} is full ({e.strerror}); the store keeps its "

@@ -10,10 +10,15 @@ prints or stores them, and names a store by its URL only.
 
 Commits stay atomic without a rename: an object store replaces an object whole on PUT, so a reader sees
 the old zarr.json or the new one, never a mix; locally, small files are written to a temp name and renamed.
+
+Failures on the way (timeouts, 500s, 503 SlowDown, dropped connections, a body cut short) are retried a
+bounded number of times by the filesystem library itself, configured through fsspec's own configuration
+(`S3_RETRIES`); what still fails after that is named in one line by `fault`, and a re-run resumes.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -22,6 +27,52 @@ from pathlib import Path
 from atmpipe.errors import UserError
 
 Location = Path | str  # a local directory, or the URL of a remote one
+
+
+# s3:// defaults, set through fsspec's configuration so that a user's own (the FSSPEC_S3 variable, an fsspec
+# config file) wins key by key: botocore retries 5xx answers, throttling (SlowDown), timeouts and dropped
+# connections up to `max_attempts` times with exponential backoff, and s3fs retries a body cut short, and a
+# SlowDown, with its own bounded default (S3FileSystem.retries, 5). An outage ends the run, not hangs it.
+S3_RETRIES = {
+    "config_kwargs": {
+        "retries": {"max_attempts": 5, "mode": "standard"},
+        "connect_timeout": 10,
+        "read_timeout": 60,
+    },
+}
+
+
+class StoreFault(UserError):
+    """An object store that still failed after the retries (the stage adds how to resume)."""
+
+
+def configure_retries() -> None:
+    """Fill in `S3_RETRIES` where the user's fsspec configuration says nothing."""
+    from fsspec.config import conf  # optional: only for URLs
+
+    s3 = conf.setdefault("s3", {})
+    # (a copy: botocore rewrites the retries dict it is given)
+    s3["config_kwargs"] = {**copy.deepcopy(S3_RETRIES["config_kwargs"]), **s3.get("config_kwargs", {})}
+
+
+def fault(e: BaseException) -> str | None:
+    """An object-store failure, named in one line (the service's error code and message, or the network
+    error); None when `e` is no such failure."""
+    if isinstance(e, UserError):  # already said in atmpipe's words
+        return None
+    for err in (e, e.__cause__, None if e.__suppress_context__ else e.__context__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code, message = response["Error"].get("Code"), response["Error"].get("Message", "")
+            named = (
+                f"HTTP {status}" if str(code) == str(status) else f"{code} (HTTP {status})"
+            )  # a HEAD: no body
+            return f"{named}: {message}".rstrip(": ")
+    libraries = {c.__module__.split(".")[0] for c in type(e).__mro__}
+    if libraries & {"botocore", "aiobotocore", "aiohttp", "urllib3", "fsspec", "s3fs"}:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
+    return None
 
 
 def location(path: str | Path) -> Location:
@@ -33,6 +84,7 @@ def location(path: str | Path) -> Location:
         return Path(text.removeprefix("file://"))
     if "://" in text:
         _check_protocol(text)
+        configure_retries()
         return text.rstrip("/")
     return Path(text)
 
@@ -71,14 +123,29 @@ def exists(loc: Location) -> bool:
     if not is_remote(loc):
         return loc.exists()
     fs, path = _fs(loc)
-    return fs.exists(path)
+    return _found(loc, lambda: fs.info(path))
 
 
 def has_file(loc: Location, key: str) -> bool:
     if not is_remote(loc):
         return (loc / key).is_file()
     fs, path = _fs(loc)
-    return fs.isfile(f"{path}/{key}")
+    return _found(loc, lambda: fs.info(f"{path}/{key}")["type"] == "file")
+
+
+def _found(loc: str, info) -> bool:
+    """`info()`, False when the object is not there; a store that fails to answer is an error (fsspec's
+    exists/isfile would say False, and a store in an outage would look empty or damaged)."""
+    try:
+        return info() is not False
+    except FileNotFoundError:
+        return False
+    except Exception as e:
+        what = fault(e) or f"{type(e).__name__}: {e}"
+        raise StoreFault(
+            f"the object store holding {loc} failed ({what}) after its retries; re-run the same command "
+            "once it answers"
+        ) from None
 
 
 def is_empty_dir(loc: Location) -> bool:

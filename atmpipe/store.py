@@ -247,6 +247,10 @@ def open_store(path: str | Path, *, check_files: bool = True) -> Store:
             f"{path} is a Zarr group but not an atmpipe store (no 'atmpipe' attributes)"
         ) from None
     except (ValueError, TypeError, OSError) as e:  # a zarr.json that is not a group's JSON
+        if what := remote.fault(e):
+            raise remote.StoreFault(
+                f"the object store holding {path} failed ({what}) after its retries"
+            ) from None
         raise UserError(f"store {path} has unreadable metadata ({first_line(e)}); re-harvest it") from None
     version = store.attrs.get("schema_version")
     if type(version) is not int or version > SCHEMA_VERSION:

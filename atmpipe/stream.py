@@ -36,6 +36,7 @@ from numcodecs import Blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
 from zarr.core.buffer.cpu import NDBuffer
 
+from atmpipe import remote
 from atmpipe.errors import UserError
 from atmpipe.store import Store, decode_acts
 
@@ -318,6 +319,12 @@ class ShardStream:
             array.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
             return out
         except Exception as e:  # zarr raises ValueError for a checksum mismatch, codecs their own errors
+            if what := remote.fault(
+                e
+            ):  # the chunk could not be fetched: it is not damaged, and never skipped
+                raise remote.StoreFault(
+                    f"the object store holding {self.store.path} failed ({what}) after its retries"
+                ) from None
             if not self.skip_damaged:
                 raise UserError(
                     f"chunk {chunk} (tokens {start}-{stop - 1}) of {self.store.path}/{SPLIT}/{array.basename} "

@@ -23,7 +23,7 @@ from rich.console import Console
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from atmpipe import distributed, precision, schedule
+from atmpipe import distributed, precision, remote, schedule
 from atmpipe.config import TrainConfig, load_config, recipe_paths, to_dict
 from atmpipe.device import resolve_device
 from atmpipe.errors import UserError
@@ -667,6 +667,12 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
             trainer.run()
             if world.is_main:
                 trainer.sae.save(plan.out, trainer.metadata())
+        except remote.StoreFault as e:
+            kept = latest_checkpoint(plan.out)
+            raise UserError(
+                f"{e}; the run keeps its last checkpoint ({kept.name if kept else 'none yet'}): resume with: "
+                f"atmpipe train --store {cfg.store} --method {cfg.method} --out {plan.out} --resume"
+            ) from None
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise

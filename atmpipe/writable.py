@@ -42,3 +42,11 @@ def require_writable(out: Path) -> None:
         check_writable(out)
     except OSError as e:
         raise cannot_write(out, e) from None
+
+
+def full_disk(where: Path, e: OSError, kept: str) -> UserError:
+    """The one-line error for a disk that filled while a stage wrote to `where` (eval, inspect)."""
+    return UserError(
+        f"the disk holding {where} is full ({e.strerror}); {kept}: free some space, then re-run the same "
+        "command to resume"
+    )

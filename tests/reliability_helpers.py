@@ -67,9 +67,11 @@ class Zygote:
     def run(self, argv: list[str], log: Path, **kw) -> int:
         return self.wait(self.start(argv, log, **kw))
 
-    def run_until(self, argv, log: Path, ready: Callable[[], bool], act: Callable[[int], None], timeout=120):
+    def run_until(
+        self, argv, log: Path, ready: Callable[[], bool], act: Callable[[int], None], timeout=120, env=None
+    ):
         """Start a run; once `ready()` (polled) call `act(pid)` (e.g. send a signal); returns (exit code, acted)."""
-        pid = self.start(argv, log)
+        pid = self.start(argv, log, env=env)
         deadline = time.monotonic() + timeout
         while True:
             code = self.poll(pid)

@@ -12,7 +12,9 @@ import sys
 import traceback
 
 import atmpipe.cli  # noqa: F401  (the heavy imports, once)
+import atmpipe.eval.run  # noqa: F401
 import atmpipe.harvest  # noqa: F401
+import atmpipe.inspect.run  # noqa: F401
 import atmpipe.train  # noqa: F401
 
 

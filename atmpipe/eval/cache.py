@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from atmpipe.atomic import atomic_file
+from atmpipe.atomic import atomic_file, sweep
 from atmpipe.home import atmpipe_home
 
 
@@ -42,6 +42,7 @@ class ActivationCache:
             return found
         tensors, extra = compute()
         self.dir.mkdir(parents=True, exist_ok=True)
+        sweep(self.dir)  # temporary files of writers that were killed
         # Written to temp names and renamed, tensors first, the metadata (with the tensors' checksum) last:
         # a crash never leaves an entry that is read back, and a damaged one is recomputed.
         with atomic_file(tensors_path) as tmp:

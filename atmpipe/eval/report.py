@@ -15,6 +15,8 @@ from pathlib import Path
 
 import matplotlib
 
+from atmpipe.atomic import atomic_file, sweep
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -232,16 +234,12 @@ BROWSER = "features/index.html"  # where `atmpipe inspect` writes beside a repor
 
 def write_report(out: Path, saes, results: dict, shared: dict, run: dict, metrics=()) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    sweep(out)  # temporary files of a report write that was killed
     blocks = build_blocks(saes, results, shared, run, metrics)
     if (out / BROWSER).is_file():  # `atmpipe inspect --out <this report>/features` was run
         blocks.insert(
             2, ("link", BROWSER, "Feature browser: each latent's contexts, logit effects and absorption")
         )
-    for b in blocks:
-        if b[0] == "img":
-            (out / b[1]).write_bytes(b[3])
-    (out / "report.md").write_text(render_markdown(blocks))
-    (out / "report.html").write_text(render_html(blocks))
     payload = {
         "run": run,
         "saes": {s.name: s.info for s in saes},
@@ -249,5 +247,11 @@ def write_report(out: Path, saes, results: dict, shared: dict, run: dict, metric
         "shared": shared,
         "paper_gemma_2_2b": PAPER,
     }
-    (out / "results.json").write_text(json.dumps(_jsonable(payload), indent=2, default=str) + "\n")
+    files = {b[1]: b[3] for b in blocks if b[0] == "img"}
+    files["report.md"] = render_markdown(blocks).encode()
+    files["report.html"] = render_html(blocks).encode()
+    files["results.json"] = (json.dumps(_jsonable(payload), indent=2, default=str) + "\n").encode()
+    for name, data in files.items():  # each file whole or not at all (a kill or a full disk mid-write)
+        with atomic_file(out / name) as tmp:
+            tmp.write_bytes(data)
     return out

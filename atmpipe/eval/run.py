@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from atmpipe.atomic import disk_full
 from atmpipe.errors import UserError
 from atmpipe.eval.cache import ActivationCache
 from atmpipe.eval.config import EvalConfig, config_class  # noqa: F401  (config_class: for plug-in tests)
@@ -26,7 +27,7 @@ from atmpipe.eval.report import write_report
 from atmpipe.progress import Progress
 from atmpipe.sae import SAE
 from atmpipe.store import open_store
-from atmpipe.writable import cannot_write, require_writable
+from atmpipe.writable import cannot_write, full_disk, require_writable
 
 console = Console(stderr=True)
 
@@ -218,14 +219,19 @@ def run_eval(cfg) -> Path:
     results: dict[str, dict] = {s.name: {} for s in saes}
     ctx.results = results
     with Progress(console) as ctx.progress:
-        for m in metrics:
-            m.collect(ctx)
-            phase = ctx.phase(f"{m.name} · SAEs", len(saes))
-            for s in saes:
-                section = m.compute(ctx, s)
-                if section is not None:
-                    results[s.name][m.name] = section
-                phase()
+        try:
+            for m in metrics:
+                m.collect(ctx)
+                phase = ctx.phase(f"{m.name} · SAEs", len(saes))
+                for s in saes:
+                    section = m.compute(ctx, s)
+                    if section is not None:
+                        results[s.name][m.name] = section
+                    phase()
+        except OSError as e:  # writing the activation cache
+            if not disk_full(e):
+                raise
+            raise full_disk(ctx.cache.dir, e, "the cache keeps its complete entries") from None
 
     run_info = {
         "model": model_name,
@@ -240,6 +246,8 @@ def run_eval(cfg) -> Path:
     try:
         out = write_report(Path(cfg.out), saes, results, ctx.shared, run_info, metrics)
     except OSError as e:  # checked at the start, but the disk may have filled or changed since
+        if disk_full(e):
+            raise full_disk(Path(cfg.out), e, "the LM activations stay cached") from None
         raise cannot_write(Path(cfg.out), e) from None
     console.print(f"report written to {out}")
     return out

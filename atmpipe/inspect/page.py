@@ -28,7 +28,8 @@ def write_js(path: Path, key: str, data) -> None:
 def write_index(out: Path, index: dict) -> None:
     with atomic_file(out / "data" / "index.js") as tmp:
         tmp.write_text(f"ATM.index={json.dumps(index, separators=(',', ':'))};\n")
-    shutil.copyfile(TEMPLATE, out / "index.html")
+    with atomic_file(out / "index.html") as tmp:  # whole or absent: its presence marks a whole browser
+        shutil.copyfile(TEMPLATE, tmp)
 
 
 def sae_index_entry(name: str, sae, stats: dict, nn: tuple, atm: dict | None, pages, absorption) -> dict:

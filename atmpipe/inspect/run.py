@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atmpipe.atomic import disk_full, sweep
 from atmpipe.config import load_config
 from atmpipe.errors import UserError
 from atmpipe.eval.cache import ActivationCache
@@ -36,6 +37,7 @@ from atmpipe.inspect.config import InspectConfig
 from atmpipe.lm import load_lm
 from atmpipe.progress import Progress
 from atmpipe.sae.atm import STAT_NAMES, STATS_FILE
+from atmpipe.writable import full_disk
 
 
 def parse_latents(spec: str | None, top: int | None, d_sae: int, name: str) -> list[int] | None:
@@ -158,6 +160,29 @@ def computed_absorption(cfg, saes, layer: int, model: str, progress) -> tuple[li
 
 
 def build(cfg: InspectConfig) -> Path:
+    try:
+        return _build(cfg)
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        raise full_disk(
+            Path(cfg.out), e, "index.html is written last, so no half-written browser opens"
+        ) from None
+
+
+def clear_browser(out: Path) -> None:
+    """Remove a browser built here before, or half built by a run that was killed: index.html first, so
+    from here on no index stands over missing or mixed data; then its data files (whose chunks must not
+    outlive it) and the temporary files of a killed run."""
+    built = (out / "index.html").is_file()
+    (out / "index.html").unlink(missing_ok=True)
+    sweep(out)
+    data = out / "data"
+    if data.is_dir() and (built or all(p.suffix == ".js" or ".js.tmp-" in p.name for p in data.iterdir())):
+        shutil.rmtree(data)
+
+
+def _build(cfg: InspectConfig) -> Path:
     started = time.monotonic()
     out, saes, layer, store, selections, held, model, ckpt, user_texts = check_inputs(cfg)
     U = weights.unembedding(ckpt)
@@ -174,8 +199,7 @@ def build(cfg: InspectConfig) -> Path:
             held,
             progress=Phase(progress, "encode held-out tokens", held.n),
         )
-        if (out / "data").is_dir() and (out / "index.html").is_file():
-            shutil.rmtree(out / "data")  # a browser built here before: its chunks must not outlive it
+        clear_browser(out)
         (out / "data").mkdir(parents=True, exist_ok=True)
         for k, (s, fr) in enumerate(zip(saes, firings, strict=True)):
             stats = extract.latent_stats(fr, held)
