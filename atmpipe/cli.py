@@ -11,6 +11,7 @@ from importlib import import_module
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from atmpipe.config import HarvestConfig, TrainConfig, load_config, load_recorded
 from atmpipe.errors import UserError
@@ -112,18 +113,59 @@ def _parse_hparams(pairs: list[str] | None) -> dict:
     return parsed
 
 
-def _train(config, flags: dict, hparam: list[str] | None) -> None:
+def _method_flags(args: list[str]) -> dict[str, str]:
+    """The flags left after train's own: each names a hyper-parameter of the method (`--k 64`,
+    `--target-l0=64`), generated from the method's Params once the method is known (`train.method_flags`)."""
+    found: dict[str, str] = {}
+    rest = list(args)
+    while rest:
+        flag = rest.pop(0)
+        name, sep, value = flag.partition("=")
+        if not name.startswith("--") or len(name) < 3:
+            raise UserError(f"unexpected argument {flag!r}; `atmpipe train` takes flags only (see --help)")
+        if not sep:
+            if not rest:
+                raise UserError(f"{flag} needs a value; pass it as {flag} VALUE")
+            value = rest.pop(0)
+        found[name[2:].replace("-", "_")] = value
+    return found
+
+
+class TrainCommand(TyperCommand):
+    """`atmpipe train`, whose help lists the installed methods and their hyper-parameters, read from the
+    method registry when the help is shown (the registry imports torch; starting the command line does not)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        from atmpipe.sae import SAE_METHODS  # torch: only when this help is shown
+
+        lines = [
+            f"{name}: {', '.join(f.name for f in dataclasses.fields(m.Params))}"
+            for name, m in SAE_METHODS.items()
+        ]
+        self.epilog = (
+            "Methods and their hyper-parameters. Each hyper-parameter of the chosen method is also a flag "
+            "(--NAME VALUE, underscores as dashes), as is --hparam NAME=VALUE.\n\n" + "\n\n".join(lines)
+        )
+        super().format_help(ctx, formatter)
+
+
+def _train(config, flags: dict, hparam: list[str] | None, ctx: typer.Context) -> None:
     from atmpipe.train import load_train_config, train  # torch: only when the command runs
 
-    train(load_train_config(config, hparams=_parse_hparams(hparam), **flags))
+    cfg = load_train_config(
+        config, hparams=_parse_hparams(hparam), method_flags=_method_flags(ctx.args), **flags
+    )
+    train(cfg)
 
 
 add_command(
-    app, "train", TrainConfig, lambda config, flags, hparam: run_stage(_train, config, flags, hparam),
+    app, "train", TrainConfig, lambda config, flags, hparam, ctx: run_stage(_train, config, flags, hparam, ctx),
     "Stage two: train an SAE on a store's shuffled training activations.",
     "Recipe such as stages/train-atm.toml; flags override it.",
     extra=(inspect.Parameter("hparam", inspect.Parameter.KEYWORD_ONLY, annotation=list[str] | None,
-                             default=typer.Option(None, help="Method hyper-parameter KEY=VALUE (repeatable).")),),
+                             default=typer.Option(None, help="Method hyper-parameter KEY=VALUE (repeatable).")),
+           inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)),
+    cls=TrainCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )  # fmt: skip
 
 

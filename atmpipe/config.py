@@ -137,15 +137,13 @@ class TrainConfig:
     """`atmpipe train`: each field with help is a flag; every field is a key of a train recipe."""
 
     store: str = option("", "Activation store written by `atmpipe harvest`.")
-    method: str = option("atm", "relu | topk | jumprelu | atm.")
+    method: str = option("atm", "SAE method: one of the methods listed at the end of this help.")
     layer: int | None = option(None, "Layer to train on (default: the store's first).")
     d_sae: int | None = option(None, "Number of latents (default: expansion × d_model).")
     expansion: int = option(8, "d_sae as a multiple of d_model.")
-    # Shortcuts for the method hyper-parameters of the same name (see atmpipe/sae/<method>.py):
-    k: int | None = option(None, "TopK: active latents per token.")
-    l1: float | None = option(None, "ReLU/ATM: sparsity coefficient λ.")
-    target_l0: float | None = option(None, "Adapt the sparsity coefficient toward this L0.")
-    hparams: dict = field(default_factory=dict)  # any other method hyper-parameter (--hparam KEY=VALUE)
+    # The method's hyper-parameters (its Params in atmpipe/sae/<method>.py, the one place they are declared):
+    # a recipe's [hparams] table, then --hparam KEY=VALUE, then flags named after them (--k 64).
+    hparams: dict = field(default_factory=dict)
     lr: float = option(3e-4, "Adam learning rate.")
     batch_size: int = option(4096, "Tokens per step.")
     tokens: int = option(20_000_000, "Training tokens in total.")
@@ -154,7 +152,6 @@ class TrainConfig:
     warmup_frac: float = 0.1
     decay_frac: float = 0.2  # linear lr decay to 0 over this last fraction of the steps
     grad_clip: float = 1.0
-    adam_beta1: float | None = None  # default: the method's `adam_betas`
     buffer_chunks: int = 32  # chunks mixed in the stream's shuffle buffer
     checkpoint_every: int = option(1000, "Steps between checkpoints.")
     log_every: int = 10
@@ -205,8 +202,6 @@ class TrainConfig:
             raise UserError(
                 f"d_sae must be positive, got {self.d_sae}; pass e.g. --d-sae 5120 or --expansion 8"
             )
-        if self.l1 is not None and not self.l1 > 0:
-            raise UserError(f"l1 must be positive, got {self.l1}; pass e.g. --l1 5")
         for name in ("warmup_frac", "decay_frac"):  # fractions of the run: beyond [0, 1] they overflow
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"{name} must be in [0, 1], got {getattr(self, name)}; fix it in the recipe")

@@ -61,10 +61,11 @@ def _optional(kind: Any) -> bool:
     return type(None) in typing.get_args(kind)
 
 
-def add_command(app, name: str, cls: type, run: Callable[..., None], doc: str,
-                recipe_help: str, extra: tuple[inspect.Parameter, ...] = ()) -> None:  # fmt: skip
+def add_command(app, name: str, cls: type, run: Callable[..., None], doc: str, recipe_help: str,
+                extra: tuple[inspect.Parameter, ...] = (), **command_settings: Any) -> None:  # fmt: skip
     """Add `atmpipe <name>`: a flag per option of `cls`, `--config` for a recipe, and `extra` parameters;
-    `run(config, overrides, **extra)` gets the recipe path, the given flags by field name, and the extras."""
+    `run(config, overrides, **extra)` gets the recipe path, the given flags by field name, and the extras.
+    `command_settings` go to typer's `app.command` (a command class, click's context settings)."""
     fields = flag_fields(cls)
     params = [_parameter(f, kind) for f, kind in fields]
     params.append(
@@ -87,4 +88,4 @@ def add_command(app, name: str, cls: type, run: Callable[..., None], doc: str,
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = doc
-    app.command(name)(command)
+    app.command(name, **command_settings)(command)

@@ -57,6 +57,7 @@ class CommonParams:
     """Hyper-parameters every method has; each method's dataclass extends this."""
 
     dead_tokens: int = 10_000_000  # a latent that has not fired for this many tokens counts as dead
+    adam_beta1: float | None = None  # Adam's β1; None: the method's own (`SAE.method_betas`)
 
 
 class TrainOutput:
@@ -103,12 +104,15 @@ class SAE(nn.Module):
     method: ClassVar[str]
     architecture: ClassVar[str]  # SAELens architecture: standard | topk | jumprelu
     Params: ClassVar[type] = CommonParams
-    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    method_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)  # Adam's betas for this method
     # How data-parallel training reduces each buffer a training forward updates from one rank's rows
     # (`distributed.sync_state`): "mean" for a mean over tokens (weighted by each rank's rows), "min" for a
     # value monotone in the batch's minimum, "dead_clock" for tokens-since-fired counts. Unlisted buffers
     # agree on every rank unreduced.
     rank_reductions: ClassVar[dict[str, str]] = {"tokens_since_fired": "dead_clock"}
+    # The hyper-parameter that seeds the method's own randomness (ATM's masks), None for none: training sets
+    # it to the run's --seed unless it is given.
+    seed_hparam: ClassVar[str | None] = None
     # Hyper-parameters renamed since SAEs were saved with them, old name → new (read as the new one).
     renamed_hparams: ClassVar[dict[str, str]] = {}
     # This step's rows of the global batch (`train.train_step` sets it): a forward that needs a statistic of
@@ -144,6 +148,12 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         # Tokens since each latent last fired: dead-latent count, and TopK's AuxK mask.
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+
+    @property
+    def adam_betas(self) -> tuple[float, float]:
+        """The betas training's Adam uses: the method's, β1 replaced by the hyper-parameter `adam_beta1`."""
+        beta1 = getattr(self.hp, "adam_beta1", None)  # a plug-in's Params need not extend CommonParams
+        return (self.method_betas[0] if beta1 is None else beta1, self.method_betas[1])
 
     # ----- what a method may override -----
     @property
