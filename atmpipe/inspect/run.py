@@ -35,7 +35,6 @@ from atmpipe.inspect import absorbed, extract, page, texts, weights
 from atmpipe.inspect.config import InspectConfig
 from atmpipe.lm import load_lm
 from atmpipe.progress import Progress
-from atmpipe.sae.atm import STAT_NAMES, STATS_FILE
 
 
 def parse_latents(spec: str | None, top: int | None, d_sae: int, name: str) -> list[int] | None:
@@ -197,7 +196,7 @@ def build(cfg: InspectConfig) -> Path:
         {"tokens": held.tokens.tolist(), "positions": held.positions.tolist()},
     )
     title = f"atmpipe feature browser · {', '.join(s.name for s in saes)} · {model} layer {layer}"
-    meta = page.index_meta(title, held.n_scored, atm_stat_names(), vocab)
+    meta = page.index_meta(title, held.n_scored, atm_stat_names(saes), vocab)
     meta |= {"saes": index, "absorption_gate": gate, "n_texts": len(user_texts or [])}
     page.write_index(out, meta)  # index.html last: its presence marks a whole browser
     console.print(f"feature browser written to {out / 'index.html'} in {time.monotonic() - started:.0f} s")
@@ -234,23 +233,34 @@ def write_details(out, k, sae, fr, held, U: tuple, nn, latents, rng, used_tokens
         progress(len(js))
 
 
-def atm_stat_names() -> tuple:
-    return STAT_NAMES
+def atm_stat_names(saes) -> tuple:
+    """The names of the per-latent masking statistics (ATM's M, F, R, I, p), from the first SAE holding them."""
+    return next((tuple(stats) for stats in map(atm_stats, saes) if stats), ())
+
+
+def masking_stats(s) -> dict | None:
+    """An SAE's masking statistics (ATM's, `SAE.masking_statistics`): per-latent arrays and θ; None for a
+    method without them, or an SAE saved without them (all zero)."""
+    stats = s.sae.masking_statistics()
+    if stats is None:
+        return None
+    per_latent = {n: v.detach().cpu().numpy() for n, v in stats.items() if v.dim() == 1}
+    if not any(v.any() for v in per_latent.values()):
+        return None
+    return {**per_latent, "theta": float(stats["theta"])}
 
 
 def atm_stats(s) -> dict | None:
-    """An ATM SAE's final M, F, R, I and p (None for other methods, or when the SAE was saved without)."""
-    if s.info["method"] != "atm" or not (s.path / STATS_FILE).exists():
-        return None
-    return {name: getattr(s.sae, f"atm_{name}").detach().cpu().numpy() for name in STAT_NAMES}
+    """An SAE's per-latent masking statistics (ATM's final M, F, R, I and p), None where it has none."""
+    stats = masking_stats(s)
+    return None if stats is None else {n: v for n, v in stats.items() if n != "theta"}
 
 
 def masking_summary(s) -> dict | None:
-    """An ATM SAE's threshold θ and masking diagnostics (the eval's masking plug-in, from its statistics)."""
-    stats = atm_stats(s)
+    """An SAE's masking threshold θ and diagnostics (the eval's masking plug-in, from its statistics)."""
+    stats = masking_stats(s)
     if stats is None:
         return None
-    stats["theta"] = float(s.sae.atm_theta)
     d = diagnostics(stats, s.sae.cfg.hparams)
     keys = ("theta", "threshold_kind", "targeting", "frac_above_theta", "mean_p", "effective_masking_rate",
             "targeting_index", "corr_p_firing")  # fmt: skip
