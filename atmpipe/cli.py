@@ -16,11 +16,13 @@ from typer.core import TyperCommand
 from atmpipe.config import HarvestConfig, TrainConfig, load_config, load_recorded
 from atmpipe.errors import UserError
 from atmpipe.eval.config import EvalConfig
+from atmpipe.eval.metrics import REGISTRY
 from atmpipe.inspect.config import InspectConfig
 from atmpipe.options import add_command
 
 APP_HELP = (
-    "atmpipe: harvest residual streams into Zarr, train ATM / TopK / JumpReLU / ReLU SAEs, evaluate them."
+    "atmpipe: harvest residual streams into Zarr, train SAEs (ATM and its baselines: `atmpipe train --help` "
+    "lists the methods), evaluate them, browse their features."
 )
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=APP_HELP, pretty_exceptions_enable=False)
 err = Console(stderr=True)
@@ -174,7 +176,7 @@ add_command(
 
 add_command(
     app, "eval", EvalConfig, config_stage(EvalConfig, "atmpipe.eval.run:run_eval"),
-    "Stage three: measure SAEs side by side (core, absorption, probing, bias, training) and write a report.",
+    f"Stage three: measure SAEs side by side ({', '.join(REGISTRY)}) and write a report.",
     "TOML recipe of eval settings; flags override it.",
 )  # fmt: skip
 

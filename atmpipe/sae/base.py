@@ -41,7 +41,7 @@ LATENT_PATHS = ("auto", "sparse", "dense")
 
 @dataclass
 class SAEConfig:
-    method: str  # "relu" | "topk" | "jumprelu" | "atm"
+    method: str  # a registered method (SAE_METHODS)
     d_in: int
     d_sae: int
     hparams: dict = field(default_factory=dict)  # the method's own dataclass, as a dict

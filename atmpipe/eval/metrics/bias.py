@@ -23,6 +23,7 @@ class Bias(Metric):
     name = "bias"
     Options = BiasOptions
     needs = frozenset({"lm"})
+    paper = {"bias": "ATM 0.796"}
     rows = [("SCR (bias) at N=20, mean over occupation pairs", "scr_headline", "bias")]
 
     def check(self) -> None:
