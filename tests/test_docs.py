@@ -56,7 +56,7 @@ def test_every_flag_the_docs_name_exists():
 
 def test_every_file_the_docs_name_exists():
     """A source path (under atmpipe/, stages/, docs/, ...) or a .py/.toml/.sh file: relative to the
-    repository, to the doc, or to atmpipe/ (`eval/core.py`); a bare file name anywhere in the tree."""
+    repository, to the doc, or to atmpipe/ (`eval/compute/core.py`); a bare file name anywhere in the tree."""
     tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True)
     names = {Path(p).name for p in tracked.stdout.split()}
     missing = set()
