@@ -164,7 +164,7 @@ class TrainConfig:
         False,
         "Run the plain eager kernels, not the compiled ones (the one compile switch: sae/compiling.py).",
     )
-    latents: str = option(
+    latent_path: str = option(
         "auto", "The step's latents: auto (sparse below the device's measured density) | sparse | dense."
     )
     precision: str = option(
@@ -207,9 +207,9 @@ class TrainConfig:
                 raise UserError(f"{name} must be in [0, 1], got {getattr(self, name)}; fix it in the recipe")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
-        if self.latents not in ("auto", "sparse", "dense"):  # sae.base.LATENT_PATHS
+        if self.latent_path not in ("auto", "sparse", "dense"):  # sae.base.LATENT_PATHS
             raise UserError(
-                f"latents must be one of auto, sparse, dense (got {self.latents!r}); pass e.g. --latents auto"
+                f"latent_path must be one of auto, sparse, dense (got {self.latent_path!r}); pass e.g. --latent-path auto"
             )
         if self.precision not in ("auto", "bf16", "fp32"):  # precision.PRECISIONS
             raise UserError(

@@ -93,6 +93,8 @@ def _current_keys(saved: dict) -> dict:
     for the compile switch, no_compile; k, l1, target_l0 and adam_beta1 were train settings before the
     method's Params became their one place: a saved value moves into hparams, as it was applied then."""
     values = {k: v for k, v in saved.items() if k not in ("resume", "overwrite", "compile")}
+    if "latents" in values:  # --latents was renamed --latent-path (inspect's --latents is a list of ids)
+        values["latent_path"] = values.pop("latents")
     moved = {k: values.pop(k) for k in ("k", "l1", "target_l0", "adam_beta1") if k in values}
     values["hparams"] = {**values.get("hparams", {}), **{k: v for k, v in moved.items() if v is not None}}
     return values
@@ -525,7 +527,7 @@ def build_sae(cfg: TrainConfig, plan: RunPlan, resumed: dict | None) -> tuple[SA
     )  # fmt: skip
     compiling.set_compile(not cfg.no_compile)
     sae = make_sae(sae_cfg).to(plan.device)
-    sae.latents = cfg.latents
+    sae.latent_path = cfg.latent_path
     sae.precision = precision.resolve(cfg.precision, plan.device)
     sae.init_b_dec(torch.tensor(stats["mean"], dtype=torch.float32).unsqueeze(0) * scale)
     return sae, scale
@@ -628,7 +630,7 @@ class Trainer:
                 progress.update(task, completed=self.step)
                 if self.sae.path[0] not in paths_logged:  # once per path and run: which one, from when, why
                     paths_logged.add(self.sae.path[0])
-                    self.console.print(_path_line(self.sae, self.step - 1, cfg.latents))
+                    self.console.print(_path_line(self.sae, self.step - 1, cfg.latent_path))
                 if self.step % cfg.log_every == 0 or self.step == total:
                     rate, elapsed = throughput.read(self.step)
                     self.last = share.mean_metrics(
@@ -730,7 +732,7 @@ def _precision_line(resolved: str, option: str, device: torch.device) -> str:
 def _path_line(sae: SAE, step: int, option: str) -> str:
     path, density = sae.path
     at = "" if density is None else f", latent density {density:.2%}"
-    why = f"--latents {option}"
+    why = f"--latent-path {option}"
     if option == "auto" and sae.auto_path_reason():
         why = sae.auto_path_reason()
     elif option == "auto" and density is not None:

@@ -589,8 +589,9 @@ def interleaved_times(steps: dict, xs: list, warmup: int, rounds: int) -> dict[o
 def _set_latents(step: Callable, path: str) -> None:
     """The SAE inside an atmpipe_step closure, set to one path."""
     for cell in step.__closure__ or ():
-        if hasattr(cell.cell_contents, "latents"):
-            cell.cell_contents.latents = path
+        for name in ("latent_path", "latents"):  # "latents" in checkouts from before its rename
+            if hasattr(cell.cell_contents, name):
+                setattr(cell.cell_contents, name, path)
 
 
 def ab(checkout: Path, methods=("relu", "jumprelu", "atm", "topk"), rounds: int = 3, log=print) -> dict:

@@ -205,8 +205,8 @@ METHODS = {  # case: (TrainConfig values, the same as CLI flags, what the 1-rank
     "atm": ({"hparams": {"warmup_steps": 3, "target_l0": 40.0}, "no_compile": True},
             ["--hparam", "warmup_steps=3", "--no-compile", "--target-l0", "40"], MASKED),
     # The same on the sparse path: batch means averaged over the ranks, masks drawn at the global rows.
-    "atm-sparse": ({"hparams": {"warmup_steps": 3}, "no_compile": True, "latents": "sparse"},
-                   ["--hparam", "warmup_steps=3", "--no-compile", "--latents", "sparse"], MASKED),
+    "atm-sparse": ({"hparams": {"warmup_steps": 3}, "no_compile": True, "latent_path": "sparse"},
+                   ["--hparam", "warmup_steps=3", "--no-compile", "--latent-path", "sparse"], MASKED),
     # ATM's controls (log threshold, uniform targeting) pass through the cross-rank statistics step.
     "atm-controls": ({"hparams": {"warmup_steps": 3, "threshold": "log", "targeting": "uniform"}, "no_compile": True},
                      ["--hparam", "warmup_steps=3", "--no-compile", "--hparam", "threshold=log",

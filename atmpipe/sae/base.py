@@ -121,8 +121,8 @@ class SAE(nn.Module):
     share: BatchShare = BatchShare()
     # The training step's latents: "sparse" (active entries only, sparse.py), "dense", or "auto": sparse when
     # the batch's density is below the device's sparse.crossover_density. A training option, not a
-    # hyper-parameter (the result is the same to float round-off); `atmpipe train --latents` sets it.
-    latents: str = "auto"
+    # hyper-parameter (the result is the same to float round-off); `atmpipe train --latent-path` sets it.
+    latent_path: str = "auto"
     # The dtype of the training step's matrix products, "bf16" or "fp32" (precision.resolve): a training
     # option like `latents`, set from `atmpipe train --precision`; train_step runs the forward under autocast.
     precision: str = "fp32"
@@ -167,7 +167,7 @@ class SAE(nn.Module):
         return None
 
     def auto_path_reason(self) -> str | None:
-        """Why `--latents auto` takes the path it takes, for a method that decides it itself (None: the
+        """Why `--latent-path auto` takes the path it takes, for a method that decides it itself (None: the
         device's measured crossover density decides)."""
         return None
 
@@ -275,14 +275,14 @@ class SAE(nn.Module):
         """The entries of `support` ([batch, d_sae] bool: the latents this step needs) when the step takes
         the sparse path, else None (dense). Records the choice and the density in `self.path`."""
         crossover = sparse.crossover_density(support.device, self.precision)
-        if self.latents == "dense" or (self.latents == "auto" and crossover == 0):
+        if self.latent_path == "dense" or (self.latent_path == "auto" and crossover == 0):
             self.path = ("dense", None)  # no density read-back (on an accelerator it would sync)
             return None
         density = int(torch.count_nonzero(support)) / max(support.numel(), 1)
         # On several ranks the global density decides: every rank must take the same path (their collectives).
         if self.share.world.size > 1:
             density = float(self.share.mean(torch.tensor(density, dtype=torch.float64)))
-        if self.latents == "auto" and density >= crossover:
+        if self.latent_path == "auto" and density >= crossover:
             self.path = ("dense", density)
             return None
         self.path = ("sparse", density)
