@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from atmpipe.corpus import EMBEDDED, check_context_size
 from atmpipe.errors import UserError
 from atmpipe.hub import EMBEDDED_MODEL
-from atmpipe.options import option
+from atmpipe.options import device_option, option
 from atmpipe.typecheck import check_types
 
 C = TypeVar("C")
@@ -104,7 +104,7 @@ class HarvestConfig:
     dtype: str | None = option(
         None, "Compute dtype (default bfloat16 where the device has bf16 units, else float32)."
     )
-    device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
+    device: str = device_option()
     storage_dtype: str = option("float32", "float32 | float16 | bfloat16.")
     out: str | None = option(None, "Store path (default cache/l{L}.zarr).")
     overwrite: bool = option(False, "Replace a store of another configuration.")
@@ -171,7 +171,7 @@ class TrainConfig:
         "auto",
         "Matrix products in bf16 | fp32 | auto (bf16 where the device has bf16 units, else fp32).",
     )
-    device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
+    device: str = device_option()
     # What ran, recorded in the run: the recipe files in the order they were layered, and the flags and
     # --hparam values given on top of them (set by load_train_config).
     recipe: list = field(default_factory=list)

@@ -28,6 +28,12 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def device_option() -> Any:
+    """`--device`, one option for every stage that runs torch (harvest, train, eval): one default, one help;
+    `atmpipe.device.resolve_device` reads it (inspect, without the flag, takes that default)."""
+    return option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
+
+
 def flag_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     """The fields of `cls` that are flags, with their resolved types."""
     hints = typing.get_type_hints(cls)
