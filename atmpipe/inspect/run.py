@@ -20,21 +20,12 @@ from atmpipe.eval.cache import ActivationCache
 from atmpipe.eval.metrics import REGISTRY
 from atmpipe.eval.metrics.absorption import summary
 from atmpipe.eval.metrics.masking import diagnostics
-from atmpipe.eval.run import (
-    Context,
-    EvalConfig,
-    Phase,
-    agreed,
-    check_out,
-    console,
-    load_saes,
-    open_eval_store,
-    other_width,
-)
+from atmpipe.eval.run import Context, EvalConfig
 from atmpipe.inspect import absorbed, extract, page, texts, weights
 from atmpipe.inspect.config import InspectConfig
 from atmpipe.lm import load_lm
 from atmpipe.progress import Progress
+from atmpipe.stage_inputs import Phase, agreed, check_out, console, load_saes, open_sae_store, other_width
 
 
 def parse_latents(spec: str | None, top: int | None, d_sae: int, name: str) -> list[int] | None:
@@ -66,7 +57,7 @@ def check_inputs(cfg: InspectConfig):
     check_out(out)
     saes = load_saes(cfg.sae)
     layer = agreed(saes, "layer", None, "layer")
-    store = open_eval_store(cfg, saes, layer)
+    store = open_sae_store(cfg, saes, layer)
     if store is None:
         raise UserError("no store given and the SAEs do not record theirs; pass --store PATH")
     layer = store.layers[0] if layer is None else layer
