@@ -69,7 +69,7 @@ def _harvest(config, flags: dict) -> None:
     from atmpipe import distributed  # the stages import torch: only when their command runs, not for --help
     from atmpipe.harvest import harvest
 
-    path = harvest(load_config(HarvestConfig, config, **flags))
+    path = harvest(load_recorded(HarvestConfig, config, **flags))
     if distributed.world().is_main:  # under torchrun, said once
         err.print(f"store: {path}  (inspect with `atmpipe info {path}`)", highlight=False)
 

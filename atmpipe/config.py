@@ -113,6 +113,10 @@ class HarvestConfig:
     trust_remote_code: bool = option(  # runs Python code shipped with the model: only with an explicit flag
         False, "RISK: runs Python code from the model's repository. Only for models you trust."
     )
+    # What ran, recorded beside the store (harvest.recipe_file), not in it: the recipe files in order and the
+    # flags given (set by load_recorded).
+    recipe: list = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         from atmpipe.store import (
