@@ -1,5 +1,5 @@
 """The `atmpipe` command line: parses flags, then calls one stage function, importing the stage only when its
-command runs (so `atmpipe --help` stays free of torch). No other atmpipe module imports this one."""
+command runs (so `atmpipe --help` stays free of torch). Only `python -m atmpipe` (`__main__.py`) imports it."""
 
 from __future__ import annotations
 
