@@ -75,11 +75,10 @@ def load_train_config(
     cfg = load_config(TrainConfig, recipes, **flags)
     given = {k: v for k, v in flags.items() if v is not None}
     saved = _saved_run(cfg) if cfg.resume else None
-    hparams = {**(hparams or {}), **hparams_of_flags(cfg.method, method_flags or {})}
     if saved is not None:
-        values = _current_keys(saved["config"])
-        cfg = load_config(TrainConfig, None, **{**values, **given})
-    else:
+        cfg = load_config(TrainConfig, None, **{**_current_keys(saved["config"]), **given})
+    hparams = {**(hparams or {}), **hparams_of_flags(cfg.method, method_flags or {})}  # the method that runs
+    if saved is None:
         cfg.recipe = [str(p) for p in recipes]
         cfg.overrides = {k: v for k, v in given.items() if k not in ("resume", "overwrite")}
         if hparams:

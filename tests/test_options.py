@@ -20,7 +20,7 @@ HAND_WRITTEN = {
     "harvest": "model layer dataset text_column tokens eval_tokens context_size batch_size seed dtype device "
     "storage_dtype out overwrite config trust_remote_code",
     "train": "store method config layer d_sae expansion lr batch_size tokens seed checkpoint_every "
-    "out resume overwrite allow_partial skip_damaged no_compile latents precision device hparam ctx",
+    "out resume overwrite allow_partial skip_damaged no_compile latent_path precision device hparam",
     "eval": "sae store model layer metrics out config device dtype seed batch_size core_tokens splice_windows "
     "absorption_sample_words absorption_min_words_per_letter absorption_sample_seed absorption_icl absorption_f1_gate "
     "absorption_min_letters probing_tasks "
@@ -71,7 +71,7 @@ def test_the_method_hyper_parameters_are_flags_of_train(tmp_path):
 def test_train_help_lists_every_method_and_its_hyper_parameters():
     from atmpipe.sae import SAE_METHODS
 
-    text = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output
+    text = " ".join(CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output.split())
     for name, method in SAE_METHODS.items():
         assert f"{name}: {', '.join(f.name for f in dataclasses.fields(method.Params))}" in text
 
