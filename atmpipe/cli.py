@@ -167,7 +167,7 @@ add_command(
     extra=(inspect.Parameter("hparam", inspect.Parameter.KEYWORD_ONLY, annotation=list[str] | None,
                              default=typer.Option(None, help="Method hyper-parameter KEY=VALUE (repeatable).")),
            inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)),
-    cls=TrainCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    command_cls=TrainCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )  # fmt: skip
 
 

@@ -68,10 +68,11 @@ def _optional(kind: Any) -> bool:
 
 
 def add_command(app, name: str, cls: type, run: Callable[..., None], doc: str, recipe_help: str,
-                extra: tuple[inspect.Parameter, ...] = (), **command_settings: Any) -> None:  # fmt: skip
+                extra: tuple[inspect.Parameter, ...] = (), command_cls: type | None = None,
+                **command_settings: Any) -> None:  # fmt: skip
     """Add `atmpipe <name>`: a flag per option of `cls`, `--config` for a recipe, and `extra` parameters;
     `run(config, overrides, **extra)` gets the recipe path, the given flags by field name, and the extras.
-    `command_settings` go to typer's `app.command` (a command class, click's context settings)."""
+    `command_cls` and `command_settings` (click's context settings) go to typer's `app.command`."""
     fields = flag_fields(cls)
     params = [_parameter(f, kind) for f, kind in fields]
     params.append(
@@ -94,4 +95,4 @@ def add_command(app, name: str, cls: type, run: Callable[..., None], doc: str, r
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = doc
-    app.command(name, **command_settings)(command)
+    app.command(name, cls=command_cls, **command_settings)(command)
