@@ -131,7 +131,7 @@ def test_train_refuses_an_impossible_hyper_parameter(store, tmp_path, case):
         "unknown hyper-parameter": (
             ["--method", "relu", "--hparam", "gamma=2"],
             "unknown hyper-parameter(s) gamma for method relu; "
-            "known: dead_tokens, l0_controller_push, l0_controller_rate, l1, l1_warmup_frac, target_l0",
+            "known: adam_beta1, dead_tokens, l0_controller_push, l0_controller_rate, l1, l1_warmup_frac, target_l0",
         ),
         "l0 controller option out of range": (
             ["--method", "relu", "--hparam", "l0_controller_rate=0"],
