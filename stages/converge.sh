@@ -14,9 +14,8 @@
 # cores (this CPU has no bf16 units), the convergence part alone:
 #     PLAN_ONLY=1 bash stages/reproduce.sh | grep ^converge- | .venv/bin/python stages/experiment.py budget - \
 #         stages/reproduce-budget.json
-# 50.1 h in full; 42.8 h with CONTROL_SEEDS=0; 29.0 h with FRONTIER_LONG=0 as well: over the 16 h target in
-# every case. At the bf16 speed-ups quoted for CPU matrix units (training ×2, LM passes ×2.3; NOT measured
-# here): 29.1, 25.2 and 17.8 h.
+# 92.5 h in full; 82.2 h with CONTROL_SEEDS=0; 56.6 h with FRONTIER_LONG=0 as well (every SAE now also
+# gets probing, SCR and TPP, about half of it on estimates): over the 16 h target in every case.
 
 CONV_STORE=${CONV_STORE:-cache/converge-$NAME.zarr}
 CONV_RUNS=${CONV_RUNS:-runs/converge/$NAME}
@@ -43,8 +42,7 @@ csae() {
     ((times > 1)) && name+="-x$times"
     local args=(--config "stages/train-$method.toml" --config "$SIZES")
     [[ -n ${VARIANT_RECIPE[$variant]:-} ]] && args+=(--config "${VARIANT_RECIPE[$variant]}")
-    if [[ $method == topk ]]; then args+=(--k "$l0"); else args+=(--target-l0 "$l0"); fi
-    args+=(--seed "$seed" --tokens $((BASE_TOKENS * times)))
+    args+=("$(l0_flag "$method")" "$l0" --seed "$seed" --tokens $((BASE_TOKENS * times)))
     GROUP+=("$CONV_RUNS/$name")
     stage "converge-train-$name" "$CONV_RUNS/$name/atmpipe.json" -- "$ATMPIPE" train "${args[@]}" \
         --store "$CONV_STORE" --out "$CONV_RUNS/$name" --resume

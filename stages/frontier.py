@@ -16,6 +16,7 @@ import json
 import math
 import re
 import statistics
+import tomllib
 from pathlib import Path
 
 import matplotlib
@@ -33,6 +34,7 @@ RUN_NAME = re.compile(r"^(?P<variant>[a-z][a-z0-9.\-]*?)-L(?P<l0>\d+)-s(?P<seed>
 # Every registered method (a new one joins the aggregate with its registry line), the four first as before.
 METHODS = [m for m in ("atm", "topk", "jumprelu", "relu") if m in SAE_METHODS]
 METHODS += sorted(set(SAE_METHODS) - set(METHODS))
+REPO = Path(__file__).resolve().parent.parent  # the plan's recipe paths are relative to it
 HEAD_L0 = 64  # the level with seeds, controls and the longer runs
 L0_TOLERANCE = 0.05  # matched sparsity: every SAE's measured L0 within ±5% of its level
 MASKING_SECTION = "masking"  # the eval's masking diagnostics of ATM SAEs
@@ -68,13 +70,20 @@ def parse_run(name: str, meta: dict | None = None) -> dict | None:
     return run
 
 
+# Of a section whose status is "unresolved" (SCR or TPP whose data cannot tell 0.1 apart), only the figures
+# that say so are kept: never its score, which would be read as a result.
+UNRESOLVED_KEPT = {"n_test", "n_pairs", "n_sets", "a_base", "a_oracle", "mdd_headline", "half_width_headline"}
+
+
 def scalars(result: dict) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Every numeric scalar of one SAE's eval record as {"section.key": value}, and its 95% intervals."""
     flat, ci = {}, {}
     for section, values in result.items():
-        if not isinstance(values, dict) or values.get("status") not in (None, "ok"):
+        if not isinstance(values, dict) or values.get("status") not in (None, "ok", "unresolved"):
             continue
         for key, v in values.items():
+            if values.get("status") == "unresolved" and key not in UNRESOLVED_KEPT:
+                continue
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 flat[f"{section}.{key}"] = float(v)
             elif key.startswith(CI_PREFIX) and isinstance(v, list) and len(v) == 2:
@@ -458,14 +467,18 @@ def write(results_dir: Path, head: int = HEAD_L0, suffix: str = "") -> dict:
     by_level = {s: {str(l0): cell for l0, cell in levels.items()} for s, levels in summary.items()}
     others = [m for m in METHODS if m != "atm"]
     comparisons = verdict.comparisons(by_level, head, word_scores(results_dir), suffix, others)
+    claims = verdict.claims(by_level, head, others, suffix)
     record = results_dir / "experiment.json"
     stages = json.loads(record.read_text()).get("provenance", {}).get("stages", {}) if record.exists() else {}
-    mark_code(comparisons, by_level, code_of(runs, stages))
+    code = code_of(runs, stages)
+    mark_code(comparisons, by_level, code)
+    mark_code(claims["probing"]["rows"] + [r for s in ("bias", "tpp") for r in claims["bias"][s].get("rows", [])], by_level, code)  # fmt: skip
     payload = {
-        "experiment": "L0 frontier with seeds, ATM masking controls and 4x training (stages/reproduce.sh)",
+        "experiment": "L0 frontier with seeds, ATM masking controls, Matryoshka and 4x training (stages/reproduce.sh)",
         "l0_match": l0_match(runs),
         "summary": by_level,
         "comparisons": comparisons,
+        "claims": claims,
         "runs": runs,
         "evals": {
             g: {"config": p.get("run", {}).get("config"), "shared": p.get("shared")}
@@ -476,12 +489,12 @@ def write(results_dir: Path, head: int = HEAD_L0, suffix: str = "") -> dict:
         "note": "summary: per series and L0, mean and sd (n - 1) over training seeds of each SAE's mean over its "
         "eval seeds (eval_seeds: how many; eval_sd: their spread within an SAE); ci95: absorption's "
         "word-bootstrap interval, mean over seeds; comparisons: stages/verdict.py says what each interval "
-        "carries",
+        "carries; claims: the paper's claims 3-5 answered one by one (stages/verdict.py claims)",
     }
     (results_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     has_head = any(head in levels for levels in summary.values())
     (results_dir / "table.md").write_text(table(summary, head) + absorption_note(groups) if has_head else "")
-    (results_dir / "verdict.md").write_text(verdict.markdown(comparisons))
+    (results_dir / "verdict.md").write_text(verdict.markdown(comparisons, claims))
     return payload
 
 
@@ -506,7 +519,7 @@ def stage_seconds(name: str, command: str, seconds: dict) -> float:
         per_pass = seconds["train_s"].get(run["variant"], seconds["train_s"][run["method"]])
         return per_pass * run["tokens_multiplier"]
     if short.startswith("eval-"):
-        return seconds["eval_s"]["per_sae"] * command.count("--sae=")
+        return eval_parts(command, seconds["eval_s"])[1] * command.count("--sae=")
     return seconds.get(f"{name}_s", 0.0)
 
 
@@ -515,34 +528,98 @@ def _flag(command: str, name: str, default: str) -> str:
     return next((words[i + 1] for i, w in enumerate(words[:-1]) if w == name), default)
 
 
+LABELLED = {"probing", "bias", "tpp"}  # the metrics that read the sae-probes texts (cached per eval seed)
+
+
+def eval_metrics(command: str) -> set[str] | None:
+    """The metrics an eval stage runs: its --metrics flag, else its recipe's (--config); None if unknown."""
+    if flag := _flag(command, "--metrics", "").replace("\\", ""):  # the plan's %q escapes the commas
+        return set(flag.split(","))
+    recipe = REPO / _flag(command, "--config", "-")
+    if recipe.is_file() and (listed := tomllib.loads(recipe.read_text()).get("metrics")):
+        return set(listed.split(","))
+    return None
+
+
+def eval_parts(command: str, eval_s: dict) -> tuple[list[str], float]:
+    """An eval stage's LM parts (keys of eval_s["first"], each paid once per eval seed) and its seconds per
+    SAE. eval_s: "first" (seconds, or {part: seconds}: "absorption" its prompts, "labelled" the probing, SCR
+    and TPP texts, "other" the rest), "per_sae" (every metric but the labelled ones), "per_sae_labelled"
+    (what probing, SCR and TPP add), "per_sae_absorption_only" (an eval of absorption alone)."""
+    first = eval_s["first"] if isinstance(eval_s["first"], dict) else {"other": eval_s["first"]}
+    metrics = eval_metrics(command)
+    if metrics is None:  # not known: every part
+        return list(first), eval_s["per_sae"] + eval_s.get("per_sae_labelled", 0.0)
+    needs = {"absorption": "absorption" in metrics, "labelled": bool(metrics & LABELLED)}
+    parts = [p for p in first if needs.get(p, bool(metrics - LABELLED - {"absorption"}))]
+    if metrics == {"absorption"} and "per_sae_absorption_only" in eval_s:
+        return parts, eval_s["per_sae_absorption_only"]
+    return parts, eval_s["per_sae"] + (eval_s.get("per_sae_labelled", 0.0) if needs["labelled"] else 0.0)
+
+
 def budget_seconds(plan: str, seconds: dict) -> list[tuple[str, str, float, float]]:
-    """(stage, status, seconds, of which LM-bound seconds) for every stage of a plan. Each eval seed pays the
-    eval's LM passes (`eval_s["first"]`: its absorption prompts differ) once, at its first eval."""
-    rows, seeds_paid = [], set()
+    """(stage, status, seconds, of which LM-bound seconds) for every stage of a plan. Each part of the eval's
+    LM passes (eval_parts) is paid once per eval seed (its prompts and splits differ), at the first eval that
+    needs it, whichever part of the plan that is (the eval cache is per model and layer, not per store)."""
+    rows, paid = [], set()
+    first = seconds["eval_s"]["first"]
+    first = first if isinstance(first, dict) else {"other": first}
     for name, status, command in plan_stages(plan):
         s = 0.0 if status == "done" else stage_seconds(name, command, seconds)
         lm = s if name.endswith("harvest") else 0.0
         if name.removeprefix("converge-").startswith("eval-"):
             seed = _flag(command, "--seed", "0")
-            if seed not in seeds_paid:
-                seeds_paid.add(seed)
-                lm = 0.0 if status == "done" else seconds["eval_s"]["first"]
-                s += lm
+            new = [p for p in eval_parts(command, seconds["eval_s"])[0] if (seed, p) not in paid]
+            paid.update((seed, p) for p in new)
+            lm = 0.0 if status == "done" else sum(first[p] for p in new)
+            s += lm
         rows.append((name, status, s, lm))
     return rows
 
 
+def without_estimates(seconds: dict, paths: list[str] | None = None) -> dict:
+    """`seconds` with every input its "estimated" list names (dotted paths: "eval_s.first.labelled"), or only
+    those of `paths`, set to 0."""
+    out = json.loads(json.dumps(seconds))
+    for path in seconds.get("estimated", []) if paths is None else paths:
+        *parents, leaf = path.split(".")
+        node = out
+        for key in parents:
+            node = node[key]
+        if isinstance(node.get(leaf), dict):
+            raise ValueError(f"estimated input {path} is a table; name its entries")
+        if leaf not in node:
+            raise ValueError(f"estimated input {path} is not an input of the budget")
+        node[leaf] = 0.0
+    return out
+
+
 def print_budget(plan: str, seconds: dict, limit_h: float = 16.0) -> float:
-    """Per stage and in total, the wall time the unfinished part of a plan needs; returns the hours. With
-    `seconds["bf16_not_measured"]` ({"train": ×, "lm": ×}), also the total those speed-ups would give."""
+    """Per stage and in total, the wall time the unfinished part of a plan needs; returns the hours. A stage
+    whose time uses an input listed in `seconds["estimated"]` is marked, and the total says how much of it
+    rests on estimates. With `seconds["bf16_not_measured"]` ({"train": ×, "lm": ×}), also the total those
+    speed-ups would give."""
     rows = budget_seconds(plan, seconds)
-    print(f"{'stage':44} {'status':6} {'minutes':>8}")
-    for name, status, s, _ in rows:
-        print(f"{name:44} {status:6} {s / 60:8.1f}")
+    measured = [s for _, _, s, _ in budget_seconds(plan, without_estimates(seconds))]
+    print(f"{'stage':44} {'status':6} {'minutes':>8}  basis")
+    for (name, status, s, _), m in zip(rows, measured, strict=True):
+        basis = "" if s == 0 else "measured" if m == s else "estimate" if m == 0 else "part estimate"
+        print(f"{name:44} {status:6} {s / 60:8.1f}  {basis}")
     total = sum(s for _, _, s, _ in rows)
     hours = total / 3600
     verdict = "within" if hours <= limit_h else "OVER"
     print(f"{'total':44} {'':6} {total / 60:8.1f}  = {hours:.2f} h ({verdict} {limit_h:g} h on these times)")
+    if seconds.get("estimated"):
+        guessed = (total - sum(measured)) / 3600
+        used = [
+            f"{path} {(total - sum(s for _, _, s, _ in budget_seconds(plan, without_estimates(seconds, [path])))) / 3600:.2f} h"
+            for path in seconds["estimated"]
+        ]  # fmt: skip
+        used = [u for u in used if not u.endswith(" 0.00 h")]
+        print(
+            f"of which {guessed:.2f} h rest on estimates, not measurements ({', '.join(used)}; the budget file's "
+            "'about' says how each was made)"
+        )
     speed = seconds.get("bf16_not_measured")
     if speed:
         faster = sum(

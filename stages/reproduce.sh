@@ -12,19 +12,23 @@
 #     PLAN_ONLY=1 bash stages/reproduce.sh                     # print every stage and its command; run none
 #     MODEL=gemma-2-2b LAYER=12 bash stages/reproduce.sh       # the paper's model, on a GPU
 #
-# The plan: 35 SAEs, all 8× wide (5120 latents), one pass over the 2^21-token store unless said otherwise:
-#   1. head      atm, topk, jumprelu, relu at L0 64, seed 0         4 SAEs, then eval and make crosscheck
-#   2. seeds     the same at seeds 1 and 2 (error bars at L0 64)                         8 SAEs, then eval
-#   3. frontier  the four methods at L0 16, 32 and 128, seed 0                          12 SAEs, then eval
+# The plan: 41 SAEs, all 8× wide (5120 latents), one pass over the 2^21-token store unless said otherwise:
+#   1. head      atm, topk, jumprelu, relu, matryoshka at L0 64, seed 0   5 SAEs, then eval and make crosscheck
+#   2. seeds     the same at seeds 1 and 2 (error bars at L0 64)                        10 SAEs, then eval
+#   3. frontier  the five methods at L0 16, 32 and 128, seed 0                          15 SAEs, then eval
 #   4. controls  ATM with uniform targeting, the log threshold, r = 0.5; seeds 0-2        9 SAEs, then eval
 #   5. long      atm and topk at L0 64, seed 0, 4× the tokens (4 passes over the store)  2 SAEs, then eval
+# Every eval runs every metric of stages/reproduce-eval.toml (absorption, core, probing over the 51 sae-probes
+# tasks, SCR, TPP, ...) at eval seed 0; the L0-64 groups (head, seeds, controls) are evaluated again on
+# absorption alone at eval seeds $ABSORPTION_SEEDS (default 1 2: evals/<group>-e1, -e2), so that every
+# absorption difference at L0 64 has the probes' randomness in its interval (stages/verdict.py needs 3).
 #   6. converge  the verdict at convergence (stages/converge.sh; CONVERGE=0 leaves it out): a fresh store,
 #                every registered method at 2M/8M/32M tokens, 3 eval seeds per SAE, the crosscheck at the
 #                verdict's sample; its own budget (50 h fp32 in full, over the 16 h target) is in its header
 # Most informative first: if the budget runs out, what is missing is the least needed. One eval per group:
 # the eval caches the LM's activations per model and layer, so the LM passes are paid once (group 1).
 #
-# Budget on 2 idle CPU cores, ≤ 6 h asked: the estimate adds per-stage times over the stages not yet done,
+# Budget on 2 idle CPU cores: the estimate adds per-stage times over the stages not yet done,
 #     PLAN_ONLY=1 bash stages/reproduce.sh | .venv/bin/python stages/experiment.py budget - stages/reproduce-budget.json
 # (its inputs, what is measured and what estimated: stages/reproduce-budget.json; the run's real wall times
 # go to experiment.json). Minutes per group (train + eval), the store reused, the eval's LM passes paid once
@@ -32,9 +36,10 @@
 #                                        head  crosscheck  seeds  frontier  controls  long  total
 #   dense steps (2026-11-29 wall times)    59          45     69       103       109    56  7.4 h
 #   sparse steps (measured 2026-11-30)     48          45     45        68        53    37  4.9 h
-# With the sparse path the whole issue fits, nothing cut: 4.9 h, 5.3 h with a fresh harvest (~26 min). The
-# order above means an over-run loses the least informative groups first; other load on the cores stretches
-# everything (this run's own wall times, on shared cores, are in experiment.json).
+# (those two rows are the 35-SAE plan before Matryoshka, full-size probing/SCR/TPP and the absorption eval
+# seeds joined it; the budget command above gives the current plan's total, and says which inputs are
+# estimates). The order above means an over-run loses the least informative groups first; other load on the
+# cores stretches everything (this run's own wall times, on shared cores, are in experiment.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source stages/lib.sh
@@ -58,12 +63,27 @@ declare -A VARIANT_RECIPE=(
     [atm-log]=stages/masking-controls/log.toml         # θ and θ − I on log importance
     [atm-r0.5]=stages/atm-sweep/r0.5.toml              # half the masking rate
 )
-METHODS=(atm topk jumprelu relu)
+METHODS=(atm topk jumprelu relu matryoshka)
 CONTROLS=(atm-uniform atm-log atm-r0.5)
 HEAD_L0=64
+read -ra ABSORPTION_SEEDS <<<"${ABSORPTION_SEEDS-1 2}" # ABSORPTION_SEEDS= leaves them out
+# The groups evaluated with probing, SCR and TPP (each SAE encodes every cached probing text: minutes per SAE,
+# stages/eval_cost.py); the others run the recipe's remaining metrics. LABELLED_GROUPS="head seeds controls"
+# keeps them at L0 64, where the verdict reads the paper's claims 3-5.
+read -ra LABELLED_GROUPS <<<"${LABELLED_GROUPS-head seeds frontier controls long}"
+UNLABELLED_METRICS=core,absorption,training,masking # stages/reproduce-eval.toml's metrics less those three
 LONG=${LONG:-stages/reproduce-long.toml} # the longer runs' tokens, layered after $SIZES
 LONG_TIMES=$(.venv/bin/python -c 'import sys, tomllib; a, b = (tomllib.load(open(f, "rb"))["tokens"] for f in sys.argv[1:])
 print(b // a)' "$SIZES" "$LONG")
+
+# l0_flag METHOD: the flag that sets a method's L0 — k for the TopK family (TopK, Matryoshka BatchTopK), the
+# target L0 for the methods that steer toward one (ATM, JumpReLU, ReLU); converge.sh uses it too.
+l0_flag() {
+    case $1 in
+    topk | matryoshka) echo --k ;;
+    *) echo --target-l0 ;;
+    esac
+}
 
 # sae VARIANT L0 SEED [long]: train one SAE (skipped when done) and add it to the current eval group. L0
 # and seed are flags (TopK's k, the others' target L0; the seed): the sweep's two variables, recorded
@@ -79,18 +99,28 @@ sae() {
         name+="-x$LONG_TIMES"
         args+=(--config "$LONG")
     fi
-    if [[ $method == topk ]]; then args+=(--k "$l0"); else args+=(--target-l0 "$l0"); fi
-    args+=(--seed "$seed")
+    args+=("$(l0_flag "$method")" "$l0" --seed "$seed")
     GROUP+=("$RUNS/$name")
     stage "train-$name" "$RUNS/$name/atmpipe.json" -- "$ATMPIPE" train "${args[@]}" --store "$STORE" \
         --out "$RUNS/$name" --resume
 }
 
-# evaluate GROUP: one eval of the group's SAEs (once all are trained), then the aggregate is rewritten.
+# evaluate GROUP [absorption-seeds]: one eval of the group's SAEs (once all are trained) with every metric of
+# the recipe at eval seed 0; with "absorption-seeds", absorption alone again at each of $ABSORPTION_SEEDS
+# (evals/GROUP-e1, ...: each seed redraws the split, the in-context examples and the probes over the same
+# words; the other metrics' intervals carry their own sampling). Then the aggregate is rewritten.
 evaluate() {
-    local group=$1
+    local group=$1 seeded=${2:-} seed metrics=()
+    [[ " ${LABELLED_GROUPS[*]} " == *" $group "* ]] || metrics=(--metrics "$UNLABELLED_METRICS")
     stage "eval-$group" "$RESULTS/evals/$group/results.json" -- "$ATMPIPE" eval --config "$EVAL_RECIPE" \
-        "${GROUP[@]/#/--sae=}" --out "$RESULTS/evals/$group"
+        "${metrics[@]}" "${GROUP[@]/#/--sae=}" --out "$RESULTS/evals/$group"
+    if [[ $seeded == absorption-seeds ]]; then
+        for seed in "${ABSORPTION_SEEDS[@]}"; do
+            stage "eval-$group-e$seed" "$RESULTS/evals/$group-e$seed/results.json" -- "$ATMPIPE" eval \
+                --config "$EVAL_RECIPE" --metrics absorption --seed "$seed" "${GROUP[@]/#/--sae=}" \
+                --out "$RESULTS/evals/$group-e$seed"
+        done
+    fi
     GROUP=()
     [[ ${PLAN_ONLY:-} == 1 ]] && return 0
     # the record first: the aggregate reads each stage's code version from its experiment.json
@@ -106,22 +136,23 @@ stage harvest "$STORE" -- "$ATMPIPE" harvest --config "$HARVEST_RECIPE" --model 
 
 for m in "${METHODS[@]}"; do sae "$m" "$HEAD_L0" 0; done
 HEAD_SAES=("${GROUP[@]}")
-evaluate head
+evaluate head absorption-seeds
 
-# SAEBench's own absorption eval beside atmpipe's on the head SAEs (make crosscheck, stages/crosscheck.py),
+# SAEBench's own absorption eval beside atmpipe's on the head SAEs, Matryoshka among them (SAEBench loads it
+# through SAELens as the JumpReLU it is at inference) (make crosscheck, stages/crosscheck.py),
 # right after them: it checks the metric every later group is read with. A disagreement beyond tolerance is
 # written to $RESULTS/crosscheck/crosscheck.md as a finding and the experiment goes on (REPORT_ONLY).
 stage crosscheck "$RESULTS/crosscheck/crosscheck.json" -- make --no-print-directory crosscheck \
     SAES="${HEAD_SAES[*]}" OUT="$RESULTS/crosscheck" REPORT_ONLY=1
 
 for seed in 1 2; do for m in "${METHODS[@]}"; do sae "$m" "$HEAD_L0" "$seed"; done; done
-evaluate seeds
+evaluate seeds absorption-seeds
 
 for l0 in 16 32 128; do for m in "${METHODS[@]}"; do sae "$m" "$l0" 0; done; done
 evaluate frontier
 
 for seed in 0 1 2; do for v in "${CONTROLS[@]}"; do sae "$v" "$HEAD_L0" "$seed"; done; done
-evaluate controls
+evaluate controls absorption-seeds
 
 for m in atm topk; do sae "$m" "$HEAD_L0" 0 long; done
 evaluate long

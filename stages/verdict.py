@@ -18,6 +18,14 @@ The difference's 95% interval is ± t(0.975, ν) standard errors, ν the Welch�
 of the training-seed term. No borrowing: a level with one training seed on either side gets no interval
 (and says so); a seed spread measured at one L0 level or training length is never applied at another.
 
+The paper's claims 3-5 (`claims`) are read from the probing, SCR and TPP sections at the head level, with the
+same construction: the training seeds' spread (Welch) plus, in quadrature, each side's own sampling interval
+(probing: a bootstrap over test examples and the spread over 3 probe seeds; SCR and TPP: a bootstrap over test
+examples; half-width / 1.96 each). The test examples are shared by all SAEs of an eval, so treating the two
+sides' sampling as independent is conservative. The paper's numbers enter as constants (no interval). SCR or
+TPP whose minimum detectable difference at 95% (√2 × its half-width, per SAE) exceeds MDD_LIMIT on either side
+is not compared: the verdict says the data cannot resolve it, and prints no difference.
+
 Wording. *Separated*: the 95% interval excludes 0. *Equivalent*: two one-sided tests (TOST, 5% each) put the
 difference inside ± the metric's stated margin (MARGINS). Anything else is "not separated; the smallest
 difference this run could detect is X", X = (t(0.975, ν) + t(0.80, ν)) standard errors: the difference a
@@ -45,6 +53,17 @@ MARGINS = {
     "core.fvu": 0.01,
     "core.ce_loss_score": 0.01,
 }
+# The paper's claims 3-5: the metrics each is read from, and their margins (accuracy: a hundredth; SCR and
+# TPP: the half-width issue 27 asks of them).
+PROBING = {"probing.mean_sae_top_1": "mean probing accuracy, k = 1", "probing.mean_sae_top_5": "mean probing accuracy, k = 5"}  # fmt: skip
+SENTIMENT = {"probing.sentiment_sae_top_1": "sentiment accuracy, k = 1", "probing.sentiment_sae_top_5": "sentiment accuracy, k = 5"}  # fmt: skip
+BIAS = {"bias.scr_headline": "SCR at N = 20", "tpp.tpp_headline": "TPP at N = 20"}
+NAMES = METRICS | PROBING | SENTIMENT | BIAS
+MARGINS |= dict.fromkeys([*PROBING, *SENTIMENT], 0.01) | dict.fromkeys(BIAS, 0.05)
+# What each side's own sampling interval carries, where it has one
+SAMPLED = dict.fromkeys([*PROBING, *SENTIMENT], "test-example bootstrap + probe seeds") | dict.fromkeys(BIAS, "test-example bootstrap")  # fmt: skip
+MDD_LIMIT = 0.1  # SCR or TPP that cannot tell 0.1 apart is dropped, not printed
+PAPER_CLAIMS = {"probing": 0.7161, "sentiment": 0.853, "bias": 0.796}  # the metric plug-ins' (Metric.paper), for ATM
 EVAL_SEEDED = {"absorption.mean_absorption_fraction", "absorption.mean_full_absorption"}
 WORD_KEYS = {"absorption.mean_absorption_fraction": "word_fraction", "absorption.mean_full_absorption": "word_full"}  # fmt: skip
 MIN_EVAL_SEEDS = 3
@@ -150,6 +169,8 @@ def difference(a: dict, b: dict, metric: str, names=("A", "B"), words_se: float 
         else "each side's word-bootstrap CI",  # fmt: skip
         "interval": "training seeds, eval seeds folded in, + words"
         if metric in EVAL_SEEDED
+        else f"training seeds + {SAMPLED[metric]} (each side's interval)"
+        if metric in SAMPLED
         else "training seeds",
     }
     return out | {"summary": wording(out)}
@@ -175,10 +196,10 @@ def wording(r: dict) -> str:
 
 
 def compare(
-    summary: dict, a: str, b: str, level: str, question: str, words: dict | None = None
+    summary: dict, a: str, b: str, level: str, question: str, words: dict | None = None, metrics=METRICS
 ) -> list[dict]:
     rows = []
-    for metric in METRICS:
+    for metric in metrics:
         ea, eb = (estimate(summary, s, level, metric) for s in (a, b))
         if not (ea and eb):
             continue
@@ -236,7 +257,7 @@ def comparisons(
     levels = sorted(summary.get(f"atm{suffix}", {}), key=int)
     for level in levels:
         for other in others or OTHERS:
-            rows += compare(summary, f"atm{suffix}", f"{other}{suffix}", level, "ATM against each method at matched L0", words)  # fmt: skip
+            rows += compare(summary, f"atm{suffix}", f"{other}{suffix}", level, question_for(other), words)
     for control in CONTROLS:
         rows += compare(summary, f"{control}{suffix}", f"atm{suffix}", h, "ATM's masking controls against ATM", words)  # fmt: skip
     # ATM is ReLU + L1 with masking on top: each control against that base says what masking alone buys
@@ -250,6 +271,13 @@ def comparisons(
     return rows
 
 
+def question_for(other: str) -> str:
+    """Matryoshka, the field's own fix for absorption, is its own question; the paper's baselines share one."""
+    if other == "matryoshka":
+        return "ATM against Matryoshka (BatchTopK with nested prefixes) at matched L0"
+    return "ATM against each method at matched L0"
+
+
 def _cell(e: dict) -> str:
     seeds = f"{e['n']} training seed{'s' if e['n'] > 1 else ''}"
     if e.get("eval_seeds") is not None:
@@ -257,10 +285,10 @@ def _cell(e: dict) -> str:
     return f"{e['mean']:.3f} ({seeds})"
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], claimed: dict | None = None) -> str:
     """One table per question: each side's mean and what it rests on, the difference with its interval and
-    the sentence it allows."""
-    margins = ", ".join(f"{METRICS[m]} ±{v:g}" for m, v in MARGINS.items())
+    the sentence it allows; then, given `claimed` (claims()), the paper's claims 3-5 one by one."""
+    margins = ", ".join(f"{NAMES[m]} ±{v:g}" for m, v in MARGINS.items())
     lines = [
         "# The verdict's numbers (generated by stages/verdict.py from results.json's summary)",
         "",
@@ -278,13 +306,213 @@ def markdown(rows: list[dict]) -> str:
         if r["question"] != question:
             question = r["question"]
             lines += ["", f"## {question}", ""]
-            lines += ["| L0 | metric | A | B | A − B [95%] and what it allows | interval carries |", "|---|---|---|---|---|---|"]  # fmt: skip
-        if "a" in r:
-            cells = f"{r['a']} {_cell(r[r['a']])} | {r['b']} {_cell(r[r['b']])}"
-        else:
-            cells = f"gap ×1 {r['gap_x1']:+.3f} | gap longer {r['gap_longer']:+.3f}"
-        carries = r["interval"] + (f" ({r['words']})" if r.get("words") else "")
-        if r.get("same_code") is False:
-            carries += "; **the two sides ran at different code**"
-        lines.append(f"| {r['l0']} | {METRICS[r['metric']]} | {cells} | {r['summary']} | {carries} |")
+            lines += ROWS_HEADER
+        lines.append(row_line(r))
+    if claimed:
+        lines += claims_markdown(claimed)
     return "\n".join(lines) + "\n"
+
+
+ROWS_HEADER = ["| L0 | metric | A | B | A − B [95%] and what it allows | interval carries |", "|---|---|---|---|---|---|"]  # fmt: skip
+
+
+def row_line(r: dict) -> str:
+    """One comparison as a table row."""
+    if "a" in r:
+        cells = f"{r['a']} {_cell(r[r['a']])} | {r['b']} {_cell(r[r['b']])}"
+    else:
+        cells = f"gap ×1 {r['gap_x1']:+.3f} | gap longer {r['gap_longer']:+.3f}"
+    carries = r["interval"] + (f" ({r['words']})" if r.get("words") else "")
+    if r.get("same_code") is False:
+        carries += "; **the two sides ran at different code**"
+    return f"| {r['l0']} | {NAMES[r['metric']]} | {cells} | {r['summary']} | {carries} |"
+
+
+# --- the paper's claims 3-5 -----------------------------------------------------------------------
+
+QUESTIONS = {
+    "probing": 'Claim 3, "ATM outperforms other methods in sparse probing": ATM against each method',
+    "sentiment": 'Claim 4, "sentiment 0.853": each method against the paper\'s number',
+    "bias": 'Claim 5, "superior bias detection": ATM against each method',
+}
+PAPER_SIDE = "the paper's number (a constant)"
+
+
+def claims(summary: dict, head: int, others: list[str], suffix: str = "") -> dict:
+    """The paper's claims 3-5, each answered at the head level from the summary (module docstring): the
+    comparisons, the figures they rest on and one answer per claim; "not measured" where a section is absent."""
+    h, atm = str(head), f"atm{suffix}"
+    series = [f"{o}{suffix}" for o in others if h in summary.get(f"{o}{suffix}", {})]
+    return {
+        "l0": head,
+        "probing": probing_claim(summary, h, atm, series),
+        "sentiment": sentiment_claim(summary, h, [atm, *series]),
+        "bias": bias_claim(summary, h, atm, series),
+    }
+
+
+def probing_claim(summary: dict, h: str, atm: str, others: list[str]) -> dict:
+    """ATM against each method on mean probing accuracy (k = 1, 5), and each method's share of tasks whose
+    probe beats the residual baseline with as many dimensions (mean over training seeds)."""
+    q = QUESTIONS["probing"]
+    rows = [r for o in others for r in compare(summary, atm, o, h, q, metrics=PROBING)]
+    shares = {}
+    for s in [atm, *others]:
+        cell = summary.get(s, {}).get(h) or {"metrics": {}}
+        got = {f"k{k}{sep}": cell["metrics"].get(f"probing.share_beats_resid_top_{k}{sep}") for k in (1, 5) for sep in ("", "_separated")}  # fmt: skip
+        if any(v is not None for v in got.values()):
+            seeds = max(v["n"] for v in got.values() if v)
+            shares[s] = {k: v and v["mean"] for k, v in got.items()} | {"training_seeds": seeds}
+    return {"claim": q, "paper": PAPER_CLAIMS["probing"], "rows": rows, "beats_residual": shares,
+            "answer": answer(rows, PROBING)}  # fmt: skip
+
+
+def sentiment_claim(summary: dict, h: str, series: list[str]) -> dict:
+    """Each method's sentiment group mean (k = 1, 5) with its interval, against the paper's 0.853 for ATM."""
+    paper = PAPER_CLAIMS["sentiment"]
+    constant = {"mean": paper, "n": 2, "sd": 0.0, "eval_seeds": None, "words_se": 0.0}  # no spread
+    rows = []
+    for s in series:
+        for metric in SENTIMENT:
+            e = estimate(summary, s, h, metric)
+            if e is None:
+                continue
+            d = difference(e, constant, metric, (s, PAPER_SIDE))
+            ci = d["ci95"] and [d["ci95"][0] + paper, d["ci95"][1] + paper]
+            rows.append({"question": QUESTIONS["sentiment"], "l0": int(h), "series": s, "metric": metric,
+                         s: _public(e), "paper": paper, "value_ci95": ci} | d)  # fmt: skip
+    atm_rows = [r for r in rows if r["series"] == series[0]]
+    if not atm_rows:
+        return {"claim": QUESTIONS["sentiment"], "paper": paper, "rows": rows, "answer": "not measured"}
+    said = "; ".join(f"{NAMES[r['metric']]} {_valued(r)}" for r in atm_rows)
+    note = ("on this model and the sae-probes sentiment sets, not the paper's Gemma-2-2b and SAEBench's sets: "
+            "the difference says how far this setting lies from the paper's number")  # fmt: skip
+    return {"claim": QUESTIONS["sentiment"], "paper": paper, "rows": rows, "answer": f"ATM's {said} ({note})"}
+
+
+def _valued(r: dict) -> str:
+    """'0.812 [0.80, 0.82]: below the paper's 0.853 (separated)' and the like."""
+    value = f"{r['diff'] + r['paper']:.3f}"
+    if r["ci95"] is None:
+        return f"{value} ({r['interval']})"
+    value += f" [{r['value_ci95'][0]:.3f}, {r['value_ci95'][1]:.3f}]"
+    if r["separated"]:
+        side = "above" if r["diff"] > 0 else "below"
+        return f"{value}: {side} the paper's {r['paper']:g} (separated)"
+    if r["equivalent"]:
+        return f"{value}: equal to the paper's {r['paper']:g} (TOST within ±{r['margin']:g})"
+    return f"{value}: not separated from the paper's {r['paper']:g}"
+
+
+BIAS_FIGURES = ("n_test", "n_pairs", "n_sets", "a_base", "a_oracle", "mdd_headline", "half_width_headline")
+
+
+def bias_claim(summary: dict, h: str, atm: str, others: list[str]) -> dict:
+    """SCR and TPP: per method the figures that say what the data can resolve (n, A_base, A_oracle, MDD at
+    95%); a score any of whose SAEs has MDD above MDD_LIMIT is dropped with that reason, else ATM against
+    each method."""
+    out = {"claim": QUESTIONS["bias"], "paper": PAPER_CLAIMS["bias"]}
+    for metric, name in BIAS.items():
+        section = metric.split(".")[0]
+        info = {}
+        for s in [atm, *others]:
+            m = (summary.get(s, {}).get(h) or {"metrics": {}})["metrics"]
+            got = {k: m[f"{section}.{k}"] for k in BIAS_FIGURES if f"{section}.{k}" in m}
+            if got:
+                info[s] = {k: v["mean"] for k, v in got.items()} | {
+                    "score": m[metric]["mean"] if metric in m else None
+                }
+                info[s]["mdd_max"] = max(got["mdd_headline"]["values"]) if "mdd_headline" in got else None
+        mdds = [v["mdd_max"] for v in info.values() if v["mdd_max"] is not None]
+        mdd = max(mdds) if mdds else None
+        if not info:
+            out[section] = {"answer": "not measured"}
+        elif mdd is None or mdd > MDD_LIMIT or any(v["score"] is None for v in info.values()):
+            shown = "unknown" if mdd is None else f"{mdd:.2f}"
+            out[section] = {"per_series": info, "resolved": False, "mdd": mdd, "answer": (
+                f"{name} cannot resolve a difference of {MDD_LIMIT:g} on this data (largest minimum detectable "
+                f"difference at 95% over the SAEs: {shown}); dropped from the verdict, no difference printed")}  # fmt: skip
+        else:
+            rows = [r for o in others for r in compare(summary, atm, o, h, QUESTIONS["bias"], metrics={metric: name})]  # fmt: skip
+            out[section] = {"per_series": info, "resolved": True, "mdd": mdd, "rows": rows,
+                            "answer": answer(rows, {metric: name})}  # fmt: skip
+    out["answer"] = f"SCR: {out['bias']['answer']}; TPP: {out['tpp']['answer']}"
+    return out
+
+
+def answer(rows: list[dict], metrics: dict) -> str:
+    """The overall word, then per metric where each method stands: "supported" where ATM is above every other
+    method (separated) on every metric, "contradicted" where it is below one (separated), else "undecided"."""
+    if not rows:
+        return "not measured"
+    parts, verdicts = [], []
+    for metric, name in metrics.items():
+        mine = [r for r in rows if r["metric"] == metric]
+        if not mine:
+            continue
+        groups = {
+            "above (separated)": [r["b"] for r in mine if r["separated"] and r["diff"] > 0],
+            "below (separated)": [r["b"] for r in mine if r["separated"] and r["diff"] < 0],
+            "equal (TOST within margin)": [r["b"] for r in mine if r["equivalent"]],
+            "not separated from": [r["b"] for r in mine if r["separated"] is False and not r["equivalent"]],
+            "no interval against": [r["b"] for r in mine if r["separated"] is None],
+        }
+        below, above = groups["below (separated)"], groups["above (separated)"]
+        verdicts.append("contradicted" if below else "supported" if len(above) == len(mine) else "undecided")
+        parts.append(f"{name}: " + "; ".join(f"{k} {', '.join(v)}" for k, v in groups.items() if v))
+    overall = "contradicted" if "contradicted" in verdicts else "supported" if set(verdicts) == {"supported"} else "undecided"  # fmt: skip
+    return f"{overall} — " + " · ".join(parts)
+
+
+def claims_markdown(c: dict) -> list[str]:
+    """The claims section of verdict.md: each claim, its answer, and the table it rests on."""
+    lines = ["", f"# The paper's claims 3-5, at L0 {c['l0']}", ""]
+    p = c["probing"]
+    lines += [f"## {p['claim']} (paper: ATM {p['paper']:g} on Gemma-2-2b)", "", f"**{p['answer']}**", ""]
+    if p["rows"]:
+        lines += [*ROWS_HEADER, *(row_line(r) for r in p["rows"]), ""]
+    if p["beats_residual"]:
+        lines += ["Share of tasks where the SAE's top-k probe beats the top-k residual dimensions (mean over "
+                  "training seeds; in brackets: with the paired difference's 95% interval above 0):", "",
+                  "| series | k = 1 | k = 5 | training seeds |", "|---|---|---|---|"]  # fmt: skip
+        for s, v in p["beats_residual"].items():
+            cells = [f"{v[f'k{k}']:.2f} ({v[f'k{k}_separated']:.2f})" if v[f"k{k}"] is not None else "—" for k in (1, 5)]  # fmt: skip
+            lines.append(f"| {s} | {' | '.join(cells)} | {v['training_seeds']} |")
+        lines.append("")
+    s = c["sentiment"]
+    lines += [f"## {s['claim']}", "", f"**{s['answer']}**", ""]
+    if s["rows"]:
+        lines += ["| series | metric | value [95%] | − paper [95%] and what it allows | interval carries |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in s["rows"]:
+            value = f"{r['diff'] + r['paper']:.3f}" + (f" [{r['value_ci95'][0]:.3f}, {r['value_ci95'][1]:.3f}]" if r["value_ci95"] else "")  # fmt: skip
+            lines.append(
+                f"| {r['series']} | {NAMES[r['metric']]} | {value} | {r['summary']} | {r['interval']} |"
+            )
+        lines.append("")
+    b = c["bias"]
+    lines += [f"## {b['claim']} (paper: ATM {b['paper']:g}, SAEBench's SCR on Bias in Bios)", ""]
+    for section, label in (("bias", "SCR"), ("tpp", "TPP")):
+        got = b[section]
+        lines += [f"**{label}: {got['answer']}**", ""]
+        if got.get("per_series"):
+            lines += bias_table(got["per_series"])
+        if got.get("rows"):
+            lines += [*ROWS_HEADER, *(row_line(r) for r in got["rows"]), ""]
+    return lines
+
+
+FIGURE_LABELS = {"n_test": "n test", "n_pairs": "pairs", "n_sets": "sets", "a_base": "A_base", "a_oracle": "A_oracle",
+                 "mdd_max": "MDD at 95% (largest SAE)"}  # fmt: skip
+
+
+def bias_table(per_series: dict) -> list[str]:
+    """n, A_base, A_oracle and MDD per series, the columns the data has (SCR: people and pairs; TPP: sets)."""
+    keys = [k for k in FIGURE_LABELS if any(v.get(k) is not None for v in per_series.values())]
+    lines = [
+        "| series | " + " | ".join(FIGURE_LABELS[k] for k in keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
+    for name, v in per_series.items():
+        cells = ["—" if v.get(k) is None else f"{v[k]:.3g}" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]

@@ -161,6 +161,38 @@ def test_logit_effects_equal_decoder_times_unembedding(world):
     assert torch.equal(got["neg_ids"], bottom.indices) and torch.allclose(
         got["neg"], -bottom.values, atol=1e-5
     )
+    # the histogram of every latent's effects over the whole vocabulary: numpy's, on the same range
+    assert torch.allclose(got["hist_lo"], ref.min(1).values, atol=1e-5)
+    assert torch.allclose(got["hist_hi"], ref.max(1).values, atol=1e-5)
+    assert (got["hist"].sum(1) == U.shape[0]).all()
+    for j in range(0, W_dec.shape[0], 13):
+        lo, hi = float(got["hist_lo"][j]), float(got["hist_hi"][j])
+        expected = np.histogram(ref[j].numpy(), bins=weights.LOGIT_BINS, range=(lo, hi))[0]
+        # a value on a bin edge may fall either way
+        assert np.abs(got["hist"][j].numpy() - expected).sum() <= 2
+
+
+def test_coactive_latents_equal_numpys_correlation(world):
+    """Pearson r of two latents' activations over the held-out tokens (BOS left out), against np.corrcoef
+    on the dense activations; the k best other latents, never the latent itself."""
+    store, sae = world["store"], SAE.load(world["saes"]["relu"]).eval()
+    held = extract.read_held_out(store, 10**9)
+    (fr,) = extract.encode_held_out([sae], store, LAYER, held, batch=300)
+    with torch.no_grad():
+        F = sae.encode(torch.from_numpy(store.read_acts("eval", LAYER))).double().numpy()[~held.bos]
+    alive = F.std(0) > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        R = np.corrcoef(F.T)
+    latents = [j for j in range(F.shape[1]) if alive[j]][:40]
+    got = extract.coactive_latents(fr, held.n_scored, latents, chunk=7)
+    assert set(got) == set(latents)
+    for j in latents:
+        r = np.where(alive, R[j], -np.inf)
+        r[j] = -np.inf
+        expected = [t for t in np.argsort(-r, kind="stable")[: extract.N_COACTIVE] if r[t] > 0]
+        assert [t for t, _ in got[j]] == [int(t) for t in expected], j
+        assert np.allclose([v for _, v in got[j]], r[expected], atol=1e-4)
+    assert any(got[j] for j in latents)
 
 
 def test_nearest_latents_by_decoder_cosine(world):
@@ -439,6 +471,15 @@ def test_browser_in_chromium(world, tmp_path):
         assert "Top 20 activating contexts" in driver.page_source
         ticks = [t.text for t in driver.find_elements(By.CSS_SELECTOR, "#histogram text")]
         assert "1" in ticks and "10" in ticks and "Q1" in ticks and f"Q{extract.N_BANDS}" in ticks
+        vocab_size = json.loads((world["ckpt"] / "config.json").read_text())["vocab_size"]
+        in_bars = driver.execute_script(  # each bar's title ends with its token count
+            "return [...document.querySelectorAll('#logit-histogram rect title')]"
+            ".reduce((n, t) => n + +t.textContent.split(': ')[1].split(' ')[0].replace(/,/g, ''), 0)"
+        )
+        assert in_bars == vocab_size and f"all {vocab_size:,} tokens" in driver.page_source
+        assert driver.find_elements(By.CSS_SELECTOR, "#coactive a") and driver.find_elements(
+            By.CSS_SELECTOR, "#nearest a"
+        )
         before = len(driver.find_elements(By.CSS_SELECTOR, "#top-0 .tok"))
         driver.find_element(By.CSS_SELECTOR, "#top-0 button.widen").click()
         after = len(driver.find_elements(By.CSS_SELECTOR, "#top-0 .tok"))
@@ -536,6 +577,86 @@ def test_own_texts_latents_equal_the_model_and_saes_run_directly(world, tmp_path
                     "--model", world["ckpt"], "--out", tmp_path / "out", "--text", tmp_path / "nope.txt")  # fmt: skip
     assert error_of(result).startswith(f"cannot read --text {tmp_path / 'nope.txt'} (")
     assert not (tmp_path / "out").exists()
+
+
+def test_serve_runs_a_text_through_the_lm_and_saes_on_loopback(world, tmp_path):
+    """--serve: the browser's files and POST /api/text over a real Flask server on 127.0.0.1; the answer is
+    the SAEs' encoding of the LM's own hidden state (transformers' output_hidden_states); bad requests get
+    a 400 with what to send; the live box works in Chromium; a taken port is refused."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from selenium.webdriver.common.by import By
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from atmpipe.errors import UserError
+    from atmpipe.inspect import serve, texts
+    from atmpipe.lm import load_lm
+
+    out = tmp_path / "features"
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--sae", world["saes"]["atm"],
+                    "--store", world["store"].path, "--model", world["ckpt"], "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "data" / "index.js").read_text().removeprefix("ATM.index=").rstrip(";\n"))
+    saes = [SAE.load(world["saes"][m]).eval() for m in ("relu", "atm")]
+    maxes = [np.array(s["stats"]["max"], np.float32) for s in meta["saes"]]
+    runner = serve.TextRunner(load_lm(str(world["ckpt"])), saes, maxes, LAYER)
+    server = serve.start(out, runner, 0)
+    assert server.socket.getsockname()[0] == "127.0.0.1"
+    with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{server.port} "):
+        serve.start(out, runner, server.port)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.port}/"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # straight to loopback
+
+    def post(body: bytes) -> tuple[int, dict]:
+        req = urllib.request.Request(base + "api/text", body, {"Content-Type": "application/json"})
+        try:
+            with opener.open(req) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        with opener.open(base) as r:
+            assert b"atmpipe feature browser" in r.read()
+        assert post(b"{}") == (400, {"error": 'send JSON {"text": "..."} with some text in it'})
+        assert post(json.dumps({"text": "x" * 20_001}).encode())[0] == 400
+        status, got = post(json.dumps({"text": "The lazy dog."}).encode())
+        assert status == 200
+        tok = AutoTokenizer.from_pretrained(world["ckpt"])
+        ids = [tok.bos_token_id, *tok("The lazy dog.", add_special_tokens=False)["input_ids"]]
+        assert got["ids"] == ids and set(got["vocab"]) == {str(i) for i in ids}
+        model = AutoModelForCausalLM.from_pretrained(world["ckpt"]).eval()
+        with torch.no_grad():
+            h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+        for k, (sae, vmax) in enumerate(zip(saes, maxes, strict=True)):
+            f = sae.encode(h).detach().numpy()
+            for t in range(1, len(ids)):
+                share = f[t] / np.maximum(vmax, 1e-12)
+                expected = [j for j in np.argsort(-share, kind="stable")[: texts.PER_TOKEN] if f[t, j] > 0]
+                assert [e[0] for e in got["latents"][k][t]] == expected
+
+        driver = chromium()
+        try:
+            open_page(driver, base + "#view=texts", "#live-text")
+            driver.find_element(By.ID, "live-text").send_keys("The quick brown fox.")
+            driver.find_element(By.ID, "live-run").click()
+            assert wait_for(driver, "#text-0 .tok") and len(wait_for(driver, "#token-latents td")) == 2
+            assert "live" in driver.find_element(By.ID, "text-0").text
+            assert console_errors(driver) == []
+        finally:
+            driver.quit()
+    finally:
+        server.shutdown()
+        server.server_close()
+    result = invoke("inspect", "--sae", world["saes"]["relu"], "--store", world["store"].path,
+                    "--model", world["ckpt"], "--out", tmp_path / "other", "--serve", "--port", "70000")  # fmt: skip
+    assert_message(
+        error_of(result), "--port 70000 is not a port number; pass one from 1 to 65535 (0: any free port)"
+    )
+    assert not (tmp_path / "other").exists()
 
 
 def test_eval_report_links_to_the_browser(tmp_path):

@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "stages"))
 import frontier  # noqa: E402
 
-METHODS = ["atm", "topk", "jumprelu", "relu"]
+METHODS = ["atm", "topk", "jumprelu", "relu", "matryoshka"]
+K_METHODS = {"topk", "matryoshka"}  # set by k; the others steer toward a target L0
+ABSORPTION_SEEDED = ("head", "seeds", "controls")  # the L0-64 groups, evaluated again at eval seeds 1 and 2
 
 
 # --- the plan -------------------------------------------------------------------------------------
@@ -58,14 +60,16 @@ def test_plan_lists_every_run_with_its_recipes_and_overrides_in_order(tmp_path):
     controls = [f"train-atm-{v}-L64-s{s}" for s in (0, 1, 2) for v in ("uniform", "log", "r0.5")]
     long = ["train-atm-L64-s0-x4", "train-topk-L64-s0-x4"]
     groups = [("head", head), ("seeds", seeds), ("frontier", level), ("controls", controls), ("long", long)]
-    # SAEBench's absorption beside ours on the four head SAEs, right after their eval: it checks the metric
+    # every group's eval; the L0-64 groups' absorption again at eval seeds 1 and 2
+    reevals = {g: [f"eval-{g}-e1", f"eval-{g}-e2"] if g in ABSORPTION_SEEDED else [] for g, _ in groups}
+    expected = [n for g, trains in groups for n in [*trains, f"eval-{g}", *reevals[g]]]
+    # SAEBench's absorption beside ours on the five head SAEs, right after their evals: it checks the metric
     # every later group is read with
-    expected = [n for g, trains in groups for n in [*trains, f"eval-{g}"]]
-    expected.insert(expected.index("eval-head") + 1, "crosscheck")
+    expected.insert(expected.index("eval-head-e2") + 1, "crosscheck")
     assert names[1 : len(expected) + 1] == expected
     assert all(n.startswith("converge-") for n in names[len(expected) + 1 :])  # stages/converge.sh's part
     names = names[: len(expected) + 1]
-    assert sum(n.startswith("train-") for n in names) == 35
+    assert sum(n.startswith("train-") for n in names) == 41
     crosscheck = dict((n, c) for n, _, c in stages)["crosscheck"]
     saes = [str(runs / t.removeprefix("train-")) for t in head]
     assert "SAES=" + "\\ ".join(saes) in " ".join(crosscheck)  # one argument, spaces escaped by %q
@@ -76,6 +80,15 @@ def test_plan_lists_every_run_with_its_recipes_and_overrides_in_order(tmp_path):
         evaluated = [w.removeprefix("--sae=") for w in by_name[f"eval-{name}"] if w.startswith("--sae=")]
         assert evaluated == [str(runs / t.removeprefix("train-")) for t in trains]
         assert flag(by_name[f"eval-{name}"], "--out") == [str(results / "evals" / name)]
+        assert (
+            flag(by_name[f"eval-{name}"], "--metrics") == [] and flag(by_name[f"eval-{name}"], "--seed") == []
+        )
+        for seed, stage in enumerate(reevals[name], start=1):  # absorption alone, the same SAEs, its own seed
+            cmd = by_name[stage]
+            assert [w.removeprefix("--sae=") for w in cmd if w.startswith("--sae=")] == evaluated
+            assert flag(cmd, "--metrics") == ["absorption"] and flag(cmd, "--seed") == [str(seed)]
+            assert flag(cmd, "--config") == ["stages/reproduce-eval.toml"]
+            assert flag(cmd, "--out") == [str(results / "evals" / f"{name}-e{seed}")]
         for t in trains:
             run = frontier.parse_run(t.removeprefix("train-"))
             cmd = by_name[t]
@@ -85,7 +98,8 @@ def test_plan_lists_every_run_with_its_recipes_and_overrides_in_order(tmp_path):
             assert len(recipes) == 2 + (run["variant"] != run["method"]) + len(long) and recipes[-1:] != [""]
             assert all((REPO / r).is_file() for r in recipes), recipes
             assert recipes[len(recipes) - len(long) :] == long  # the longer runs' tokens: a recipe too
-            l0 = flag(cmd, "--k" if run["method"] == "topk" else "--target-l0")
+            l0 = flag(cmd, "--k" if run["method"] in K_METHODS else "--target-l0")
+            assert flag(cmd, "--target-l0" if run["method"] in K_METHODS else "--k") == []
             assert l0 == [str(run["l0_target"])] and flag(cmd, "--seed") == [str(run["seed"])]
             assert flag(cmd, "--store") == [str(store)] and flag(cmd, "--out") == [str(runs / run_name(run))]
             assert "--resume" in cmd and flag(cmd, "--tokens") == []
@@ -139,6 +153,31 @@ def run_name(run: dict) -> str:
     return f"{run['variant']}-L{run['l0_target']}-s{run['seed']}" + (f"-x{times}" if times > 1 else "")
 
 
+def test_absorption_eval_seeds_can_be_left_out_and_matryoshka_is_set_by_k_in_both_parts(tmp_path):
+    names = [n for n, _, _ in plan(tmp_path, ABSORPTION_SEEDS="", CONVERGE="0")]
+    assert "eval-head" in names and not [n for n in names if n.startswith("eval-") and "-e" in n[5:]]
+    matryoshka = [(n, c) for n, _, c in plan(tmp_path) if "train-matryoshka-" in n]
+    # 2M: 4 levels + 2 seeds; convergence: 3 lengths + 2 × 2 seeds + 3 levels
+    assert len(matryoshka) == 6 + 10
+    for name, cmd in matryoshka:
+        level = str(frontier.parse_run(name.split("train-", 1)[1])["l0_target"])
+        assert flag(cmd, "--k") == [level] and flag(cmd, "--target-l0") == [], name
+
+
+def test_probing_scr_and_tpp_can_be_kept_to_the_l0_64_groups(tmp_path, capsys):
+    stages = plan(tmp_path, LABELLED_GROUPS="head seeds controls", CONVERGE="0")
+    by_name = {n: c for n, _, c in stages}
+    recipe = tomllib.loads((REPO / "stages" / "reproduce-eval.toml").read_text())["metrics"].split(",")
+    rest = [m for m in recipe if m not in frontier.LABELLED]
+    for group in ("frontier", "long"):  # the rest of the recipe's metrics, in its order
+        assert flag(by_name[f"eval-{group}"], "--metrics") == ["\\,".join(rest)]  # as %q writes it
+    assert all(flag(by_name[f"eval-{g}"], "--metrics") == [] for g in ("head", "seeds", "controls"))
+    seconds = json.loads((REPO / "stages" / "reproduce-budget.json").read_text())
+    rows = {n: s for n, _, s, _ in frontier.budget_seconds("\n".join("\t".join([n, s, " ".join(c)]) for n, s, c in stages), seconds)}  # fmt: skip
+    per_sae = seconds["eval_s"]["per_sae"]
+    assert rows["eval-frontier"] == 15 * per_sae and rows["eval-long"] == 2 * per_sae  # no labelled cost
+
+
 def test_plan_marks_finished_stages_done(tmp_path):
     runs = tmp_path / "runs"
     (runs / "done").mkdir(parents=True)
@@ -162,6 +201,46 @@ def test_budget_adds_the_unfinished_stages(tmp_path, capsys):
     hours = frontier.print_budget(text, seconds)
     assert hours == pytest.approx((600 + 700 + 4 * 150 + 300 + 3 * 60 + 2000 + 2 * 60) / 3600)
     assert "within 16 h" in capsys.readouterr().out
+
+
+def test_budget_pays_each_eval_part_once_per_eval_seed_and_marks_estimates(tmp_path, capsys):
+    recipe = "--config stages/reproduce-eval.toml"  # its metrics: every one, probing, SCR and TPP among them
+    text = f"eval-head\ttodo\tatmpipe eval {recipe} --sae=a --sae=b\n"
+    text += f"eval-head-e1\ttodo\tatmpipe eval {recipe} --metrics absorption --seed 1 --sae=a --sae=b\n"
+    text += f"eval-seeds\ttodo\tatmpipe eval {recipe} --sae=c\n"
+    text += f"eval-seeds-e1\ttodo\tatmpipe eval {recipe} --metrics absorption --seed 1 --sae=c\n"
+    text += f"converge-eval-x-e1\ttodo\tatmpipe eval {recipe} --seed 1 --sae=d\n"  # seed 1's labelled texts
+    text += "eval-core\ttodo\tatmpipe eval --metrics core --sae=e\n"  # no labelled texts, no absorption
+    seconds = {
+        "train_s": {},
+        "eval_s": {"first": {"absorption": 1000, "other": 100, "labelled": 3000}, "per_sae": 50,
+                   "per_sae_labelled": 200, "per_sae_absorption_only": 20},
+        "estimated": ["eval_s.first.labelled", "eval_s.per_sae_labelled"],
+    }  # fmt: skip
+    rows = {n: (s, lm) for n, _, s, lm in frontier.budget_seconds(text, seconds)}
+    assert rows["eval-head"] == (1000 + 100 + 3000 + 2 * 250, 4100)  # seed 0's LM parts, all of them
+    assert rows["eval-head-e1"] == (1000 + 2 * 20, 1000)  # seed 1: its absorption prompts only
+    assert rows["eval-seeds"] == (250, 0) and rows["eval-seeds-e1"] == (20, 0)  # paid already
+    assert rows["converge-eval-x-e1"] == (100 + 3000 + 250, 3100)  # seed 1's other parts, now
+    assert rows["eval-core"] == (50, 0)
+    hours = frontier.print_budget(text, seconds)
+    out = capsys.readouterr().out
+    assert hours == pytest.approx(sum(s for s, _ in rows.values()) / 3600)
+    labelled = 3000 + 3 * 200 + 3000 + 200  # what the two estimated inputs contribute
+    assert f"of which {labelled / 3600:.2f} h rest on estimates, not measurements" in out
+    line = {ln.split()[0]: ln.split()[-1] for ln in out.splitlines()[1:] if ln.startswith(("eval", "conv"))}
+    assert line["eval-head"] == "estimate" and line["eval-head-e1"] == "measured"
+    assert line["eval-core"] == "measured" and line["eval-seeds"] == "estimate"
+    with pytest.raises(ValueError, match="estimated input eval_s.first is a table; name its entries"):
+        frontier.without_estimates(seconds | {"estimated": ["eval_s.first"]})
+
+
+def test_the_budget_file_prices_every_stage_of_the_plan(tmp_path, capsys):
+    seconds = json.loads((REPO / "stages" / "reproduce-budget.json").read_text())
+    text = subprocess.run(["bash", "stages/reproduce.sh"], cwd=REPO, env={**os.environ, "PLAN_ONLY": "1", "RUNS": str(tmp_path)},
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    frontier.print_budget(text, seconds)  # every method, variant and estimated input is found
+    assert "rest on estimates" in capsys.readouterr().out
 
 
 def test_run_names_parse_and_must_agree_with_the_runs_metadata():

@@ -102,3 +102,26 @@ def test_the_demo_table_says_its_absorption_is_not_reproducible(tmp_path, capsys
     experiment.label_demo(tmp_path)
     experiment.table(tmp_path)
     assert capsys.readouterr().out.rstrip().endswith(experiment.DEMO_ABSORPTION)
+
+
+def test_the_block_carries_matryoshka_probing_bias_and_the_claims_where_results_json_has_them(tmp_path):
+    sys.path.insert(0, str(REPO / "tests"))
+    import frontier
+    from test_verdict import SCR_MDD, claim_results
+
+    payload = frontier.write(claim_results(tmp_path))
+    text = results_doc.block(tmp_path)
+    assert "(absorption at 3 eval seeds each, the other metrics at one)" in text
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| matryoshka (BatchTopK, nested prefixes)" in rows
+    atm = payload["summary"]["atm"]["64"]
+    k1 = atm["metrics"]["probing.mean_sae_top_1"]
+    lo, hi = atm["ci95"]["probing.mean_sae_top_1"]
+    probing_row = next(
+        line for line in text.splitlines() if line.startswith("| atm | ") and "unresolved" in line
+    )
+    assert f"{k1['mean']:.3f} ± {k1['sd']:.2g} [{lo:.3f}, {hi:.3f}]" in probing_row
+    assert f"unresolved (MDD {SCR_MDD:.2f})" in probing_row  # SCR: its MDD, never its score
+    assert "The frontier" not in text  # no other level here: no frontier table
+    for claim in ("probing", "sentiment", "bias"):
+        assert f"- {payload['claims'][claim]['claim']}: {payload['claims'][claim]['answer']}" in text

@@ -304,3 +304,175 @@ def test_convergence_status_per_method_from_the_two_longest_lengths(tmp_path):
     text = convergence.markdown(result)
     assert "| topk | FVU | 2M 0.110 (3), 8M 0.080 (3), 32M 0.050 (3) |" in text
     assert "32M 0.200 (3, 7.1 passes)" in text
+
+
+# --- Matryoshka and the paper's claims 3-5, from eval results.json files as `atmpipe eval` writes them ------
+
+SEEDS = (0, 1, 2)
+CLAIM_SERIES = {  # series → per training seed: FVU, full absorption, probing k=1, k=5, sentiment k=1, TPP
+    "atm": [
+        (0.30, 0.10, 0.710, 0.760, 0.80, 0.10),
+        (0.31, 0.12, 0.715, 0.770, 0.81, 0.11),
+        (0.29, 0.11, 0.720, 0.765, 0.82, 0.12),
+    ],  # fmt: skip
+    "topk": [
+        (0.10, 0.40, 0.600, 0.700, 0.70, 0.10),
+        (0.11, 0.42, 0.605, 0.705, 0.71, 0.11),
+        (0.12, 0.41, 0.610, 0.710, 0.72, 0.12),
+    ],  # fmt: skip
+    "matryoshka": [
+        (0.12, 0.05, 0.690, 0.800, 0.75, 0.30),
+        (0.13, 0.06, 0.740, 0.810, 0.76, 0.31),
+        (0.11, 0.07, 0.700, 0.805, 0.77, 0.32),
+    ],  # fmt: skip
+}
+PROBE_HW, TPP_HW, SCR_MDD = 0.015, 0.02, 2.3  # the sections' own 95% half-widths; SCR's MDD (unresolved)
+
+
+def sections(fvu, full, k1, k5, sent, tpp, eval_seed) -> dict:
+    """One SAE's eval record: absorption at every eval seed (moved a little by it), the rest at eval seed 0 —
+    SCR unresolved (its score present in the record, as the eval writes it), TPP resolved."""
+    absorption = {"status": "ok", "mean_full_absorption": full + 0.01 * eval_seed, "mean_absorption_fraction": full / 2,
+                  "ci95_full_absorption": [full - 0.03, full + 0.03], "ci95_absorption_fraction": [full / 2 - 0.02, full / 2 + 0.02]}  # fmt: skip
+    if eval_seed:
+        return {"absorption": absorption}
+    iv = lambda v, h: [v - h, v + h]  # noqa: E731
+    probing = {"mean_sae_top_1": k1, "ci95_sae_top_1": iv(k1, PROBE_HW), "mean_sae_top_5": k5, "ci95_sae_top_5": iv(k5, PROBE_HW),
+               "sentiment_sae_top_1": sent, "ci95_sentiment_sae_top_1": iv(sent, 2 * PROBE_HW),
+               "share_beats_resid_top_1": k1 - 0.3, "share_beats_resid_top_1_separated": 0.1,
+               "share_beats_resid_top_5": k5 - 0.3, "share_beats_resid_top_5_separated": 0.2, "groups": {}}  # fmt: skip
+    bias = {"status": "unresolved", "n_pairs": 8, "n_test": 516, "a_base": 0.665, "a_oracle": 0.785, "scr_headline": -0.65,
+            "ci95_scr_headline": [-1.6, 1.6], "mdd_headline": SCR_MDD, "half_width_headline": 1.6, "reason": "MDD"}  # fmt: skip
+    tpp_ = {"status": "ok", "n_sets": 5, "tpp_headline": tpp, "ci95_tpp_headline": iv(tpp, TPP_HW),
+            "mdd_headline": 2**0.5 * TPP_HW, "half_width_headline": TPP_HW}  # fmt: skip
+    core = {"fvu": fvu, "ce_loss_score": 0.9, "l0": 64.0}
+    return {"core": core, "absorption": absorption, "probing": probing, "bias": bias, "tpp": tpp_}
+
+
+def claim_results(root: Path) -> Path:
+    """evals/head (seed 0 SAEs) and evals/seeds (seeds 1, 2) at eval seed 0, each again at eval seeds 1 and 2."""
+    shared = {"absorption": {"protocol": "saebench-0.6", "sample": {"words": 11490, "seed": 0, "kind": "k"}, "seed": 0,
+                             "n_words_train": 9192, "n_words_test": 2298, "letters_passed": 24,
+                             "test_words_per_letter": {"a": 120, "x": 60}}}  # fmt: skip
+    for group, seeds in (("head", [0]), ("seeds", [1, 2])):
+        for e in SEEDS:
+            results = {f"{s}-L64-s{t}": sections(*CLAIM_SERIES[s][t], e) for s in CLAIM_SERIES for t in seeds}
+            name = group + (f"-e{e}" if e else "")
+            (root / "evals" / name).mkdir(parents=True)
+            payload = {"run": {"config": {"seed": e}}, "saes": {}, "results": results, "shared": shared}
+            (root / "evals" / name / "results.json").write_text(json.dumps(payload))
+    return root
+
+
+def test_atm_against_matryoshka_is_its_own_question_with_the_same_intervals(tmp_path):
+    payload = frontier.write(claim_results(tmp_path))
+    rows = {r["metric"]: r for r in payload["comparisons"] if r["b"] == "matryoshka"}
+    assert {r["question"] for r in rows.values()} == {"ATM against Matryoshka (BatchTopK with nested prefixes) at matched L0"}  # fmt: skip
+    # absorption: 3 training seeds × 3 eval seeds, so an interval, built as every other method's
+    full = rows[FULL]
+    assert full["atm"]["eval_seeds"] == 3 and full["ci95"] is not None
+    assert full["interval"] == "training seeds, eval seeds folded in, + words"
+    a = [f + 0.01 for _, f, *_ in CLAIM_SERIES["atm"]]  # the mean over eval seeds 0, 1, 2 adds 0.01
+    b = [f + 0.01 for _, f, *_ in CLAIM_SERIES["matryoshka"]]
+    se = math.sqrt(statistics.variance(a) / 3 + statistics.variance(b) / 3 + 2 * (0.03 / Z) ** 2)
+    assert full["diff"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b)) and full[
+        "se"
+    ] == pytest.approx(se)
+    topk = next(r for r in payload["comparisons"] if r["b"] == "topk" and r["metric"] == FULL)
+    assert (
+        topk["question"] == "ATM against each method at matched L0" and topk["interval"] == full["interval"]
+    )
+    assert rows[FVU]["interval"] == "training seeds" and rows[FVU]["separated"]
+    assert (
+        "## ATM against Matryoshka (BatchTopK with nested prefixes) at matched L0"
+        in (tmp_path / "verdict.md").read_text()
+    )
+
+
+Z = 1.96
+
+
+def test_claim_3_probing_compares_atm_with_each_method_and_counts_tasks_beating_the_residual(tmp_path):
+    claims = frontier.write(claim_results(tmp_path))["claims"]
+    p = claims["probing"]
+    rows = {(r["b"], r["metric"]): r for r in p["rows"]}
+    k1 = [v[2] for v in CLAIM_SERIES["atm"]], [v[2] for v in CLAIM_SERIES["topk"]]
+    va, vb = (statistics.variance(v) / 3 for v in k1)
+    se = math.sqrt(va + vb + 2 * (PROBE_HW / Z) ** 2)  # training seeds + each side's test/probe-seed interval
+    r = rows["topk", "probing.mean_sae_top_1"]
+    assert r["se"] == pytest.approx(se) and r["separated"] and r["diff"] > 0
+    assert r["dof"] == pytest.approx(se**4 / (va**2 / 2 + vb**2 / 2))
+    assert r["interval"] == "training seeds + test-example bootstrap + probe seeds (each side's interval)"
+    assert rows["matryoshka", "probing.mean_sae_top_1"]["separated"] is False
+    assert rows["matryoshka", "probing.mean_sae_top_5"]["separated"] and rows["matryoshka", "probing.mean_sae_top_5"]["diff"] < 0  # fmt: skip
+    assert p["answer"] == (
+        "contradicted — mean probing accuracy, k = 1: above (separated) topk; not separated from matryoshka"
+        " · mean probing accuracy, k = 5: above (separated) topk; below (separated) matryoshka"
+    )
+    shares = p["beats_residual"]["atm"]
+    assert shares["k1"] == pytest.approx(statistics.fmean(k1[0]) - 0.3) and shares[
+        "k1_separated"
+    ] == pytest.approx(0.1)
+    assert shares["training_seeds"] == 3 and set(p["beats_residual"]) == set(CLAIM_SERIES)
+    assert p["paper"] == 0.7161
+
+
+def test_claim_4_sentiment_is_the_group_mean_with_its_interval_against_the_papers_number(tmp_path):
+    s = frontier.write(claim_results(tmp_path))["claims"]["sentiment"]
+    atm = next(r for r in s["rows"] if r["series"] == "atm" and r["metric"] == "probing.sentiment_sae_top_1")
+    values = [v[4] for v in CLAIM_SERIES["atm"]]
+    va = statistics.variance(values) / 3
+    se = math.sqrt(va + (2 * PROBE_HW / Z) ** 2)
+    half = student_t.ppf(0.975, se**4 / (va**2 / 2)) * se
+    mean = statistics.fmean(values)
+    assert atm["diff"] == pytest.approx(mean - 0.853) and atm["se"] == pytest.approx(se)
+    assert atm["value_ci95"] == pytest.approx([mean - half, mean + half])
+    assert atm["separated"] and s["answer"].startswith(
+        f"ATM's sentiment accuracy, k = 1 {mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]: below the paper's 0.853 (separated)"
+    )
+    assert "not the paper's Gemma-2-2b" in s["answer"]
+    assert {r["series"] for r in s["rows"]} == set(CLAIM_SERIES)  # every method's value, for context
+
+
+def test_claim_5_drops_scr_it_cannot_resolve_and_compares_tpp_it_can(tmp_path):
+    payload = frontier.write(claim_results(tmp_path))
+    b = payload["claims"]["bias"]
+    scr = b["bias"]
+    assert scr["resolved"] is False and "rows" not in scr and scr["mdd"] == pytest.approx(SCR_MDD)
+    assert scr["answer"] == (
+        "SCR at N = 20 cannot resolve a difference of 0.1 on this data (largest minimum detectable difference at "
+        "95% over the SAEs: 2.30); dropped from the verdict, no difference printed"
+    )
+    assert scr["per_series"]["atm"] | {"score": None} == pytest.approx({
+        "n_test": 516, "n_pairs": 8, "a_base": 0.665, "a_oracle": 0.785, "mdd_headline": SCR_MDD,
+        "half_width_headline": 1.6, "score": None, "mdd_max": SCR_MDD})  # fmt: skip
+    # the unresolved score never reaches the summary, so no table can print it
+    cell = payload["summary"]["atm"]["64"]["metrics"]
+    assert "bias.scr_headline" not in cell and cell["bias.mdd_headline"]["mean"] == SCR_MDD
+    tpp = b["tpp"]
+    assert tpp["resolved"] and tpp["mdd"] == pytest.approx(2**0.5 * TPP_HW)
+    r = next(r for r in tpp["rows"] if r["b"] == "matryoshka")
+    assert r["separated"] and r["diff"] == pytest.approx(0.11 - 0.31)
+    assert r["interval"] == "training seeds + test-example bootstrap (each side's interval)"
+    assert tpp["answer"].startswith("contradicted — TPP at N = 20: below (separated) matryoshka")
+    text = (tmp_path / "verdict.md").read_text()
+    assert "**SCR: SCR at N = 20 cannot resolve a difference of 0.1" in text and "-0.650" not in text
+    assert "| atm | 516 | 8 | 0.665 | 0.785 | 2.3 |" in text
+    assert "# The paper's claims 3-5, at L0 64" in text
+
+
+def test_claims_without_the_sections_say_not_measured():
+    summary = {"atm": {"64": cell([0.1, 0.2, 0.3], FVU)}, "topk": {"64": cell([0.1, 0.2, 0.3], FVU)}}
+    c = verdict.claims(summary, 64, ["topk"])
+    assert c["probing"]["answer"] == c["sentiment"]["answer"] == "not measured"
+    assert c["bias"]["answer"] == "SCR: not measured; TPP: not measured"
+    verdict.claims_markdown(c)  # renders without the tables
+
+
+def test_the_papers_claimed_numbers_are_the_eval_reports():
+    from atmpipe.eval.metric import paper_values
+    from atmpipe.eval.metrics import REGISTRY
+
+    PAPER = paper_values(REGISTRY.values())
+    for claim, value in verdict.PAPER_CLAIMS.items():
+        assert PAPER[claim] == f"ATM {value:g}"

@@ -36,5 +36,12 @@ class InspectConfig:
             "help": "A text file (paragraphs split by blank lines): run through the LM, shown token by token."
         },
     )
+    serve: bool = field(
+        default=False,
+        metadata={
+            "help": "After the build, serve the browser on 127.0.0.1 with a live text box (Ctrl-C stops)."
+        },
+    )
+    port: int = field(default=8000, metadata={"help": "Port for --serve (0: any free port)."})
     max_tokens: int = field(default=65536, metadata={"help": "Held-out tokens to read (default 65,536)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random contexts and the absorption task."})

@@ -22,6 +22,7 @@ MAX_SCAN = 4000  # candidates looked at for distinct passages (a dense latent's 
 HIST_BINS = 40
 OUTLIER_Q = 0.99  # activations above this quantile are outliers: shading saturates, the histogram bins apart
 DENSE_DENSITY = 0.1  # a latent firing on more than this share of tokens is flagged dense
+N_COACTIVE = 8  # latents listed by correlation of activations with a latent's own
 
 
 @dataclass
@@ -243,6 +244,32 @@ def latent_detail(fr: Firing, j: int, held: HeldOut, rng: np.random.Generator) -
         "hist": hist,
         "p99": hist["hi"],
     }
+
+
+def coactive_latents(fr: Firing, n_scored: int, latents: list[int], k: int = N_COACTIVE, chunk: int = 256):
+    """Per latent in `latents`: the k other latents whose activations correlate most with its own over the
+    held-out tokens (Pearson, BOS left out), as [[latent, r], ...]. Decoder cosine finds latents that write
+    alike; this finds latents that fire together, as SAEDashboard's "correlated features" does (there among
+    the latents rendered at once, here among all)."""
+    from scipy import sparse  # only here: the rest of the browser needs no sparse algebra
+
+    d, n = len(fr.starts) - 1, max(n_scored, 1)
+    X = sparse.csc_matrix((fr.value.astype(np.float64), (fr.token, fr.latent)), shape=(fr.n_tokens, d))
+    mean = np.asarray(X.sum(0)).ravel() / n
+    sd = np.sqrt(np.maximum(np.asarray(X.multiply(X).sum(0)).ravel() / n - mean**2, 0.0))
+    out, k = {}, min(k, d - 1)
+    for s in range(0, len(latents), chunk):
+        js = np.asarray(latents[s : s + chunk])
+        cov = (X[:, js].T @ X).toarray() / n - mean[js, None] * mean[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(sd[js, None] * sd[None, :] > 0, cov / (sd[js, None] * sd[None, :]), -np.inf)
+        r[np.arange(len(js)), js] = -np.inf  # never itself
+        top = np.argsort(-r, axis=1, kind="stable")[:, :k]
+        for i, j in enumerate(js.tolist()):
+            out[j] = [
+                [int(t), round(float(r[i, t]), 4)] for t in top[i] if np.isfinite(r[i, t]) and r[i, t] > 0
+            ]
+    return out
 
 
 def sig(a, digits: int = 4) -> list:

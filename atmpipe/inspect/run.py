@@ -21,7 +21,7 @@ from atmpipe.eval.metrics import REGISTRY
 from atmpipe.eval.metrics.absorption import summary
 from atmpipe.eval.metrics.masking import diagnostics
 from atmpipe.eval.run import Context, EvalConfig
-from atmpipe.inspect import absorbed, extract, page, texts, weights
+from atmpipe.inspect import absorbed, extract, page, serve, texts, weights
 from atmpipe.inspect.config import InspectConfig
 from atmpipe.lm import load_lm
 from atmpipe.progress import Progress
@@ -73,6 +73,10 @@ def check_inputs(cfg: InspectConfig):
         raise UserError("neither the SAEs nor the store name their model; pass --model")
     ckpt = weights.checkpoint_dir(model)
     user_texts = texts.read_texts(cfg.text) if cfg.text is not None else None
+    if cfg.serve and not 0 <= cfg.port <= 65535:
+        raise UserError(
+            f"--port {cfg.port} is not a port number; pass one from 1 to 65535 (0: any free port)"
+        )
     return out, saes, layer, store, selections, held, model, ckpt, user_texts
 
 
@@ -191,6 +195,9 @@ def build(cfg: InspectConfig) -> Path:
     meta |= {"saes": index, "absorption_gate": gate, "n_texts": len(user_texts or [])}
     page.write_index(out, meta)  # index.html last: its presence marks a whole browser
     console.print(f"feature browser written to {out / 'index.html'} in {time.monotonic() - started:.0f} s")
+    if cfg.serve:
+        runner = serve.TextRunner(load_lm(model), [s.sae for s in saes], maxes, layer)
+        serve.serve(out, runner, cfg.port, console)
     return out / "index.html"
 
 
@@ -205,11 +212,13 @@ def pages_of(selected, top: int | None, stats: dict, view: dict | None) -> list[
 
 
 def write_details(out, k, sae, fr, held, U: tuple, nn, latents, rng, used_tokens: set, progress) -> None:
-    """Per chunk of latents: contexts, histogram, logit effects and neighbours, into data/s{k}c{c}.js."""
+    """Per chunk of latents: contexts, histograms, logit effects and neighbours (by decoder cosine and by
+    co-activation), into data/s{k}c{c}.js."""
     chunks: dict[int, list[int]] = {}
     for j in latents.tolist():
         chunks.setdefault(j // page.CHUNK, []).append(j)
     W_dec = sae.W_dec.detach().float()
+    coact = extract.coactive_latents(fr, held.n_scored, latents.tolist())
     for c, js in chunks.items():
         effects = weights.logit_effects(W_dec[js], *U)
         data = {}
@@ -217,6 +226,9 @@ def write_details(out, k, sae, fr, held, U: tuple, nn, latents, rng, used_tokens
             d = extract.latent_detail(fr, j, held, rng)
             d["pos_ids"], d["neg_ids"] = effects["pos_ids"][i].tolist(), effects["neg_ids"][i].tolist()
             d["pos"], d["neg"] = page.sig(effects["pos"][i]), page.sig(effects["neg"][i])
+            d["logit_hist"] = {"lo": float(effects["hist_lo"][i]), "hi": float(effects["hist_hi"][i]),
+                               "counts": effects["hist"][i].tolist()}  # fmt: skip
+            d["coact"] = coact[j]
             d["nn"] = [[int(a), round(float(b), 4)] for a, b in zip(nn[0][j], nn[1][j], strict=True)]
             used_tokens.update(d["pos_ids"] + d["neg_ids"])
             data[j] = d

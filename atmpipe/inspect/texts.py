@@ -38,19 +38,21 @@ def residuals(lm, layer: int, texts: list[str], cache) -> list[tuple[list[int], 
     """Per text: its token ids (BOS first) and the residual after block `layer` ([tokens, d_model])."""
 
     def compute() -> tuple[dict, dict]:
-        ids_all, tensors = [], {}
-        for i, text in enumerate(texts):
-            ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][: MAX_TOKENS - 1]
-            ids = [lm.bos_token_id, *ids]
-            resid = capture(lm, torch.tensor([ids]), [layer])[layer][0]
-            tensors[f"t{i}"] = resid.float().cpu()
-            ids_all.append(ids)
-        return tensors, {"ids": ids_all}
+        runs = [residual(lm, layer, text) for text in texts]
+        return {f"t{i}": resid for i, (_, resid) in enumerate(runs)}, {"ids": [ids for ids, _ in runs]}
 
     tensors, extra = cache.get_or_compute(
         "inspect-texts", {"texts": texts, "max_tokens": MAX_TOKENS}, compute
     )
     return [(ids, tensors[f"t{i}"]) for i, ids in enumerate(extra["ids"])]
+
+
+@torch.no_grad()
+def residual(lm, layer: int, text: str) -> tuple[list[int], torch.Tensor]:
+    """One text's token ids (BOS first, cut at MAX_TOKENS) and its residual after block `layer`."""
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][: MAX_TOKENS - 1]
+    ids = [lm.bos_token_id, *ids]
+    return ids, capture(lm, torch.tensor([ids]), [layer])[layer][0].float().cpu()
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from atmpipe.lm import resolve_model
 
 N_LOGITS = 10  # promoted and suppressed tokens per latent
 N_NEIGHBOURS = 8  # nearest latents by decoder cosine
+LOGIT_BINS = 40  # bins of the histogram of a latent's logit effects over the whole vocabulary
 BF16_UNITS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's probes
 
 
@@ -82,18 +83,22 @@ def logit_effects(
     k: int = N_LOGITS,
     chunk: int = 256,
 ) -> dict:
-    """Top-k promoted and suppressed token ids and values of W_dec @ Uᵀ, per latent.
+    """Top-k promoted and suppressed token ids and values of W_dec @ Uᵀ, per latent, and the histogram of
+    each latent's effects over the whole vocabulary (`hist_lo`, `hist_hi`, `hist`: LOGIT_BINS counts).
 
     The full product is the browser's largest cost (d_sae × vocab × d_model). It runs on `U_half`
     (`product_copy(U)`, made once by the caller: bfloat16 where that is faster) and picks 4k candidates
-    a side; their values are then recomputed in float32, so every value shown is exact.
+    a side; their values are then recomputed in float32, so every value shown is exact (the histogram
+    bins the product as computed).
     """
     U_half = product_copy(U) if U_half is None else U_half
-    out = {"pos_ids": [], "pos": [], "neg_ids": [], "neg": []}
+    out = {"pos_ids": [], "pos": [], "neg_ids": [], "neg": [], "hist_lo": [], "hist_hi": [], "hist": []}
     m = min(4 * k, U.shape[0])
     for s in range(0, W_dec.shape[0], chunk):
         w = W_dec[s : s + chunk].float()
         approx = w.to(U_half.dtype) @ U_half.T
+        for key, v in zip(("hist_lo", "hist_hi", "hist"), row_histograms(approx.float()), strict=True):
+            out[key].append(v)
         for side, sign in (("pos", 1.0), ("neg", -1.0)):
             cand = approx.topk(m, dim=1, largest=sign > 0).indices  # [c, m]
             exact = torch.einsum("cd,cmd->cm", w, U[cand])
@@ -101,6 +106,16 @@ def logit_effects(
             out[f"{side}_ids"].append(cand.gather(1, best))
             out[side].append(exact.gather(1, best))
     return {key: torch.cat(v) for key, v in out.items()}
+
+
+def row_histograms(x: torch.Tensor, bins: int = LOGIT_BINS) -> tuple[torch.Tensor, ...]:
+    """Each row's min, max and counts in `bins` equal bins between them (row by row: no index tensor the
+    size of the product)."""
+    lo, hi = x.min(dim=1).values, x.max(dim=1).values
+    # A flat row (a dead latent's zero decoder) falls into one bin.
+    edges = [(float(a), float(b) if b > a else float(a) + 1.0) for a, b in zip(lo, hi, strict=True)]
+    counts = torch.stack([torch.histc(r, bins, a, b) for r, (a, b) in zip(x, edges, strict=True)])
+    return lo, hi, counts.long()
 
 
 def nearest_latents(W_dec: torch.Tensor, k: int = N_NEIGHBOURS, chunk: int = 1024) -> tuple:

@@ -204,7 +204,9 @@ class PrefixErrors(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _g_full):
         (err,) = ctx.saved_tensors
-        grad = err * (2 / err.shape[0] * g).view(1, -1, 1)
+        # In place: err is not needed again, and a fresh [n, G, d] costs as much as the product itself (a
+        # second backward through the same graph then fails on the version check instead of reading junk).
+        grad = err.mul_((2 / err.shape[0] * g).view(1, -1, 1))
         for m in range(grad.shape[1] - 2, -1, -1):  # group m is in prefixes m…G−1
             grad[:, m] += grad[:, m + 1]
         return grad, -grad[:, 0]

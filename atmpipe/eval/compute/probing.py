@@ -56,7 +56,11 @@ def text_activations(
 
 @torch.no_grad()
 def mean_pool(acts: torch.Tensor, offsets: torch.Tensor, fn=None, chunk: int = 4096) -> np.ndarray:
-    """Mean over each text's tokens of fn(token activations) (identity: the pooled residual)."""
+    """Mean over each text's tokens of fn(token activations) (identity: the pooled residual).
+
+    A chunk's tokens belong to a contiguous run of texts, so each chunk is summed per text in float32 over
+    that run alone and only those few rows are added into the float64 totals: converting every token's
+    latents to float64 first cost as much as the SAE's encoder."""
     n_texts = len(offsets) - 1
     owner = torch.repeat_interleave(torch.arange(n_texts), offsets[1:] - offsets[:-1])
     sums = None
@@ -65,7 +69,11 @@ def mean_pool(acts: torch.Tensor, offsets: torch.Tensor, fn=None, chunk: int = 4
         y = fn(x) if fn is not None else x
         if sums is None:
             sums = torch.zeros(n_texts, y.shape[1], dtype=torch.float64)
-        sums.index_add_(0, owner[start : start + chunk], y.double())
+        own = owner[start : start + chunk]
+        first, last = int(own[0]), int(own[-1])
+        part = torch.zeros(last - first + 1, y.shape[1], dtype=y.dtype)
+        part.index_add_(0, own - first, y)
+        sums[first : last + 1] += part
     counts = (offsets[1:] - offsets[:-1]).clamp(min=1).double()[:, None]
     return (sums / counts).float().numpy()
 
