@@ -1,3 +1,3 @@
-"""atmpipe: harvest LM residual streams into Zarr, train ATM / TopK / JumpReLU / ReLU SAEs, evaluate them."""
+"""atmpipe: harvest LM residual streams into Zarr, train SAEs (ATM and its baselines), evaluate and browse them."""
 
 __version__ = "0.1.0"

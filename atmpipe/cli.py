@@ -1,5 +1,5 @@
 """The `atmpipe` command line: parses flags, then calls one stage function, importing the stage only when its
-command runs (so `atmpipe --help` stays free of torch). No other atmpipe module imports this one."""
+command runs (so `atmpipe --help` stays free of torch). Only `python -m atmpipe` (`__main__.py`) imports it."""
 
 from __future__ import annotations
 
@@ -11,16 +11,19 @@ from importlib import import_module
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from atmpipe import remote
 from atmpipe.config import HarvestConfig, TrainConfig, load_config, load_recorded
 from atmpipe.errors import UserError
 from atmpipe.eval.config import EvalConfig
+from atmpipe.eval.metrics import REGISTRY
 from atmpipe.inspect.config import InspectConfig
 from atmpipe.options import add_command
 
 APP_HELP = (
-    "atmpipe: harvest residual streams into Zarr, train ATM / TopK / JumpReLU / ReLU SAEs, evaluate them."
+    "atmpipe: harvest residual streams into Zarr, train SAEs (ATM and its baselines: `atmpipe train --help` "
+    "lists the methods), evaluate them, browse their features."
 )
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=APP_HELP, pretty_exceptions_enable=False)
 err = Console(stderr=True)
@@ -74,7 +77,7 @@ def _harvest(config, flags: dict) -> None:
     from atmpipe import distributed  # the stages import torch: only when their command runs, not for --help
     from atmpipe.harvest import harvest
 
-    path = harvest(load_config(HarvestConfig, config, **flags))
+    path = harvest(load_recorded(HarvestConfig, config, **flags))
     if distributed.world().is_main:  # under torchrun, said once
         err.print(f"store: {path}  (inspect with `atmpipe info {path}`)", highlight=False)
 
@@ -120,18 +123,59 @@ def _parse_hparams(pairs: list[str] | None) -> dict:
     return parsed
 
 
-def _train(config, flags: dict, hparam: list[str] | None) -> None:
+def _method_flags(args: list[str]) -> dict[str, str]:
+    """The flags left after train's own: each names a hyper-parameter of the method (`--k 64`,
+    `--target-l0=64`), generated from the method's Params once the method is known (`train.method_flags`)."""
+    found: dict[str, str] = {}
+    rest = list(args)
+    while rest:
+        flag = rest.pop(0)
+        name, sep, value = flag.partition("=")
+        if not name.startswith("--") or len(name) < 3:
+            raise UserError(f"unexpected argument {flag!r}; `atmpipe train` takes flags only (see --help)")
+        if not sep:
+            if not rest:
+                raise UserError(f"{flag} needs a value; pass it as {flag} VALUE")
+            value = rest.pop(0)
+        found[name[2:].replace("-", "_")] = value
+    return found
+
+
+class TrainCommand(TyperCommand):
+    """`atmpipe train`, whose help lists the installed methods and their hyper-parameters, read from the
+    method registry when the help is shown (the registry imports torch; starting the command line does not)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        from atmpipe.sae import SAE_METHODS  # torch: only when this help is shown
+
+        lines = [
+            f"{name}: {', '.join(f.name for f in dataclasses.fields(m.Params))}"
+            for name, m in SAE_METHODS.items()
+        ]
+        self.epilog = (
+            "Methods and their hyper-parameters. Each hyper-parameter of the chosen method is also a flag "
+            "(--NAME VALUE, underscores as dashes), as is --hparam NAME=VALUE.\n\n" + "\n\n".join(lines)
+        )
+        super().format_help(ctx, formatter)
+
+
+def _train(config, flags: dict, hparam: list[str] | None, ctx: typer.Context) -> None:
     from atmpipe.train import load_train_config, train  # torch: only when the command runs
 
-    train(load_train_config(config, hparams=_parse_hparams(hparam), **flags))
+    cfg = load_train_config(
+        config, hparams=_parse_hparams(hparam), method_flags=_method_flags(ctx.args), **flags
+    )
+    train(cfg)
 
 
 add_command(
-    app, "train", TrainConfig, lambda config, flags, hparam: run_stage(_train, config, flags, hparam),
+    app, "train", TrainConfig, lambda config, flags, hparam, ctx: run_stage(_train, config, flags, hparam, ctx),
     "Stage two: train an SAE on a store's shuffled training activations.",
     "Recipe such as stages/train-atm.toml; flags override it.",
     extra=(inspect.Parameter("hparam", inspect.Parameter.KEYWORD_ONLY, annotation=list[str] | None,
-                             default=typer.Option(None, help="Method hyper-parameter KEY=VALUE (repeatable).")),),
+                             default=typer.Option(None, help="Method hyper-parameter KEY=VALUE (repeatable).")),
+           inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)),
+    command_cls=TrainCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )  # fmt: skip
 
 
@@ -140,7 +184,7 @@ add_command(
 
 add_command(
     app, "eval", EvalConfig, config_stage(EvalConfig, "atmpipe.eval.run:run_eval"),
-    "Stage three: measure SAEs side by side (core, absorption, probing, bias, training) and write a report.",
+    f"Stage three: measure SAEs side by side ({', '.join(REGISTRY)}) and write a report.",
     "TOML recipe of eval settings; flags override it.",
 )  # fmt: skip
 

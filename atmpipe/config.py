@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from atmpipe.corpus import EMBEDDED, check_context_size
 from atmpipe.errors import UserError
 from atmpipe.hub import EMBEDDED_MODEL
-from atmpipe.options import option
+from atmpipe.options import device_option, option
 from atmpipe.typecheck import check_types
 
 C = TypeVar("C")
@@ -104,7 +104,7 @@ class HarvestConfig:
     dtype: str | None = option(
         None, "Compute dtype (default bfloat16 where the device has bf16 units, else float32)."
     )
-    device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
+    device: str = device_option()
     storage_dtype: str = option("float32", "float32 | float16 | bfloat16.")
     out: str | None = option(None, "Store path (default cache/l{L}.zarr).")
     overwrite: bool = option(False, "Replace a store of another configuration.")
@@ -113,6 +113,10 @@ class HarvestConfig:
     trust_remote_code: bool = option(  # runs Python code shipped with the model: only with an explicit flag
         False, "RISK: runs Python code from the model's repository. Only for models you trust."
     )
+    # What ran, recorded beside the store (harvest.recipe_file), not in it: the recipe files in order and the
+    # flags given (set by load_recorded).
+    recipe: list = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         from atmpipe.store import (
@@ -137,15 +141,13 @@ class TrainConfig:
     """`atmpipe train`: each field with help is a flag; every field is a key of a train recipe."""
 
     store: str = option("", "Activation store written by `atmpipe harvest`.")
-    method: str = option("atm", "relu | topk | jumprelu | atm.")
+    method: str = option("atm", "SAE method: one of the methods listed at the end of this help.")
     layer: int | None = option(None, "Layer to train on (default: the store's first).")
     d_sae: int | None = option(None, "Number of latents (default: expansion × d_model).")
     expansion: int = option(8, "d_sae as a multiple of d_model.")
-    # Shortcuts for the method hyper-parameters of the same name (see atmpipe/sae/<method>.py):
-    k: int | None = option(None, "TopK: active latents per token.")
-    l1: float | None = option(None, "ReLU/ATM: sparsity coefficient λ.")
-    target_l0: float | None = option(None, "Adapt the sparsity coefficient toward this L0.")
-    hparams: dict = field(default_factory=dict)  # any other method hyper-parameter (--hparam KEY=VALUE)
+    # The method's hyper-parameters (its Params in atmpipe/sae/<method>.py, the one place they are declared):
+    # a recipe's [hparams] table, then --hparam KEY=VALUE, then flags named after them (--k 64).
+    hparams: dict = field(default_factory=dict)
     lr: float = option(3e-4, "Adam learning rate.")
     batch_size: int = option(4096, "Tokens per step.")
     tokens: int = option(20_000_000, "Training tokens in total.")
@@ -154,7 +156,6 @@ class TrainConfig:
     warmup_frac: float = 0.1
     decay_frac: float = 0.2  # linear lr decay to 0 over this last fraction of the steps
     grad_clip: float = 1.0
-    adam_beta1: float | None = None  # default: the method's `adam_betas`
     buffer_chunks: int = 32  # chunks mixed in the stream's shuffle buffer
     checkpoint_every: int = option(1000, "Steps between checkpoints.")
     log_every: int = 10
@@ -167,14 +168,14 @@ class TrainConfig:
         False,
         "Run the plain eager kernels, not the compiled ones (the one compile switch: sae/compiling.py).",
     )
-    latents: str = option(
+    latent_path: str = option(
         "auto", "The step's latents: auto (sparse below the device's measured density) | sparse | dense."
     )
     precision: str = option(
         "auto",
         "Matrix products in bf16 | fp32 | auto (bf16 where the device has bf16 units, else fp32).",
     )
-    device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
+    device: str = device_option()
     # What ran, recorded in the run: the recipe files in the order they were layered, and the flags and
     # --hparam values given on top of them (set by load_train_config).
     recipe: list = field(default_factory=list)
@@ -205,16 +206,14 @@ class TrainConfig:
             raise UserError(
                 f"d_sae must be positive, got {self.d_sae}; pass e.g. --d-sae 5120 or --expansion 8"
             )
-        if self.l1 is not None and not self.l1 > 0:
-            raise UserError(f"l1 must be positive, got {self.l1}; pass e.g. --l1 5")
         for name in ("warmup_frac", "decay_frac"):  # fractions of the run: beyond [0, 1] they overflow
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"{name} must be in [0, 1], got {getattr(self, name)}; fix it in the recipe")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
-        if self.latents not in ("auto", "sparse", "dense"):  # sae.base.LATENT_PATHS
+        if self.latent_path not in ("auto", "sparse", "dense"):  # sae.base.LATENT_PATHS
             raise UserError(
-                f"latents must be one of auto, sparse, dense (got {self.latents!r}); pass e.g. --latents auto"
+                f"latent_path must be one of auto, sparse, dense (got {self.latent_path!r}); pass e.g. --latent-path auto"
             )
         if self.precision not in ("auto", "bf16", "fp32"):  # precision.PRECISIONS
             raise UserError(

@@ -8,6 +8,7 @@ The main thread runs the LM; a writer thread compresses, writes and commits shar
 from __future__ import annotations
 
 import errno
+import json
 import math
 import shutil
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ import zarr
 from rich.console import Console
 
 from atmpipe import distributed, remote
+from atmpipe.atomic import atomic_file
 from atmpipe.config import HarvestConfig
 from atmpipe.corpus import build_corpus
 from atmpipe.errors import UserError
@@ -59,6 +61,22 @@ def free_disk_bytes(path: Path) -> int:
 
 def default_out(layers: list[int]) -> Path:
     return Path("cache") / f"l{'-'.join(map(str, layers))}.zarr"
+
+
+def recipe_file(out: Path) -> Path:
+    """Where a local store's recipe is recorded: beside the store, not in it, so that two harvests of one
+    configuration write the same bytes whichever recipe files and flags ran them."""
+    return out.with_name(out.name + ".recipe.json")
+
+
+def record_recipe(out, cfg: HarvestConfig, resuming: bool) -> None:
+    """What ran, as train records it: the recipe files in order and the flags given. The run that starts the
+    store writes it (a resumed harvest keeps the first run's; --overwrite replaces it); a remote store keeps
+    none."""
+    if remote.is_remote(out) or (resuming and recipe_file(out).exists()):
+        return
+    with atomic_file(recipe_file(out)) as tmp:
+        tmp.write_text(json.dumps({"recipe": cfg.recipe, "overrides": cfg.overrides}, indent=2) + "\n")
 
 
 def store_attrs(cfg: HarvestConfig, lm: LM, layers: list[int], corpus, plans: dict) -> dict:
@@ -149,6 +167,8 @@ def _harvest(cfg: HarvestConfig, lm: LM | None, stop: Interrupts) -> Path:
             writer.abandon()
             console.print(f"{out} is already complete; nothing to do (pass --overwrite to harvest again)")
             return out
+        if world.is_main:
+            record_recipe(out, cfg, resuming)
         if resuming and any(writer.shards_committed(s) for s in plans):
             done = sum(
                 min(writer.shards_committed(s) * p["shard_tokens"], p["n_tokens"]) for s, p in plans.items()

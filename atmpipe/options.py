@@ -28,6 +28,12 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def device_option() -> Any:
+    """`--device`, one option for every stage that runs torch (harvest, train, eval): one default, one help;
+    `atmpipe.device.resolve_device` reads it (inspect, without the flag, takes that default)."""
+    return option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
+
+
 def flag_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     """The fields of `cls` that are flags, with their resolved types."""
     hints = typing.get_type_hints(cls)
@@ -61,10 +67,12 @@ def _optional(kind: Any) -> bool:
     return type(None) in typing.get_args(kind)
 
 
-def add_command(app, name: str, cls: type, run: Callable[..., None], doc: str,
-                recipe_help: str, extra: tuple[inspect.Parameter, ...] = ()) -> None:  # fmt: skip
+def add_command(app, name: str, cls: type, run: Callable[..., None], doc: str, recipe_help: str,
+                extra: tuple[inspect.Parameter, ...] = (), command_cls: type | None = None,
+                **command_settings: Any) -> None:  # fmt: skip
     """Add `atmpipe <name>`: a flag per option of `cls`, `--config` for a recipe, and `extra` parameters;
-    `run(config, overrides, **extra)` gets the recipe path, the given flags by field name, and the extras."""
+    `run(config, overrides, **extra)` gets the recipe path, the given flags by field name, and the extras.
+    `command_cls` and `command_settings` (click's context settings) go to typer's `app.command`."""
     fields = flag_fields(cls)
     params = [_parameter(f, kind) for f, kind in fields]
     params.append(
@@ -87,4 +95,4 @@ def add_command(app, name: str, cls: type, run: Callable[..., None], doc: str,
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = doc
-    app.command(name)(command)
+    app.command(name, cls=command_cls, **command_settings)(command)

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -61,25 +62,71 @@ def default_out(store: str, method: str) -> Path:
 
 
 def load_train_config(
-    config: str | Path | list | None = None, hparams: dict | None = None, **flags: Any
+    config: str | Path | list | None = None,
+    hparams: dict | None = None,
+    method_flags: dict[str, str] | None = None,
+    **flags: Any,
 ) -> TrainConfig:
     """Recipe(s) (TOML, layered in order), then flags; with --resume the saved run's settings stand in for
-    the recipes. The recipe files and the overrides are recorded in the config (and so in the run)."""
+    the recipes. The method's hyper-parameters come from the recipe's [hparams], then `hparams`
+    (--hparam), then `method_flags` (--k 64: the raw text of flags named after them). The recipe files and
+    the overrides are recorded in the config (and so in the run)."""
     recipes = recipe_paths(config)
     cfg = load_config(TrainConfig, recipes, **flags)
     given = {k: v for k, v in flags.items() if v is not None}
     saved = _saved_run(cfg) if cfg.resume else None
     if saved is not None:
-        # "compile" (a whole-step torch.compile, default off) was retired for the compile switch, no_compile.
-        values = {k: v for k, v in saved["config"].items() if k not in ("resume", "overwrite", "compile")}
-        cfg = load_config(TrainConfig, None, **{**values, **given})
-    else:
+        cfg = load_config(TrainConfig, None, **{**_current_keys(saved["config"]), **given})
+    hparams = {**(hparams or {}), **hparams_of_flags(cfg.method, method_flags or {})}  # the method that runs
+    if saved is None:
         cfg.recipe = [str(p) for p in recipes]
         cfg.overrides = {k: v for k, v in given.items() if k not in ("resume", "overwrite")}
         if hparams:
             cfg.overrides["hparams"] = dict(hparams)
-    cfg.hparams = {**cfg.hparams, **(hparams or {})}
+    cfg.hparams = {**cfg.hparams, **hparams}
     return cfg
+
+
+def _current_keys(saved: dict) -> dict:
+    """A saved run's config in today's keys. "compile" (a whole-step torch.compile, default off) was retired
+    for the compile switch, no_compile; k, l1, target_l0 and adam_beta1 were train settings before the
+    method's Params became their one place: a saved value moves into hparams, as it was applied then."""
+    values = {k: v for k, v in saved.items() if k not in ("resume", "overwrite", "compile")}
+    if "latents" in values:  # --latents was renamed --latent-path (inspect's --latents is a list of ids)
+        values["latent_path"] = values.pop("latents")
+    moved = {k: values.pop(k) for k in ("k", "l1", "target_l0", "adam_beta1") if k in values}
+    values["hparams"] = {**values.get("hparams", {}), **{k: v for k, v in moved.items() if v is not None}}
+    return values
+
+
+def hparams_of_flags(method: str, flags: dict[str, str]) -> dict:
+    """The hyper-parameters given as flags (`--k 64`), each a field of the method's Params: its value read
+    as JSON (else as text), an integer for a float field made a float. A flag that names no hyper-parameter of
+    the method is refused, never dropped."""
+    cls = SAE_METHODS.get(method)
+    if cls is None or not flags:
+        return {}  # an unknown method is refused by TrainConfig.validate
+    hints = typing.get_type_hints(cls.Params)
+    known = ", ".join(sorted(hints))
+    values = {}
+    for name, text in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if name not in hints:
+            if any(name in typing.get_type_hints(m.Params) for m in SAE_METHODS.values()):
+                raise UserError(
+                    f"{flag} does not apply to method {method}; its hyper-parameters are: {known}"
+                )
+            raise UserError(
+                f"no such option {flag}: neither a flag of `atmpipe train` (see --help) nor a hyper-parameter "
+                f"of method {method} ({known})"
+            )
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        floats = float in (typing.get_args(hints[name]) or (hints[name],))
+        values[name] = float(value) if floats and type(value) is int else value
+    return values
 
 
 def _saved_run(cfg: TrainConfig) -> dict | None:
@@ -109,21 +156,15 @@ def read_run_config(file: Path) -> dict | None:
 
 
 def method_hparams(cfg: TrainConfig, total_tokens: int) -> dict:
-    """The method's hyper-parameters: `hparams`, plus the --k/--l1/--target-l0 shortcuts."""
-    params = {f.name for f in dataclasses.fields(SAE_METHODS[cfg.method].Params)}
+    """The method's hyper-parameters: `hparams`, with the run's seed and dead-latent window where the method
+    has them and they are not set apart."""
+    method = SAE_METHODS[cfg.method]
+    params = {f.name for f in dataclasses.fields(method.Params)}
     hparams = dict(cfg.hparams)
-    for name in ("k", "l1", "target_l0"):
-        value = getattr(cfg, name)
-        if value is None:
-            continue
-        if name not in params:
-            raise UserError(
-                f"--{name.replace('_', '-')} does not apply to method {cfg.method}; "
-                f"its hyper-parameters are: {', '.join(sorted(params))}"
-            )
-        hparams[name] = value
-    if "seed" in params:  # a method's own randomness (ATM's masks) follows --seed unless set apart
-        hparams.setdefault("seed", cfg.seed)
+    own = method.seed_hparam  # a method's own randomness (ATM's masks) follows --seed unless set apart
+    given = {own, *(old for old, new in method.renamed_hparams.items() if new == own)} & hparams.keys()
+    if own and not given:
+        hparams[own] = cfg.seed
     if "dead_tokens" in params:
         hparams.setdefault("dead_tokens", dead_window(cfg.batch_size, total_tokens))
     return hparams
@@ -363,10 +404,10 @@ def format_metrics(m: dict) -> str:
 
 
 def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam with the method's betas (β1 replaced by a recipe's `adam_beta1`), fused: one pass per parameter instead of ~10
-    element-wise passes (on CPU it cost a third of a GEMM per step at 640 → 5120)."""
-    betas = (cfg.adam_beta1, sae.adam_betas[1]) if cfg.adam_beta1 is not None else sae.adam_betas
-    return torch.optim.Adam(sae.param_groups(cfg.lr), betas=betas, fused=True)
+    """Adam with the SAE's betas (the method's, β1 replaced by the hyper-parameter `adam_beta1`), fused: one
+    pass per parameter instead of ~10 element-wise passes (on CPU it cost a third of a GEMM per step at 640 →
+    5120)."""
+    return torch.optim.Adam(sae.param_groups(cfg.lr), betas=sae.adam_betas, fused=True)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -485,7 +526,7 @@ def build_sae(cfg: TrainConfig, plan: RunPlan, resumed: dict | None) -> tuple[SA
     )  # fmt: skip
     compiling.set_compile(not cfg.no_compile)
     sae = make_sae(sae_cfg).to(plan.device)
-    sae.latents = cfg.latents
+    sae.latent_path = cfg.latent_path
     sae.precision = precision.resolve(cfg.precision, plan.device)
     sae.init_b_dec(torch.tensor(stats["mean"], dtype=torch.float32).unsqueeze(0) * scale)
     return sae, scale
@@ -588,7 +629,7 @@ class Trainer:
                 progress.update(task, completed=self.step)
                 if self.sae.path[0] not in paths_logged:  # once per path and run: which one, from when, why
                     paths_logged.add(self.sae.path[0])
-                    self.console.print(_path_line(self.sae, self.step - 1, cfg.latents))
+                    self.console.print(_path_line(self.sae, self.step - 1, cfg.latent_path))
                 if self.step % cfg.log_every == 0 or self.step == total:
                     rate, elapsed = throughput.read(self.step)
                     self.last = share.mean_metrics(
@@ -696,7 +737,7 @@ def _precision_line(resolved: str, option: str, device: torch.device) -> str:
 def _path_line(sae: SAE, step: int, option: str) -> str:
     path, density = sae.path
     at = "" if density is None else f", latent density {density:.2%}"
-    why = f"--latents {option}"
+    why = f"--latent-path {option}"
     if option == "auto" and sae.auto_path_reason():
         why = sae.auto_path_reason()
     elif option == "auto" and density is not None:

@@ -112,8 +112,9 @@ def atmpipe_step(
     # Matryoshka (BatchTopK) is timed at k = l0 with its default nesting, beside TopK at the same k ("topk-l0").
     k = {"topk": K, "topk-l0": l0, "matryoshka": l0}.get(method)
     method = method.removesuffix("-l0")
-    cfg = TrainConfig(method=method, k=k)
-    sae = make_sae(SAEConfig(method, d_in, d_sae, {"k": k} if k else {})).to(device)
+    hparams = {"k": k} if k else {}
+    cfg = TrainConfig(method=method, hparams=hparams)
+    sae = make_sae(SAEConfig(method, d_in, d_sae, hparams)).to(device)
     sae.precision = precision
     opt = make_optimizer(sae, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -588,8 +589,9 @@ def interleaved_times(steps: dict, xs: list, warmup: int, rounds: int) -> dict[o
 def _set_latents(step: Callable, path: str) -> None:
     """The SAE inside an atmpipe_step closure, set to one path."""
     for cell in step.__closure__ or ():
-        if hasattr(cell.cell_contents, "latents"):
-            cell.cell_contents.latents = path
+        for name in ("latent_path", "latents"):  # "latents" in checkouts from before its rename
+            if hasattr(cell.cell_contents, name):
+                setattr(cell.cell_contents, name, path)
 
 
 def ab(checkout: Path, methods=("relu", "jumprelu", "atm", "topk"), rounds: int = 3, log=print) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from atmpipe.eval import data
-from atmpipe.eval.bias import BiasConfig, scr_dataset, usable_pairs
+from atmpipe.eval.compute.bias import BiasConfig, scr_dataset, usable_pairs
 from atmpipe.lm import load_lm
 
 

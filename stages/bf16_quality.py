@@ -6,7 +6,7 @@ intervals over the training seeds, and a TOST equivalence test against a margin 
 
 Writes OUT_DIR/bf16-quality.json and OUT_DIR/bf16-quality.md. SAEs are named <method>-<fp32|bf16>-s<seed>.
 --held-out measures without the LM, where `atmpipe eval` cannot run: the core metric's reconstruction
-numbers (FVU, L0, dead fraction: `eval.core.reconstruction_metrics` on the store's held-out split) and ATM's
+numbers (FVU, L0, dead fraction: `eval.compute.core.reconstruction_metrics` on the store's held-out split) and ATM's
 masking diagnostics, for every finished pair in RUNS_DIR (no CE score, no absorption).
 """
 
@@ -135,7 +135,7 @@ def held_out(store_path: str, runs: Path, core_tokens: int = 8192) -> dict:
     diagnostics, computed from the store alone (the eval's own functions)."""
     import torch
 
-    from atmpipe.eval.core import reconstruction_metrics
+    from atmpipe.eval.compute.core import reconstruction_metrics
     from atmpipe.eval.metrics.core import core_batches
     from atmpipe.eval.metrics.masking import diagnostics, stats_of
     from atmpipe.sae import SAE

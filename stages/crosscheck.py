@@ -81,7 +81,7 @@ def word_sample(model_dir: Path, args) -> list[str]:
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
 
-    from atmpipe.eval.absorption import alphabetic_vocab, sample_vocab
+    from atmpipe.eval.compute.absorption import alphabetic_vocab, sample_vocab
 
     vocab = alphabetic_vocab(AutoTokenizer.from_pretrained(model_dir))
     return sample_vocab(vocab, args.words, args.floor, args.sample_seed)

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from atmpipe.eval import probing
+from atmpipe.eval.compute import probing
 from atmpipe.sae import SAEConfig, make_sae
 from atmpipe.store import open_store
 

@@ -25,8 +25,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import verdict  # noqa: E402  (stages/, beside this file)
 
+from atmpipe.eval.metric import paper_values  # noqa: E402
 from atmpipe.eval.metrics import REGISTRY  # noqa: E402
-from atmpipe.eval.report import FIG_DPI, FIG_SIZE, PAPER  # noqa: E402
+from atmpipe.eval.report import FIG_DPI, FIG_SIZE  # noqa: E402
 from atmpipe.sae import SAE_METHODS  # noqa: E402
 
 RUN_NAME = re.compile(r"^(?P<variant>[a-z][a-z0-9.\-]*?)-L(?P<l0>\d+)-s(?P<seed>\d+)(?:-x(?P<times>\d+))?$")
@@ -38,6 +39,7 @@ HEAD_L0 = 64  # the level with seeds, controls and the longer runs
 L0_TOLERANCE = 0.05  # matched sparsity: every SAE's measured L0 within ±5% of its level
 MASKING_SECTION = "masking"  # the eval's masking diagnostics of ATM SAEs
 OTHER_DEFINITION = {"core.mse"}  # metrics whose paper number measures something else
+PAPER = paper_values(REGISTRY.values())  # the paper's own numbers, each held by the metric it belongs to
 CI_PREFIX = "ci95_"  # absorption's word-bootstrap 95% intervals: ci95_<metric> = [low, high]
 
 

@@ -86,10 +86,11 @@ def train_flags(job: dict, sizes: str) -> tuple[list[str], dict, dict]:
     method = job["method"]
     recipes = [*method["recipes"], sizes]
     base = _recipe_method(recipes)
-    l0 = "k" if any(f.name == "k" for f in _fields(SAE_METHODS[base].Params)) else "target_l0"
-    flags = {"store": str(job["store"]), "d_sae": job["d_sae"], l0: job["target_l0"], "seed": job["seed"],
-             "out": str(job["out"]), "resume": True}  # fmt: skip
-    return recipes, flags, dict(method.get("hparams", {}))
+    takes_k = any(f.name == "k" for f in _fields(SAE_METHODS[base].Params))
+    l0 = {"k": job["target_l0"]} if takes_k else {"target_l0": float(job["target_l0"])}
+    flags = {"store": str(job["store"]), "d_sae": job["d_sae"], "seed": job["seed"], "out": str(job["out"]),
+             "resume": True}  # fmt: skip
+    return recipes, flags, {**method.get("hparams", {}), **l0}
 
 
 def _recipe_method(recipes: list[str]) -> str:

@@ -63,7 +63,7 @@ MARGINS |= dict.fromkeys([*PROBING, *SENTIMENT], 0.01) | dict.fromkeys(BIAS, 0.0
 # What each side's own sampling interval carries, where it has one
 SAMPLED = dict.fromkeys([*PROBING, *SENTIMENT], "test-example bootstrap + probe seeds") | dict.fromkeys(BIAS, "test-example bootstrap")  # fmt: skip
 MDD_LIMIT = 0.1  # SCR or TPP that cannot tell 0.1 apart is dropped, not printed
-PAPER_CLAIMS = {"probing": 0.7161, "sentiment": 0.853, "bias": 0.796}  # atmpipe.eval.report.PAPER's, for ATM
+PAPER_CLAIMS = {"probing": 0.7161, "sentiment": 0.853, "bias": 0.796}  # ATM's, as in Metric.paper
 EVAL_SEEDED = {"absorption.mean_absorption_fraction", "absorption.mean_full_absorption"}
 WORD_KEYS = {"absorption.mean_absorption_fraction": "word_fraction", "absorption.mean_full_absorption": "word_full"}  # fmt: skip
 MIN_EVAL_SEEDS = 3

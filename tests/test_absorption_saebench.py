@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from atmpipe.eval.absorption import (
+from atmpipe.eval.compute.absorption import (
     LETTERS,
     AbsorptionConfig,
     encode_all,

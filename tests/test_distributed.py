@@ -202,30 +202,30 @@ MASKED = ("masks really were drawn", lambda log: max(m["masked_frac"] for m in l
 METHODS = {  # case: (TrainConfig values, the same as CLI flags, what the 1-rank log shows really happened)
     # ATM with per-token masks from step 3 on: its statistics and masks must be the global batch's; with the
     # λ controller on (L0 below the target: λ moves every step), whose inputs are batch means too.
-    "atm": ({"hparams": {"warmup_steps": 3}, "no_compile": True, "target_l0": 40.0},
+    "atm": ({"hparams": {"warmup_steps": 3, "target_l0": 40.0}, "no_compile": True},
             ["--hparam", "warmup_steps=3", "--no-compile", "--target-l0", "40"], MASKED),
     # The same on the sparse path: batch means averaged over the ranks, masks drawn at the global rows.
-    "atm-sparse": ({"hparams": {"warmup_steps": 3}, "no_compile": True, "latents": "sparse"},
-                   ["--hparam", "warmup_steps=3", "--no-compile", "--latents", "sparse"], MASKED),
+    "atm-sparse": ({"hparams": {"warmup_steps": 3}, "no_compile": True, "latent_path": "sparse"},
+                   ["--hparam", "warmup_steps=3", "--no-compile", "--latent-path", "sparse"], MASKED),
     # ATM's controls (log threshold, uniform targeting) pass through the cross-rank statistics step.
     "atm-controls": ({"hparams": {"warmup_steps": 3, "threshold": "log", "targeting": "uniform"}, "no_compile": True},
                      ["--hparam", "warmup_steps=3", "--no-compile", "--hparam", "threshold=log",
                       "--hparam", "targeting=uniform"], MASKED),
     # TopK whose AuxK sees dead latents: the dead-latent clock must count every rank's rows.
-    "topk": ({"k": 2, "hparams": {"dead_tokens": 128}}, ["--k", "2", "--hparam", "dead_tokens=128"],
+    "topk": ({"hparams": {"k": 2, "dead_tokens": 128}}, ["--k", "2", "--hparam", "dead_tokens=128"],
              ("AuxK had dead latents to work on", lambda log: max(m["dead"] for m in log) > 0)),
     # ReLU with the λ controller on rounds of one chunk: rank 1 holds no row of any batch, yet joins every
     # collective (with zero weight, and NaN means over no rows that must count for nothing).
-    "relu-target": ({"target_l0": 40.0, "buffer_chunks": 1}, ["--target-l0", "40"],
+    "relu-target": ({"hparams": {"target_l0": 40.0}, "buffer_chunks": 1}, ["--target-l0", "40"],
                     ("the controller moved λ", lambda log: len({m["l1_coeff"] for m in log}) > 1)),
     # JumpReLU's target-L0 penalty, not linear in the batch's L0 (taken at the global one), on rounds of
     # three chunks: shares of about 2:1.
-    "jumprelu-target": ({"target_l0": 20.0, "hparams": {"sparsity": "target"}, "buffer_chunks": 3},
+    "jumprelu-target": ({"hparams": {"target_l0": 20.0, "sparsity": "target"}, "buffer_chunks": 3},
                         ["--target-l0", "20", "--hparam", "sparsity=target"],
                         ("the penalty was on", lambda log: min(m["sparsity"] for m in log) > 0)),
     # Matryoshka: BatchTopK's cutoff over the global batch (each rank's candidates gathered), its threshold
     # the smallest kept activation over the ranks, AuxK on the global dead-latent clock.
-    "matryoshka": ({"k": 2, "hparams": {"dead_tokens": 128, "prefix_fractions": [0.125, 0.5, 1.0]}},
+    "matryoshka": ({"hparams": {"k": 2, "dead_tokens": 128, "prefix_fractions": [0.125, 0.5, 1.0]}},
                    ["--k", "2", "--hparam", "dead_tokens=128", "--hparam", "prefix_fractions=[0.125,0.5,1.0]"],
                    ("AuxK had dead latents to work on", lambda log: max(m["dead"] for m in log) > 0)),
 }  # fmt: skip

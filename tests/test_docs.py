@@ -5,6 +5,7 @@ A rename that leaves a doc behind fails here."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 import subprocess
 from collections import defaultdict
@@ -13,6 +14,7 @@ from pathlib import Path
 import typer
 
 from atmpipe.cli import app
+from atmpipe.sae import SAE_METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
@@ -28,9 +30,13 @@ def backticked(text: str) -> list[str]:
 
 
 def known_flags() -> set[str]:
-    """atmpipe's flags, and the flags of the scripts in benchmarks/, stages/ and scripts/."""
+    """atmpipe's flags, the methods' hyper-parameters (each a flag of `atmpipe train`), and the flags of the
+    scripts in benchmarks/, stages/ and scripts/."""
     command = typer.main.get_command(app)
     flags = {opt for sub in command.commands.values() for p in sub.params for opt in p.opts}
+    flags |= {
+        "--" + f.name.replace("_", "-") for m in SAE_METHODS.values() for f in dataclasses.fields(m.Params)
+    }
     for path in [*REPO.glob("benchmarks/*"), *REPO.glob("stages/*"), *REPO.glob("scripts/*")]:
         if path.suffix in (".py", ".sh"):
             flags |= set(re.findall(r"""["'(|\s](--[a-z][a-z0-9-]*)""", path.read_text()))
@@ -50,7 +56,7 @@ def test_every_flag_the_docs_name_exists():
 
 def test_every_file_the_docs_name_exists():
     """A source path (under atmpipe/, stages/, docs/, ...) or a .py/.toml/.sh file: relative to the
-    repository, to the doc, or to atmpipe/ (`eval/core.py`); a bare file name anywhere in the tree."""
+    repository, to the doc, or to atmpipe/ (`eval/compute/core.py`); a bare file name anywhere in the tree."""
     tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True)
     names = {Path(p).name for p in tracked.stdout.split()}
     missing = set()

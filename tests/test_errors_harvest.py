@@ -122,8 +122,8 @@ def test_bad_inputs_are_refused_in_one_line(case, inputs, tiny_checkpoints, tmp_
         "config-unknown-key": (
             harvest(config=d / "typo.toml"),
             "unknown config key(s) tokenz; known keys: batch_size, chunk_tokens, context_size, dataset, device, "
-            "dtype, eval_tokens, layers, model, out, overwrite, seed, shard_tokens, storage_dtype, text_column, "
-            "tokens, trust_remote_code",
+            "dtype, eval_tokens, layers, model, out, overrides, overwrite, recipe, seed, shard_tokens, storage_dtype, "
+            "text_column, tokens, trust_remote_code",
         ),
         "context-size-below-2": (
             harvest(context_size=1),

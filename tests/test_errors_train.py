@@ -131,7 +131,7 @@ def test_train_refuses_an_impossible_hyper_parameter(store, tmp_path, case):
         "unknown hyper-parameter": (
             ["--method", "relu", "--hparam", "gamma=2"],
             "unknown hyper-parameter(s) gamma for method relu; "
-            "known: dead_tokens, l0_controller_push, l0_controller_rate, l1, l1_warmup_frac, target_l0",
+            "known: adam_beta1, dead_tokens, l0_controller_push, l0_controller_rate, l1, l1_warmup_frac, target_l0",
         ),
         "l0 controller option out of range": (
             ["--method", "relu", "--hparam", "l0_controller_rate=0"],
@@ -222,19 +222,21 @@ def assert_train_refuses(store, tmp_path: Path, args: list[str], expected: str) 
 
 @pytest.mark.parametrize(
     "case",
-    ["relu k", "atm k", "jumprelu k", "topk l1", "topk target_l0", "jumprelu target_l0 with l0 sparsity"],
-)
+    ["relu k", "atm k", "jumprelu k", "topk l1", "topk target_l0", "jumprelu target_l0 with l0 sparsity",
+     "no such flag", "flag without value"],
+)  # fmt: skip
 def test_train_refuses_a_setting_the_method_would_ignore(store, tmp_path, case):
     """A setting the chosen method would not read is refused, never silently dropped."""
-    relu = "dead_tokens, l0_controller_push, l0_controller_rate, l1, l1_warmup_frac, target_l0"
-    topk = "aux_coeff, aux_k, batch_topk, dead_tokens, k, threshold_beta"
+    relu = "adam_beta1, dead_tokens, l0_controller_push, l0_controller_rate, l1, l1_warmup_frac, target_l0"
+    topk = "adam_beta1, aux_coeff, aux_k, batch_topk, dead_tokens, k, threshold_beta"
     jumprelu = (
         "adam_beta1, bandwidth, dead_tokens, l0_coeff, sparsity, sparsity_warmup_frac, sparsity_warmup_steps, "
         "target_l0, threshold_init, threshold_lr_scale"
     )
     atm = (
-        "beta, c, combine, dead_tokens, granularity, l0_controller_push, l0_controller_rate, l1, l1_warmup_frac, "
-        "mask_warmup_frac, mask_warmup_steps, p_max, r, recon_norm, seed, target_l0, targeting, threshold"
+        "adam_beta1, beta, c, combine, dead_tokens, granularity, l0_controller_push, l0_controller_rate, l1, "
+        "l1_warmup_frac, mask_seed, mask_warmup_frac, mask_warmup_steps, p_max, r, recon_norm, target_l0, targeting, "
+        "threshold"
     )
     args, expected = {
         "relu k": (
@@ -262,6 +264,12 @@ def test_train_refuses_a_setting_the_method_would_ignore(store, tmp_path, case):
             "jumprelu ignores target_l0 (8.0) with its default sparsity 'l0'; "
             "add --hparam sparsity=target to steer L0 toward it, or drop --target-l0",
         ),
+        "no such flag": (  # neither train's nor any method's: a typo is not taken for a hyper-parameter
+            ["--method", "relu", "--l1-warmup", "0.1"],
+            "no such option --l1-warmup: neither a flag of `atmpipe train` (see --help) nor a hyper-parameter "
+            f"of method relu ({relu})",
+        ),
+        "flag without value": (["--method", "relu", "--l1"], "--l1 needs a value; pass it as --l1 VALUE"),
     }[case]
     assert_train_refuses(store, tmp_path, args, expected)
 

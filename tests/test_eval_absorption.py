@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from atmpipe.eval.absorption import (
+from atmpipe.eval.compute.absorption import (
     LETTERS,
     AbsorptionConfig,
     absorption_metrics,
@@ -206,7 +206,7 @@ def test_read_position_is_saebench_offset_on_gemma3():
     the full prompt (BOS included), for every word; and it is the word's own vocabulary token."""
     import random
 
-    from atmpipe.eval.absorption import alphabetic_vocab, draw_examples, prompt_tokens
+    from atmpipe.eval.compute.absorption import alphabetic_vocab, draw_examples, prompt_tokens
     from atmpipe.lm import load_lm
 
     tok = load_lm("gemma-3-270m").tokenizer

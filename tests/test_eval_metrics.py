@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from atmpipe.eval.bias import BiasConfig, scr_metrics
-from atmpipe.eval.core import decoder_similarity, downstream_scores, reconstruction_metrics
-from atmpipe.eval.probing import mean_pool, residual_baselines, sae_task_accuracies
+from atmpipe.eval.compute.bias import BiasConfig, scr_metrics
+from atmpipe.eval.compute.core import decoder_similarity, downstream_scores, reconstruction_metrics
+from atmpipe.eval.compute.probing import mean_pool, residual_baselines, sae_task_accuracies
 
 
 class LinearSAE(torch.nn.Module):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from atmpipe.cli import app
-from atmpipe.eval.core import baseline_losses, downstream_scores, spliced_losses
+from atmpipe.eval.compute.core import baseline_losses, downstream_scores, spliced_losses
 from atmpipe.sae import SAEConfig, make_sae
 from atmpipe.store import write_arrays_store
 

@@ -97,6 +97,25 @@ def _write_recipe(path: Path, **values) -> Path:
     return path
 
 
+def test_harvest_records_its_recipe_beside_the_store_whose_bytes_it_leaves_alone(tiny_checkpoints, tmp_path):
+    """Harvest records what ran, as train does (the recipe files in order, the flags given), beside the store:
+    two harvests of one configuration, one from a recipe and flags and one from Python, write the same bytes."""
+    ckpt = tiny_checkpoints["gemma3"]
+    values = dict(layers=[1], tokens=32 * 12, eval_tokens=32 * 3, context_size=32, batch_size=2, chunk_tokens=64,
+                  shard_tokens=128)  # fmt: skip
+    recipe = _write_recipe(tmp_path / "h.toml", **values)
+    a = tmp_path / "a.zarr"
+    args = ["harvest", "--config", str(recipe), "--model", str(ckpt), "--out", str(a)]
+    assert runner.invoke(app, args).exit_code == 0
+    b = harvest(_cfg(ckpt, tmp_path / "b.zarr"))  # the same configuration
+    assert _files(a) == _files(b)
+    recorded = {"recipe": [str(recipe)], "overrides": {"model": str(ckpt), "out": str(a)}}
+    assert json.loads((tmp_path / "a.zarr.recipe.json").read_text()) == recorded
+    assert json.loads((tmp_path / "b.zarr.recipe.json").read_text()) == {"recipe": [], "overrides": {}}
+    assert runner.invoke(app, [*args, "--seed", "0"]).exit_code == 0  # complete already: nothing runs
+    assert json.loads((tmp_path / "a.zarr.recipe.json").read_text()) == recorded
+
+
 def _harvest_cmd(checkpoint, out, recipe):
     return [sys.executable, "-m", "atmpipe", "harvest", "--model", str(checkpoint), "--out", str(out),
             "--config", str(recipe)]  # fmt: skip

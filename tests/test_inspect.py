@@ -237,7 +237,7 @@ def planted_absorption(seed: int = 0):
 def test_absorption_records_follow_the_absorption_metric():
     """The records' main latents and absorption fractions are the metric's own, letter by letter, on a
     planted absorber (which SAEBench's selection rule takes in as a main latent)."""
-    from atmpipe.eval.absorption import AbsorptionConfig, absorption_metrics, ground_truth_probe
+    from atmpipe.eval.compute.absorption import AbsorptionConfig, absorption_metrics, ground_truth_probe
 
     sae, acts, y, words, _ = planted_absorption()
     is_test = np.random.default_rng(1).random(len(y)) < 0.4

@@ -19,8 +19,8 @@ from atmpipe.options import add_command, help_text, option
 HAND_WRITTEN = {
     "harvest": "model layer dataset text_column tokens eval_tokens context_size batch_size seed dtype device "
     "storage_dtype out overwrite config trust_remote_code",
-    "train": "store method config layer d_sae expansion k l1 target_l0 lr batch_size tokens seed checkpoint_every "
-    "out resume overwrite allow_partial skip_damaged no_compile latents precision device hparam",
+    "train": "store method config layer d_sae expansion lr batch_size tokens seed checkpoint_every "
+    "out resume overwrite allow_partial skip_damaged no_compile latent_path precision device hparam",
     "eval": "sae store model layer metrics out config device dtype seed batch_size core_tokens splice_windows "
     "absorption_sample_words absorption_min_words_per_letter absorption_sample_seed absorption_icl absorption_f1_gate "
     "absorption_min_letters probing_tasks "
@@ -32,6 +32,48 @@ HAND_WRITTEN = {
 
 def _params(command: str) -> dict:
     return {p.name: p for p in typer.main.get_command(app).commands[command].params if p.name != "help"}
+
+
+def test_no_option_is_declared_twice():
+    """Each option has one home. A method's hyper-parameters (k, l1, target_l0, adam_beta1, ...) live in its
+    Params alone, never also in TrainConfig (their flags are generated from the chosen method's Params); an
+    eval metric's options are in its Options alone, not also the run's; two metrics share an option only
+    through one declaration (a common base)."""
+    from atmpipe.eval.config import RunOptions
+    from atmpipe.eval.metrics import REGISTRY
+    from atmpipe.sae import SAE_METHODS
+
+    train = {f.name for f in dataclasses.fields(TrainConfig)}
+    for method in SAE_METHODS.values():
+        assert train & {f.name for f in dataclasses.fields(method.Params)} == set(), method.method
+    run = {f.name for f in dataclasses.fields(RunOptions)}
+    declared: dict[str, dataclasses.Field] = {}
+    for metric in REGISTRY.values():
+        for f in dataclasses.fields(metric.Options):
+            assert f.name not in run, f"{metric.name}: {f.name}"
+            assert declared.setdefault(f.name, f) is f, f"{metric.name}: {f.name} declared a second time"
+
+
+def test_the_method_hyper_parameters_are_flags_of_train(tmp_path):
+    """--k, --target-l0, ... are read from the chosen method's Params: typed by its field, recorded as an
+    override, and given over the recipe's [hparams] and --hparam."""
+    from atmpipe.train import load_train_config
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('method = "relu"\n[hparams]\nl1 = 2.0\ntarget_l0 = 8.0\n')
+    flags = {"target_l0": "16", "l1_warmup_frac": "0"}
+    cfg = load_train_config(recipe, hparams={"l1": 3, "target_l0": 12}, method_flags=flags, store="s")
+    assert cfg.hparams == {"l1": 3, "target_l0": 16.0, "l1_warmup_frac": 0.0}
+    assert type(cfg.hparams["target_l0"]) is float  # a float field: 16 is read as 16.0, as its flag was typed
+    assert cfg.overrides == {"store": "s", "hparams": {"l1": 3, "target_l0": 16.0, "l1_warmup_frac": 0.0}}
+
+
+def test_train_help_lists_every_method_and_its_hyper_parameters():
+    from atmpipe.sae import SAE_METHODS
+
+    text = " ".join(CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output.split())
+    for name, method in SAE_METHODS.items():
+        assert f"{name}: {', '.join(f.name for f in dataclasses.fields(method.Params))}" in text
 
 
 def test_the_stage_flags_are_the_hand_written_ones_with_the_configs_help():

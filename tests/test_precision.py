@@ -55,7 +55,7 @@ def _step(method: str, latents: str, prec: str, emulate: bool, monkeypatch):
     x, _ = planted(512)
     torch.manual_seed(0)
     sae = make(method, **HPARAMS[method])
-    sae.latents, sae.precision = latents, prec
+    sae.latent_path, sae.precision = latents, prec
     opt = make_optimizer(sae, TrainConfig(lr=1e-3))
     out, loss, _ = train_step(
         sae, sae.training_forward, opt, [g["lr"] for g in opt.param_groups], x * 3, 50, 100, 1.0, 1e9

@@ -8,8 +8,9 @@ import pytest
 import torch
 from test_eval_metrics import LinearSAE
 
-from atmpipe.eval import data, interval, probing, tpp
-from atmpipe.eval.bias import scr_summary, usable_pairs
+from atmpipe.eval import data, interval
+from atmpipe.eval.compute import probing, tpp
+from atmpipe.eval.compute.bias import scr_summary, usable_pairs
 
 
 def test_top_k_by_mean_difference_matches_a_loop():

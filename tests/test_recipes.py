@@ -54,15 +54,19 @@ def test_each_recipe_reaches_its_target_l0_unaided(store, tmp_path, method):
     target = {"k": TARGET} if method in ("topk", "matryoshka") else {"target_l0": float(TARGET)}
     cfg = load_train_config(
         [REPO / "stages" / f"train-{method}.toml", sizes],
+        method_flags={name: str(value) for name, value in target.items()},  # --k 64 / --target-l0 64
         store=str(store.path),
         out=str(tmp_path / "run"),
-        **target,
     )
     run = train(cfg)
     # The run records what ran: the recipe files in order, and what the command line changed.
     recorded = json.loads((run / "train_config.json").read_text())["config"]
     assert recorded["recipe"] == [str(REPO / "stages" / f"train-{method}.toml"), str(sizes)]
-    assert recorded["overrides"] == {"store": str(store.path), "out": str(tmp_path / "run"), **target}
+    assert recorded["overrides"] == {
+        "store": str(store.path),
+        "out": str(tmp_path / "run"),
+        "hparams": target,
+    }
     assert (
         json.loads((run / "atmpipe.json").read_text())["metadata"]["train_config"]["recipe"]
         == recorded["recipe"]

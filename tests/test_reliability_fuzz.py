@@ -332,7 +332,7 @@ TOML_KEYS = {
     "buffer_chunks": st.integers(-2, 8),
     "checkpoint_every": st.integers(-2, 4),
     "log_every": st.integers(-2, 4),
-    "latents": st.sampled_from(["auto", "sparse", "dense", "", "x"]),
+    "latent_path": st.sampled_from(["auto", "sparse", "dense", "", "x"]),
     "l1": st.floats(allow_nan=True, allow_infinity=True),
     "target_l0": st.floats(allow_nan=True, allow_infinity=True),
 }

@@ -55,7 +55,7 @@ def test_loss_and_gradients_equal_one_decode_per_prefix(latents, with_dead):
     x, _ = planted(256, seed=4)
     x = x.double() * 3
     sae, ref = _sae(), _sae()
-    sae.latents = latents
+    sae.latent_path = latents
     dead = None
     if with_dead:  # a third of the latents dead (the clock says so): AuxK runs
         dead = torch.arange(sae.cfg.d_sae) % 3 == 0

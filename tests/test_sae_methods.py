@@ -87,7 +87,7 @@ def test_topk_training_matches_dense_path():
     x, _ = planted(4096)
     fast = train(make("topk", k=4), x, 30)
     dense = make("topk", k=4)
-    dense.latents = "dense"
+    dense.latent_path = "dense"
     dense = train(dense, x, 30)
     torch.testing.assert_close(fast.W_enc, dense.W_enc, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast.W_dec, dense.W_dec, rtol=1e-4, atol=1e-5)
@@ -202,7 +202,7 @@ def test_l1_balance_is_where_the_loss_is_flat_along_the_latent_scale(latents):
     """λ_bal against autograd: scale every latent by s; d/ds at s = 1 of the MSE and of the L1 term are the
     recorded slopes, and mse + λ_bal·l1 is flat there."""
     sae = make("relu", l1=0.5, target_l0=4.0)
-    sae.latents = latents
+    sae.latent_path = latents
     with torch.no_grad():
         sae.b_enc.fill_(-0.5)  # a sparse code, so that the sparse path is a real one
     x = torch.randn(128, 32) + 0.3

@@ -113,7 +113,7 @@ STEP_CASES = {
 def _one_step(case: str, latents: str):
     x, _ = planted(512)
     sae = make(case.split("-")[0], **STEP_CASES[case]).double()
-    sae.latents = latents
+    sae.latent_path = latents
     opt = make_optimizer(sae, TrainConfig(lr=1e-3))
     lrs = [g["lr"] for g in opt.param_groups]
     steps = []
@@ -167,7 +167,7 @@ def test_short_runs_on_each_path_end_close(method):
     runs = []
     for latents in ("sparse", "dense"):
         sae = make(method, **hp[method])
-        sae.latents = latents
+        sae.latent_path = latents
         runs.append(train(sae, x, 100))
     for name, value in runs[1].state_dict().items():
         torch.testing.assert_close(runs[0].state_dict()[name], value, rtol=1e-4, atol=2e-5, msg=name)
@@ -187,7 +187,7 @@ def test_auto_takes_the_sparse_path_below_the_crossover_only():
         sae.b_enc.fill_(-2.5)  # ~1% active: sparse
     sae.training_forward(x, 1, 10)
     assert sae.path[0] == "sparse" and 0 < sae.path[1] < sparse.CROSSOVER_DENSITY
-    sae.latents = "dense"
+    sae.latent_path = "dense"
     sae.training_forward(x, 2, 10)
     assert sae.path == ("dense", None)  # a forced path never measures the density
 
@@ -225,7 +225,7 @@ def test_under_bf16_autocast_the_sparse_step_matches_the_dense_step(method):
     for latents in ("sparse", "dense"):
         torch.manual_seed(0)
         sae = make(method, **hp[method])
-        sae.latents = latents
+        sae.latent_path = latents
         opt = make_optimizer(sae, TrainConfig(lr=1e-3))
 
         def forward(x, i, total, sae=sae):

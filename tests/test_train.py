@@ -118,26 +118,38 @@ def test_the_latents_path_is_logged_once_per_path(store, tmp_path):
     assert re.fullmatch(rf"latents: sparse path from step \d+, latent density [0-9.]+% {why}", lines[1])
 
 
-def test_latents_option_must_name_a_path(store, tmp_path):
-    result = cli(*common(store, "--latents", "csr", "--out", str(tmp_path / "r")))
+def test_latent_path_option_must_name_a_path(store, tmp_path):
+    result = cli(*common(store, "--latent-path", "csr", "--out", str(tmp_path / "r")))
     assert (
         error_of(result)
-        == "error: latents must be one of auto, sparse, dense (got 'csr'); pass e.g. --latents auto"
+        == "error: latent_path must be one of auto, sparse, dense (got 'csr'); pass e.g. --latent-path auto"
     )
     assert not (tmp_path / "r").exists()
 
 
 def test_target_l0_controller_is_recorded(store, tmp_path):
-    run = train(config(store, tmp_path / "r", "relu", steps=20, target_l0=3.0))
+    run = train(config(store, tmp_path / "r", "relu", steps=20, hparams={"target_l0": 3.0}))
     assert json.loads((run / "atmpipe.json").read_text())["metadata"]["target_l0_controller"] is True
+
+
+def test_a_run_saved_before_the_renames_resumes_with_what_it_ran():
+    """A run directory written before k, l1, target_l0 and adam_beta1 became the method's own and --latents
+    became --latent-path: its saved config is read in today's keys, the values it trained with kept."""
+    saved = {"method": "topk", "latents": "sparse", "k": 8, "l1": None, "target_l0": None, "adam_beta1": 0.5,
+             "compile": False, "resume": False, "hparams": {"aux_k": 4}}  # fmt: skip
+    expected = {"method": "topk", "latent_path": "sparse", "hparams": {"aux_k": 4, "k": 8, "adam_beta1": 0.5}}
+    assert train_module._current_keys(saved) == expected
 
 
 def test_seed_also_seeds_atm_masks_unless_its_recipe_sets_their_seed(store, tmp_path):
     hparams = train_module.method_hparams
-    assert hparams(config(store, tmp_path, "atm", seed=5), 128)["seed"] == 5
-    own = config(store, tmp_path, "atm", seed=5, hparams={**METHOD_HPARAMS["atm"], "seed": 7})
-    assert hparams(own, 128)["seed"] == 7
-    assert "seed" not in hparams(config(store, tmp_path, "topk", seed=5), 128)  # TopK has no own seed
+    assert hparams(config(store, tmp_path, "atm", seed=5), 128)["mask_seed"] == 5
+    own = config(store, tmp_path, "atm", seed=5, hparams={**METHOD_HPARAMS["atm"], "mask_seed": 7})
+    assert hparams(own, 128)["mask_seed"] == 7
+    old_name = config(store, tmp_path, "atm", seed=5, hparams={**METHOD_HPARAMS["atm"], "seed": 7})
+    assert hparams(old_name, 128)["seed"] == 7 and "mask_seed" not in hparams(old_name, 128)  # its old name
+    topk = hparams(config(store, tmp_path, "topk", seed=5), 128)
+    assert not {"seed", "mask_seed"} & topk.keys()  # TopK has no own seed
 
 
 def test_lr_schedule_warms_up_holds_and_decays_to_zero():
@@ -176,7 +188,9 @@ def test_one_schedule_helper_ramps_and_caps_warmups():
     + [("relu", "auto", 40.0), ("atm", "sparse", 40.0)],  # the λ controller's state: λ and the slopes' EMAs
 )
 def test_resume_from_a_mid_run_checkpoint_is_bit_identical(store, tmp_path, method, latents, target_l0):
-    kw = {"latents": latents, "target_l0": target_l0}
+    kw: dict = {"latent_path": latents}
+    if target_l0 is not None:
+        kw["hparams"] = {**METHOD_HPARAMS[method], "target_l0": target_l0}
     reference = train(config(store, tmp_path / "ref", method, **kw))
     run = train(config(store, tmp_path / "cut", method, **kw))
     # Roll the run back to its step-40 checkpoint, as if it had died there.
@@ -398,7 +412,8 @@ def test_non_positive_numbers(store, tmp_path, flag, value, expected):
 @pytest.mark.parametrize("value", ["0", "-0.5"])
 def test_non_positive_l1(store, tmp_path, value):
     result = cli(*common(store, "--method", "relu", "--l1", value, "--out", str(tmp_path / "r")))
-    assert error_of(result) == f"error: l1 must be positive, got {float(value)}; pass e.g. --l1 5"
+    expected = f"error: l1 coefficient must be positive (got {float(value)}); pass e.g. --l1 5"
+    assert error_of(result) == expected
 
 
 def test_unknown_method(store, tmp_path):
@@ -499,7 +514,7 @@ def test_end_to_end_on_a_store_harvested_from_the_embedded_model(tmp_path):
         TrainConfig(
             store=str(store_path),
             method="topk",
-            k=32,
+            hparams={"k": 32},
             expansion=2,
             batch_size=256,
             tokens=256 * 40,

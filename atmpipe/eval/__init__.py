@@ -1,1 +1,1 @@
-"""Stage three: evaluate SAEs (core, absorption, probing, bias) and write a side-by-side report."""
+"""Stage three: evaluate SAEs with the registered metric plug-ins (`eval/metrics/`) and write a side-by-side report."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from atmpipe.eval.metric import Metric
 from atmpipe.eval.metrics import REGISTRY
-from atmpipe.options import option
+from atmpipe.options import device_option, option
 
 
 @dataclass
@@ -21,7 +21,7 @@ class RunOptions:
     model: str | None = option(None, "Model (default: the SAEs' model).")
     layer: int | None = option(None, "Layer (default: the SAEs' layer).")
     metrics: str = option(",".join(REGISTRY), "Comma list of metrics.")
-    device: str = option("auto", "cpu | cuda | cuda:N | auto (cuda when torch sees a GPU, else cpu).")
+    device: str = device_option()
     dtype: str | None = option(
         None, "LM dtype: float32 | bfloat16 | float16 (default bfloat16 where the device has bf16 units)."
     )

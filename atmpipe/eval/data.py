@@ -33,6 +33,11 @@ def _t(name, file, pos=(1,), neg=(0,), group=""):
     return ProbeTask(name, file, pos, neg, group)
 
 
+# The Wikidata occupations, one sae-probes file each (`wikidata_occupation_is<X>`): the first five are
+# probing tasks, all six feed the bias (SCR) table of occupation and gender.
+OCCUPATIONS = ("journalist", "athlete", "actor", "politician", "singer", "researcher")
+OCCUPATION_FILES = {occ: f"{59 + i}_wikidata_occupation_is{occ}" for i, occ in enumerate(OCCUPATIONS)}
+
 # Binary tasks of the sae-probes data (Kantamneni et al. 2025), grouped by family. 51 tasks over seven families;
 # every sentiment/emotion set that ships is here (112_amzn_rev repeats 111_yelp_data's texts and is left out).
 TASKS = {
@@ -51,11 +56,7 @@ TASKS = {
             ("Republican Party",),
             "people",
         ),
-        _t("wikidata_journalist", "59_wikidata_occupation_isjournalist", group="people"),
-        _t("wikidata_athlete", "60_wikidata_occupation_isathlete", group="people"),
-        _t("wikidata_actor", "61_wikidata_occupation_isactor", group="people"),
-        _t("wikidata_politician", "62_wikidata_occupation_ispolitician", group="people"),
-        _t("wikidata_singer", "63_wikidata_occupation_issinger", group="people"),
+        *(_t(f"wikidata_{occ}", OCCUPATION_FILES[occ], group="people") for occ in OCCUPATIONS[:5]),
         _t("nyc_manhattan", "114_nyc_borough_Manhattan", group="people"),
         _t("us_state_ca", "118_us_state_CA", group="people"),
         _t("us_timezone_new_york", "121_us_timezone_New_York", group="people"),
@@ -106,7 +107,6 @@ TASKS = {
     ]
 }
 GROUPS = ("people", "news", "sentiment", "code", "reasoning", "arithmetic", "other")
-OCCUPATIONS = ("journalist", "athlete", "actor", "politician", "singer", "researcher")
 
 
 def default_data_dir() -> Path:
@@ -178,8 +178,8 @@ def occupation_gender_table(data_dir: Path | None = None) -> pd.DataFrame:
     )
     gender = gender.rename(columns={"target": "gender"})
     frames = []
-    for i, occ in enumerate(OCCUPATIONS):
-        df = read_dataset(f"{59 + i}_wikidata_occupation_is{occ}", data_dir)
+    for occ, file in OCCUPATION_FILES.items():
+        df = read_dataset(file, data_dir)
         frames.append(df[df.target == 1][["prompt"]].assign(occupation=occ))
     occ = pd.concat(frames).drop_duplicates()
     occ = occ[~occ.prompt.duplicated(keep=False)]

@@ -6,7 +6,9 @@ A metric declares:
 - `Options`: a dataclass of its settings; every field (default and `metadata["help"]`) is an `atmpipe eval`
   flag and a key of an eval recipe, so each option is written once;
 - `needs`: what the run must open for it, `"store"` (the activation store) and/or `"lm"` (the model);
-- `rows`: its lines in the report's side-by-side table, `(label, results key, paper key or None)`.
+- `rows`: its lines in the report's side-by-side table, `(label, results key, paper key or None)`;
+- `paper`: the paper's own numbers (Gemma-2-2b, SAEBench) for those rows, by paper key, shown beside ours
+  and never mixed with them.
 
 and, called in this order by the run (all optional but `compute` and `blocks`):
 1. `check()`: the options alone, before any file is opened;
@@ -40,6 +42,7 @@ class Metric:
     Options: ClassVar[type] = NoOptions
     needs: ClassVar[frozenset[str]] = frozenset()
     rows: ClassVar[list[tuple[str, str, str | None]]] = []
+    paper: ClassVar[dict[str, str]] = {}
 
     def __init__(self, opts):
         self.opts = opts
@@ -63,6 +66,11 @@ class Metric:
 
     def blocks(self, names: list[str], results: dict, shared: dict) -> list[tuple]:
         raise NotImplementedError
+
+
+def paper_values(metrics) -> dict[str, str]:
+    """The paper's own numbers that `metrics` (Metric classes or instances) carry, by paper key."""
+    return {key: value for m in metrics for key, value in m.paper.items()}
 
 
 def options_from(options_cls: type, config) -> Any:

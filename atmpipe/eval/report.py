@@ -16,21 +16,12 @@ from pathlib import Path
 import matplotlib
 
 from atmpipe.atomic import atomic_file, sweep
+from atmpipe.eval.metric import paper_values
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 FIG_SIZE, FIG_DPI = (8, 5), 100  # every figure is 800 × 500 pixels
-
-# The paper's own table (Gemma-2-2b, SAEBench), shown beside ours and never mixed with it.
-PAPER = {
-    "absorption": "ATM 0.0068 · TopK 0.1402 · JumpReLU 0.0114",
-    "mse": "ATM 0.5508",
-    "cossim": "ATM 0.9727",
-    "probing": "ATM 0.7161",
-    "bias": "ATM 0.796",
-    "sentiment": "ATM 0.853",
-}
 
 
 def fmt(v) -> str:
@@ -125,7 +116,7 @@ def build_blocks(saes, results: dict, shared: dict, run: dict, metrics) -> list[
 def side_by_side(metrics, names: list[str], results: dict) -> list[tuple]:
     header = ["metric", *names, "paper (Gemma-2-2b, SAEBench)"]
     rows = [
-        [label, *[cell(results[n].get(m.name), key) for n in names], PAPER.get(paper, "")]
+        [label, *[cell(results[n].get(m.name), key) for n in names], m.paper.get(paper, "")]
         for m in metrics
         if any(m.name in results[n] for n in names)
         for label, key, paper in m.rows
@@ -245,7 +236,7 @@ def write_report(out: Path, saes, results: dict, shared: dict, run: dict, metric
         "saes": {s.name: s.info for s in saes},
         "results": results,
         "shared": shared,
-        "paper_gemma_2_2b": PAPER,
+        "paper_gemma_2_2b": paper_values(metrics),  # the paper's own table, of the metrics that ran
     }
     files = {b[1]: b[3] for b in blocks if b[0] == "img"}
     files["report.md"] = render_markdown(blocks).encode()

@@ -90,7 +90,9 @@ def from_per_letter(per_letter: dict) -> dict[str, LetterRecord]:
 def compute(sae, task: dict, probe: dict, acfg) -> dict[str, LetterRecord]:
     """Per-letter records for one SAE, computed by the absorption metric itself on its task (its
     `Absorption.task`) for every letter past the probe gate, however few (the browser shows what there is)."""
-    from atmpipe.eval.absorption import absorption_metrics  # sklearn: only when the browser shows absorption
+    from atmpipe.eval.compute.absorption import (
+        absorption_metrics,  # sklearn: only when the browser shows absorption
+    )
 
     result = absorption_metrics(sae, task, probe, dataclasses.replace(acfg, min_letters=0))
     return from_per_letter(result.get("per_letter", {}))  # none when no letter passes the probe gate
@@ -98,7 +100,7 @@ def compute(sae, task: dict, probe: dict, acfg) -> dict[str, LetterRecord]:
 
 def word_latents(sae, acts: np.ndarray, words: list[str]) -> dict[str, list]:
     """For each absorption word: the latents firing most on its prompt's word token."""
-    from atmpipe.eval.absorption import encode_all  # sklearn: only when the browser shows absorption
+    from atmpipe.eval.compute.absorption import encode_all  # sklearn: only when the browser shows absorption
 
     F = encode_all(sae, acts)
     top = np.argsort(-F, axis=1, kind="stable")[:, :WORD_LATENTS]

@@ -21,22 +21,12 @@ from atmpipe.eval.cache import ActivationCache
 from atmpipe.eval.metrics import REGISTRY
 from atmpipe.eval.metrics.absorption import summary
 from atmpipe.eval.metrics.masking import diagnostics
-from atmpipe.eval.run import (
-    Context,
-    EvalConfig,
-    Phase,
-    agreed,
-    check_out,
-    console,
-    load_saes,
-    open_eval_store,
-    other_width,
-)
+from atmpipe.eval.run import Context, EvalConfig
 from atmpipe.inspect import absorbed, extract, page, serve, texts, weights
 from atmpipe.inspect.config import InspectConfig
 from atmpipe.lm import load_lm
 from atmpipe.progress import Progress
-from atmpipe.sae.atm import STAT_NAMES, STATS_FILE
+from atmpipe.stage_inputs import Phase, agreed, check_out, console, load_saes, open_sae_store, other_width
 from atmpipe.writable import full_disk
 
 
@@ -69,7 +59,7 @@ def check_inputs(cfg: InspectConfig):
     check_out(out)
     saes = load_saes(cfg.sae)
     layer = agreed(saes, "layer", None, "layer")
-    store = open_eval_store(cfg, saes, layer)
+    store = open_sae_store(cfg, saes, layer)
     if store is None:
         raise UserError("no store given and the SAEs do not record theirs; pass --store PATH")
     layer = store.layers[0] if layer is None else layer
@@ -225,7 +215,7 @@ def _build(cfg: InspectConfig) -> Path:
         {"tokens": held.tokens.tolist(), "positions": held.positions.tolist()},
     )
     title = f"atmpipe feature browser · {', '.join(s.name for s in saes)} · {model} layer {layer}"
-    meta = page.index_meta(title, held.n_scored, atm_stat_names(), vocab)
+    meta = page.index_meta(title, held.n_scored, atm_stat_names(saes), vocab)
     meta |= {"saes": index, "absorption_gate": gate, "n_texts": len(user_texts or [])}
     page.write_index(out, meta)  # index.html last: its presence marks a whole browser
     console.print(f"feature browser written to {out / 'index.html'} in {time.monotonic() - started:.0f} s")
@@ -270,23 +260,34 @@ def write_details(out, k, sae, fr, held, U: tuple, nn, latents, rng, used_tokens
         progress(len(js))
 
 
-def atm_stat_names() -> tuple:
-    return STAT_NAMES
+def atm_stat_names(saes) -> tuple:
+    """The names of the per-latent masking statistics (ATM's M, F, R, I, p), from the first SAE holding them."""
+    return next((tuple(stats) for stats in map(atm_stats, saes) if stats), ())
+
+
+def masking_stats(s) -> dict | None:
+    """An SAE's masking statistics (ATM's, `SAE.masking_statistics`): per-latent arrays and θ; None for a
+    method without them, or an SAE saved without them (all zero)."""
+    stats = s.sae.masking_statistics()
+    if stats is None:
+        return None
+    per_latent = {n: v.detach().cpu().numpy() for n, v in stats.items() if v.dim() == 1}
+    if not any(v.any() for v in per_latent.values()):
+        return None
+    return {**per_latent, "theta": float(stats["theta"])}
 
 
 def atm_stats(s) -> dict | None:
-    """An ATM SAE's final M, F, R, I and p (None for other methods, or when the SAE was saved without)."""
-    if s.info["method"] != "atm" or not (s.path / STATS_FILE).exists():
-        return None
-    return {name: getattr(s.sae, f"atm_{name}").detach().cpu().numpy() for name in STAT_NAMES}
+    """An SAE's per-latent masking statistics (ATM's final M, F, R, I and p), None where it has none."""
+    stats = masking_stats(s)
+    return None if stats is None else {n: v for n, v in stats.items() if n != "theta"}
 
 
 def masking_summary(s) -> dict | None:
-    """An ATM SAE's threshold θ and masking diagnostics (the eval's masking plug-in, from its statistics)."""
-    stats = atm_stats(s)
+    """An SAE's masking threshold θ and diagnostics (the eval's masking plug-in, from its statistics)."""
+    stats = masking_stats(s)
     if stats is None:
         return None
-    stats["theta"] = float(s.sae.atm_theta)
     d = diagnostics(stats, s.sae.cfg.hparams)
     keys = ("theta", "threshold_kind", "targeting", "frac_above_theta", "mean_p", "effective_masking_rate",
             "targeting_index", "corr_p_firing")  # fmt: skip

@@ -51,7 +51,7 @@ class ATMParams(ReLUParams):
     threshold: str = "linear"  # "linear": θ on I | "log": θ and θ − I on log I (scale-free)
     targeting: str = "adaptive"  # "adaptive": p from each latent's importance | "uniform": all get mean(p)
     recon_norm: str = "previous"  # R's denominator: "previous" step's x̂ | "exact" (one more GEMM)
-    seed: int = 0  # of the counter-based mask stream
+    mask_seed: int = 0  # of the counter-based mask stream (training sets it to --seed unless given)
 
 
 class ATMSAE(ReLUSAE):
@@ -59,8 +59,14 @@ class ATMSAE(ReLUSAE):
     architecture = "standard"
     Params = ATMParams
     rank_reductions = {**ReLUSAE.rank_reductions, "atm_recon_norm": "mean"}
-    # The mask warm-up was `warmup_steps` / `warmup_frac`, the names of the lr warm-up too.
-    renamed_hparams = {"warmup_steps": "mask_warmup_steps", "warmup_frac": "mask_warmup_frac"}
+    seed_hparam = "mask_seed"
+    # The mask warm-up was `warmup_steps` / `warmup_frac`, the names of the lr warm-up too; the mask seed was
+    # `seed`, the name of the run's seed.
+    renamed_hparams = {
+        "warmup_steps": "mask_warmup_steps",
+        "warmup_frac": "mask_warmup_frac",
+        "seed": "mask_seed",
+    }
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -133,7 +139,7 @@ class ATMSAE(ReLUSAE):
                 fallback = (x - self.b_dec.detach()).norm(dim=-1).mean()
                 recon_norm = torch.where(torch.isnan(self.atm_recon_norm), fallback, self.atm_recon_norm)
             r = torch.full((), self.rate_at(step, total_steps), device=f.device)
-            key = torch.full((), kernels.step_key(hp.seed, step), dtype=torch.int64, device=f.device)
+            key = torch.full((), kernels.step_key(hp.mask_seed, step), dtype=torch.int64, device=f.device)
             M, F_, R, imp, theta, p, keep = self.update_fn()(
                 f, dec_norm, self.atm_M, self.atm_F, self.atm_R, recon_norm, r, key,
                 hp.beta, hp.c, hp.p_max, hp.combine, hp.granularity == "token", hp.threshold == "log",
@@ -158,7 +164,7 @@ class ATMSAE(ReLUSAE):
             stats = {"masked_frac": p.mean(), "threshold": theta}
             if not (step >= self.masking_warmup(total_steps) and self.hp.r > 0):
                 return f, stats
-            key = torch.tensor(kernels.step_key(self.hp.seed, step), dtype=torch.int64, device=x.device)
+            key = torch.tensor(kernels.step_key(self.hp.mask_seed, step), dtype=torch.int64, device=x.device)
             rows = self.share.global_rows(e.rows)  # the entries' rows in the global batch
             where = rows * e.d_sae + e.cols if self.hp.granularity == "token" else e.cols
             keep = (kernels.noise_at(where, key) >= p[e.cols]).to(f.dtype)

@@ -41,7 +41,7 @@ LATENT_PATHS = ("auto", "sparse", "dense")
 
 @dataclass
 class SAEConfig:
-    method: str  # "relu" | "topk" | "jumprelu" | "atm"
+    method: str  # a registered method (SAE_METHODS)
     d_in: int
     d_sae: int
     hparams: dict = field(default_factory=dict)  # the method's own dataclass, as a dict
@@ -57,6 +57,7 @@ class CommonParams:
     """Hyper-parameters every method has; each method's dataclass extends this."""
 
     dead_tokens: int = 10_000_000  # a latent that has not fired for this many tokens counts as dead
+    adam_beta1: float | None = None  # Adam's β1; None: the method's own (`SAE.method_betas`)
 
 
 class TrainOutput:
@@ -103,12 +104,15 @@ class SAE(nn.Module):
     method: ClassVar[str]
     architecture: ClassVar[str]  # SAELens architecture: standard | topk | jumprelu
     Params: ClassVar[type] = CommonParams
-    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    method_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)  # Adam's betas for this method
     # How data-parallel training reduces each buffer a training forward updates from one rank's rows
     # (`distributed.sync_state`): "mean" for a mean over tokens (weighted by each rank's rows), "min" for a
     # value monotone in the batch's minimum, "dead_clock" for tokens-since-fired counts. Unlisted buffers
     # agree on every rank unreduced.
     rank_reductions: ClassVar[dict[str, str]] = {"tokens_since_fired": "dead_clock"}
+    # The hyper-parameter that seeds the method's own randomness (ATM's masks), None for none: training sets
+    # it to the run's --seed unless it is given.
+    seed_hparam: ClassVar[str | None] = None
     # Hyper-parameters renamed since SAEs were saved with them, old name → new (read as the new one).
     renamed_hparams: ClassVar[dict[str, str]] = {}
     # This step's rows of the global batch (`train.train_step` sets it): a forward that needs a statistic of
@@ -117,8 +121,8 @@ class SAE(nn.Module):
     share: BatchShare = BatchShare()
     # The training step's latents: "sparse" (active entries only, sparse.py), "dense", or "auto": sparse when
     # the batch's density is below the device's sparse.crossover_density. A training option, not a
-    # hyper-parameter (the result is the same to float round-off); `atmpipe train --latents` sets it.
-    latents: str = "auto"
+    # hyper-parameter (the result is the same to float round-off); `atmpipe train --latent-path` sets it.
+    latent_path: str = "auto"
     # The dtype of the training step's matrix products, "bf16" or "fp32" (precision.resolve): a training
     # option like `latents`, set from `atmpipe train --precision`; train_step runs the forward under autocast.
     precision: str = "fp32"
@@ -145,6 +149,12 @@ class SAE(nn.Module):
         # Tokens since each latent last fired: dead-latent count, and TopK's AuxK mask.
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
 
+    @property
+    def adam_betas(self) -> tuple[float, float]:
+        """The betas training's Adam uses: the method's, β1 replaced by the hyper-parameter `adam_beta1`."""
+        beta1 = getattr(self.hp, "adam_beta1", None)  # a plug-in's Params need not extend CommonParams
+        return (self.method_betas[0] if beta1 is None else beta1, self.method_betas[1])
+
     # ----- what a method may override -----
     @property
     def steers_l0(self) -> bool:
@@ -157,7 +167,7 @@ class SAE(nn.Module):
         return None
 
     def auto_path_reason(self) -> str | None:
-        """Why `--latents auto` takes the path it takes, for a method that decides it itself (None: the
+        """Why `--latent-path auto` takes the path it takes, for a method that decides it itself (None: the
         device's measured crossover density decides)."""
         return None
 
@@ -265,14 +275,14 @@ class SAE(nn.Module):
         """The entries of `support` ([batch, d_sae] bool: the latents this step needs) when the step takes
         the sparse path, else None (dense). Records the choice and the density in `self.path`."""
         crossover = sparse.crossover_density(support.device, self.precision)
-        if self.latents == "dense" or (self.latents == "auto" and crossover == 0):
+        if self.latent_path == "dense" or (self.latent_path == "auto" and crossover == 0):
             self.path = ("dense", None)  # no density read-back (on an accelerator it would sync)
             return None
         density = int(torch.count_nonzero(support)) / max(support.numel(), 1)
         # On several ranks the global density decides: every rank must take the same path (their collectives).
         if self.share.world.size > 1:
             density = float(self.share.mean(torch.tensor(density, dtype=torch.float64)))
-        if self.latents == "auto" and density >= crossover:
+        if self.latent_path == "auto" and density >= crossover:
             self.path = ("dense", density)
             return None
         self.path = ("sparse", density)

@@ -6,7 +6,7 @@ variable ATMPIPE_EAGER=1, which wins over everything (a machine without a C++ co
 each function's plain eager twin runs: the same results to float round-off, without torch.compile.
 
 (Whether the training step runs on sparse or dense latents is another question, with its own option:
-`atmpipe train --latents`, see sparse.py.)
+`atmpipe train --latent-path`, see sparse.py.)
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ META_FILE = "atmpipe.json"
 FORMAT_VERSION = 1
 # The SAELens config layout we write (v6: top-level d_in/d_sae/dtype/architecture, the rest under metadata).
 SAELENS_LAYOUT_VERSION = "6.0.0"
-# Hyper-parameters earlier versions saved that are now training options (`--no-compile`, `--latents`):
+# Hyper-parameters earlier versions saved that are now training options (`--no-compile`, `--latent-path`):
 # dropped when loading such an SAE.
 RETIRED_HPARAMS = ("compile", "sparse_kernels")
 

@@ -30,21 +30,17 @@ class JumpReLUParams(CommonParams):
     threshold_init: float = 0.1  # θ0, normalised units
     bandwidth: float = 0.03  # ε, normalised units
     threshold_lr_scale: float = 1.0  # log θ learns at lr × this
-    adam_beta1: float = 0.0
 
 
 class JumpReLUSAE(SAE):
     method = "jumprelu"
     architecture = "jumprelu"
     Params = JumpReLUParams
+    method_betas = (0.0, 0.999)  # β1 = 0, as the JumpReLU paper trains
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.log_threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), math.log(self.hp.threshold_init)))
-
-    @property
-    def adam_betas(self) -> tuple[float, float]:  # type: ignore[override]
-        return (self.hp.adam_beta1, 0.999)
 
     @property
     def steers_l0(self) -> bool:

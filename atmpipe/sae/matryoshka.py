@@ -119,8 +119,8 @@ class MatryoshkaSAE(TopKSAE):
     def _sparse_path(self, device: torch.device) -> bool:
         """The path, from the density the selection fixes (k/d_sae on every rank: no read-back)."""
         density = self.hp.k / self.cfg.d_sae
-        on = self.latents == "sparse" or (
-            self.latents == "auto" and density < sparse.crossover_density(device)
+        on = self.latent_path == "sparse" or (
+            self.latent_path == "auto" and density < sparse.crossover_density(device)
         )
         self.path = ("sparse" if on else "dense", density)
         return on

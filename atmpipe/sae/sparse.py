@@ -38,7 +38,7 @@ CROSSOVERS = {
 
 
 def crossover_density(device: torch.device, precision: str = "fp32") -> float:
-    """Below this density `--latents auto` takes the sparse path, on `device` in `precision` (bf16 | fp32;
+    """Below this density `--latent-path auto` takes the sparse path, on `device` in `precision` (bf16 | fp32;
     0 where no measurement says it wins)."""
     return CROSSOVERS.get((device.type, precision), 0.0)
 

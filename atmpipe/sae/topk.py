@@ -71,7 +71,7 @@ class TopKSAE(SAE):
             fires = kernels.fire_counts_fused(f.detach())
         else:
             # k of d_sae latents: sparse whatever the device, unless the dense twins are asked for.
-            on = self.latents != "dense"
+            on = self.latent_path != "dense"
             self.path = ("sparse" if on else "dense", self.hp.k / self.cfg.d_sae)
             encode = kernels.topk_encode if on else kernels.topk_encode_dense
             decode = kernels.sparse_decode if on else kernels.dense_decode

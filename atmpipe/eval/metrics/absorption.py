@@ -1,11 +1,11 @@
 """Feature absorption on the first-letter task, SAEBench 0.6's protocol, as a plug-in (the computations are in
-`atmpipe.eval.absorption`; the definitions in docs/metrics.md)."""
+`atmpipe.eval.compute.absorption`; the definitions in docs/metrics.md)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atmpipe.eval.absorption_config import AbsorptionConfig
+from atmpipe.eval.compute.absorption_config import AbsorptionConfig
 from atmpipe.eval.metric import Metric, option
 
 PROTOCOL = AbsorptionConfig()  # the defaults below are the protocol's own (SAEBench 0.6), declared there
@@ -29,6 +29,7 @@ class Absorption(Metric):
     name = "absorption"
     Options = AbsorptionOptions
     needs = frozenset({"lm"})
+    paper = {"absorption": "ATM 0.0068 · TopK 0.1402 · JumpReLU 0.0114"}
     rows = [
         ("full absorption (SAEBench protocol; 95% CI)", "mean_full_absorption", "absorption"),
         ("absorption fraction (SAEBench protocol; 95% CI)", "mean_absorption_fraction", None),
@@ -37,7 +38,7 @@ class Absorption(Metric):
     ]
 
     def collect(self, ctx) -> None:
-        from atmpipe.eval import absorption  # lazy (eval/metric.py)
+        from atmpipe.eval.compute import absorption  # lazy (eval/metric.py)
 
         self.acfg = acfg = absorption.AbsorptionConfig(
             sample_words=self.opts.absorption_sample_words,
@@ -56,7 +57,7 @@ class Absorption(Metric):
 
     def word_inputs(self, ctx) -> dict:
         """Residuals and first letters of the train, test and scoring prompts (cached per model and layer)."""
-        from atmpipe.eval import absorption  # lazy (eval/metric.py)
+        from atmpipe.eval.compute import absorption  # lazy (eval/metric.py)
 
         acfg = self.acfg
         key = {
@@ -92,7 +93,7 @@ class Absorption(Metric):
         return {k: v.numpy() for k, v in tensors.items()} | extra
 
     def compute(self, ctx, sae) -> dict:
-        from atmpipe.eval import absorption  # lazy (eval/metric.py)
+        from atmpipe.eval.compute import absorption  # lazy (eval/metric.py)
 
         return absorption.absorption_metrics(sae.sae, self.task, self.probe, self.acfg)
 
@@ -133,7 +134,7 @@ class Absorption(Metric):
 
 def summary(task: dict, probe: dict, acfg) -> dict:
     """What the absorption numbers were measured on: protocol, word sample, split and probe quality."""
-    from atmpipe.eval import absorption  # lazy (eval/metric.py)
+    from atmpipe.eval.compute import absorption  # lazy (eval/metric.py)
 
     letters = absorption.LETTERS
     whole = acfg.sample_words <= 0 or task["n_sampled"] == task["vocab_size"]

@@ -1,4 +1,4 @@
-"""Spurious correlation removal (SCR) as a plug-in (the computations are in `atmpipe.eval.bias`)."""
+"""Spurious correlation removal (SCR) as a plug-in (the computations are in `atmpipe.eval.compute.bias`)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ class Bias(Metric):
     name = "bias"
     Options = BiasOptions
     needs = frozenset({"lm"})
+    paper = {"bias": "ATM 0.796"}
     rows = [("SCR (bias) at N=20, mean over occupation pairs", "scr_headline", "bias")]
 
     def check(self) -> None:
@@ -35,7 +36,7 @@ class Bias(Metric):
             raise UserError(f"--bias-occupations needs 'all' or two of {known}, got {got!r}")
 
     def prepare(self, ctx) -> None:
-        from atmpipe.eval import bias  # lazy (eval/metric.py)
+        from atmpipe.eval.compute import bias  # lazy (eval/metric.py)
 
         data_dir = Path(self.opts.probing_data) if self.opts.probing_data else None
         self.table = data.occupation_gender_table(data_dir)
@@ -55,7 +56,7 @@ class Bias(Metric):
     def collect(self, ctx) -> None:
         """Every person's last-token residual, read once and shared by all pairs and SAEs."""
         start = time.perf_counter()
-        from atmpipe.eval.bias import BiasConfig  # lazy (eval/metric.py)
+        from atmpipe.eval.compute.bias import BiasConfig  # lazy (eval/metric.py)
 
         cfg = BiasConfig()  # the tail (~40 tokens) fits its context: --probing-context does not apply
         texts = [str(t)[-cfg.tail_chars :] for t in self.table.prompt]
@@ -69,7 +70,7 @@ class Bias(Metric):
         ctx.shared.setdefault("seconds", {})["bias_collect"] = time.perf_counter() - start
 
     def compute(self, ctx, sae) -> dict:
-        from atmpipe.eval import bias  # lazy (eval/metric.py)
+        from atmpipe.eval.compute import bias  # lazy (eval/metric.py)
 
         start = time.perf_counter()
         per_pair = {k: bias.scr_metrics(sae.sae, d, self.cfg[k]) for k, d in self.pairs.items()}

@@ -1,4 +1,4 @@
-"""Sparse probing on the sae-probes tasks as a plug-in (the computations are in `atmpipe.eval.probing`)."""
+"""Sparse probing on the sae-probes tasks as a plug-in (the computations are in `atmpipe.eval.compute.probing`)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ class Probing(Metric):
     name = "probing"
     Options = ProbingOptions
     needs = frozenset({"lm"})
+    paper = {"probing": "ATM 0.7161", "sentiment": "ATM 0.853"}
     rows = [
         ("sparse probing top-1 (mean over tasks)", "mean_sae_top_1", "probing"),
         ("sparse probing top-5", "mean_sae_top_5", None),
@@ -75,7 +76,7 @@ class Probing(Metric):
 
     def collect(self, ctx) -> None:
         """Every task's LM activations into the cache, and the SAE-independent residual baselines."""
-        from atmpipe.eval import probing  # lazy (eval/metric.py)
+        from atmpipe.eval.compute import probing  # lazy (eval/metric.py)
 
         self.base_correct, base, start = {}, {}, time.perf_counter()
         phase = ctx.phase("probing · residual baselines", len(self.splits))
@@ -97,7 +98,7 @@ class Probing(Metric):
         ctx.shared.setdefault("seconds", {})["probing_collect"] = time.perf_counter() - start  # LM or cache
 
     def compute(self, ctx, sae) -> dict:
-        from atmpipe.eval import probing  # lazy (eval/metric.py)
+        from atmpipe.eval.compute import probing  # lazy (eval/metric.py)
 
         start = time.perf_counter()
         correct = {t: probing.sae_task_correct(sae.sae, self.task_inputs(ctx, t)) for t in self.splits}
@@ -131,7 +132,7 @@ def text_inputs(ctx, kind: str, texts: list[str], context: int, key: dict) -> di
     """Each text's residual activations (ragged: `acts` rows and `offsets`), cached per model and layer."""
 
     def compute():
-        from atmpipe.eval import probing  # lazy (eval/metric.py)
+        from atmpipe.eval.compute import probing  # lazy (eval/metric.py)
 
         phase = ctx.phase(f"{kind} texts (LM)", len(texts))
         acts, offsets = probing.text_activations(
@@ -178,7 +179,7 @@ def group_means(correct: dict[str, dict[str, np.ndarray]]) -> dict:
 
 def summarise_probing(correct: dict, base_correct: dict) -> dict:
     """Per task and per family, each k's accuracy with its interval; the share of tasks beating the residual."""
-    from atmpipe.eval import probing  # lazy (eval/metric.py)
+    from atmpipe.eval.compute import probing  # lazy (eval/metric.py)
 
     order = {t: i for i, t in enumerate(data.TASKS)}
     per_task = {
@@ -222,7 +223,7 @@ def pm(iv: dict | None) -> str:
 
 
 def probing_blocks(names: list[str], results: dict, shared: dict) -> list[tuple]:
-    from atmpipe.eval.probing import K_VALUES  # lazy (eval/metric.py)
+    from atmpipe.eval.compute.probing import K_VALUES  # lazy (eval/metric.py)
     from atmpipe.eval.report import fmt, grouped_bars  # lazy (eval/metric.py)
 
     pr = {n: results[n]["probing"] for n in names if "probing" in results[n]}

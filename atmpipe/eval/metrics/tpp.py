@@ -1,4 +1,4 @@
-"""Targeted probe perturbation (TPP) as a plug-in (the computations are in `atmpipe.eval.tpp`)."""
+"""Targeted probe perturbation (TPP) as a plug-in (the computations are in `atmpipe.eval.compute.tpp`)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class Tpp(Metric):
 
     def collect(self, ctx) -> None:
         """Each set's LM activations into the cache, its pooled residual and its per-class probes."""
-        from atmpipe.eval import probing, tpp  # lazy (eval/metric.py)
+        from atmpipe.eval.compute import probing, tpp  # lazy (eval/metric.py)
 
         self.pooled, self.probes, quality, start = {}, {}, {}, time.perf_counter()
         for s in self.sets:
@@ -75,7 +75,8 @@ class Tpp(Metric):
         }
 
     def compute(self, ctx, sae) -> dict:
-        from atmpipe.eval import interval, probing, tpp  # lazy (eval/metric.py)
+        from atmpipe.eval import interval  # lazy (eval/metric.py)
+        from atmpipe.eval.compute import probing, tpp
 
         per_set, reps, start = {}, {str(n): [] for n in N_VALUES}, time.perf_counter()
         for i, s in enumerate(self.sets):

@@ -33,7 +33,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
-from atmpipe.eval.absorption_config import AbsorptionConfig
+from atmpipe.eval.compute.absorption_config import AbsorptionConfig
 from atmpipe.lm import capture
 
 LETTERS = string.ascii_lowercase

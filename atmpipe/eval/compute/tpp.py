@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from atmpipe.eval.bias import ResidualProbe
+from atmpipe.eval.compute.bias import ResidualProbe
 
 
 def one_vs_rest(labels: np.ndarray, c: int, seed: int) -> np.ndarray:

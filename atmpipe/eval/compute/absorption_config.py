@@ -1,5 +1,5 @@
 """The absorption protocol's settings (SAEBench 0.6's values by default), apart from its computation
-(`atmpipe.eval.absorption`) so that the eval plug-in can declare its options from them without importing
+(`atmpipe.eval.compute.absorption`) so that the eval plug-in can declare its options from them without importing
 torch or sklearn."""
 
 from __future__ import annotations
