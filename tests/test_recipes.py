@@ -92,7 +92,7 @@ def test_no_setting_lives_in_a_shell_array():
     for script in ("demo.sh", "reproduce.sh", "masking-controls.sh"):
         text = (REPO / "stages" / script).read_text()
         if script == "reproduce.sh":
-            text = text.replace('args+=(--k "$l0"); else args+=(--target-l0 "$l0")', "")
+            text = text.replace("topk | matryoshka) echo --k ;;", "").replace("*) echo --target-l0 ;;", "")
         for flag in (
             "--hparam",
             "--l1",

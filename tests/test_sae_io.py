@@ -201,7 +201,7 @@ CASES = {
     ),
     "hparam": (
         lambda d: (d / "atmpipe.json").write_text(json.dumps({"method": "topk", "hparams": {"kk": 3}})),
-        "unknown hyper-parameter(s) kk",
+        "atmpipe.json holds a hyper-parameter its method refuses: unknown hyper-parameter(s) kk",
     ),
 }
 

@@ -308,7 +308,11 @@ class SAE(nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
         """Load an atmpipe SAE directory or a plain SAELens-format one (cfg.json + sae_weights.safetensors)."""
         saved = read_saved(path, SAE_METHODS)
-        sae = make_sae(SAEConfig(**saved.config))
+        try:
+            sae = make_sae(SAEConfig(**saved.config))
+        except UserError as e:  # name the file the refused value came from
+            file = saved.path / (META_FILE if saved.has_meta else CFG_FILE)
+            raise UserError(f"{file} holds a hyper-parameter its method refuses: {e}") from None
         check_weight_shapes(saved.weights_file, saved.tensors, sae, saved.architecture)
         sae.load_weights(saved.tensors, apply_b_dec_to_input=saved.apply_b_dec_to_input)
         if saved.has_meta:
