@@ -95,7 +95,9 @@ def _current_keys(saved: dict) -> dict:
     if "latents" in values:  # --latents was renamed --latent-path (inspect's --latents is a list of ids)
         values["latent_path"] = values.pop("latents")
     moved = {k: values.pop(k) for k in ("k", "l1", "target_l0", "adam_beta1") if k in values}
-    values["hparams"] = {**values.get("hparams", {}), **{k: v for k, v in moved.items() if v is not None}}
+    saved_hparams = values.get("hparams", {})
+    if isinstance(saved_hparams, dict):  # anything else is refused by the type check, with its key
+        values["hparams"] = {**saved_hparams, **{k: v for k, v in moved.items() if v is not None}}
     return values
 
 

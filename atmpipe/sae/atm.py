@@ -34,6 +34,8 @@ from atmpipe.sae.base import SAEConfig, TrainOutput, read_tensor_file
 from atmpipe.sae.relu import ReLUParams, ReLUSAE
 from atmpipe.sae.sparse import Entries
 
+FLOAT32_MAX = 3.4028234663852886e38  # r becomes a float32 tensor: beyond this it overflows
+
 STATS_FILE = "atm_stats.safetensors"
 STAT_NAMES = ("M", "F", "R", "I", "p")
 
@@ -80,7 +82,7 @@ class ATMSAE(ReLUSAE):
         hp = self.hp
         checks = [
             (0 <= hp.beta < 1, f"beta must be in [0, 1) (got {hp.beta})"),
-            (hp.r >= 0, f"r must be non-negative (got {hp.r})"),
+            (0 <= hp.r <= FLOAT32_MAX, f"r must be non-negative and within float32's range (got {hp.r})"),
             (0 <= hp.p_max <= 1, f"p_max must be in [0, 1] (got {hp.p_max})"),
             (hp.combine in ("product", "mean"), f"combine must be 'product' or 'mean' (got {hp.combine!r})"),
             (
